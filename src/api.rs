@@ -1,0 +1,1005 @@
+//! The async API: [`Panseal`] and its builder.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Nonce, Tag};
+use rand::RngCore;
+use zeroize::Zeroize;
+
+use crate::audit::{Access, AuditSink, Emitter, Operation};
+use crate::context::Context;
+use crate::error::{ConfigError, Error, KeyError, KeyServiceError, KeyStoreError};
+use crate::format::{self, SealedPan, V1_LEN};
+use crate::index::{self, BlindIndex};
+use crate::keys::{
+    unix_now, CachedDek, DekCache, Environment, KeyId, KeyPurpose, KeyRequest, KeyState, Policy,
+    Scope, WrappedDek, DEK_STRENGTH_BITS,
+};
+use crate::keyservice::KeyService;
+use crate::keystore::KeyStore;
+use crate::pan::Pan;
+
+/// Largest associated data assembled on the stack; longer contexts use one
+/// heap allocation.
+const AAD_STACK: usize = 256;
+/// How many fresh ids to try when a new key id collides with a stored one.
+const ID_ATTEMPTS: usize = 4;
+
+/// The result of opening a sealed PAN.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Opened {
+    /// The PAN (wiped on drop; prints masked).
+    pub pan: Pan,
+    /// `true` when the ciphertext's DEK is no longer active (retired,
+    /// compromised, or past its encrypt period): re-seal it when convenient
+    /// ([`Panseal::seal_pan`] with the same context, or [`Panseal::reseal`]).
+    pub needs_reseal: bool,
+}
+
+/// Builds a [`Panseal`]. Key service, key store, environment and scope are
+/// required; the audit sink is required for opening (an encrypt-only front
+/// end may omit it).
+#[derive(Default)]
+#[must_use]
+pub struct PansealBuilder {
+    key_service: Option<Arc<dyn KeyService>>,
+    key_store: Option<Arc<dyn KeyStore>>,
+    audit: Option<Arc<dyn AuditSink>>,
+    policy: Policy,
+    scope: Option<String>,
+    environment: Option<String>,
+}
+
+impl PansealBuilder {
+    /// The key service that wraps and unwraps DEKs.
+    pub fn key_service(mut self, ks: impl KeyService + 'static) -> Self {
+        self.key_service = Some(Arc::new(ks));
+        self
+    }
+
+    /// A shared key service.
+    pub fn key_service_arc(mut self, ks: Arc<dyn KeyService>) -> Self {
+        self.key_service = Some(ks);
+        self
+    }
+
+    /// The key store that holds wrapped-DEK records.
+    pub fn key_store(mut self, store: impl KeyStore + 'static) -> Self {
+        self.key_store = Some(Arc::new(store));
+        self
+    }
+
+    /// A shared key store.
+    pub fn key_store_arc(mut self, store: Arc<dyn KeyStore>) -> Self {
+        self.key_store = Some(store);
+        self
+    }
+
+    /// The audit sink for opens and unwraps.
+    pub fn audit(mut self, sink: impl AuditSink + 'static) -> Self {
+        self.audit = Some(Arc::new(sink));
+        self
+    }
+
+    /// A shared audit sink.
+    pub fn audit_arc(mut self, sink: Arc<dyn AuditSink>) -> Self {
+        self.audit = Some(sink);
+        self
+    }
+
+    /// Rotation and cache policy (default: [`Policy::default`]).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The key scope (tenant, merchant or period) of this handle; more scopes
+    /// through [`Panseal::with_scope`].
+    pub fn scope(mut self, scope: &str) -> Self {
+        self.scope = Some(scope.to_owned());
+        self
+    }
+
+    /// The environment tag (`prod`, `test`, …); keys of other environments
+    /// are refused.
+    pub fn environment(mut self, environment: &str) -> Self {
+        self.environment = Some(environment.to_owned());
+        self
+    }
+
+    /// Checks the configuration and the key service's KEK, and builds.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a missing part or bad value;
+    /// [`Error::KeyService`] if the service is unreachable, serves another
+    /// environment, or its KEK is weaker than 256 bits (PCI DSS 3.6.1).
+    pub async fn build(self) -> Result<Panseal, Error> {
+        let key_service = self
+            .key_service
+            .ok_or(ConfigError::Missing("key service"))?;
+        let key_store = self.key_store.ok_or(ConfigError::Missing("key store"))?;
+        let environment = Environment::new(
+            self.environment
+                .as_deref()
+                .ok_or(ConfigError::Missing("environment"))?,
+        )?;
+        let scope = Scope::new(self.scope.as_deref().ok_or(ConfigError::Missing("scope"))?)?;
+        self.policy.validate()?;
+        let info = key_service.kek_info().await?;
+        if info.strength_bits < DEK_STRENGTH_BITS {
+            return Err(KeyServiceError::WeakKek {
+                kek_bits: info.strength_bits,
+                dek_bits: DEK_STRENGTH_BITS,
+            }
+            .into());
+        }
+        if info.environment != environment.as_str() {
+            return Err(KeyServiceError::Environment {
+                service: info.environment,
+                request: environment.to_string(),
+            }
+            .into());
+        }
+        let shared = Arc::new(Shared {
+            cache: DekCache::new(self.policy.cache_capacity, self.policy.cache_ttl),
+            key_service,
+            key_store,
+            audit: self.audit,
+            policy: self.policy,
+            environment,
+            epoch: Instant::now(),
+            scopes: Mutex::new(HashMap::new()),
+        });
+        let scope = shared.scope_state(scope);
+        Ok(Panseal { shared, scope })
+    }
+}
+
+struct Shared {
+    key_service: Arc<dyn KeyService>,
+    key_store: Arc<dyn KeyStore>,
+    audit: Option<Arc<dyn AuditSink>>,
+    policy: Policy,
+    environment: Environment,
+    cache: DekCache,
+    /// Base for the nanosecond deadlines kept in atomics.
+    epoch: Instant,
+    scopes: Mutex<HashMap<Scope, Arc<ScopeState>>>,
+}
+
+impl Shared {
+    fn scope_state(&self, scope: Scope) -> Arc<ScopeState> {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(scopes.entry(scope.clone()).or_insert_with(|| {
+            Arc::new(ScopeState {
+                scope,
+                active: RwLock::new(None),
+                rotate_lock: tokio::sync::Mutex::new(()),
+                index: RwLock::new(None),
+                index_lock: tokio::sync::Mutex::new(()),
+            })
+        }))
+    }
+
+    fn nanos_since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Per-scope state: this instance's active DEK and the scope's index keys.
+struct ScopeState {
+    scope: Scope,
+    active: RwLock<Option<ActiveDek>>,
+    rotate_lock: tokio::sync::Mutex<()>,
+    index: RwLock<Option<IndexKeys>>,
+    index_lock: tokio::sync::Mutex<()>,
+}
+
+/// This instance's active DEK in a scope. Each writer instance has its own,
+/// so the use budget is counted in one place with no coordination.
+struct ActiveDek {
+    entry: Arc<CachedDek>,
+    /// Seal attempts counted against the budget (may pass it by the number
+    /// of racing threads; those fall back to the slow path unsealed).
+    uses: AtomicU64,
+    /// Uses already added to the store's record.
+    reported: AtomicU64,
+    max_uses: u64,
+    /// Nanoseconds since `Shared::epoch` after which the fast path stops:
+    /// the encrypt-until time or the next state re-check, whichever is first.
+    deadline: AtomicU64,
+}
+
+impl ActiveDek {
+    fn used(&self) -> u64 {
+        self.uses.load(Ordering::Relaxed).min(self.max_uses)
+    }
+}
+
+/// The scope's live index keys, newest first.
+struct IndexKeys {
+    live: Vec<(u32, Arc<CachedDek>)>,
+    loaded: Instant,
+}
+
+/// Field-level PAN encryption with rotating, wrapped DEKs.
+///
+/// Cheap to clone; clones share keys, caches and configuration. See the
+/// crate documentation for an example.
+#[derive(Clone)]
+pub struct Panseal {
+    shared: Arc<Shared>,
+    scope: Arc<ScopeState>,
+}
+
+impl std::fmt::Debug for Panseal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Panseal")
+            .field("scope", &self.scope.scope)
+            .field("environment", &self.shared.environment)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Panseal {
+    /// Starts a builder.
+    pub fn builder() -> PansealBuilder {
+        PansealBuilder::default()
+    }
+
+    /// A handle for another key scope (tenant/merchant) that shares this
+    /// one's key service, key store, audit sink and caches.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Name`] for an invalid scope name.
+    pub fn with_scope(&self, scope: &str) -> Result<Panseal, Error> {
+        let scope = Scope::new(scope)?;
+        Ok(Panseal {
+            shared: Arc::clone(&self.shared),
+            scope: self.shared.scope_state(scope),
+        })
+    }
+
+    /// This handle's scope.
+    pub fn scope(&self) -> &Scope {
+        &self.scope.scope
+    }
+
+    /// The environment tag.
+    pub fn environment(&self) -> &Environment {
+        &self.shared.environment
+    }
+
+    // ----- seal -----------------------------------------------------------
+
+    /// Seals `pan` bound to `context` under this instance's active DEK,
+    /// creating, wrapping and storing a fresh DEK first when there is none or
+    /// the current one reached its age or use limit.
+    ///
+    /// # Errors
+    ///
+    /// Key-service or key-store errors while a new DEK is made
+    /// ([`Error::is_retryable`] tells outages apart). Nothing is stored by
+    /// a failed seal.
+    pub async fn seal_pan(&self, pan: &Pan, context: &Context) -> Result<SealedPan, Error> {
+        if let Some(sealed) = self.try_seal_cached(pan, context) {
+            return Ok(sealed);
+        }
+        self.seal_slow(pan, context).await
+    }
+
+    /// The synchronous fast path: seals with the cached active DEK if it is
+    /// still within its limits. `None` means the slow path must run.
+    pub(crate) fn try_seal_cached(&self, pan: &Pan, context: &Context) -> Option<SealedPan> {
+        let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
+        let active = guard.as_ref()?;
+        if self.shared.nanos_since_epoch() >= active.deadline.load(Ordering::Relaxed)
+            || active.entry.state() != KeyState::Active
+        {
+            return None;
+        }
+        if active.uses.fetch_add(1, Ordering::Relaxed) >= active.max_uses {
+            return None;
+        }
+        seal_with(&active.entry, pan, context)
+    }
+
+    async fn seal_slow(&self, pan: &Pan, context: &Context) -> Result<SealedPan, Error> {
+        let _guard = self.scope.rotate_lock.lock().await;
+        // Another task may have rotated while we waited.
+        if let Some(sealed) = self.try_seal_cached(pan, context) {
+            return Ok(sealed);
+        }
+        self.refresh_active().await?;
+        self.try_seal_cached(pan, context).ok_or_else(|| {
+            Error::Config(ConfigError::Policy("no usable DEK after rotation".into()))
+        })
+    }
+
+    /// With `rotate_lock` held: reports use counts, re-reads the active DEK's
+    /// state, and either renews its deadline or retires it and makes a new
+    /// one.
+    async fn refresh_active(&self) -> Result<(), Error> {
+        let current = {
+            let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().map(|a| {
+                (
+                    Arc::clone(&a.entry),
+                    a.used(),
+                    a.reported.load(Ordering::Relaxed),
+                    a.max_uses,
+                )
+            })
+        };
+        if let Some((entry, used, reported, max_uses)) = current {
+            if used > reported {
+                self.shared
+                    .key_store
+                    .add_uses(entry.id, used - reported)
+                    .await?;
+                if let Some(a) = self
+                    .scope
+                    .active
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    a.reported.store(used, Ordering::Relaxed);
+                }
+            }
+            let record = self
+                .shared
+                .key_store
+                .fetch(entry.id)
+                .await?
+                .ok_or(KeyError::UnknownKey(entry.id))?;
+            let now = unix_now();
+            entry.set_state(record.state);
+            if record.state == KeyState::Active && now < record.encrypt_until && used < max_uses {
+                let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
+                if let Some(a) = guard.as_ref() {
+                    a.deadline
+                        .store(self.deadline_for(record.encrypt_until), Ordering::Relaxed);
+                }
+                return Ok(());
+            }
+            if record.state == KeyState::Active {
+                self.retire(entry.id).await;
+            }
+        }
+        self.create_active().await
+    }
+
+    fn deadline_for(&self, encrypt_until: u64) -> u64 {
+        let now_unix = unix_now();
+        let to_expiry = Duration::from_secs(encrypt_until.saturating_sub(now_unix));
+        let wait = to_expiry.min(self.shared.policy.recheck_interval);
+        self.shared
+            .nanos_since_epoch()
+            .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    async fn retire(&self, id: KeyId) {
+        match self
+            .shared
+            .key_store
+            .set_state(id, KeyState::DecryptOnly)
+            .await
+        {
+            Ok(_) => {
+                if let Some(entry) = self.shared.cache.get(id) {
+                    entry.set_state(KeyState::DecryptOnly);
+                }
+                self.lifecycle_event(Operation::KeyStateChanged, id);
+            }
+            // The key expires by date anyway; a failed retire loses nothing.
+            Err(e) => tracing::warn!(key_id = %id, error = %e, "could not mark DEK decrypt-only"),
+        }
+    }
+
+    fn lifecycle_event(&self, op: Operation, id: KeyId) {
+        if let Some(sink) = self.shared.audit.as_deref() {
+            let emitter = Emitter {
+                sink,
+                scope: &self.scope.scope,
+            };
+            let access = Access::system("key-lifecycle");
+            if let Err(e) = emitter.emit(SystemTime::now(), op, Ok(()), &access, Some(id), None) {
+                tracing::warn!(key_id = %id, error = %e, "audit sink refused a lifecycle event");
+            }
+        }
+    }
+
+    /// Creates, wraps and stores a fresh key of `purpose`; for index keys
+    /// `fixed` gives the deterministic id and version.
+    async fn create_key(
+        &self,
+        purpose: KeyPurpose,
+        fixed: Option<(KeyId, u32)>,
+    ) -> Result<(WrappedDek, Arc<CachedDek>), Error> {
+        let policy = &self.shared.policy;
+        let attempts = if fixed.is_some() { 1 } else { ID_ATTEMPTS };
+        for _ in 0..attempts {
+            let (id, version) = fixed.unwrap_or_else(|| (KeyId::random(), 0));
+            let request = KeyRequest {
+                id,
+                scope: self.scope.scope.clone(),
+                environment: self.shared.environment.clone(),
+                purpose,
+            };
+            let (dek, wrapped) = self.shared.key_service.generate(&request).await?;
+            let now = unix_now();
+            let encrypt_until = now.saturating_add(policy.encrypt_period.as_secs());
+            let decrypt_until = encrypt_until.saturating_add(policy.decrypt_period.as_secs());
+            let record = WrappedDek {
+                id,
+                purpose,
+                version,
+                scope: self.scope.scope.clone(),
+                environment: self.shared.environment.clone(),
+                state: KeyState::Active,
+                wrapped,
+                created_at: now,
+                encrypt_until,
+                decrypt_until,
+                max_uses: if purpose == KeyPurpose::Data {
+                    policy.max_uses
+                } else {
+                    u64::MAX
+                },
+                uses: 0,
+            };
+            match self.shared.key_store.insert(&record).await {
+                Ok(()) => {
+                    let entry = Arc::new(CachedDek::new(
+                        id,
+                        purpose,
+                        &self.scope.scope,
+                        &dek,
+                        KeyState::Active,
+                        encrypt_until,
+                        decrypt_until,
+                    ));
+                    self.lifecycle_event(Operation::KeyCreated, id);
+                    return Ok((record, entry));
+                }
+                Err(KeyStoreError::Duplicate(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KeyStoreError::Conflict.into())
+    }
+
+    async fn create_active(&self) -> Result<(), Error> {
+        let (record, entry) = self.create_key(KeyPurpose::Data, None).await?;
+        self.shared.cache.insert(Arc::clone(&entry));
+        let active = ActiveDek {
+            entry,
+            uses: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
+            max_uses: record.max_uses,
+            deadline: AtomicU64::new(self.deadline_for(record.encrypt_until)),
+        };
+        *self.scope.active.write().unwrap_or_else(|p| p.into_inner()) = Some(active);
+        Ok(())
+    }
+
+    /// Retires this instance's active DEK in this scope now (it becomes
+    /// decrypt-only); the next seal makes a fresh one. Reports its use count
+    /// to the key store first.
+    ///
+    /// # Errors
+    ///
+    /// Key-store errors.
+    pub async fn rotate_dek(&self) -> Result<Option<KeyId>, Error> {
+        let _guard = self.scope.rotate_lock.lock().await;
+        let taken = self
+            .scope
+            .active
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(active) = taken else {
+            return Ok(None);
+        };
+        let used = active.used();
+        let reported = active.reported.load(Ordering::Relaxed);
+        if used > reported {
+            self.shared
+                .key_store
+                .add_uses(active.entry.id, used - reported)
+                .await?;
+        }
+        let record = self
+            .shared
+            .key_store
+            .set_state(active.entry.id, KeyState::DecryptOnly)
+            .await;
+        match record {
+            Ok(_) | Err(KeyStoreError::Transition { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        active.entry.set_state(KeyState::DecryptOnly);
+        self.lifecycle_event(Operation::KeyStateChanged, active.entry.id);
+        Ok(Some(active.entry.id))
+    }
+
+    /// Reports this instance's use counts to the key store (call before a
+    /// graceful shutdown; also done at every rotation and re-check).
+    ///
+    /// # Errors
+    ///
+    /// Key-store errors.
+    pub async fn report_usage(&self) -> Result<(), Error> {
+        let _guard = self.scope.rotate_lock.lock().await;
+        let snapshot = {
+            let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
+            guard
+                .as_ref()
+                .map(|a| (a.entry.id, a.used(), a.reported.load(Ordering::Relaxed)))
+        };
+        if let Some((id, used, reported)) = snapshot {
+            if used > reported {
+                self.shared.key_store.add_uses(id, used - reported).await?;
+                if let Some(a) = self
+                    .scope
+                    .active
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    a.reported.store(used, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves a key to a new lifecycle state in the key store and in this
+    /// process's caches, and audits it. Marking a DEK compromised stops all
+    /// sealing with it at once here (other instances within their re-check
+    /// interval); destroying it removes the wrapped key, after which nothing
+    /// under it opens.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyStoreError::Transition`] for a backward move; key-store errors.
+    pub async fn set_key_state(&self, id: KeyId, state: KeyState) -> Result<(), Error> {
+        self.shared.key_store.set_state(id, state).await?;
+        if let Some(entry) = self.shared.cache.get(id) {
+            entry.set_state(state);
+        }
+        if state == KeyState::Destroyed {
+            self.shared.cache.remove(id);
+        }
+        // Index keys are re-read at next use.
+        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.lifecycle_event(Operation::KeyStateChanged, id);
+        Ok(())
+    }
+
+    // ----- open -----------------------------------------------------------
+
+    /// Opens a sealed PAN bound to `context`, on behalf of `access`.
+    ///
+    /// Emits exactly one [`Operation::Open`] audit event (success or failure)
+    /// and, on a cache miss, one [`Operation::Unwrap`] event. Fails closed
+    /// without an audit sink or if the sink fails.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Decryption`] (opaque) if the ciphertext was altered, moved to
+    /// another context or sealed under another key; [`Error::Key`] if its
+    /// key is unknown, destroyed, expired, or from another scope or
+    /// environment; key-service, key-store or audit errors.
+    pub async fn open_pan(
+        &self,
+        sealed: &SealedPan,
+        context: &Context,
+        access: &Access,
+    ) -> Result<Opened, Error> {
+        if let Some(result) = self.try_open_cached(sealed, context, access) {
+            return result;
+        }
+        let sink = self.sink()?;
+        if let Err(e) = self
+            .load_key(sealed.key_id(), KeyPurpose::Data, access)
+            .await
+        {
+            let emitter = Emitter {
+                sink,
+                scope: &self.scope.scope,
+            };
+            emitter.emit(
+                SystemTime::now(),
+                Operation::Open,
+                Err(failure_kind(&e)),
+                access,
+                Some(sealed.key_id()),
+                Some(context),
+            )?;
+            return Err(e);
+        }
+        self.try_open_cached(sealed, context, access)
+            .unwrap_or_else(|| Err(KeyError::UnknownKey(sealed.key_id()).into()))
+    }
+
+    fn sink(&self) -> Result<&dyn AuditSink, Error> {
+        self.shared
+            .audit
+            .as_deref()
+            .ok_or(Error::Config(ConfigError::NoAuditSink))
+    }
+
+    /// The synchronous fast path: opens with a cached DEK. `None` on a cache
+    /// miss.
+    pub(crate) fn try_open_cached(
+        &self,
+        sealed: &SealedPan,
+        context: &Context,
+        access: &Access,
+    ) -> Option<Result<Opened, Error>> {
+        let sink = match self.sink() {
+            Ok(s) => s,
+            Err(e) => return Some(Err(e)),
+        };
+        let now = SystemTime::now();
+        let id = sealed.key_id();
+        self.shared.cache.with(id, now, |entry| {
+            let now_unix = now
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let result = self.open_with(entry, sealed, context, now_unix);
+            let emitter = Emitter {
+                sink,
+                scope: &self.scope.scope,
+            };
+            let outcome = match &result {
+                Ok(_) => Ok(()),
+                Err(e) => Err(failure_kind(e)),
+            };
+            // On an audit failure `result` (and the PAN in it) is dropped.
+            emitter.emit(
+                now,
+                Operation::Open,
+                outcome,
+                access,
+                Some(id),
+                Some(context),
+            )?;
+            result
+        })
+    }
+
+    fn open_with(
+        &self,
+        entry: &CachedDek,
+        sealed: &SealedPan,
+        context: &Context,
+        now_unix: u64,
+    ) -> Result<Opened, Error> {
+        if entry.purpose != KeyPurpose::Data {
+            return Err(KeyError::Purpose(entry.id).into());
+        }
+        if entry.scope != self.scope.scope {
+            return Err(KeyError::Scope(entry.id).into());
+        }
+        let state = entry.state();
+        if state == KeyState::Destroyed {
+            return Err(KeyError::Destroyed(entry.id).into());
+        }
+        if now_unix > entry.decrypt_until {
+            return Err(KeyError::Expired(entry.id).into());
+        }
+        let cipher = entry.cipher.as_ref().ok_or(KeyError::Purpose(entry.id))?;
+        let mut packed = [0u8; format::PACKED_LEN];
+        packed.copy_from_slice(sealed.ciphertext());
+        let decrypted = with_aad(sealed.header(), context, |aad| {
+            cipher.decrypt_in_place_detached(
+                Nonce::from_slice(sealed.nonce()),
+                aad,
+                &mut packed,
+                Tag::from_slice(sealed.tag()),
+            )
+        });
+        if decrypted.is_err() {
+            return Err(Error::Decryption);
+        }
+        let pan = format::read::unpack_pan(&packed);
+        packed.zeroize();
+        Ok(Opened {
+            pan: pan?,
+            needs_reseal: state != KeyState::Active || now_unix >= entry.encrypt_until,
+        })
+    }
+
+    /// Fetches, checks and unwraps a key into the cache; audits the unwrap.
+    async fn load_key(
+        &self,
+        id: KeyId,
+        purpose: KeyPurpose,
+        access: &Access,
+    ) -> Result<Arc<CachedDek>, Error> {
+        let record = self
+            .shared
+            .key_store
+            .fetch(id)
+            .await?
+            .ok_or(KeyError::UnknownKey(id))?;
+        self.check_record(&record, purpose)?;
+        let unwrapped = self
+            .shared
+            .key_service
+            .unwrap(&record.key_request(), &record.wrapped, access)
+            .await;
+        if let Some(sink) = self.shared.audit.as_deref() {
+            let emitter = Emitter {
+                sink,
+                scope: &self.scope.scope,
+            };
+            let outcome = match &unwrapped {
+                Ok(_) => Ok(()),
+                Err(_) => Err("key service refused or failed"),
+            };
+            emitter.emit(
+                SystemTime::now(),
+                Operation::Unwrap,
+                outcome,
+                access,
+                Some(id),
+                None,
+            )?;
+        } else if purpose == KeyPurpose::Data {
+            return Err(ConfigError::NoAuditSink.into());
+        }
+        let dek = unwrapped?;
+        let entry = Arc::new(CachedDek::new(
+            id,
+            purpose,
+            &record.scope,
+            &dek,
+            record.state,
+            record.encrypt_until,
+            record.decrypt_until,
+        ));
+        if purpose == KeyPurpose::Data {
+            self.shared.cache.insert(Arc::clone(&entry));
+        }
+        Ok(entry)
+    }
+
+    fn check_record(&self, record: &WrappedDek, purpose: KeyPurpose) -> Result<(), Error> {
+        let id = record.id;
+        if record.environment != self.shared.environment {
+            return Err(KeyError::Environment {
+                id,
+                key_env: record.environment.to_string(),
+                our_env: self.shared.environment.to_string(),
+            }
+            .into());
+        }
+        if record.scope != self.scope.scope {
+            return Err(KeyError::Scope(id).into());
+        }
+        if record.purpose != purpose {
+            return Err(KeyError::Purpose(id).into());
+        }
+        if record.state == KeyState::Destroyed {
+            return Err(KeyError::Destroyed(id).into());
+        }
+        if unix_now() > record.decrypt_until {
+            return Err(KeyError::Expired(id).into());
+        }
+        Ok(())
+    }
+
+    /// Opens and re-seals under the active DEK (for lazy migration off
+    /// retired or compromised keys). The PAN never leaves this call.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Panseal::open_pan`] and [`Panseal::seal_pan`].
+    pub async fn reseal(
+        &self,
+        sealed: &SealedPan,
+        context: &Context,
+        access: &Access,
+    ) -> Result<SealedPan, Error> {
+        let opened = self.open_pan(sealed, context, access).await?;
+        self.seal_pan(&opened.pan, context).await
+    }
+
+    // ----- blind index ----------------------------------------------------
+
+    /// The blind index of `pan` under the scope's active index key, to store
+    /// beside the sealed PAN. Creates the scope's first index key if there is
+    /// none.
+    ///
+    /// # Errors
+    ///
+    /// Key-service (needs the `index` permission) or key-store errors.
+    pub async fn blind_index(&self, pan: &Pan) -> Result<BlindIndex, Error> {
+        let keys = self.index_keys().await?;
+        let (version, key) = keys.first().ok_or(KeyStoreError::Conflict)?;
+        index::compute(key, *version, pan).ok_or_else(|| KeyError::Purpose(key.id).into())
+    }
+
+    /// The blind index of `pan` under every live index key of the scope,
+    /// newest first: look up with all of them while an index-key rotation is
+    /// in progress.
+    ///
+    /// # Errors
+    ///
+    /// As [`Panseal::blind_index`].
+    pub async fn blind_indexes(&self, pan: &Pan) -> Result<Vec<BlindIndex>, Error> {
+        let keys = self.index_keys().await?;
+        Ok(keys
+            .iter()
+            .filter_map(|(v, k)| index::compute(k, *v, pan))
+            .collect())
+    }
+
+    /// Creates a new index-key version for the scope; older versions stay
+    /// live (decrypt-only: lookup, no new index values) until a custodian
+    /// destroys them after re-indexing.
+    ///
+    /// # Errors
+    ///
+    /// Key-service or key-store errors.
+    pub async fn rotate_index_key(&self) -> Result<u32, Error> {
+        let _guard = self.scope.index_lock.lock().await;
+        let records = self.index_records().await?;
+        let next = records.iter().map(|r| r.version).max().unwrap_or(0) + 1;
+        let id = index::index_key_id(&self.shared.environment, &self.scope.scope, next);
+        self.create_key(KeyPurpose::Index, Some((id, next))).await?;
+        for r in records.iter().filter(|r| r.state == KeyState::Active) {
+            self.shared
+                .key_store
+                .set_state(r.id, KeyState::DecryptOnly)
+                .await?;
+        }
+        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(next)
+    }
+
+    async fn index_records(&self) -> Result<Vec<WrappedDek>, Error> {
+        Ok(self
+            .shared
+            .key_store
+            .list(Some(&self.scope.scope))
+            .await?
+            .into_iter()
+            .filter(|r| r.purpose == KeyPurpose::Index && r.environment == self.shared.environment)
+            .collect())
+    }
+
+    async fn index_keys(&self) -> Result<Vec<(u32, Arc<CachedDek>)>, Error> {
+        if let Some(keys) = self.cached_index_keys() {
+            return Ok(keys);
+        }
+        let _guard = self.scope.index_lock.lock().await;
+        if let Some(keys) = self.cached_index_keys() {
+            return Ok(keys);
+        }
+        let access = Access::system("blind-index");
+        let mut records = self.index_records().await?;
+        if !records.iter().any(|r| r.state == KeyState::Active) {
+            let next = records.iter().map(|r| r.version).max().unwrap_or(0) + 1;
+            let id = index::index_key_id(&self.shared.environment, &self.scope.scope, next);
+            match self.create_key(KeyPurpose::Index, Some((id, next))).await {
+                // Another instance made it first: use theirs.
+                Ok(_) | Err(Error::KeyStore(KeyStoreError::Conflict)) => {}
+                Err(e) => return Err(e),
+            }
+            records = self.index_records().await?;
+        }
+        records.retain(|r| r.state != KeyState::Destroyed && unix_now() <= r.decrypt_until);
+        records.sort_by(|a, b| b.version.cmp(&a.version));
+        // The newest active key goes first.
+        if let Some(pos) = records.iter().position(|r| r.state == KeyState::Active) {
+            let active = records.remove(pos);
+            records.insert(0, active);
+        }
+        let mut live = Vec::with_capacity(records.len());
+        for r in &records {
+            let entry = self.load_key(r.id, KeyPurpose::Index, &access).await?;
+            live.push((r.version, entry));
+        }
+        let out = live.clone();
+        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = Some(IndexKeys {
+            live,
+            loaded: Instant::now(),
+        });
+        Ok(out)
+    }
+
+    fn cached_index_keys(&self) -> Option<Vec<(u32, Arc<CachedDek>)>> {
+        let guard = self.scope.index.read().unwrap_or_else(|p| p.into_inner());
+        let keys = guard.as_ref()?;
+        let fresh = keys.loaded.elapsed()
+            < self
+                .shared
+                .policy
+                .recheck_interval
+                .min(self.shared.policy.cache_ttl);
+        (fresh && !keys.live.is_empty()).then(|| keys.live.clone())
+    }
+}
+
+/// Seals with an unwrapped data key. Allocation-free for contexts up to
+/// `AAD_STACK - 10` bytes.
+fn seal_with(entry: &CachedDek, pan: &Pan, context: &Context) -> Option<SealedPan> {
+    let cipher = entry.cipher.as_ref()?;
+    let mut out = [0u8; V1_LEN];
+    format::write::write_header(entry.id, &mut out[..format::V1_HEADER_LEN]);
+    let mut nonce = [0u8; format::NONCE_LEN];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    out[format::NONCE_AT..format::CT_AT].copy_from_slice(&nonce);
+    let mut packed = [0u8; format::PACKED_LEN];
+    format::write::pack_pan(pan, &mut packed);
+    let header: [u8; format::V1_HEADER_LEN] = {
+        let mut h = [0u8; format::V1_HEADER_LEN];
+        h.copy_from_slice(&out[..format::V1_HEADER_LEN]);
+        h
+    };
+    let tag = with_aad(&header, context, |aad| {
+        cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut packed)
+    });
+    let result = tag.ok().map(|tag| {
+        out[format::CT_AT..format::TAG_AT].copy_from_slice(&packed);
+        out[format::TAG_AT..].copy_from_slice(&tag);
+        SealedPan::from_array(out)
+    });
+    packed.zeroize();
+    result
+}
+
+/// Runs `f` with `header || context.encoded()` as one slice.
+fn with_aad<R>(header: &[u8], context: &Context, f: impl FnOnce(&[u8]) -> R) -> R {
+    let enc = context.encoded();
+    let total = header.len() + enc.len();
+    if total <= AAD_STACK {
+        let mut buf = [0u8; AAD_STACK];
+        buf[..header.len()].copy_from_slice(header);
+        buf[header.len()..total].copy_from_slice(enc);
+        f(&buf[..total])
+    } else {
+        let mut v = Vec::with_capacity(total);
+        v.extend_from_slice(header);
+        v.extend_from_slice(enc);
+        f(&v)
+    }
+}
+
+/// A short, PAN-free description of an error for audit events.
+fn failure_kind(e: &Error) -> &'static str {
+    match e {
+        Error::Decryption => "decryption failed",
+        Error::Format(_) => "malformed ciphertext",
+        Error::Key(KeyError::UnknownKey(_)) => "unknown key",
+        Error::Key(KeyError::Destroyed(_)) => "key destroyed",
+        Error::Key(KeyError::Expired(_)) => "key expired",
+        Error::Key(_) => "key refused",
+        Error::KeyService(_) => "key service error",
+        Error::KeyStore(_) => "key store error",
+        Error::Audit(_) => "audit error",
+        _ => "error",
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn seal_with_for_tests(
+    entry: &CachedDek,
+    pan: &Pan,
+    context: &Context,
+) -> Option<SealedPan> {
+    seal_with(entry, pan, context)
+}

@@ -1,0 +1,319 @@
+//! The crate's one error type and its parts.
+//!
+//! No message here ever contains a PAN, a CVV or key material. Every
+//! authentication failure — wrong key, wrong context, flipped bit — is the
+//! one opaque [`Error::Decryption`]; errors that describe misuse, configuration
+//! or transport carry detail and say whether a retry can help
+//! ([`Error::is_retryable`]).
+
+use crate::keys::{KeyId, KeyState};
+
+/// Everything that can go wrong in panseal.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The input is not an acceptable PAN.
+    #[error("invalid PAN: {0}")]
+    Pan(#[from] PanError),
+    /// The context (table, column, row key) is not acceptable.
+    #[error("invalid context: {0}")]
+    Context(#[from] ContextError),
+    /// The ciphertext is malformed (wrong length, unknown version, bad text).
+    #[error("malformed ciphertext: {0}")]
+    Format(#[from] FormatError),
+    /// Authentication failed: the ciphertext was altered, moved to another
+    /// context, or sealed under another key. Deliberately without detail.
+    #[error("decryption failed")]
+    Decryption,
+    /// The key the ciphertext names cannot be used.
+    #[error("key error: {0}")]
+    Key(#[from] KeyError),
+    /// The key service failed or refused.
+    #[error("key service: {0}")]
+    KeyService(#[from] KeyServiceError),
+    /// The key store failed.
+    #[error("key store: {0}")]
+    KeyStore(#[from] KeyStoreError),
+    /// The audit sink failed; the operation was not performed (fail closed).
+    #[error("audit: {0}")]
+    Audit(#[from] AuditError),
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+}
+
+impl Error {
+    /// Whether repeating the same call later may succeed (a transient key
+    /// service or key store failure). Authentication, format and policy errors
+    /// are never retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::KeyService(e) => e.is_retryable(),
+            Error::KeyStore(e) => matches!(e, KeyStoreError::Io(_) | KeyStoreError::Conflict),
+            _ => false,
+        }
+    }
+}
+
+/// Why a string is not an acceptable PAN. Never contains the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PanError {
+    /// No digits at all.
+    #[error("no digits")]
+    Empty,
+    /// A character other than a digit, space or dash.
+    #[error("character at position {position} is not a digit, space or dash")]
+    InvalidCharacter {
+        /// Zero-based character position.
+        position: usize,
+    },
+    /// Fewer digits than the configured minimum.
+    #[error("{digits} digits; at least {min} required")]
+    TooShort {
+        /// Digits found.
+        digits: usize,
+        /// Minimum accepted.
+        min: usize,
+    },
+    /// More than 19 digits.
+    #[error("{digits} digits; at most {max} allowed")]
+    TooLong {
+        /// Digits found.
+        digits: usize,
+        /// Maximum accepted.
+        max: usize,
+    },
+    /// The Luhn check digit does not match.
+    #[error("Luhn check failed")]
+    Luhn,
+    /// The input looks like magnetic-stripe track data, which must never be
+    /// stored (PCI DSS 3.3.1.1).
+    #[error("input looks like magnetic-stripe track data; refused")]
+    TrackData,
+    /// A card verification code must be 3 or 4 digits.
+    #[error("card verification code must be 3 or 4 digits")]
+    InvalidCvv,
+    /// A parsing rule outside what ISO/IEC 7812 allows.
+    #[error("minimum PAN length must be between 8 and 19")]
+    InvalidRule,
+}
+
+/// Why a context cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContextError {
+    /// A part (table, column or row key) is empty.
+    #[error("context {0} is empty")]
+    Empty(&'static str),
+    /// A part is longer than allowed.
+    #[error("context {part} is {len} bytes; at most {max}")]
+    TooLong {
+        /// Which part.
+        part: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Why bytes or text are not a well-formed ciphertext. Structural only: these
+/// are decided before any key is used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FormatError {
+    /// Input is empty.
+    #[error("empty input")]
+    Empty,
+    /// The version byte (or text prefix) is not one this library reads.
+    #[error("unknown format version {0}")]
+    UnknownVersion(u8),
+    /// The algorithm byte is not defined for this version.
+    #[error("unknown algorithm {0} for this version")]
+    UnknownAlgorithm(u8),
+    /// Wrong total length for the version.
+    #[error("length {actual} bytes; version requires {expected}")]
+    Length {
+        /// Required length.
+        expected: usize,
+        /// Length found.
+        actual: usize,
+    },
+    /// The text form has a wrong prefix, length or alphabet.
+    #[error("text form is not valid")]
+    Text,
+    /// The decrypted payload is not a packed PAN (only possible if the
+    /// ciphertext was made with the right key by something other than a
+    /// conforming writer).
+    #[error("decrypted payload is not a packed PAN")]
+    Payload,
+    /// A key-store record is malformed.
+    #[error("key-store record: {0}")]
+    Record(&'static str),
+}
+
+/// Problems with the key a ciphertext or operation names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// No record with this id in the key store.
+    #[error("unknown key id {0}")]
+    UnknownKey(KeyId),
+    /// The key was destroyed: everything it protected is unrecoverable.
+    #[error("key {0} destroyed")]
+    Destroyed(KeyId),
+    /// The key's recipient-usage period ended; it may no longer decrypt.
+    #[error("key {0} is past its decrypt-until date")]
+    Expired(KeyId),
+    /// The key is in a state that forbids this operation.
+    #[error("key {id} is {state:?}; operation not allowed")]
+    State {
+        /// The key.
+        id: KeyId,
+        /// Its state.
+        state: KeyState,
+    },
+    /// The key belongs to another environment (e.g. prod vs test).
+    #[error("key {id} belongs to environment {key_env:?}, not {our_env:?}")]
+    Environment {
+        /// The key.
+        id: KeyId,
+        /// The key's environment tag.
+        key_env: String,
+        /// This client's environment tag.
+        our_env: String,
+    },
+    /// The key belongs to another scope (tenant/merchant) than this handle.
+    #[error("key {0} belongs to another scope")]
+    Scope(KeyId),
+    /// The key was made for another purpose (data vs blind index).
+    #[error("key {0} has the wrong purpose for this operation")]
+    Purpose(KeyId),
+}
+
+/// Failures of a key service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyServiceError {
+    /// The service cannot be reached or timed out; retry later.
+    #[error("key service unavailable: {0}")]
+    Unavailable(String),
+    /// The service is sealed and serves nothing until unsealed.
+    #[error("key service is sealed")]
+    Sealed,
+    /// This credential may not perform the operation.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A quota or rate limit was exceeded; retry after the window.
+    #[error("quota exceeded: {0}")]
+    QuotaExceeded(String),
+    /// The named KEK (or version) does not exist.
+    #[error("unknown KEK {0}")]
+    UnknownKek(String),
+    /// The KEK version was destroyed.
+    #[error("KEK {0} destroyed")]
+    KekDestroyed(String),
+    /// The KEK version may only unwrap (retired), not wrap.
+    #[error("KEK {0} is retired: decrypt only")]
+    KekRetired(String),
+    /// The KEK is weaker than the keys it would wrap (PCI DSS 3.6.1).
+    #[error("KEK strength {kek_bits} bits is below DEK strength {dek_bits} bits")]
+    WeakKek {
+        /// KEK strength.
+        kek_bits: u32,
+        /// DEK strength.
+        dek_bits: u32,
+    },
+    /// The request's environment does not match the service's.
+    #[error("environment mismatch: key service is {service:?}, request is {request:?}")]
+    Environment {
+        /// The service's environment.
+        service: String,
+        /// The request's environment.
+        request: String,
+    },
+    /// The wrapped key failed to authenticate: altered, swapped between
+    /// records, or rolled back. No further detail.
+    #[error("wrapped key failed to unwrap")]
+    UnwrapFailed,
+    /// Any other failure reported by the service.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl KeyServiceError {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            KeyServiceError::Unavailable(_) | KeyServiceError::QuotaExceeded(_)
+        )
+    }
+}
+
+/// Failures of a key store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyStoreError {
+    /// Reading or writing the backing storage failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The stored data failed its integrity check or does not parse; it was
+    /// left as it is (never truncated or rewritten).
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+    /// A record with this id already exists.
+    #[error("key id {0} already exists")]
+    Duplicate(KeyId),
+    /// No record with this id.
+    #[error("no record {0}")]
+    NotFound(KeyId),
+    /// The lifecycle does not allow this state change (e.g. destroyed back to
+    /// active).
+    #[error("key {id}: transition {from:?} -> {to:?} not allowed")]
+    Transition {
+        /// The key.
+        id: KeyId,
+        /// Its current state.
+        from: KeyState,
+        /// The requested state.
+        to: KeyState,
+    },
+    /// A concurrent change won; re-read and retry.
+    #[error("concurrent modification")]
+    Conflict,
+    /// Backend-specific failure.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Failures of an audit sink.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// Writing the event failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The sink refused the event.
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// Unusable configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required part was not given to the builder.
+    #[error("missing {0}")]
+    Missing(&'static str),
+    /// Opening PANs requires an audit sink (PCI DSS 10.2.1); none configured.
+    #[error("no audit sink configured: opening is refused (fail closed)")]
+    NoAuditSink,
+    /// A policy value is out of range.
+    #[error("invalid policy: {0}")]
+    Policy(String),
+    /// A scope or environment name is not acceptable.
+    #[error("invalid name: {0}")]
+    Name(String),
+}

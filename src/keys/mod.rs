@@ -1,0 +1,360 @@
+//! Keys: ids, states, records of wrapped DEKs, the DEK itself, the rotation
+//! policy and the in-memory cache of unwrapped DEKs.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+mod cache;
+mod dek;
+mod policy;
+pub(crate) mod record;
+
+pub(crate) use cache::{CachedDek, DekCache};
+pub use dek::Dek;
+pub use policy::{Policy, MAX_CACHE_TTL, NONCE_LIMIT};
+
+/// Strength of every DEK, in bits (AES-256).
+pub const DEK_STRENGTH_BITS: u32 = 256;
+
+/// The short id a ciphertext uses to name its DEK: 8 random bytes, printed
+/// as 16 hex digits. Not secret.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId([u8; 8]);
+
+impl KeyId {
+    /// A fresh random id from the OS CSPRNG.
+    pub fn random() -> Self {
+        use rand_core::{OsRng, RngCore};
+        let mut b = [0u8; 8];
+        OsRng.fill_bytes(&mut b);
+        KeyId(b)
+    }
+
+    /// The id with these bytes.
+    pub const fn from_bytes(bytes: [u8; 8]) -> Self {
+        KeyId(bytes)
+    }
+
+    /// The id's bytes.
+    pub fn as_bytes(&self) -> &[u8; 8] {
+        &self.0
+    }
+
+    /// Parses 16 hex digits.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Name`] if `s` is not 16 hex digits.
+    pub fn from_hex(s: &str) -> Result<Self, ConfigError> {
+        let mut b = [0u8; 8];
+        hex::decode_to_slice(s, &mut b)
+            .map_err(|_| ConfigError::Name("key id must be 16 hex digits".into()))?;
+        Ok(KeyId(b))
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+impl Serialize for KeyId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        KeyId::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Lifecycle state of a key (PCI DSS 3.7.5). Transitions only go forward:
+/// active → decrypt-only → destroyed, and any live state → compromised →
+/// destroyed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum KeyState {
+    /// Encrypts and decrypts.
+    Active = 1,
+    /// Retired: decrypts only.
+    DecryptOnly = 2,
+    /// Known or suspected compromised: never encrypts; decrypts only so that
+    /// data can be re-sealed under a fresh key, and every such open asks for
+    /// re-sealing.
+    Compromised = 3,
+    /// Destroyed: the wrapped key is gone and nothing under it can be opened.
+    Destroyed = 4,
+}
+
+impl KeyState {
+    /// Whether the lifecycle allows moving from `self` to `to`.
+    pub fn can_become(self, to: KeyState) -> bool {
+        use KeyState::*;
+        matches!(
+            (self, to),
+            (Active, DecryptOnly)
+                | (Active, Compromised)
+                | (DecryptOnly, Compromised)
+                | (Active, Destroyed)
+                | (DecryptOnly, Destroyed)
+                | (Compromised, Destroyed)
+        )
+    }
+
+    pub(crate) fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => KeyState::Active,
+            2 => KeyState::DecryptOnly,
+            3 => KeyState::Compromised,
+            4 => KeyState::Destroyed,
+            _ => return None,
+        })
+    }
+}
+
+/// What a key is for. A key of one purpose is refused for the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[repr(u8)]
+pub enum KeyPurpose {
+    /// A data-encryption key for sealing PANs.
+    Data = 1,
+    /// A blind-index key for keyed hashes of PANs (PCI DSS 3.5.1.1).
+    Index = 2,
+}
+
+impl KeyPurpose {
+    pub(crate) fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => KeyPurpose::Data,
+            2 => KeyPurpose::Index,
+            _ => return None,
+        })
+    }
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates and wraps a name: 1 to 64 characters from
+            /// `A-Z a-z 0-9 . _ : -`.
+            ///
+            /// # Errors
+            ///
+            /// [`ConfigError::Name`] if the name is empty, too long or uses
+            /// other characters.
+            pub fn new(name: &str) -> Result<Self, ConfigError> {
+                validate_name(name, $what)?;
+                Ok($name(name.to_owned()))
+            }
+
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::new(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A key scope: the tenant, merchant or period a set of DEKs belongs to.
+    /// DEKs and index keys never cross scopes.
+    Scope,
+    "scope"
+);
+name_type!(
+    /// An environment tag (`prod`, `test`, …). Keys of one environment are
+    /// refused in another (PCI DSS 3.6.1.1).
+    Environment,
+    "environment"
+);
+
+/// Longest scope or environment name.
+pub(crate) const MAX_NAME_LEN: usize = 64;
+
+fn validate_name(name: &str, what: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(ConfigError::Name(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} characters"
+        )));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        return Err(ConfigError::Name(format!(
+            "{what} may use only A-Z a-z 0-9 . _ : -"
+        )));
+    }
+    Ok(())
+}
+
+/// Names a key-encryption key and its version inside a key service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KekRef {
+    /// The KEK's identifier in its key service (a name, label or ARN).
+    pub id: String,
+    /// The KEK version.
+    pub version: u32,
+}
+
+impl fmt::Display for KekRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#v{}", self.id, self.version)
+    }
+}
+
+/// A DEK encrypted under a KEK: what a key service returns from wrap.
+/// Not secret without the KEK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// The KEK (and version) that wrapped it.
+    pub kek: KekRef,
+    /// The key service's wrapped bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// What a key service is asked about one key: the id, scope, environment and
+/// purpose that its wrap is bound to as associated data (PCI DSS 3.7.7).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRequest {
+    /// The key's id.
+    pub id: KeyId,
+    /// The key's scope.
+    pub scope: Scope,
+    /// The key's environment.
+    pub environment: Environment,
+    /// The key's purpose.
+    pub purpose: KeyPurpose,
+}
+
+impl KeyRequest {
+    /// The associated data a key service binds a wrap to: a fixed label,
+    /// purpose, id, scope, environment, KEK id and KEK version, each
+    /// length-prefixed (see `FORMAT.md`, "Wrap binding"). Changing any of
+    /// them makes the wrap fail to open.
+    pub fn wrap_aad(&self, kek: &KekRef) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(64 + kek.id.len());
+        aad.extend_from_slice(b"panseal-wrap-v1");
+        aad.push(self.purpose as u8);
+        aad.extend_from_slice(self.id.as_bytes());
+        for part in [
+            self.scope.as_str().as_bytes(),
+            self.environment.as_str().as_bytes(),
+            kek.id.as_bytes(),
+        ] {
+            aad.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            aad.extend_from_slice(part);
+        }
+        aad.extend_from_slice(&kek.version.to_be_bytes());
+        aad
+    }
+}
+
+/// The stored record of one wrapped key (a DEK or a blind-index key): what a
+/// [`crate::KeyStore`] keeps. Holds no plaintext key.
+///
+/// Its binary encoding is specified in `FORMAT.md` ("Key-store record") and
+/// produced by [`WrappedDek::to_bytes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WrappedDek {
+    /// The key's id.
+    pub id: KeyId,
+    /// Data or index key.
+    pub purpose: KeyPurpose,
+    /// Version within (scope, purpose): index keys count 1, 2, …; DEKs 0.
+    pub version: u32,
+    /// Tenant/merchant/period scope.
+    pub scope: Scope,
+    /// Environment tag.
+    pub environment: Environment,
+    /// Lifecycle state.
+    pub state: KeyState,
+    /// The wrapped key; empty once destroyed.
+    pub wrapped: WrappedKey,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// End of the originator-usage period (no sealing after), Unix seconds.
+    pub encrypt_until: u64,
+    /// End of the recipient-usage period (no opening after), Unix seconds.
+    pub decrypt_until: u64,
+    /// The use budget: at most this many seals.
+    pub max_uses: u64,
+    /// Seals reported so far (may lag the live count of a running writer).
+    pub uses: u64,
+}
+
+impl WrappedDek {
+    /// The request the key service binds this record's wrap to.
+    pub fn key_request(&self) -> KeyRequest {
+        KeyRequest {
+            id: self.id,
+            scope: self.scope.clone(),
+            environment: self.environment.clone(),
+            purpose: self.purpose,
+        }
+    }
+
+    /// Encodes the record (`FORMAT.md`, "Key-store record").
+    pub fn to_bytes(&self) -> Vec<u8> {
+        record::encode(self)
+    }
+
+    /// Decodes a record; strict (no trailing bytes, every field checked).
+    ///
+    /// # Errors
+    ///
+    /// [`crate::error::FormatError::Record`] naming the bad field.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, crate::error::FormatError> {
+        record::decode(bytes)
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
