@@ -3,17 +3,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Nonce, Tag};
-use rand::RngCore;
-use zeroize::Zeroize;
+use arc_swap::ArcSwapOption;
 
 use crate::audit::{Access, AuditSink, Emitter, Operation};
+use crate::clock;
 use crate::context::Context;
 use crate::error::{ConfigError, Error, KeyError, KeyServiceError, KeyStoreError};
-use crate::format::{self, SealedPan, V1_LEN};
+use crate::format::SealedPan;
 use crate::index::{self, BlindIndex};
 use crate::keys::{
     unix_now, CachedDek, DekCache, Environment, KeyId, KeyPurpose, KeyRequest, KeyState, Policy,
@@ -22,10 +20,8 @@ use crate::keys::{
 use crate::keyservice::KeyService;
 use crate::keystore::KeyStore;
 use crate::pan::Pan;
+use crate::seal;
 
-/// Largest associated data assembled on the stack; longer contexts use one
-/// heap allocation.
-const AAD_STACK: usize = 256;
 /// How many fresh ids to try when a new key id collides with a stored one.
 const ID_ATTEMPTS: usize = 4;
 
@@ -153,7 +149,6 @@ impl PansealBuilder {
             audit: self.audit,
             policy: self.policy,
             environment,
-            epoch: Instant::now(),
             scopes: Mutex::new(HashMap::new()),
         });
         let scope = shared.scope_state(scope);
@@ -168,8 +163,6 @@ struct Shared {
     policy: Policy,
     environment: Environment,
     cache: DekCache,
-    /// Base for the nanosecond deadlines kept in atomics.
-    epoch: Instant,
     scopes: Mutex<HashMap<Scope, Arc<ScopeState>>>,
 }
 
@@ -179,23 +172,19 @@ impl Shared {
         Arc::clone(scopes.entry(scope.clone()).or_insert_with(|| {
             Arc::new(ScopeState {
                 scope,
-                active: RwLock::new(None),
+                active: ArcSwapOption::empty(),
                 rotate_lock: tokio::sync::Mutex::new(()),
                 index: RwLock::new(None),
                 index_lock: tokio::sync::Mutex::new(()),
             })
         }))
     }
-
-    fn nanos_since_epoch(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
 }
 
 /// Per-scope state: this instance's active DEK and the scope's index keys.
 struct ScopeState {
     scope: Scope,
-    active: RwLock<Option<ActiveDek>>,
+    active: ArcSwapOption<ActiveDek>,
     rotate_lock: tokio::sync::Mutex<()>,
     index: RwLock<Option<IndexKeys>>,
     index_lock: tokio::sync::Mutex<()>,
@@ -211,7 +200,7 @@ struct ActiveDek {
     /// Uses already added to the store's record.
     reported: AtomicU64,
     max_uses: u64,
-    /// Nanoseconds since `Shared::epoch` after which the fast path stops:
+    /// Coarse monotonic nanoseconds after which the fast path stops:
     /// the encrypt-until time or the next state re-check, whichever is first.
     deadline: AtomicU64,
 }
@@ -298,9 +287,9 @@ impl Panseal {
     /// The synchronous fast path: seals with the cached active DEK if it is
     /// still within its limits. `None` means the slow path must run.
     pub(crate) fn try_seal_cached(&self, pan: &Pan, context: &Context) -> Option<SealedPan> {
-        let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self.scope.active.load();
         let active = guard.as_ref()?;
-        if self.shared.nanos_since_epoch() >= active.deadline.load(Ordering::Relaxed)
+        if clock::mono_nanos() >= active.deadline.load(Ordering::Relaxed)
             || active.entry.state() != KeyState::Active
         {
             return None;
@@ -308,7 +297,14 @@ impl Panseal {
         if active.uses.fetch_add(1, Ordering::Relaxed) >= active.max_uses {
             return None;
         }
-        seal_with(&active.entry, pan, context)
+        let cipher = active.entry.cipher.as_ref()?;
+        Some(seal::seal_raw(
+            cipher,
+            active.entry.id,
+            seal::fresh_nonce(),
+            pan,
+            context,
+        ))
     }
 
     async fn seal_slow(&self, pan: &Pan, context: &Context) -> Result<SealedPan, Error> {
@@ -327,33 +323,10 @@ impl Panseal {
     /// state, and either renews its deadline or retires it and makes a new
     /// one.
     async fn refresh_active(&self) -> Result<(), Error> {
-        let current = {
-            let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
-            guard.as_ref().map(|a| {
-                (
-                    Arc::clone(&a.entry),
-                    a.used(),
-                    a.reported.load(Ordering::Relaxed),
-                    a.max_uses,
-                )
-            })
-        };
-        if let Some((entry, used, reported, max_uses)) = current {
-            if used > reported {
-                self.shared
-                    .key_store
-                    .add_uses(entry.id, used - reported)
-                    .await?;
-                if let Some(a) = self
-                    .scope
-                    .active
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    a.reported.store(used, Ordering::Relaxed);
-                }
-            }
+        if let Some(active) = self.scope.active.load_full() {
+            let entry = Arc::clone(&active.entry);
+            let used = self.report(&active).await?;
+            let max_uses = active.max_uses;
             let record = self
                 .shared
                 .key_store
@@ -363,11 +336,9 @@ impl Panseal {
             let now = unix_now();
             entry.set_state(record.state);
             if record.state == KeyState::Active && now < record.encrypt_until && used < max_uses {
-                let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
-                if let Some(a) = guard.as_ref() {
-                    a.deadline
-                        .store(self.deadline_for(record.encrypt_until), Ordering::Relaxed);
-                }
+                active
+                    .deadline
+                    .store(self.deadline_for(record.encrypt_until), Ordering::Relaxed);
                 return Ok(());
             }
             if record.state == KeyState::Active {
@@ -381,9 +352,7 @@ impl Panseal {
         let now_unix = unix_now();
         let to_expiry = Duration::from_secs(encrypt_until.saturating_sub(now_unix));
         let wait = to_expiry.min(self.shared.policy.recheck_interval);
-        self.shared
-            .nanos_since_epoch()
-            .saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
+        clock::mono_nanos().saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
     }
 
     async fn retire(&self, id: KeyId) {
@@ -394,7 +363,7 @@ impl Panseal {
             .await
         {
             Ok(_) => {
-                if let Some(entry) = self.shared.cache.get(id) {
+                if let Some(entry) = self.shared.cache.peek(id) {
                     entry.set_state(KeyState::DecryptOnly);
                 }
                 self.lifecycle_event(Operation::KeyStateChanged, id);
@@ -487,7 +456,7 @@ impl Panseal {
             max_uses: record.max_uses,
             deadline: AtomicU64::new(self.deadline_for(record.encrypt_until)),
         };
-        *self.scope.active.write().unwrap_or_else(|p| p.into_inner()) = Some(active);
+        self.scope.active.store(Some(Arc::new(active)));
         Ok(())
     }
 
@@ -500,22 +469,13 @@ impl Panseal {
     /// Key-store errors.
     pub async fn rotate_dek(&self) -> Result<Option<KeyId>, Error> {
         let _guard = self.scope.rotate_lock.lock().await;
-        let taken = self
-            .scope
-            .active
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let Some(active) = taken else {
+        let Some(active) = self.scope.active.swap(None) else {
             return Ok(None);
         };
-        let used = active.used();
-        let reported = active.reported.load(Ordering::Relaxed);
-        if used > reported {
-            self.shared
-                .key_store
-                .add_uses(active.entry.id, used - reported)
-                .await?;
+        if let Err(e) = self.report(&active).await {
+            // Keep it active rather than lose its count.
+            self.scope.active.store(Some(active));
+            return Err(e);
         }
         let record = self
             .shared
@@ -539,27 +499,24 @@ impl Panseal {
     /// Key-store errors.
     pub async fn report_usage(&self) -> Result<(), Error> {
         let _guard = self.scope.rotate_lock.lock().await;
-        let snapshot = {
-            let guard = self.scope.active.read().unwrap_or_else(|p| p.into_inner());
-            guard
-                .as_ref()
-                .map(|a| (a.entry.id, a.used(), a.reported.load(Ordering::Relaxed)))
-        };
-        if let Some((id, used, reported)) = snapshot {
-            if used > reported {
-                self.shared.key_store.add_uses(id, used - reported).await?;
-                if let Some(a) = self
-                    .scope
-                    .active
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
-                    a.reported.store(used, Ordering::Relaxed);
-                }
-            }
+        if let Some(active) = self.scope.active.load_full() {
+            self.report(&active).await?;
         }
         Ok(())
+    }
+
+    /// Adds the uses not yet reported to the store; returns the uses so far.
+    async fn report(&self, active: &ActiveDek) -> Result<u64, Error> {
+        let used = active.used();
+        let reported = active.reported.load(Ordering::Relaxed);
+        if used > reported {
+            self.shared
+                .key_store
+                .add_uses(active.entry.id, used - reported)
+                .await?;
+            active.reported.store(used, Ordering::Relaxed);
+        }
+        Ok(used)
     }
 
     /// Moves a key to a new lifecycle state in the key store and in this
@@ -573,7 +530,7 @@ impl Panseal {
     /// [`KeyStoreError::Transition`] for a backward move; key-store errors.
     pub async fn set_key_state(&self, id: KeyId, state: KeyState) -> Result<(), Error> {
         self.shared.key_store.set_state(id, state).await?;
-        if let Some(entry) = self.shared.cache.get(id) {
+        if let Some(entry) = self.shared.cache.peek(id) {
             entry.set_state(state);
         }
         if state == KeyState::Destroyed {
@@ -650,13 +607,10 @@ impl Panseal {
             Ok(s) => s,
             Err(e) => return Some(Err(e)),
         };
-        let now = SystemTime::now();
+        let now = clock::unix_nanos();
         let id = sealed.key_id();
         self.shared.cache.with(id, now, |entry| {
-            let now_unix = now
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
+            let now_unix = now / clock::NANOS_PER_SEC;
             let result = self.open_with(entry, sealed, context, now_unix);
             let emitter = Emitter {
                 sink,
@@ -668,7 +622,7 @@ impl Panseal {
             };
             // On an audit failure `result` (and the PAN in it) is dropped.
             emitter.emit(
-                now,
+                clock::system_time(now),
                 Operation::Open,
                 outcome,
                 access,
@@ -700,23 +654,9 @@ impl Panseal {
             return Err(KeyError::Expired(entry.id).into());
         }
         let cipher = entry.cipher.as_ref().ok_or(KeyError::Purpose(entry.id))?;
-        let mut packed = [0u8; format::PACKED_LEN];
-        packed.copy_from_slice(sealed.ciphertext());
-        let decrypted = with_aad(sealed.header(), context, |aad| {
-            cipher.decrypt_in_place_detached(
-                Nonce::from_slice(sealed.nonce()),
-                aad,
-                &mut packed,
-                Tag::from_slice(sealed.tag()),
-            )
-        });
-        if decrypted.is_err() {
-            return Err(Error::Decryption);
-        }
-        let pan = format::read::unpack_pan(&packed);
-        packed.zeroize();
+        let pan = seal::open_raw(cipher, sealed, context)?;
         Ok(Opened {
-            pan: pan?,
+            pan,
             needs_reseal: state != KeyState::Active || now_unix >= entry.encrypt_until,
         })
     }
@@ -934,51 +874,6 @@ impl Panseal {
     }
 }
 
-/// Seals with an unwrapped data key. Allocation-free for contexts up to
-/// `AAD_STACK - 10` bytes.
-fn seal_with(entry: &CachedDek, pan: &Pan, context: &Context) -> Option<SealedPan> {
-    let cipher = entry.cipher.as_ref()?;
-    let mut out = [0u8; V1_LEN];
-    format::write::write_header(entry.id, &mut out[..format::V1_HEADER_LEN]);
-    let mut nonce = [0u8; format::NONCE_LEN];
-    rand::thread_rng().fill_bytes(&mut nonce);
-    out[format::NONCE_AT..format::CT_AT].copy_from_slice(&nonce);
-    let mut packed = [0u8; format::PACKED_LEN];
-    format::write::pack_pan(pan, &mut packed);
-    let header: [u8; format::V1_HEADER_LEN] = {
-        let mut h = [0u8; format::V1_HEADER_LEN];
-        h.copy_from_slice(&out[..format::V1_HEADER_LEN]);
-        h
-    };
-    let tag = with_aad(&header, context, |aad| {
-        cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut packed)
-    });
-    let result = tag.ok().map(|tag| {
-        out[format::CT_AT..format::TAG_AT].copy_from_slice(&packed);
-        out[format::TAG_AT..].copy_from_slice(&tag);
-        SealedPan::from_array(out)
-    });
-    packed.zeroize();
-    result
-}
-
-/// Runs `f` with `header || context.encoded()` as one slice.
-fn with_aad<R>(header: &[u8], context: &Context, f: impl FnOnce(&[u8]) -> R) -> R {
-    let enc = context.encoded();
-    let total = header.len() + enc.len();
-    if total <= AAD_STACK {
-        let mut buf = [0u8; AAD_STACK];
-        buf[..header.len()].copy_from_slice(header);
-        buf[header.len()..total].copy_from_slice(enc);
-        f(&buf[..total])
-    } else {
-        let mut v = Vec::with_capacity(total);
-        v.extend_from_slice(header);
-        v.extend_from_slice(enc);
-        f(&v)
-    }
-}
-
 /// A short, PAN-free description of an error for audit events.
 fn failure_kind(e: &Error) -> &'static str {
     match e {
@@ -993,13 +888,4 @@ fn failure_kind(e: &Error) -> &'static str {
         Error::Audit(_) => "audit error",
         _ => "error",
     }
-}
-
-#[cfg(test)]
-pub(crate) fn seal_with_for_tests(
-    entry: &CachedDek,
-    pan: &Pan,
-    context: &Context,
-) -> Option<SealedPan> {
-    seal_with(entry, pan, context)
 }

@@ -53,14 +53,18 @@
 mod api;
 mod audit;
 pub mod blocking;
+mod clock;
 mod context;
 mod error;
 mod format;
+#[cfg(feature = "hazmat-test-keys")]
+pub mod hazmat;
 mod index;
 mod keys;
 mod keyservice;
 mod keystore;
 mod pan;
+mod seal;
 
 pub use api::{Opened, Panseal, PansealBuilder};
 pub use audit::{

@@ -6,7 +6,7 @@ use base64::Engine as _;
 
 use super::{SealedPan, ALG_AES256GCM_PACKED, PACKED_LEN, V1, V1_LEN, V1_TEXT_LEN, V1_TEXT_PREFIX};
 use crate::error::FormatError;
-use crate::pan::{Pan, MAX_PAN_DIGITS};
+use crate::pan::Pan;
 
 /// Parses the binary form.
 pub(crate) fn parse_binary(bytes: &[u8]) -> Result<SealedPan, FormatError> {
@@ -56,25 +56,5 @@ pub(crate) fn parse_text(text: &str) -> Result<SealedPan, FormatError> {
 /// Unpacks BCD digits padded with `0xF` nibbles back into a PAN. The digits
 /// end at the first `0xF` nibble; every nibble after it must be `0xF`.
 pub(crate) fn unpack_pan(packed: &[u8; PACKED_LEN]) -> Result<Pan, FormatError> {
-    let mut ascii = [0u8; MAX_PAN_DIGITS];
-    let mut len = 0usize;
-    let mut ended = false;
-    for i in 0..PACKED_LEN * 2 {
-        let byte = packed[i / 2];
-        let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
-        match (ended, nibble) {
-            (false, 0..=9) if len < MAX_PAN_DIGITS => {
-                ascii[len] = b'0' + nibble;
-                len += 1;
-            }
-            (_, 0xF) => ended = true,
-            _ => {
-                zeroize::Zeroize::zeroize(&mut ascii);
-                return Err(FormatError::Payload);
-            }
-        }
-    }
-    let pan = Pan::from_ascii_digits(&ascii[..len]).map_err(|_| FormatError::Payload);
-    zeroize::Zeroize::zeroize(&mut ascii);
-    pan
+    Pan::from_packed(packed).ok_or(FormatError::Payload)
 }

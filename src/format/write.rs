@@ -11,14 +11,11 @@ use crate::pan::Pan;
 /// to 10 bytes. Every PAN length gives the same 10 bytes of plaintext.
 pub(crate) fn pack_pan(pan: &Pan, out: &mut [u8; PACKED_LEN]) {
     *out = [0xFF; PACKED_LEN];
-    for (i, b) in pan.expose_digits().bytes().enumerate() {
-        let nibble = b - b'0';
-        let byte = &mut out[i / 2];
-        if i % 2 == 0 {
-            *byte = (nibble << 4) | (*byte & 0x0F);
-        } else {
-            *byte = (*byte & 0xF0) | nibble;
-        }
+    let digits = pan.expose_digits().as_bytes();
+    for (byte, pair) in out.iter_mut().zip(digits.chunks(2)) {
+        let hi = pair[0] - b'0';
+        let lo = pair.get(1).map_or(0x0F, |d| d - b'0');
+        *byte = (hi << 4) | lo;
     }
 }
 

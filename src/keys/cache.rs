@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use aes_gcm::Aes256Gcm;
 use secrecy::SecretBox;
@@ -27,7 +29,10 @@ pub(crate) struct CachedDek {
     state: AtomicU8,
     pub(crate) encrypt_until: u64,
     pub(crate) decrypt_until: u64,
-    loaded_at: SystemTime,
+    /// Unix nanoseconds (coarse clock) when unwrapped.
+    loaded_at: u64,
+    /// Unix nanoseconds after which the entry is stale (`loaded_at + ttl`).
+    expires_at: AtomicU64,
 }
 
 impl CachedDek {
@@ -44,6 +49,7 @@ impl CachedDek {
             KeyPurpose::Data => (Some(dek.cipher()), None),
             KeyPurpose::Index => (None, Some(SecretBox::new(Box::new(*dek.expose_secret())))),
         };
+        let loaded_at = crate::clock::unix_nanos();
         CachedDek {
             id,
             purpose,
@@ -53,7 +59,8 @@ impl CachedDek {
             state: AtomicU8::new(state as u8),
             encrypt_until,
             decrypt_until,
-            loaded_at: SystemTime::now(),
+            loaded_at,
+            expires_at: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -65,12 +72,10 @@ impl CachedDek {
         self.state.store(s as u8, Ordering::Relaxed);
     }
 
-    fn fresh(&self, now: SystemTime, ttl: Duration) -> bool {
-        match now.duration_since(self.loaded_at) {
-            Ok(age) => age < ttl,
-            // The clock went backwards: treat as stale.
-            Err(_) => false,
-        }
+    /// Fresh while younger than `ttl`; a clock that went backwards makes
+    /// the entry stale.
+    fn fresh(&self, now_unix_nanos: u64) -> bool {
+        now_unix_nanos >= self.loaded_at && now_unix_nanos < self.expires_at.load(Ordering::Relaxed)
     }
 }
 
@@ -82,6 +87,9 @@ impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
         self.0
     }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.0 = self.0.rotate_left(8) ^ u64::from(b);
@@ -91,9 +99,12 @@ impl Hasher for IdHasher {
 
 type Map = HashMap<KeyId, Arc<CachedDek>, BuildHasherDefault<IdHasher>>;
 
-/// Bounded TTL cache of unwrapped keys.
+/// Bounded TTL cache of unwrapped keys. Reads are lock-free (an atomically
+/// swapped immutable map); writes, which happen only on a cache miss, copy
+/// the map under a mutex.
 pub(crate) struct DekCache {
-    map: RwLock<Map>,
+    map: ArcSwap<Map>,
+    write: Mutex<()>,
     capacity: usize,
     ttl: Duration,
 }
@@ -101,7 +112,8 @@ pub(crate) struct DekCache {
 impl DekCache {
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
         DekCache {
-            map: RwLock::new(Map::default()),
+            map: ArcSwap::from_pointee(Map::default()),
+            write: Mutex::new(()),
             capacity,
             ttl,
         }
@@ -111,51 +123,73 @@ impl DekCache {
     pub(crate) fn with<R>(
         &self,
         id: KeyId,
-        now: SystemTime,
+        now_unix_nanos: u64,
         f: impl FnOnce(&CachedDek) -> R,
     ) -> Option<R> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.load();
         let entry = map.get(&id)?;
-        if !entry.fresh(now, self.ttl) {
+        if !entry.fresh(now_unix_nanos) {
             return None;
         }
         Some(f(entry))
     }
 
     /// A fresh cached key.
+    #[cfg(test)]
     pub(crate) fn get(&self, id: KeyId) -> Option<Arc<CachedDek>> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.load();
         let entry = map.get(&id)?;
         entry
-            .fresh(SystemTime::now(), self.ttl)
+            .fresh(crate::clock::unix_nanos())
             .then(|| Arc::clone(entry))
+    }
+
+    /// A cached key, fresh or not (for state updates).
+    pub(crate) fn peek(&self, id: KeyId) -> Option<Arc<CachedDek>> {
+        self.map.load().get(&id).cloned()
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Map)) {
+        let _w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = Map::clone(&self.map.load());
+        change(&mut next);
+        self.map.store(Arc::new(next));
     }
 
     /// Inserts, evicting stale entries first and then the oldest ones.
     pub(crate) fn insert(&self, entry: Arc<CachedDek>) {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= self.capacity && !map.contains_key(&entry.id) {
-            let now = SystemTime::now();
-            map.retain(|_, e| e.fresh(now, self.ttl));
-            while map.len() >= self.capacity {
-                let Some(oldest) = map.values().min_by_key(|e| e.loaded_at).map(|e| e.id) else {
-                    break;
-                };
-                map.remove(&oldest);
+        let capacity = self.capacity;
+        let ttl = self.ttl;
+        self.update(|map| {
+            if map.len() >= capacity && !map.contains_key(&entry.id) {
+                let now = crate::clock::unix_nanos();
+                map.retain(|_, e| e.fresh(now));
+                while map.len() >= capacity {
+                    let Some(oldest) = map.values().min_by_key(|e| e.loaded_at).map(|e| e.id)
+                    else {
+                        break;
+                    };
+                    map.remove(&oldest);
+                }
             }
-        }
-        map.insert(entry.id, entry);
+            let ttl = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+            entry
+                .expires_at
+                .store(entry.loaded_at.saturating_add(ttl), Ordering::Relaxed);
+            map.insert(entry.id, entry);
+        });
     }
 
-    /// Drops one key from the cache.
+    /// Drops one key from the cache (it is wiped once no call still uses it).
     pub(crate) fn remove(&self, id: KeyId) {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        map.remove(&id);
+        self.update(|map| {
+            map.remove(&id);
+        });
     }
 
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.map.load().len()
     }
 }
 

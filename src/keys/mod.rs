@@ -22,8 +22,14 @@ pub const DEK_STRENGTH_BITS: u32 = 256;
 
 /// The short id a ciphertext uses to name its DEK: 8 random bytes, printed
 /// as 16 hex digits. Not secret.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyId([u8; 8]);
+
+impl std::hash::Hash for KeyId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from_le_bytes(self.0));
+    }
+}
 
 impl KeyId {
     /// A fresh random id from the OS CSPRNG.

@@ -195,18 +195,12 @@ impl LocalKeyService {
             id: KEK_ID.into(),
             version: kek.version,
         };
-        let aad = request.wrap_aad(&kek_ref);
-        let mut out = vec![0u8; WRAPPED_LEN];
-        rand_core::OsRng.fill_bytes(&mut out[..12]);
-        let nonce = *Nonce::from_slice(&out[..12]);
-        out[12..44].copy_from_slice(key);
-        let tag = cipher
-            .encrypt_in_place_detached(&nonce, &aad, &mut out[12..44])
-            .map_err(|_| KeyServiceError::Other("wrap failed".into()))?;
-        out[44..].copy_from_slice(&tag);
+        let mut nonce = [0u8; 12];
+        rand_core::OsRng.fill_bytes(&mut nonce);
+        let bytes = wrap_raw(cipher, &kek_ref, request, key, nonce);
         Ok(WrappedKey {
             kek: kek_ref,
-            bytes: out,
+            bytes,
         })
     }
 
@@ -227,24 +221,7 @@ impl LocalKeyService {
             .cipher
             .as_ref()
             .ok_or_else(|| KeyServiceError::KekDestroyed(wrapped.kek.to_string()))?;
-        if wrapped.bytes.len() != WRAPPED_LEN {
-            return Err(KeyServiceError::UnwrapFailed);
-        }
-        let aad = request.wrap_aad(&wrapped.kek);
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&wrapped.bytes[12..44]);
-        let result = cipher.decrypt_in_place_detached(
-            Nonce::from_slice(&wrapped.bytes[..12]),
-            &aad,
-            &mut key,
-            wrapped.bytes[44..].into(),
-        );
-        let dek = match result {
-            Ok(()) => Ok(Dek::from_unwrapped(&key)),
-            Err(_) => Err(KeyServiceError::UnwrapFailed),
-        };
-        key.zeroize();
-        dek
+        unwrap_raw(cipher, &wrapped.kek, request, &wrapped.bytes)
     }
 
     fn info(&self) -> KekInfo {
@@ -262,6 +239,54 @@ impl LocalKeyService {
             state,
         }
     }
+}
+
+/// AES-256-GCM wrap of a 32-byte key bound to the request and KEK version
+/// (`FORMAT.md`, "Wrap binding"): `nonce || ciphertext || tag`, 60 bytes.
+pub(crate) fn wrap_raw(
+    cipher: &Aes256Gcm,
+    kek: &KekRef,
+    request: &KeyRequest,
+    key: &[u8; 32],
+    nonce: [u8; 12],
+) -> Vec<u8> {
+    let aad = request.wrap_aad(kek);
+    let mut out = vec![0u8; WRAPPED_LEN];
+    out[..12].copy_from_slice(&nonce);
+    out[12..44].copy_from_slice(key);
+    // Fails only for messages longer than GCM allows; 32 bytes never are.
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[12..44])
+        .unwrap_or_default();
+    out[44..].copy_from_slice(&tag);
+    out
+}
+
+/// Reverses [`wrap_raw`]; any mismatch is the opaque `UnwrapFailed`.
+pub(crate) fn unwrap_raw(
+    cipher: &Aes256Gcm,
+    kek: &KekRef,
+    request: &KeyRequest,
+    wrapped: &[u8],
+) -> Result<Dek, KeyServiceError> {
+    if wrapped.len() != WRAPPED_LEN {
+        return Err(KeyServiceError::UnwrapFailed);
+    }
+    let aad = request.wrap_aad(kek);
+    let mut key = [0u8; 32];
+    key.copy_from_slice(&wrapped[12..44]);
+    let result = cipher.decrypt_in_place_detached(
+        Nonce::from_slice(&wrapped[..12]),
+        &aad,
+        &mut key,
+        wrapped[44..].into(),
+    );
+    let dek = match result {
+        Ok(()) => Ok(Dek::from_unwrapped(&key)),
+        Err(_) => Err(KeyServiceError::UnwrapFailed),
+    };
+    key.zeroize();
+    dek
 }
 
 fn kek_name(version: u32) -> String {

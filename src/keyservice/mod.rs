@@ -14,7 +14,7 @@ use crate::audit::Access;
 use crate::error::KeyServiceError;
 use crate::keys::{Dek, KeyRequest, KeyState, WrappedKey};
 
-mod local;
+pub(crate) mod local;
 
 pub use local::LocalKeyService;
 

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use crate::error::KeyStoreError;
 use crate::keys::{KekRef, KeyId, KeyState, Scope, WrappedDek, WrappedKey};
 
-mod file;
+pub(crate) mod file;
 mod memory;
 
 pub use file::FileKeyStore;

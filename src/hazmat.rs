@@ -1,0 +1,112 @@
+//! **Hazardous materials**: the format primitives with caller-chosen keys
+//! and nonces, for known-answer tests, committed test vectors, fuzzing and
+//! cross-checking another language's implementation of `FORMAT.md`.
+//!
+//! Only with the `hazmat-test-keys` feature. Nothing here belongs in a
+//! production path: a repeated nonce under one key breaks AES-GCM, and keys
+//! must come from a CSPRNG or a key service (PCI DSS 3.7.1).
+
+use aes_gcm::{Aes256Gcm, KeyInit};
+
+use crate::context::Context;
+use crate::error::{Error, KeyServiceError, KeyStoreError};
+use crate::format::SealedPan;
+use crate::keys::{Dek, KekRef, KeyId, KeyRequest, WrappedDek};
+use crate::pan::Pan;
+
+/// Seals with a given DEK, id and nonce.
+pub fn seal_with_nonce(
+    dek: &Dek,
+    id: KeyId,
+    nonce: [u8; 12],
+    pan: &Pan,
+    context: &Context,
+) -> SealedPan {
+    crate::seal::seal_raw(&dek.cipher(), id, nonce, pan, context)
+}
+
+/// Opens with a given DEK (no key store, no audit).
+///
+/// # Errors
+///
+/// [`Error::Decryption`] or [`Error::Format`] as in [`crate::Panseal::open_pan`].
+pub fn open_with_dek(dek: &Dek, sealed: &SealedPan, context: &Context) -> Result<Pan, Error> {
+    crate::seal::open_raw(&dek.cipher(), sealed, context)
+}
+
+/// Wraps `dek` as the local key service does, with a given KEK and nonce.
+pub fn wrap_with_nonce(
+    kek: &[u8; 32],
+    kek_ref: &KekRef,
+    request: &KeyRequest,
+    dek: &Dek,
+    nonce: [u8; 12],
+) -> Vec<u8> {
+    let cipher = Aes256Gcm::new(kek.into());
+    crate::keyservice::local::wrap_raw(&cipher, kek_ref, request, dek.expose_secret(), nonce)
+}
+
+/// Unwraps as the local key service does, with a given KEK.
+///
+/// # Errors
+///
+/// [`KeyServiceError::UnwrapFailed`] for any mismatch.
+pub fn unwrap_with_kek(
+    kek: &[u8; 32],
+    kek_ref: &KekRef,
+    request: &KeyRequest,
+    wrapped: &[u8],
+) -> Result<Dek, KeyServiceError> {
+    let cipher = Aes256Gcm::new(kek.into());
+    crate::keyservice::local::unwrap_raw(&cipher, kek_ref, request, wrapped)
+}
+
+/// A DEK's bytes in the clear.
+pub fn dek_bytes(dek: &Dek) -> [u8; 32] {
+    *dek.expose_secret()
+}
+
+/// The blind index of `pan` under a given index key.
+pub fn blind_index_with_key(key: &[u8; 32], pan: &Pan) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| {
+        // HMAC accepts keys of any length.
+        unreachable!()
+    });
+    mac.update(pan.expose_digits().as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// The deterministic id of index key `version` in a scope.
+///
+/// # Errors
+///
+/// Invalid scope or environment names.
+pub fn index_key_id(environment: &str, scope: &str, version: u32) -> Result<KeyId, Error> {
+    Ok(crate::index::index_key_id(
+        &crate::keys::Environment::new(environment)?,
+        &crate::keys::Scope::new(scope)?,
+        version,
+    ))
+}
+
+/// Encodes a key-store file holding `records`.
+pub fn encode_key_store_file(records: &[WrappedDek]) -> Vec<u8> {
+    let mut set = crate::keystore::Records::default();
+    for r in records {
+        set.map.insert(r.id, r.clone());
+    }
+    crate::keystore::file::encode_file(&set)
+}
+
+/// Decodes a key-store file, strictly.
+///
+/// # Errors
+///
+/// [`KeyStoreError::Corrupt`] for any malformed or altered file.
+pub fn decode_key_store_file(bytes: &[u8]) -> Result<Vec<WrappedDek>, KeyStoreError> {
+    Ok(crate::keystore::file::decode_file(bytes)?
+        .map
+        .into_values()
+        .collect())
+}
