@@ -889,3 +889,160 @@ fn failure_kind(e: &Error) -> &'static str {
         _ => "error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Key-service failure cases need a service that can fail on demand.
+    //! The real remote service (`panseal-keyd`) is tested as a process in
+    //! its own suite; here a wrapper around the local service simulates an
+    //! outage and a weak KEK, which no real in-crate service can produce.
+
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::error::KeyServiceError;
+    use crate::keys::{Dek, WrappedKey};
+    use crate::keyservice::{sealed, KekInfo, LocalKeyService};
+    use crate::keystore::MemoryKeyStore;
+    use crate::MemoryAuditSink;
+
+    #[derive(Clone)]
+    struct Flaky {
+        inner: LocalKeyService,
+        down: Arc<AtomicBool>,
+        kek_bits: u32,
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), KeyServiceError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(KeyServiceError::Unavailable("connection refused".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl sealed::Sealed for Flaky {}
+
+    #[async_trait]
+    impl KeyService for Flaky {
+        async fn kek_info(&self) -> Result<KekInfo, KeyServiceError> {
+            self.check()?;
+            let mut info = self.inner.kek_info().await?;
+            info.strength_bits = self.kek_bits;
+            Ok(info)
+        }
+        async fn wrap(&self, r: &KeyRequest, d: &Dek) -> Result<WrappedKey, KeyServiceError> {
+            self.check()?;
+            self.inner.wrap(r, d).await
+        }
+        async fn unwrap(
+            &self,
+            r: &KeyRequest,
+            w: &WrappedKey,
+            a: &Access,
+        ) -> Result<Dek, KeyServiceError> {
+            self.check()?;
+            self.inner.unwrap(r, w, a).await
+        }
+        async fn rewrap(&self, r: &KeyRequest, w: &WrappedKey) -> Result<WrappedKey, KeyServiceError> {
+            self.check()?;
+            self.inner.rewrap(r, w).await
+        }
+        async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
+            self.check()?;
+            self.inner.rotate_kek().await
+        }
+    }
+
+    fn flaky(bits: u32) -> Flaky {
+        Flaky {
+            inner: LocalKeyService::new(Environment::new("test").unwrap()),
+            down: Arc::new(AtomicBool::new(false)),
+            kek_bits: bits,
+        }
+    }
+
+    async fn build(ks: Flaky, store: MemoryKeyStore, policy: Policy) -> Result<Panseal, Error> {
+        Panseal::builder()
+            .key_service(ks)
+            .key_store(store)
+            .audit(MemoryAuditSink::new())
+            .environment("test")
+            .scope("m")
+            .policy(policy)
+            .build()
+            .await
+    }
+
+    #[tokio::test]
+    async fn weak_kek_is_refused_at_start() {
+        let err = build(flaky(128), MemoryKeyStore::new(), Policy::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::KeyService(KeyServiceError::WeakKek {
+                    kek_bits: 128,
+                    dek_bits: 256
+                })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn key_service_down_is_retryable_and_loses_nothing() {
+        let ks = flaky(256);
+        let store = MemoryKeyStore::new();
+        let ps = build(ks.clone(), store.clone(), Policy::default().max_uses(2))
+            .await
+            .unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let ctx = Context::new("cards", "pan", "1").unwrap();
+        let access = Access::new("a", "b").unwrap();
+        let s1 = ps.seal_pan(&pan, &ctx).await.unwrap();
+        let before = store.list(None).await.unwrap();
+
+        ks.down.store(true, Ordering::SeqCst);
+        // Within the budget the cached DEK still seals and opens.
+        let s2 = ps.seal_pan(&pan, &ctx).await.unwrap();
+        assert_eq!(ps.open_pan(&s1, &ctx, &access).await.unwrap().pan, pan);
+        // The next seal needs a new DEK: a clear, retryable error.
+        let err = ps.seal_pan(&pan, &ctx).await.unwrap_err();
+        assert!(matches!(err, Error::KeyService(KeyServiceError::Unavailable(_))));
+        assert!(err.is_retryable());
+        // A process that has not cached the DEK cannot open, retryably.
+        let fresh = build_while_down(&ks, &store).await;
+        let err = fresh.open_pan(&s1, &ctx, &access).await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        // Nothing was added, removed or changed in the store except use
+        // counts and the exhausted key's retirement.
+        let during = store.list(None).await.unwrap();
+        assert_eq!(during.len(), before.len());
+        for (a, b) in before.iter().zip(&during) {
+            assert_eq!(a.id, b.id);
+            assert_eq!(a.wrapped, b.wrapped);
+        }
+
+        ks.down.store(false, Ordering::SeqCst);
+        let s3 = ps.seal_pan(&pan, &ctx).await.unwrap();
+        assert_ne!(s3.key_id(), s1.key_id());
+        for s in [s1, s2, s3] {
+            assert_eq!(fresh.open_pan(&s, &ctx, &access).await.unwrap().pan, pan);
+        }
+    }
+
+    async fn build_while_down(ks: &Flaky, store: &MemoryKeyStore) -> Panseal {
+        ks.down.store(false, Ordering::SeqCst);
+        let p = build(ks.clone(), store.clone(), Policy::default())
+            .await
+            .unwrap();
+        ks.down.store(true, Ordering::SeqCst);
+        p
+    }
+}
