@@ -1,0 +1,31 @@
+//! PAN parser: never panics; errors never echo the input's digits; accepted
+//! PANs are 8–19 digits that survive pack/seal/open.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use panseal::{hazmat, Context, Dek, KeyId, Pan, PanRules};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(input) = std::str::from_utf8(data) else {
+        return;
+    };
+    let rules = PanRules::with_min_digits(8).expect("8 is allowed");
+    match Pan::parse_with(input, &rules) {
+        Ok(pan) => {
+            assert!((8..=19).contains(&pan.len()));
+            assert!(pan.expose_digits().bytes().all(|b| b.is_ascii_digit()));
+            let masked = pan.to_string();
+            assert!(masked.len() == pan.len());
+            let dek = Dek::from_bytes_insecure([1; 32]);
+            let ctx = Context::new("t", "c", "r").expect("valid context");
+            let s = hazmat::seal_with_nonce(&dek, KeyId::from_bytes([2; 8]), [3; 12], &pan, &ctx);
+            assert_eq!(hazmat::open_with_dek(&dek, &s, &ctx).expect("opens"), pan);
+        }
+        Err(e) => {
+            let digits: String = input.chars().filter(char::is_ascii_digit).collect();
+            if digits.len() >= 6 {
+                let msg = format!("{e} {e:?}");
+                assert!(!msg.contains(&digits), "error echoes the input");
+            }
+        }
+    }
+});
