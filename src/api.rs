@@ -842,7 +842,7 @@ impl Panseal {
             records = self.index_records().await?;
         }
         records.retain(|r| r.state != KeyState::Destroyed && unix_now() <= r.decrypt_until);
-        records.sort_by(|a, b| b.version.cmp(&a.version));
+        records.sort_by_key(|r| std::cmp::Reverse(r.version));
         // The newest active key goes first.
         if let Some(pos) = records.iter().position(|r| r.state == KeyState::Active) {
             let active = records.remove(pos);

@@ -69,10 +69,8 @@ pub fn dek_bytes(dek: &Dek) -> [u8; 32] {
 /// The blind index of `pan` under a given index key.
 pub fn blind_index_with_key(key: &[u8; 32], pan: &Pan) -> [u8; 32] {
     use hmac::{Hmac, Mac};
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| {
-        // HMAC accepts keys of any length.
-        unreachable!()
-    });
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     mac.update(pan.expose_digits().as_bytes());
     mac.finalize().into_bytes().into()
 }

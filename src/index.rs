@@ -17,7 +17,7 @@ use crate::pan::Pan;
 
 /// A blind-index value: the index key's id and version and the 32-byte
 /// HMAC. Store it beside the sealed PAN and look up by equality.
-#[derive(Clone, Copy, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Eq, Serialize)]
 pub struct BlindIndex {
     key_id: KeyId,
     version: u32,
@@ -58,6 +58,14 @@ impl PartialEq for BlindIndex {
         self.key_id == other.key_id
             && self.version == other.version
             && bool::from(self.value.ct_eq(&other.value))
+    }
+}
+
+impl std::hash::Hash for BlindIndex {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key_id.hash(state);
+        self.version.hash(state);
+        self.value.hash(state);
     }
 }
 

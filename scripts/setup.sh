@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One command that installs everything the test suite needs on a fresh
+# Debian machine with the Rust toolchain (run as root, or with sudo).
+#   bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+echo "== system packages"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+    build-essential pkg-config ca-certificates python3 python3-pip >/dev/null
+
+echo "== Rust components"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked
+fi
+
+echo "== Python test helpers"
+python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+
+echo "== fetch crates"
+cargo fetch --quiet
+(cd fuzz && cargo fetch --quiet)
+echo "setup done"

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (after scripts/setup.sh):
+#   bash scripts/test.sh
+# FUZZ_SECONDS (default 60) sets how long each fuzz target runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+LOG="$(mktemp -d)/panseal-test"
+mkdir -p "$LOG"
+export CARGO_TERM_COLOR=never
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy (all targets, all features, -D warnings)"
+cargo clippy --all-targets --all-features --quiet -- -D warnings
+
+step "cargo test --all-features"
+cargo test --all-features 2>&1 | tee "$LOG/cargo-all.txt"
+
+step "cargo test (default features: compile-fail tests that need the feature off)"
+cargo test --test compile_fail --test api 2>&1 | tee "$LOG/cargo-default.txt"
+
+step "Python: vectors reproduced by an independent implementation"
+python3 -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee "$LOG/pytest.txt"
+
+step "examples"
+cargo run --quiet --example quickstart
+
+step "benches compile"
+cargo bench --no-run --quiet
+
+step "fuzz: every target for ${FUZZ_SECONDS}s"
+(
+    cd fuzz
+    export RUSTC_BOOTSTRAP=1
+    cargo fuzz build -O
+    for target in $(cargo fuzz list); do
+        echo "-- fuzz $target"
+        if ! cargo fuzz run -O "$target" -- -max_total_time="$FUZZ_SECONDS" \
+            >"$LOG/fuzz-$target.txt" 2>&1; then
+            tail -n 60 "$LOG/fuzz-$target.txt"
+            echo "fuzz target $target failed"
+            exit 1
+        fi
+        grep -E '^Done' "$LOG/fuzz-$target.txt" | tail -n 1
+    done
+)
+
+step "summary"
+counts() { sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$LOG"/cargo-*.txt; }
+passed=$(counts | awk '{p += $1} END {print p + 0}')
+failed=$(counts | awk '{f += $2} END {print f + 0}')
+py_passed=$(sed -n 's/^\([0-9]*\) passed.*/\1/p' "$LOG/pytest.txt" | tail -n 1)
+echo "suite: $((passed + ${py_passed:-0})) passed, ${failed} failed"
