@@ -25,7 +25,10 @@ fn main() -> Result<(), panseal::Error> {
 
     let retired = panseal.rotate_dek()?; // new seals use a fresh DEK
     let again = panseal.open_pan(&sealed, &row, &who)?;
-    println!("retired {retired:?}; old ciphertext still opens, re-seal: {}", again.needs_reseal);
+    println!(
+        "retired {retired:?}; old ciphertext still opens, re-seal: {}",
+        again.needs_reseal
+    );
     let resealed = panseal.reseal(&sealed, &row, &who)?;
     assert_ne!(resealed.key_id(), sealed.key_id());
     Ok(())

@@ -948,7 +948,11 @@ mod tests {
             self.check()?;
             self.inner.unwrap(r, w, a).await
         }
-        async fn rewrap(&self, r: &KeyRequest, w: &WrappedKey) -> Result<WrappedKey, KeyServiceError> {
+        async fn rewrap(
+            &self,
+            r: &KeyRequest,
+            w: &WrappedKey,
+        ) -> Result<WrappedKey, KeyServiceError> {
             self.check()?;
             self.inner.rewrap(r, w).await
         }
@@ -1014,7 +1018,10 @@ mod tests {
         assert_eq!(ps.open_pan(&s1, &ctx, &access).await.unwrap().pan, pan);
         // The next seal needs a new DEK: a clear, retryable error.
         let err = ps.seal_pan(&pan, &ctx).await.unwrap_err();
-        assert!(matches!(err, Error::KeyService(KeyServiceError::Unavailable(_))));
+        assert!(matches!(
+            err,
+            Error::KeyService(KeyServiceError::Unavailable(_))
+        ));
         assert!(err.is_retryable());
         // A process that has not cached the DEK cannot open, retryably.
         let fresh = build_while_down(&ks, &store).await;

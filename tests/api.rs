@@ -88,7 +88,10 @@ fn moved_ciphertext_fails_opaquely_and_is_audited() {
     }
     // The stored record and the ciphertext are untouched: it still opens in
     // its own context.
-    assert_eq!(ps.open_pan(&sealed, &ctx("row-1"), &alice()).unwrap().pan, pan);
+    assert_eq!(
+        ps.open_pan(&sealed, &ctx("row-1"), &alice()).unwrap().pan,
+        pan
+    );
 }
 
 #[test]
@@ -114,11 +117,7 @@ fn use_budget_rotates_the_dek() {
     let ps = f.blocking(Policy::default().max_uses(3));
     let pan = Pan::parse("4111111111111111").unwrap();
     let ids: Vec<_> = (0..7)
-        .map(|i| {
-            ps.seal_pan(&pan, &ctx(&i.to_string()))
-                .unwrap()
-                .key_id()
-        })
+        .map(|i| ps.seal_pan(&pan, &ctx(&i.to_string())).unwrap().key_id())
         .collect();
     assert_eq!(ids[0], ids[1]);
     assert_eq!(ids[1], ids[2]);
@@ -148,7 +147,11 @@ fn age_limit_rotates_the_dek_and_old_ciphertexts_ask_for_reseal() {
     assert!(opened.needs_reseal);
     let resealed = ps.reseal(&old, &ctx("1"), &alice()).unwrap();
     assert_eq!(resealed.key_id(), new.key_id());
-    assert!(!ps.open_pan(&resealed, &ctx("1"), &alice()).unwrap().needs_reseal);
+    assert!(
+        !ps.open_pan(&resealed, &ctx("1"), &alice())
+            .unwrap()
+            .needs_reseal
+    );
 }
 
 #[test]
@@ -177,11 +180,15 @@ fn compromised_key_refuses_to_seal_and_destroyed_key_shreds_only_its_data() {
     let ps = f.blocking(Policy::default());
     let pan = Pan::parse("4111111111111111").unwrap();
     let s1 = ps.seal_pan(&pan, &ctx("1")).unwrap();
-    ps.set_key_state(s1.key_id(), KeyState::Compromised).unwrap();
+    ps.set_key_state(s1.key_id(), KeyState::Compromised)
+        .unwrap();
     let s2 = ps.seal_pan(&pan, &ctx("2")).unwrap();
     assert_ne!(s2.key_id(), s1.key_id(), "compromised DEK must not seal");
     let opened = ps.open_pan(&s1, &ctx("1"), &alice()).unwrap();
-    assert!(opened.needs_reseal, "data under a compromised key must be re-sealed");
+    assert!(
+        opened.needs_reseal,
+        "data under a compromised key must be re-sealed"
+    );
     let moved = ps.reseal(&s1, &ctx("1"), &alice()).unwrap();
     assert_eq!(moved.key_id(), s2.key_id());
 
@@ -376,7 +383,10 @@ fn scopes_do_not_mix() {
         Error::Key(KeyError::Scope(_))
     ));
     // A fresh process too (no cache).
-    let b2 = f.blocking(Policy::default()).with_scope("merchant-2").unwrap();
+    let b2 = f
+        .blocking(Policy::default())
+        .with_scope("merchant-2")
+        .unwrap();
     assert!(matches!(
         b2.open_pan(&sa, &ctx("1"), &alice()).unwrap_err(),
         Error::Key(KeyError::Scope(_))
@@ -416,7 +426,10 @@ fn wrap_only_front_end_seals_and_indexes_but_cannot_open() {
         "{err:?}"
     );
     let back = f.blocking(Policy::default());
-    assert_eq!(back.open_pan(&sealed, &ctx("1"), &alice()).unwrap().pan, pan);
+    assert_eq!(
+        back.open_pan(&sealed, &ctx("1"), &alice()).unwrap().pan,
+        pan
+    );
 }
 
 #[test]
@@ -638,7 +651,10 @@ fn errors_never_contain_the_pan() {
         format!("{:?}", Pan::parse("41111111111111111111")),
         format!("{:?}", ps.open_pan(&sealed, &ctx("1"), &alice())),
     ];
-    texts.push(format!("{:?}", ps.open_pan(&sealed, &ctx("1"), &alice()).unwrap()));
+    texts.push(format!(
+        "{:?}",
+        ps.open_pan(&sealed, &ctx("1"), &alice()).unwrap()
+    ));
     for t in texts {
         assert_no_pan(&t, digits);
     }
@@ -673,7 +689,10 @@ async fn async_api_under_tokio() {
 fn builder_refuses_incomplete_or_out_of_range_configuration() {
     let f = Fixture::new("test");
     let e = futures_lite(Panseal::builder().key_store(f.store.clone()).build()).unwrap_err();
-    assert!(matches!(e, Error::Config(ConfigError::Missing("key service"))));
+    assert!(matches!(
+        e,
+        Error::Config(ConfigError::Missing("key service"))
+    ));
     for policy in [
         Policy::default().max_uses(0),
         Policy::default().max_uses((1 << 32) + 1),

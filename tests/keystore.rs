@@ -70,7 +70,9 @@ async fn conformance(store: &dyn KeyStore) {
         Err(KeyStoreError::Transition { .. })
     ));
     assert!(matches!(
-        store.set_state(KeyId::from_bytes([9; 8]), KeyState::Destroyed).await,
+        store
+            .set_state(KeyId::from_bytes([9; 8]), KeyState::Destroyed)
+            .await,
         Err(KeyStoreError::NotFound(_))
     ));
 
@@ -82,7 +84,10 @@ async fn conformance(store: &dyn KeyStore) {
         },
         bytes: vec![7; 60],
     };
-    store.replace_wrap(a.id, &a.wrapped.kek, &new).await.unwrap();
+    store
+        .replace_wrap(a.id, &a.wrapped.kek, &new)
+        .await
+        .unwrap();
     assert!(matches!(
         store.replace_wrap(a.id, &a.wrapped.kek, &new).await,
         Err(KeyStoreError::Conflict)
@@ -96,12 +101,23 @@ async fn conformance(store: &dyn KeyStore) {
     // Destroy erases the wrapped key and is final.
     let d = store.set_state(a.id, KeyState::Destroyed).await.unwrap();
     assert!(d.wrapped.bytes.is_empty());
-    assert!(store.fetch(a.id).await.unwrap().unwrap().wrapped.bytes.is_empty());
+    assert!(store
+        .fetch(a.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .wrapped
+        .bytes
+        .is_empty());
     assert!(matches!(
         store.replace_wrap(a.id, &new.kek, &new).await,
         Err(KeyStoreError::Conflict)
     ));
-    for s in [KeyState::Active, KeyState::DecryptOnly, KeyState::Compromised] {
+    for s in [
+        KeyState::Active,
+        KeyState::DecryptOnly,
+        KeyState::Compromised,
+    ] {
         assert!(store.set_state(a.id, s).await.is_err());
     }
     // The other record is untouched.
@@ -211,7 +227,10 @@ fn crash_child_writer() {
     let Ok(path) = std::env::var("PANSEAL_CRASH_STORE") else {
         return;
     };
-    let start: u64 = std::env::var("PANSEAL_CRASH_START").unwrap().parse().unwrap();
+    let start: u64 = std::env::var("PANSEAL_CRASH_START")
+        .unwrap()
+        .parse()
+        .unwrap();
     let store = FileKeyStore::open(&path).unwrap();
     for i in start.. {
         let r = record(i, "m");

@@ -8,9 +8,8 @@ use panseal::{Access, Context, Error, Pan, Policy, SealedPan};
 use proptest::prelude::*;
 
 fn pan_strategy() -> impl Strategy<Value = String> {
-    (12usize..=19, any::<u64>(), 1u8..=9).prop_map(|(len, seed, first)| {
-        luhn_pan(&first.to_string(), len, seed)
-    })
+    (12usize..=19, any::<u64>(), 1u8..=9)
+        .prop_map(|(len, seed, first)| luhn_pan(&first.to_string(), len, seed))
 }
 
 fn context_strategy() -> impl Strategy<Value = (String, String, Vec<u8>)> {

@@ -15,7 +15,10 @@ fn load(name: &str) -> Value {
 }
 
 fn hex32(v: &Value) -> [u8; 32] {
-    hex::decode(v.as_str().unwrap()).unwrap().try_into().unwrap()
+    hex::decode(v.as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap()
 }
 
 fn bytes(v: &Value) -> Vec<u8> {
@@ -130,7 +133,11 @@ fn wrap_v1_vectors() {
         let dek = Dek::from_bytes_insecure(hex32(&v["dek_hex"]));
         let nonce: [u8; 12] = bytes(&v["nonce_hex"]).try_into().unwrap();
         let wrapped = hazmat::wrap_with_nonce(&kek, &kref, &req, &dek, nonce);
-        assert_eq!(hex::encode(&wrapped), v["wrapped_hex"].as_str().unwrap(), "{name}");
+        assert_eq!(
+            hex::encode(&wrapped),
+            v["wrapped_hex"].as_str().unwrap(),
+            "{name}"
+        );
         let back = hazmat::unwrap_with_kek(&kek, &kref, &req, &wrapped).unwrap();
         assert_eq!(hazmat::dek_bytes(&back), hex32(&v["dek_hex"]), "{name}");
         // The local key service (whose KEK v1 is this key) unwraps it too.

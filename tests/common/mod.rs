@@ -13,7 +13,9 @@ pub fn luhn_pan(prefix: &str, len: usize, seed: u64) -> String {
     let mut digits: Vec<u8> = prefix.bytes().map(|b| b - b'0').collect();
     let mut x = seed;
     while digits.len() < len - 1 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         digits.push(((x >> 33) % 10) as u8);
     }
     // Check digit.
