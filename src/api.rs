@@ -701,10 +701,13 @@ impl Panseal {
             return Err(ConfigError::NoAuditSink.into());
         }
         let dek = unwrapped?;
+        // `check_record` made sure the record's scope is this handle's; keep
+        // the handle's (shared) allocation so the hot-path check is a
+        // pointer comparison.
         let entry = Arc::new(CachedDek::new(
             id,
             purpose,
-            &record.scope,
+            &self.scope.scope,
             &dek,
             record.state,
             record.encrypt_until,

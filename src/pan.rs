@@ -151,30 +151,29 @@ impl Pan {
             digits: [0u8; MAX_PAN_DIGITS],
             len: 0,
         };
-        let mut len = 0usize;
         // even_plain: Luhn sum with even positions plain and odd ones
         // doubled; odd_plain: the reverse. Each byte starts at an even
         // position, so its table entry holds both contributions.
         let mut even_plain = 0u32;
         let mut odd_plain = 0u32;
-        let mut i = 0usize;
         // At most 9 two-digit bytes fit in 19 digits; a 10th is refused below.
-        while i < packed.len() - 1 {
+        let mut i = 0usize;
+        while i < 9 {
             let e = UNPACK[usize::from(packed[i])];
             if e.kind != KIND_TWO_DIGITS {
                 break;
             }
-            pan.digits[len] = e.hi;
-            pan.digits[len + 1] = e.lo;
-            len += 2;
+            pan.digits[2 * i] = e.hi;
+            pan.digits[2 * i + 1] = e.lo;
             even_plain += u32::from(e.even_plain);
             odd_plain += u32::from(e.odd_plain);
             i += 1;
         }
+        let mut len = 2 * i;
         if i < packed.len() {
             let e = UNPACK[usize::from(packed[i])];
             if e.kind == KIND_DIGIT_THEN_PAD {
-                pan.digits[len] = e.hi;
+                pan.digits[len.min(MAX_PAN_DIGITS - 1)] = e.hi;
                 len += 1;
                 even_plain += u32::from(e.even_plain);
                 odd_plain += u32::from(e.odd_plain);
@@ -322,6 +321,7 @@ const KIND_OTHER: u8 = 0;
 
 /// What one packed byte holds: its ASCII digits and its Luhn contributions.
 #[derive(Clone, Copy)]
+#[repr(align(8))]
 struct Unpacked {
     kind: u8,
     hi: u8,

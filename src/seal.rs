@@ -93,8 +93,8 @@ fn with_aad<R>(header: &[u8], context: &Context, f: impl FnOnce(&[u8]) -> R) -> 
     }
     let enc = context.encoded();
     let total = header.len() + enc.len();
-    if total <= 64 {
-        on_stack::<64, R>(header, enc, f)
+    if total <= 48 {
+        on_stack::<48, R>(header, enc, f)
     } else if total <= AAD_STACK {
         on_stack::<AAD_STACK, R>(header, enc, f)
     } else {

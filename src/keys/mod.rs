@@ -160,8 +160,8 @@ impl KeyPurpose {
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-        pub struct $name(String);
+        #[derive(Clone, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             /// Validates and wraps a name: 1 to 64 characters from
@@ -173,12 +173,20 @@ macro_rules! name_type {
             /// other characters.
             pub fn new(name: &str) -> Result<Self, ConfigError> {
                 validate_name(name, $what)?;
-                Ok($name(name.to_owned()))
+                Ok($name(std::sync::Arc::from(name)))
             }
 
             /// The name.
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+        }
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                // Handles of one scope share the allocation: a pointer
+                // comparison settles the common case on the hot path.
+                std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
             }
         }
 
@@ -190,7 +198,13 @@ macro_rules! name_type {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), self.0)
+                write!(f, "{}({:?})", stringify!($name), &*self.0)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
             }
         }
 
