@@ -19,6 +19,9 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
+if ! command -v cbindgen >/dev/null 2>&1; then
+    cargo install cbindgen --locked
+fi
 
 echo "== Python test helpers"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt

@@ -23,8 +23,14 @@ cargo test --all-features 2>&1 | tee "$LOG/cargo-all.txt"
 step "cargo test (default features: compile-fail tests that need the feature off)"
 cargo test --test compile_fail --test api 2>&1 | tee "$LOG/cargo-default.txt"
 
-step "Python: vectors reproduced by an independent implementation"
-python3 -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee "$LOG/pytest.txt"
+step "C header: regenerate with cbindgen and compare with include/panseal.h"
+cbindgen --config cbindgen.toml --crate panseal --quiet --output "$LOG/panseal.h"
+diff -u include/panseal.h "$LOG/panseal.h"
+
+step "Python: test vectors (independent implementation) and the C ABI through ctypes"
+cargo build --quiet --features ffi --lib
+PANSEAL_LIB="$PWD/target/debug/libpanseal.so" \
+    python3 -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee "$LOG/pytest.txt"
 
 step "examples"
 cargo run --quiet --example quickstart

@@ -313,6 +313,9 @@ pub enum ConfigError {
     /// A policy value is out of range.
     #[error("invalid policy: {0}")]
     Policy(String),
+    /// A configuration document is malformed or names something unusable.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
     /// A scope or environment name is not acceptable.
     #[error("invalid name: {0}")]
     Name(String),

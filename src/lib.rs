@@ -46,7 +46,8 @@
 //! ```
 
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+#![cfg_attr(not(feature = "ffi"), forbid(unsafe_code))]
+#![cfg_attr(feature = "ffi", deny(unsafe_code))]
 #![warn(unreachable_pub, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -54,8 +55,11 @@ mod api;
 mod audit;
 pub mod blocking;
 mod clock;
+pub mod config;
 mod context;
 mod error;
+#[cfg(feature = "ffi")]
+pub mod ffi;
 mod format;
 #[cfg(feature = "hazmat-test-keys")]
 pub mod hazmat;

@@ -1,0 +1,153 @@
+//! Seal and open through the C ABI vs the Rust API, in one run.
+//!
+//! "rust_same_inputs" does what the C entry point does from the same raw
+//! inputs (parse the PAN, build the context and access, seal, write the text
+//! form into a buffer); "rust_prepared" reuses a parsed PAN, context and
+//! access, as a Rust application can. The C ABI overhead target is < 20 %
+//! over the Rust API doing the same work.
+//!
+//! `cargo bench --features ffi --bench ffi`
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use panseal::ffi::*;
+use panseal::{blocking, config::ClientConfig, Access, Context, Pan, SealedPan};
+
+const CONFIG: &str = r#"{"environment":"bench","scope":"m","key_service":{"type":"local"},
+    "key_store":{"type":"memory"},"audit":{"type":"memory"}}"#;
+
+fn bench(c: &mut Criterion) {
+    let rust =
+        blocking::Panseal::build(ClientConfig::from_json(CONFIG).unwrap().builder().unwrap())
+            .unwrap();
+    let mut client = std::ptr::null_mut();
+    let cfg = std::ffi::CString::new(CONFIG).unwrap();
+    // SAFETY: valid NUL-terminated config and out-pointer.
+    assert_eq!(
+        unsafe { panseal_client_new(cfg.as_ptr(), &mut client) },
+        panseal_result::PANSEAL_OK
+    );
+    let pan_s = b"4111111111111111";
+    let (table, column, row) = (b"cards", b"pan", b"0001234567");
+    let ctx = panseal_context {
+        table: table.as_ptr(),
+        table_len: table.len(),
+        column: column.as_ptr(),
+        column_len: column.len(),
+        row_key: row.as_ptr(),
+        row_key_len: row.len(),
+    };
+    let mut out = [0u8; 65];
+    let mut n = 0usize;
+    // SAFETY (all calls below): pointers valid for the lengths given.
+    unsafe {
+        panseal_seal(
+            client,
+            pan_s.as_ptr(),
+            16,
+            &ctx,
+            out.as_mut_ptr().cast(),
+            65,
+            &mut n,
+        );
+    }
+    let sealed_text = out;
+
+    let pan = Pan::parse("4111111111111111").unwrap();
+    let context = Context::new("cards", "pan", "0001234567").unwrap();
+    let access = Access::new("bench", "benchmark").unwrap();
+    rust.seal_pan(&pan, &context).unwrap();
+    let rust_sealed =
+        SealedPan::from_text(std::str::from_utf8(&sealed_text[..64]).unwrap()).unwrap();
+    // Warm the Rust handle's cache for the C client's DEK? They are separate
+    // clients; each opens its own ciphertexts below.
+    let rust_own = rust.seal_pan(&pan, &context).unwrap();
+
+    let mut g = c.benchmark_group("ffi_seal");
+    g.bench_function("rust_prepared", |b| {
+        b.iter(|| black_box(rust.seal_pan(black_box(&pan), black_box(&context)).unwrap()))
+    });
+    g.bench_function("rust_same_inputs", |b| {
+        b.iter(|| {
+            let p = Pan::parse(std::str::from_utf8(black_box(pan_s)).unwrap()).unwrap();
+            let cx = Context::new("cards", "pan", black_box(row)).unwrap();
+            let s = rust.seal_pan(&p, &cx).unwrap();
+            let mut buf = [0u8; 65];
+            buf[..64].copy_from_slice(s.to_text().as_bytes());
+            black_box(buf)
+        })
+    });
+    g.bench_function("c_abi", |b| {
+        b.iter(|| unsafe {
+            let mut buf = [0u8; 65];
+            let mut n = 0usize;
+            let r = panseal_seal(
+                client,
+                black_box(pan_s).as_ptr(),
+                16,
+                &ctx,
+                buf.as_mut_ptr().cast(),
+                65,
+                &mut n,
+            );
+            black_box((r, buf))
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("ffi_open");
+    let own_text = rust_own.to_text();
+    let _ = rust_sealed;
+    g.bench_function("rust_prepared", |b| {
+        b.iter(|| {
+            black_box(
+                rust.open_pan(black_box(&rust_own), &context, &access)
+                    .unwrap(),
+            )
+        })
+    });
+    g.bench_function("rust_same_inputs", |b| {
+        b.iter(|| {
+            let s = SealedPan::from_text(black_box(&own_text)).unwrap();
+            let cx = Context::new("cards", "pan", black_box(row)).unwrap();
+            let a = Access::new("bench", "benchmark").unwrap();
+            let opened = rust.open_pan(&s, &cx, &a).unwrap();
+            let mut buf = [0u8; 20];
+            buf[..16].copy_from_slice(opened.pan.expose_digits().as_bytes());
+            black_box(buf)
+        })
+    });
+    g.bench_function("c_abi", |b| {
+        b.iter(|| unsafe {
+            let mut pan_out = [0u8; 20];
+            let mut n = 0usize;
+            let mut reseal = false;
+            let r = panseal_open(
+                client,
+                black_box(&sealed_text).as_ptr(),
+                64,
+                &ctx,
+                c"bench".as_ptr(),
+                c"benchmark".as_ptr(),
+                pan_out.as_mut_ptr().cast(),
+                20,
+                &mut n,
+                &mut reseal,
+            );
+            black_box((r, pan_out))
+        })
+    });
+    g.finish();
+    // SAFETY: the handle is live and freed once.
+    unsafe { panseal_client_free(client) };
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);

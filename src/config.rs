@@ -1,0 +1,197 @@
+//! A client configuration that names the key service, key store, audit sink
+//! and policy in one JSON document, for callers that cannot build a
+//! [`crate::Panseal`] in code (the C ABI, command-line tools).
+//!
+//! ```json
+//! {
+//!   "environment": "dev",
+//!   "scope": "merchant-42",
+//!   "key_service": { "type": "local" },
+//!   "key_store": { "type": "file", "path": "/var/lib/app/panseal-keys.pks" },
+//!   "audit": { "type": "jsonl", "path": "/var/log/app/panseal-audit.jsonl" },
+//!   "policy": { "max_uses": 16777216, "encrypt_period_secs": 2592000 }
+//! }
+//! ```
+//!
+//! Key material never appears in a configuration: the key service holds the
+//! KEKs and the key store holds only wrapped keys (PCI DSS 3.7.2–3).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::api::PansealBuilder;
+use crate::audit::{JsonLinesAuditSink, MemoryAuditSink};
+use crate::error::{ConfigError, Error};
+use crate::keys::{Environment, Policy};
+use crate::keyservice::LocalKeyService;
+use crate::keystore::{FileKeyStore, MemoryKeyStore};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Environment tag (`prod`, `test`, …).
+    pub environment: String,
+    /// Key scope of the client.
+    pub scope: String,
+    /// Which key service holds the KEKs.
+    pub key_service: KeyServiceConfig,
+    /// Where wrapped-key records live.
+    pub key_store: KeyStoreConfig,
+    /// Where audit events go; without one, opening is refused.
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
+    /// Rotation and cache policy; omitted fields keep their defaults.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// Key service choice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum KeyServiceConfig {
+    /// The in-process key service with a fresh KEK: **tests and development
+    /// only** (the KEK lives in this process and is lost at exit, so data
+    /// sealed under it cannot be opened by the next process).
+    Local,
+}
+
+/// Key store choice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum KeyStoreConfig {
+    /// In memory, lost at exit.
+    Memory,
+    /// One crash-safe file.
+    File {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Audit sink choice.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum AuditConfig {
+    /// Kept in memory (tests).
+    Memory,
+    /// One JSON object per line, appended to a file.
+    Jsonl {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Policy overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Seals per DEK.
+    pub max_uses: Option<u64>,
+    /// Originator-usage period of a DEK, seconds.
+    pub encrypt_period_secs: Option<u64>,
+    /// Recipient-usage period after it, seconds.
+    pub decrypt_period_secs: Option<u64>,
+    /// Unwrapped keys kept in memory.
+    pub cache_capacity: Option<usize>,
+    /// Seconds an unwrapped key stays cached.
+    pub cache_ttl_secs: Option<u64>,
+}
+
+impl ClientConfig {
+    /// Parses a JSON configuration.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming what is wrong (never echoing values
+    /// beyond the JSON position).
+    pub fn from_json(text: &str) -> Result<Self, Error> {
+        serde_json::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()).into())
+    }
+
+    /// Reads and parses a JSON configuration file.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] if the file cannot be read or parsed.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path.as_ref()).map_err(|e| {
+            ConfigError::Invalid(format!("cannot read {}: {e}", path.as_ref().display()))
+        })?;
+        Self::from_json(&text)
+    }
+
+    fn policy(&self) -> Policy {
+        let p = &self.policy;
+        let mut policy = Policy::default();
+        if let Some(n) = p.max_uses {
+            policy = policy.max_uses(n);
+        }
+        if let Some(s) = p.encrypt_period_secs {
+            policy = policy.encrypt_period(Duration::from_secs(s));
+        }
+        if let Some(s) = p.decrypt_period_secs {
+            policy = policy.decrypt_period(Duration::from_secs(s));
+        }
+        if let Some(n) = p.cache_capacity {
+            policy = policy.cache_capacity(n);
+        }
+        if let Some(s) = p.cache_ttl_secs {
+            policy = policy.cache_ttl(Duration::from_secs(s));
+        }
+        policy
+    }
+
+    /// A builder with everything the configuration names.
+    ///
+    /// # Errors
+    ///
+    /// Invalid names, or a key store or audit file that cannot be opened.
+    pub fn builder(&self) -> Result<PansealBuilder, Error> {
+        let environment = Environment::new(&self.environment)?;
+        let mut b = crate::Panseal::builder()
+            .environment(&self.environment)
+            .scope(&self.scope)
+            .policy(self.policy());
+        b = match &self.key_service {
+            KeyServiceConfig::Local => b.key_service(LocalKeyService::new(environment)),
+        };
+        b = match &self.key_store {
+            KeyStoreConfig::Memory => b.key_store(MemoryKeyStore::new()),
+            KeyStoreConfig::File { path } => b.key_store(FileKeyStore::open(path)?),
+        };
+        b = match &self.audit {
+            None => b,
+            Some(AuditConfig::Memory) => b.audit(MemoryAuditSink::new()),
+            Some(AuditConfig::Jsonl { path }) => b.audit(JsonLinesAuditSink::open(path)?),
+        };
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_refuses_unknown_fields() {
+        let c = ClientConfig::from_json(
+            r#"{"environment":"dev","scope":"m","key_service":{"type":"local"},
+                "key_store":{"type":"memory"},"policy":{"max_uses":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.policy().max_uses, 3);
+        assert!(ClientConfig::from_json(r#"{"environment":"dev"}"#).is_err());
+        let e = ClientConfig::from_json(
+            r#"{"environment":"dev","scope":"m","key_service":{"type":"local"},
+                "key_store":{"type":"memory"},"kek":"00112233"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,629 @@
+//! The C ABI (feature `ffi`): the only module of panseal with `unsafe`.
+//!
+//! Conventions (after rustls-ffi):
+//!
+//! * Opaque handles: `panseal_client_new*` / `panseal_client_free` (free
+//!   accepts NULL). A handle is thread-safe: any number of threads may use
+//!   one handle at once.
+//! * Every function returns a [`panseal_result`]; outputs go through `*_out`
+//!   parameters and caller-supplied buffers with their capacity. A buffer
+//!   that is too small gets nothing written; the function returns
+//!   `PANSEAL_BUFFER_TOO_SMALL` and stores the needed size (including the
+//!   terminating NUL for text) in the `*_len_out` parameter.
+//! * Text outputs are NUL-terminated; `*_len_out` excludes the NUL.
+//! * Inputs are (pointer, length) pairs of bytes, never NUL-terminated
+//!   strings, except the configuration text and file path.
+//! * On failure a message is kept per thread (`panseal_last_error`); it never
+//!   contains a PAN.
+//! * No panic crosses into C: every entry point catches unwinding and
+//!   returns `PANSEAL_PANIC`.
+//! * Plaintext PANs are written only into buffers the caller supplies; the
+//!   library's own copies are wiped.
+
+#![allow(unsafe_code)]
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::config::ClientConfig;
+use crate::error::{ConfigError, Error, KeyError, KeyServiceError};
+use crate::pan::{MaskStyle, Pan, PanRules};
+use crate::{blocking, Access, Context, SealedPan};
+
+/// Result of every panseal C function.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum panseal_result {
+    /// Success.
+    PANSEAL_OK = 0,
+    /// A required pointer was NULL.
+    PANSEAL_NULL_ARGUMENT = 1,
+    /// An argument is malformed (bad UTF-8, bad length, unknown enum value).
+    PANSEAL_INVALID_ARGUMENT = 2,
+    /// The input is not an acceptable PAN (Luhn, length, characters, track data).
+    PANSEAL_INVALID_PAN = 3,
+    /// The context (table, column, row key) is not acceptable.
+    PANSEAL_INVALID_CONTEXT = 4,
+    /// The ciphertext is malformed.
+    PANSEAL_MALFORMED_CIPHERTEXT = 5,
+    /// Authentication failed: altered, moved to another context, or sealed
+    /// under another key.
+    PANSEAL_DECRYPTION_FAILED = 6,
+    /// The ciphertext's key is unknown, expired, or of another scope or
+    /// environment.
+    PANSEAL_KEY_REFUSED = 7,
+    /// The ciphertext's key was destroyed.
+    PANSEAL_KEY_DESTROYED = 8,
+    /// The key service is unreachable or over quota: retry later.
+    PANSEAL_KEY_SERVICE_UNAVAILABLE = 9,
+    /// The key service refused (permission, sealed, destroyed KEK, …).
+    PANSEAL_KEY_SERVICE_REFUSED = 10,
+    /// The key store failed.
+    PANSEAL_KEY_STORE_ERROR = 11,
+    /// The audit sink failed or none is configured: opening refused.
+    PANSEAL_AUDIT_ERROR = 12,
+    /// The configuration is unusable.
+    PANSEAL_CONFIG_ERROR = 13,
+    /// The output buffer is too small; the needed size was stored.
+    PANSEAL_BUFFER_TOO_SMALL = 14,
+    /// A bug: a Rust panic was caught at the boundary.
+    PANSEAL_PANIC = 15,
+}
+
+use panseal_result::*;
+
+/// Where a sealed PAN lives. Each part is a (pointer, length) byte string;
+/// table and column must be UTF-8.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct panseal_context {
+    /// Table name.
+    pub table: *const u8,
+    /// Its length in bytes.
+    pub table_len: usize,
+    /// Column name.
+    pub column: *const u8,
+    /// Its length in bytes.
+    pub column_len: usize,
+    /// Row key bytes.
+    pub row_key: *const u8,
+    /// Its length in bytes.
+    pub row_key_len: usize,
+}
+
+/// Bytes `panseal_seal` needs in its output buffer (64 characters + NUL).
+pub const PANSEAL_SEALED_TEXT_BUFFER: usize = 65;
+/// Bytes `panseal_seal_binary` writes.
+pub const PANSEAL_SEALED_BINARY_LEN: usize = 48;
+/// Bytes `panseal_open` and `panseal_mask` need in their output buffer (19
+/// digits + NUL).
+pub const PANSEAL_PAN_BUFFER: usize = 20;
+/// Bytes `panseal_blind_index` needs in its output buffer (64 hex + NUL).
+pub const PANSEAL_INDEX_BUFFER: usize = 65;
+
+// The C constants are literals (cbindgen cannot evaluate paths); keep them
+// equal to the Rust ones.
+const _: () = assert!(PANSEAL_SEALED_TEXT_BUFFER == crate::V1_TEXT_LEN + 1);
+const _: () = assert!(PANSEAL_SEALED_BINARY_LEN == crate::V1_LEN);
+const _: () = assert!(PANSEAL_PAN_BUFFER == crate::MAX_PAN_DIGITS + 1);
+
+/// Mask styles for `panseal_mask` (PCI DSS 3.4.1).
+pub const PANSEAL_MASK_LAST_FOUR: u32 = 0;
+/// BIN (6 digits) and last four.
+pub const PANSEAL_MASK_BIN6_LAST_FOUR: u32 = 1;
+/// BIN (8 digits) and last four.
+pub const PANSEAL_MASK_BIN8_LAST_FOUR: u32 = 2;
+
+/// A panseal client: key service, key store, audit sink and policy.
+pub struct panseal_client {
+    inner: blocking::Panseal,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn set_error(message: String) {
+    LAST_ERROR.with(|e| *e.borrow_mut() = message);
+}
+
+/// Runs `f` behind the panic boundary and records any error message.
+fn guard(f: impl FnOnce() -> Result<(), (panseal_result, String)>) -> panseal_result {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => PANSEAL_OK,
+        Ok(Err((code, message))) => {
+            set_error(message);
+            code
+        }
+        Err(_) => {
+            set_error("internal error (panic caught at the C boundary)".into());
+            PANSEAL_PANIC
+        }
+    }
+}
+
+type FfiResult<T> = Result<T, (panseal_result, String)>;
+
+fn err(code: panseal_result, message: &str) -> (panseal_result, String) {
+    (code, message.to_owned())
+}
+
+/// Maps a library error to a result code; the message is the error's
+/// display, which never contains a PAN.
+fn map(e: Error) -> (panseal_result, String) {
+    let code = match &e {
+        Error::Pan(_) => PANSEAL_INVALID_PAN,
+        Error::Context(_) => PANSEAL_INVALID_CONTEXT,
+        Error::Format(_) => PANSEAL_MALFORMED_CIPHERTEXT,
+        Error::Decryption => PANSEAL_DECRYPTION_FAILED,
+        Error::Key(KeyError::Destroyed(_)) => PANSEAL_KEY_DESTROYED,
+        Error::Key(_) => PANSEAL_KEY_REFUSED,
+        Error::KeyService(k) if k.is_retryable() => PANSEAL_KEY_SERVICE_UNAVAILABLE,
+        Error::KeyService(KeyServiceError::KekDestroyed(_)) => PANSEAL_KEY_DESTROYED,
+        Error::KeyService(_) => PANSEAL_KEY_SERVICE_REFUSED,
+        Error::KeyStore(_) => PANSEAL_KEY_STORE_ERROR,
+        Error::Audit(_) | Error::Config(ConfigError::NoAuditSink) => PANSEAL_AUDIT_ERROR,
+        Error::Config(_) => PANSEAL_CONFIG_ERROR,
+    };
+    (code, e.to_string())
+}
+
+/// Borrows `len` bytes at `ptr`; NULL is allowed only when `len` is 0.
+///
+/// # Safety
+///
+/// `ptr` must be valid for reads of `len` bytes for the returned lifetime.
+unsafe fn bytes<'a>(ptr: *const u8, len: usize, what: &str) -> FfiResult<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err((PANSEAL_NULL_ARGUMENT, format!("{what} is NULL")));
+    }
+    if len > isize::MAX as usize {
+        return Err((PANSEAL_INVALID_ARGUMENT, format!("{what} length too large")));
+    }
+    // SAFETY: the caller promises `ptr` is valid for `len` bytes; we checked
+    // it is non-NULL and the length fits a slice.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
+}
+
+/// # Safety
+///
+/// As [`bytes`].
+unsafe fn utf8<'a>(ptr: *const u8, len: usize, what: &str) -> FfiResult<&'a str> {
+    // SAFETY: forwarded contract.
+    let b = unsafe { bytes(ptr, len, what) }?;
+    std::str::from_utf8(b).map_err(|_| (PANSEAL_INVALID_ARGUMENT, format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+///
+/// `p` must be NULL or a valid NUL-terminated string.
+unsafe fn cstr<'a>(p: *const c_char, what: &str) -> FfiResult<&'a str> {
+    if p.is_null() {
+        return Err((PANSEAL_NULL_ARGUMENT, format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL and NUL-terminated per the caller's contract.
+    unsafe { CStr::from_ptr(p) }
+        .to_str()
+        .map_err(|_| (PANSEAL_INVALID_ARGUMENT, format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+///
+/// `ctx` must be NULL or point to a valid `panseal_context` whose pointers
+/// are valid for their lengths.
+unsafe fn context(ctx: *const panseal_context) -> FfiResult<Context> {
+    if ctx.is_null() {
+        return Err(err(PANSEAL_NULL_ARGUMENT, "context is NULL"));
+    }
+    // SAFETY: non-NULL and valid per the caller's contract.
+    let c = unsafe { &*ctx };
+    // SAFETY: the caller promises each (pointer, length) pair is valid.
+    let (table, column, row) = unsafe {
+        (
+            utf8(c.table, c.table_len, "context table")?,
+            utf8(c.column, c.column_len, "context column")?,
+            bytes(c.row_key, c.row_key_len, "context row key")?,
+        )
+    };
+    Context::new(table, column, row).map_err(|e| map(e.into()))
+}
+
+/// Parses a PAN from bytes without copying it anywhere that is not wiped.
+fn pan_from(b: &[u8]) -> FfiResult<Pan> {
+    let s = std::str::from_utf8(b).map_err(|_| err(PANSEAL_INVALID_PAN, "PAN is not UTF-8"))?;
+    // Accept the ISO minimum here; the client's rules are the defaults
+    // unless configured otherwise.
+    Pan::parse_with(s, &PanRules::default()).map_err(|e| map(e.into()))
+}
+
+/// # Safety
+///
+/// `client` must be NULL or a pointer from `panseal_client_new*` not yet freed.
+unsafe fn client_ref<'a>(client: *const panseal_client) -> FfiResult<&'a panseal_client> {
+    if client.is_null() {
+        return Err(err(PANSEAL_NULL_ARGUMENT, "client is NULL"));
+    }
+    // SAFETY: a live handle per the caller's contract.
+    Ok(unsafe { &*client })
+}
+
+/// Writes `data` and a NUL into `out` if it fits; always stores the length.
+///
+/// # Safety
+///
+/// `out` must be valid for writes of `cap` bytes (or NULL with `cap` 0);
+/// `len_out` must be NULL or valid for a write.
+unsafe fn write_text(data: &[u8], out: *mut u8, cap: usize, len_out: *mut usize) -> FfiResult<()> {
+    if len_out.is_null() {
+        return Err(err(PANSEAL_NULL_ARGUMENT, "length output is NULL"));
+    }
+    // SAFETY: non-NULL, valid for a write per the contract.
+    unsafe { *len_out = data.len() };
+    if cap < data.len() + 1 || out.is_null() {
+        // SAFETY: as above.
+        unsafe { *len_out = data.len() + 1 };
+        return Err((
+            PANSEAL_BUFFER_TOO_SMALL,
+            format!("buffer too small: {} bytes needed", data.len() + 1),
+        ));
+    }
+    // SAFETY: `out` holds at least data.len() + 1 bytes (checked above) and
+    // cannot overlap `data`, which the library owns.
+    unsafe {
+        std::ptr::copy_nonoverlapping(data.as_ptr(), out, data.len());
+        *out.add(data.len()) = 0;
+    }
+    Ok(())
+}
+
+/// # Safety
+///
+/// As [`write_text`], without the NUL.
+unsafe fn write_bytes(data: &[u8], out: *mut u8, cap: usize, len_out: *mut usize) -> FfiResult<()> {
+    if len_out.is_null() {
+        return Err(err(PANSEAL_NULL_ARGUMENT, "length output is NULL"));
+    }
+    // SAFETY: non-NULL per the check, valid per the contract.
+    unsafe { *len_out = data.len() };
+    if cap < data.len() || out.is_null() {
+        return Err((
+            PANSEAL_BUFFER_TOO_SMALL,
+            format!("buffer too small: {} bytes needed", data.len()),
+        ));
+    }
+    // SAFETY: `out` holds at least data.len() bytes; no overlap.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), out, data.len()) };
+    Ok(())
+}
+
+/// The library version, a static NUL-terminated string.
+#[no_mangle]
+pub extern "C" fn panseal_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Copies the calling thread's last error message (NUL-terminated) into
+/// `buf`. Stores the message length in `*len_out`; `PANSEAL_BUFFER_TOO_SMALL`
+/// if it does not fit (nothing written).
+///
+/// # Safety
+///
+/// `buf` valid for `cap` bytes; `len_out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_last_error(
+    buf: *mut c_char,
+    cap: usize,
+    len_out: *mut usize,
+) -> panseal_result {
+    let message = LAST_ERROR.with(|e| e.borrow().clone());
+    // Do not let this call overwrite the message it reports.
+    match catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: forwarded contract.
+        unsafe { write_text(message.as_bytes(), buf.cast(), cap, len_out) }
+    })) {
+        Ok(Ok(())) => PANSEAL_OK,
+        Ok(Err((code, _))) => code,
+        Err(_) => PANSEAL_PANIC,
+    }
+}
+
+fn new_client(config: ClientConfig) -> FfiResult<Box<panseal_client>> {
+    let builder = config.builder().map_err(map)?;
+    let inner = blocking::Panseal::build(builder).map_err(map)?;
+    Ok(Box::new(panseal_client { inner }))
+}
+
+/// Builds a client from a JSON configuration (see the README: key service,
+/// key store, audit sink, policy). On success stores a new handle in
+/// `*client_out`; free it with `panseal_client_free`.
+///
+/// # Safety
+///
+/// `config_json` a valid NUL-terminated string; `client_out` valid for a
+/// write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_client_new(
+    config_json: *const c_char,
+    client_out: *mut *mut panseal_client,
+) -> panseal_result {
+    guard(|| {
+        if client_out.is_null() {
+            return Err(err(PANSEAL_NULL_ARGUMENT, "client_out is NULL"));
+        }
+        // SAFETY: forwarded contract.
+        let text = unsafe { cstr(config_json, "configuration") }?;
+        let client = new_client(ClientConfig::from_json(text).map_err(map)?)?;
+        // SAFETY: `client_out` is non-NULL and valid for a write.
+        unsafe { *client_out = Box::into_raw(client) };
+        Ok(())
+    })
+}
+
+/// Builds a client from a JSON configuration file.
+///
+/// # Safety
+///
+/// `path` a valid NUL-terminated string; `client_out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_client_new_from_file(
+    path: *const c_char,
+    client_out: *mut *mut panseal_client,
+) -> panseal_result {
+    guard(|| {
+        if client_out.is_null() {
+            return Err(err(PANSEAL_NULL_ARGUMENT, "client_out is NULL"));
+        }
+        // SAFETY: forwarded contract.
+        let path = unsafe { cstr(path, "path") }?;
+        let client = new_client(ClientConfig::from_file(path).map_err(map)?)?;
+        // SAFETY: `client_out` is non-NULL and valid for a write.
+        unsafe { *client_out = Box::into_raw(client) };
+        Ok(())
+    })
+}
+
+/// Frees a client. NULL is accepted and ignored. The handle must not be in
+/// use by another thread and must not be used afterwards.
+///
+/// # Safety
+///
+/// `client` NULL or a live handle from `panseal_client_new*`.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_client_free(client: *mut panseal_client) {
+    if client.is_null() {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: a live handle created by Box::into_raw, freed once.
+        drop(unsafe { Box::from_raw(client) });
+    }));
+}
+
+/// Seals a PAN bound to `ctx` and writes the 64-character text form
+/// (NUL-terminated, so `out` needs 65 bytes) for a VARCHAR column.
+///
+/// # Safety
+///
+/// `client` a live handle; `pan` valid for `pan_len` bytes; `ctx` a valid
+/// context; `out` valid for `out_cap` bytes; `out_len` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_seal(
+    client: *const panseal_client,
+    pan: *const u8,
+    pan_len: usize,
+    ctx: *const panseal_context,
+    out: *mut c_char,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contracts.
+        let (c, pan, ctx) = unsafe {
+            (
+                client_ref(client)?,
+                pan_from(bytes(pan, pan_len, "PAN")?)?,
+                context(ctx)?,
+            )
+        };
+        let sealed = c.inner.seal_pan(&pan, &ctx).map_err(map)?;
+        let mut text = [0u8; crate::V1_TEXT_LEN];
+        text.copy_from_slice(sealed.to_text().as_bytes());
+        // SAFETY: forwarded contract.
+        unsafe { write_text(&text, out.cast(), out_cap, out_len) }
+    })
+}
+
+/// Seals a PAN bound to `ctx` and writes the 48-byte binary form (for a
+/// BYTEA/BLOB column).
+///
+/// # Safety
+///
+/// As `panseal_seal`.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_seal_binary(
+    client: *const panseal_client,
+    pan: *const u8,
+    pan_len: usize,
+    ctx: *const panseal_context,
+    out: *mut u8,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contracts.
+        let (c, pan, ctx) = unsafe {
+            (
+                client_ref(client)?,
+                pan_from(bytes(pan, pan_len, "PAN")?)?,
+                context(ctx)?,
+            )
+        };
+        let sealed = c.inner.seal_pan(&pan, &ctx).map_err(map)?;
+        // SAFETY: forwarded contract.
+        unsafe { write_bytes(sealed.as_bytes(), out, out_cap, out_len) }
+    })
+}
+
+/// Opens a sealed PAN (text or binary form, told apart by the first byte)
+/// bound to `ctx`, on behalf of `principal` for `purpose` (both
+/// NUL-terminated; audited). Writes the digits NUL-terminated into
+/// `pan_out` (20 bytes always suffice) and, if `needs_reseal_out` is not
+/// NULL, whether the PAN should be re-sealed under the active key.
+///
+/// # Safety
+///
+/// `client` a live handle; `sealed` valid for `sealed_len` bytes; `ctx` a
+/// valid context; `principal`/`purpose` NUL-terminated strings; `pan_out`
+/// valid for `pan_cap` bytes; `pan_len_out` valid for a write;
+/// `needs_reseal_out` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_open(
+    client: *const panseal_client,
+    sealed: *const u8,
+    sealed_len: usize,
+    ctx: *const panseal_context,
+    principal: *const c_char,
+    purpose: *const c_char,
+    pan_out: *mut c_char,
+    pan_cap: usize,
+    pan_len_out: *mut usize,
+    needs_reseal_out: *mut bool,
+) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contracts.
+        let (c, input, ctx, principal, purpose) = unsafe {
+            (
+                client_ref(client)?,
+                bytes(sealed, sealed_len, "ciphertext")?,
+                context(ctx)?,
+                cstr(principal, "principal")?,
+                cstr(purpose, "purpose")?,
+            )
+        };
+        let sealed = parse_sealed(input)?;
+        let access = Access::new(principal, purpose).map_err(|e| map(e.into()))?;
+        if pan_len_out.is_null() {
+            return Err(err(PANSEAL_NULL_ARGUMENT, "pan_len_out is NULL"));
+        }
+        // Check the buffer before decrypting, so a too-small buffer costs
+        // no audited access.
+        if pan_out.is_null() || pan_cap < PANSEAL_PAN_BUFFER {
+            // SAFETY: non-NULL, valid for a write.
+            unsafe { *pan_len_out = PANSEAL_PAN_BUFFER };
+            return Err((
+                PANSEAL_BUFFER_TOO_SMALL,
+                format!("buffer too small: {PANSEAL_PAN_BUFFER} bytes needed"),
+            ));
+        }
+        let opened = c.inner.open_pan(&sealed, &ctx, &access).map_err(map)?;
+        // SAFETY: forwarded contract; the buffer is large enough.
+        unsafe {
+            write_text(
+                opened.pan.expose_digits().as_bytes(),
+                pan_out.cast(),
+                pan_cap,
+                pan_len_out,
+            )?;
+            if !needs_reseal_out.is_null() {
+                *needs_reseal_out = opened.needs_reseal;
+            }
+        }
+        // `opened.pan` is wiped when it drops here.
+        Ok(())
+    })
+}
+
+fn parse_sealed(input: &[u8]) -> FfiResult<SealedPan> {
+    let parsed = match input.first() {
+        Some(b'P') => std::str::from_utf8(input)
+            .map_err(|_| err(PANSEAL_MALFORMED_CIPHERTEXT, "text form is not UTF-8"))
+            .and_then(|t| SealedPan::from_text(t).map_err(map))?,
+        _ => SealedPan::from_bytes(input).map_err(map)?,
+    };
+    Ok(parsed)
+}
+
+/// Computes the blind index of a PAN under the scope's active index key and
+/// writes it as 64 lowercase hex digits (NUL-terminated: 65 bytes); stores
+/// the index-key version in `*version_out` if not NULL.
+///
+/// # Safety
+///
+/// `client` a live handle; `pan` valid for `pan_len` bytes; `out` valid for
+/// `out_cap` bytes; `out_len` valid for a write; `version_out` NULL or
+/// valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_blind_index(
+    client: *const panseal_client,
+    pan: *const u8,
+    pan_len: usize,
+    out: *mut c_char,
+    out_cap: usize,
+    out_len: *mut usize,
+    version_out: *mut u32,
+) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contracts.
+        let (c, pan) = unsafe { (client_ref(client)?, pan_from(bytes(pan, pan_len, "PAN")?)?) };
+        let index = c.inner.blind_index(&pan).map_err(map)?;
+        // SAFETY: forwarded contract.
+        unsafe {
+            write_text(index.to_hex().as_bytes(), out.cast(), out_cap, out_len)?;
+            if !version_out.is_null() {
+                *version_out = index.version();
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Writes the masked form of a PAN (NUL-terminated; 20 bytes always
+/// suffice) in `style` (`PANSEAL_MASK_*`). Needs no client.
+///
+/// # Safety
+///
+/// `pan` valid for `pan_len` bytes; `out` valid for `out_cap` bytes;
+/// `out_len` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_mask(
+    pan: *const u8,
+    pan_len: usize,
+    style: u32,
+    out: *mut c_char,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> panseal_result {
+    guard(|| {
+        let style = match style {
+            PANSEAL_MASK_LAST_FOUR => MaskStyle::LastFour,
+            PANSEAL_MASK_BIN6_LAST_FOUR => MaskStyle::Bin6LastFour,
+            PANSEAL_MASK_BIN8_LAST_FOUR => MaskStyle::Bin8LastFour,
+            _ => return Err(err(PANSEAL_INVALID_ARGUMENT, "unknown mask style")),
+        };
+        // SAFETY: forwarded contract.
+        let pan = pan_from(unsafe { bytes(pan, pan_len, "PAN") }?)?;
+        let masked = pan.mask(style);
+        // SAFETY: forwarded contract.
+        unsafe { write_text(masked.as_bytes(), out.cast(), out_cap, out_len) }
+    })
+}
+
+/// Retires the client's active DEK now; the next seal uses a fresh one.
+///
+/// # Safety
+///
+/// `client` a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_rotate_dek(client: *const panseal_client) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        let c = unsafe { client_ref(client) }?;
+        c.inner.rotate_dek().map_err(map)?;
+        Ok(())
+    })
+}
