@@ -12,7 +12,10 @@ echo "== system packages"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-    build-essential pkg-config ca-certificates python3 python3-pip >/dev/null
+    build-essential pkg-config ca-certificates python3 python3-pip \
+    postgresql postgresql-client >/dev/null
+# The package may start a cluster of its own; the tests start their own
+# servers (as the unprivileged postgres user, in temporary directories).
 
 echo "== Rust components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

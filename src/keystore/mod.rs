@@ -15,6 +15,8 @@ use crate::keys::{KekRef, KeyId, KeyState, Scope, WrappedDek, WrappedKey};
 
 pub(crate) mod file;
 mod memory;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 
 pub use file::FileKeyStore;
 pub use memory::MemoryKeyStore;

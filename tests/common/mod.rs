@@ -1,5 +1,8 @@
 #![allow(dead_code)]
 
+pub mod pg;
+pub mod store_conformance;
+
 use std::sync::Arc;
 
 use panseal::{

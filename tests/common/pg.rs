@@ -1,0 +1,235 @@
+//! A real PostgreSQL server for tests: initdb in a temporary directory,
+//! started on 127.0.0.1 at a free port (as the unprivileged `postgres` user
+//! when the tests run as root, since PostgreSQL refuses to run as root), and
+//! stopped when the handle drops.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+    as_user: Option<&'static str>,
+}
+
+fn pg_bin() -> PathBuf {
+    let root = PathBuf::from("/usr/lib/postgresql");
+    let mut versions: Vec<_> = std::fs::read_dir(&root)
+        .unwrap_or_else(|_| panic!("PostgreSQL is not installed: run scripts/setup.sh"))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .expect("no PostgreSQL server binaries under /usr/lib/postgresql: run scripts/setup.sh")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let bin = pg_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("panseal-pg")
+            .tempdir()
+            .unwrap();
+        let as_user = if is_root() { Some("postgres") } else { None };
+        if let Some(user) = as_user {
+            let status = Command::new("chown")
+                .args(["-R", user])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(
+                status.success(),
+                "chown of the PostgreSQL test directory failed"
+            );
+        }
+        let mut server = PgServer {
+            dir,
+            bin,
+            port: 0,
+            as_user,
+        };
+        let data = server.dir.path().join("data");
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        // A few attempts in case another process takes the port meanwhile.
+        for _ in 0..5 {
+            server.port = free_port();
+            let opts = format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                server.port,
+                server.dir.path().display()
+            );
+            let log = server.dir.path().join("log");
+            if server.try_run(
+                "pg_ctl",
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-o",
+                    &opts,
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "start",
+                ],
+            ) {
+                return server;
+            }
+        }
+        panic!("PostgreSQL did not start");
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        match self.as_user {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn try_run(&self, tool: &str, args: &[&str]) -> bool {
+        self.command(tool)
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .command(tool)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A URL for database `db` (created by [`PgServer::create_db`]).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn create_db(&self, db: &str) -> String {
+        self.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-q",
+                "-c",
+                &format!("CREATE DATABASE {db}"),
+            ],
+        );
+        self.url(db)
+    }
+
+    /// Runs SQL through psql; returns its output (tuples only, unaligned).
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = self
+            .command("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", db, "-q", "-t", "-A", "-c", sql])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `pg_dump` of the whole database, as an attacker with the database
+    /// would have it.
+    pub fn dump(&self, db: &str) -> Vec<u8> {
+        let out = self
+            .command("pg_dump")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                db,
+            ])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_dump failed");
+        out.stdout
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self.try_run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap_or(""),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+}
