@@ -55,7 +55,7 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 /// Advisory lock key for migrations ("panseal" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7061_6e73_6561_6c;
+const MIGRATION_LOCK: i64 = 0x0070_616e_7365_616c;
 
 /// A key store in PostgreSQL. Cheap to clone (a connection pool).
 #[derive(Clone)]
