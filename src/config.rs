@@ -57,6 +57,15 @@ pub enum KeyServiceConfig {
     /// only** (the KEK lives in this process and is lost at exit, so data
     /// sealed under it cannot be opened by the next process).
     Local,
+    /// **Hazardous, tests only** (feature `hazmat-test-keys`): the local key
+    /// service with KEK version 1 given in the clear, so that several test
+    /// processes share it. Never use with real card data: a key in a
+    /// configuration file violates PCI DSS 3.7.2–3.
+    #[cfg(feature = "hazmat-test-keys")]
+    InsecureLocal {
+        /// The KEK, 64 hex digits.
+        kek_hex: String,
+    },
 }
 
 /// Key store choice.
@@ -70,6 +79,15 @@ pub enum KeyStoreConfig {
     File {
         /// The file.
         path: PathBuf,
+    },
+    /// PostgreSQL (feature `postgres`).
+    #[cfg(feature = "postgres")]
+    Postgres {
+        /// libpq-style URL, e.g. `postgresql://app@127.0.0.1/payments`.
+        url: String,
+        /// Connections to keep (default 4).
+        #[serde(default)]
+        pool_size: Option<usize>,
     },
 }
 
@@ -160,10 +178,23 @@ impl ClientConfig {
             .policy(self.policy());
         b = match &self.key_service {
             KeyServiceConfig::Local => b.key_service(LocalKeyService::new(environment)),
+            #[cfg(feature = "hazmat-test-keys")]
+            KeyServiceConfig::InsecureLocal { kek_hex } => {
+                let mut kek = [0u8; 32];
+                hex::decode_to_slice(kek_hex, &mut kek)
+                    .map_err(|_| ConfigError::Invalid("kek_hex must be 64 hex digits".into()))?;
+                let ks = LocalKeyService::from_kek_bytes_insecure(environment, kek);
+                zeroize::Zeroize::zeroize(&mut kek);
+                b.key_service(ks)
+            }
         };
         b = match &self.key_store {
             KeyStoreConfig::Memory => b.key_store(MemoryKeyStore::new()),
             KeyStoreConfig::File { path } => b.key_store(FileKeyStore::open(path)?),
+            #[cfg(feature = "postgres")]
+            KeyStoreConfig::Postgres { url, pool_size } => b.key_store(
+                crate::keystore::postgres::PostgresKeyStore::new(url, pool_size.unwrap_or(4))?,
+            ),
         };
         b = match &self.audit {
             None => b,

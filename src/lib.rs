@@ -68,6 +68,8 @@ mod keys;
 mod keyservice;
 mod keystore;
 mod pan;
+#[cfg(feature = "postgres")]
+pub mod reencrypt;
 mod seal;
 
 pub use api::{Opened, Panseal, PansealBuilder};

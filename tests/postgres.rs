@@ -40,7 +40,7 @@ fn postgres_store_conforms_and_migrates_once() {
         )
         .await;
         for s in &stores {
-            assert_eq!(s.as_ref().unwrap().schema_version().await.unwrap(), 1);
+            assert_eq!(s.as_ref().unwrap().schema_version().await.unwrap(), 2);
         }
         let store = stores.into_iter().next().unwrap().unwrap();
         conformance(&store, 100).await;

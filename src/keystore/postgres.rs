@@ -52,6 +52,17 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (table_name, column_name)
     );
     "#,
+    // v2: checkpoints of re-encryption jobs.
+    r#"
+    CREATE TABLE panseal_reencrypt_checkpoints (
+        job        text PRIMARY KEY,
+        last_id    bigint NOT NULL,
+        scanned    bigint NOT NULL,
+        resealed   bigint NOT NULL,
+        skipped    bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    "#,
 ];
 
 /// Advisory lock key for migrations ("panseal" in ASCII).
@@ -135,6 +146,10 @@ impl PostgresKeyStore {
             .get_or_try_init(|| self.migrate())
             .await
             .map(|_| ())
+    }
+
+    pub(crate) async fn ready_public(&self) -> Result<(), KeyStoreError> {
+        self.ready().await
     }
 
     async fn conn(&self) -> Result<deadpool_postgres::Object, KeyStoreError> {
@@ -455,7 +470,7 @@ impl InventoryEntry {
 }
 
 /// Plain lower-case SQL identifiers only: `[a-z_][a-z0-9_]{0,62}`.
-fn check_ident(s: &str) -> Result<(), KeyStoreError> {
+pub(crate) fn check_ident(s: &str) -> Result<(), KeyStoreError> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()

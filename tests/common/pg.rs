@@ -173,7 +173,8 @@ impl PgServer {
 
     /// Runs SQL through psql; returns its output (tuples only, unaligned).
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = self
+        use std::io::Write;
+        let mut child = self
             .command("psql")
             .args([
                 "-h",
@@ -183,10 +184,27 @@ impl PgServer {
                 "-U",
                 "postgres",
             ])
-            .args(["-d", db, "-q", "-t", "-A", "-c", sql])
+            .args([
+                "-d",
+                db,
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-f",
+                "-",
+            ])
             .current_dir(self.dir.path())
-            .output()
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(sql.as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "psql failed: {}",
