@@ -273,14 +273,15 @@ impl ReencryptJob {
                 let ctx = Context::new(&self.context_table, &self.context_column, id.to_string())?;
                 let new = panseal.reseal(&old, &ctx, access).await?;
                 ids.push(id);
+                // The compare-and-set uses the stored value as read.
                 match self.form {
                     SealedForm::Text => {
                         new_text.push(new.to_text());
-                        old_text.push(old.to_text());
+                        old_text.push(row.get::<_, String>(1));
                     }
                     SealedForm::Binary => {
                         new_bin.push(new.as_bytes().to_vec());
-                        old_bin.push(old.as_bytes().to_vec());
+                        old_bin.push(row.get::<_, Vec<u8>>(1));
                     }
                 }
             }
