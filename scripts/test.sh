@@ -17,7 +17,8 @@ cargo fmt --all -- --check
 step "clippy (all targets, all features, -D warnings)"
 cargo clippy --all-targets --all-features --quiet -- -D warnings
 
-step "cargo test --all-features"
+step "cargo test --all-features (builds the examples the tool tests run)"
+cargo build --quiet --all-features --examples
 cargo test --all-features 2>&1 | tee "$LOG/cargo-all.txt"
 
 step "cargo test (default features: compile-fail tests that need the feature off)"

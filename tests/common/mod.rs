@@ -91,3 +91,41 @@ pub fn assert_no_pan(text: &str, pan: &str) {
         );
     }
 }
+
+/// The example binary `name` built for this test run: `cargo test` builds
+/// examples as `target/<profile>/examples/<name>-<hash>`, `cargo build
+/// --example` as `…/examples/<name>`; the newest one wins.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
+    let mut best: Option<(std::time::SystemTime, std::path::PathBuf)> = None;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|_| panic!("no {}", dir.display())) {
+        let entry = entry.unwrap();
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let stem_ok = file == name
+            || file
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|h| h.chars().all(|c| c.is_ascii_hexdigit()));
+        if !stem_ok {
+            continue;
+        }
+        let meta = entry.metadata().unwrap();
+        let modified = meta.modified().unwrap();
+        // `cargo test --examples` leaves test-harness builds of examples
+        // under the same names: skip those.
+        let help = std::process::Command::new(entry.path())
+            .arg("--help")
+            .output();
+        if help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--list")) {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(t, _)| modified > *t) {
+            best = Some((modified, entry.path()));
+        }
+    }
+    best.unwrap_or_else(|| {
+        panic!("example {name} not built: run `cargo test --all-features` (it builds examples)")
+    })
+    .1
+}

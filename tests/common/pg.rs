@@ -13,7 +13,7 @@ pub struct PgServer {
     as_user: Option<&'static str>,
 }
 
-fn pg_bin() -> PathBuf {
+pub fn pg_bin() -> PathBuf {
     let root = PathBuf::from("/usr/lib/postgresql");
     let mut versions: Vec<_> = std::fs::read_dir(&root)
         .unwrap_or_else(|_| panic!("PostgreSQL is not installed: run scripts/setup.sh"))
