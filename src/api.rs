@@ -529,6 +529,22 @@ impl Panseal {
     ///
     /// [`KeyStoreError::Transition`] for a backward move; key-store errors.
     pub async fn set_key_state(&self, id: KeyId, state: KeyState) -> Result<(), Error> {
+        self.set_key_state_as(id, state, &Access::system("key-lifecycle"))
+            .await
+    }
+
+    /// [`Panseal::set_key_state`] on behalf of a named custodian: the audit
+    /// event records `access` (e.g. who approved a destruction).
+    ///
+    /// # Errors
+    ///
+    /// As [`Panseal::set_key_state`].
+    pub async fn set_key_state_as(
+        &self,
+        id: KeyId,
+        state: KeyState,
+        access: &Access,
+    ) -> Result<(), Error> {
         self.shared.key_store.set_state(id, state).await?;
         if let Some(entry) = self.shared.cache.peek(id) {
             entry.set_state(state);
@@ -538,7 +554,20 @@ impl Panseal {
         }
         // Index keys are re-read at next use.
         *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
-        self.lifecycle_event(Operation::KeyStateChanged, id);
+        if let Some(sink) = self.shared.audit.as_deref() {
+            let emitter = Emitter {
+                sink,
+                scope: &self.scope.scope,
+            };
+            emitter.emit(
+                SystemTime::now(),
+                Operation::KeyStateChanged,
+                Ok(()),
+                access,
+                Some(id),
+                None,
+            )?;
+        }
         Ok(())
     }
 

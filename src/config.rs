@@ -119,6 +119,8 @@ pub struct PolicyConfig {
     pub cache_capacity: Option<usize>,
     /// Seconds an unwrapped key stays cached.
     pub cache_ttl_secs: Option<u64>,
+    /// Seconds between re-reads of the active DEK's state.
+    pub recheck_interval_secs: Option<u64>,
 }
 
 impl ClientConfig {
@@ -161,6 +163,9 @@ impl ClientConfig {
         }
         if let Some(s) = p.cache_ttl_secs {
             policy = policy.cache_ttl(Duration::from_secs(s));
+        }
+        if let Some(s) = p.recheck_interval_secs {
+            policy = policy.recheck_interval(Duration::from_secs(s));
         }
         policy
     }

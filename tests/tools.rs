@@ -1,0 +1,233 @@
+//! The custodian tools as real processes against a real PostgreSQL:
+//! rotate_dek, inventory, reencrypt and destroy, with dry runs, refusals
+//! and dual control.
+#![cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::pg::PgServer;
+use common::{example_binary, luhn_pan};
+use panseal::config::ClientConfig;
+use panseal::{blocking, Access, Context, Error, KeyError, KeyId, Pan, SealedPan};
+
+fn tool(name: &str, config: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(example_binary(name))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ctx(id: i64) -> Context {
+    Context::new("cards", "pan", id.to_string()).unwrap()
+}
+
+#[test]
+fn custodian_tools_rotate_count_reencrypt_and_destroy() {
+    let pg = PgServer::start();
+    let url = pg.create_db("pay");
+    pg.psql(
+        "pay",
+        "CREATE TABLE cards (id bigint PRIMARY KEY, pan varchar(64) NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let config_path = dir.path().join("panseal.json");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"{{"environment":"test","scope":"m",
+                "key_service":{{"type":"insecure-local","kek_hex":"{}"}},
+                "key_store":{{"type":"postgres","url":"{url}"}},
+                "audit":{{"type":"jsonl","path":"{}"}},
+                "policy":{{"recheck_interval_secs":1}}}}"#,
+            hex::encode(rand::random::<[u8; 32]>()),
+            audit.display()
+        ),
+    )
+    .unwrap();
+    let config = ClientConfig::from_file(&config_path).unwrap();
+    let app = blocking::Panseal::build(config.builder().unwrap()).unwrap();
+    let mut sql = String::new();
+    let mut first = None;
+    for id in 0..50i64 {
+        let s = app
+            .seal_pan(
+                &Pan::parse(&luhn_pan("4", 16, id as u64)).unwrap(),
+                &ctx(id),
+            )
+            .unwrap();
+        first = Some(s.key_id());
+        sql += &format!("INSERT INTO cards VALUES ({id}, '{}');", s.to_text());
+    }
+    pg.psql("pay", &sql);
+    let old_ciphertext = pg.psql("pay", "SELECT pan FROM cards WHERE id = 7");
+    let first: KeyId = first.unwrap();
+
+    // rotate_dek: a dry run changes nothing; then the DEK is retired.
+    let o = tool("rotate_dek", &config_path, &["--dry-run"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&first.to_string()));
+    assert!(text(&o).contains("dry run: nothing changed"));
+    let state = || {
+        pg.psql(
+            "pay",
+            &format!("SELECT state FROM panseal_keys WHERE id = '\\x{first}'"),
+        )
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(state(), "1");
+    // Without --yes and no answer on stdin, nothing happens.
+    let o = tool("rotate_dek", &config_path, &[]);
+    assert!(!o.status.success());
+    assert_eq!(state(), "1");
+    let o = tool("rotate_dek", &config_path, &["--yes"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(state(), "2", "decrypt-only");
+    // The running application notices within its re-check interval.
+    std::thread::sleep(Duration::from_millis(1100));
+    let fresh = app
+        .seal_pan(&Pan::parse("4111111111111111").unwrap(), &ctx(1000))
+        .unwrap();
+    assert_ne!(fresh.key_id(), first);
+
+    // inventory counts the references.
+    let o = tool(
+        "inventory",
+        &config_path,
+        &["--register", "sealed-text:cards.pan", "--json"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let inv: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let refs = |id: KeyId| {
+        inv["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.to_string())
+            .unwrap()["references"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(refs(first), 50);
+    let table = tool("inventory", &config_path, &[]);
+    assert!(text(&table).contains("AES-256-GCM"), "{}", text(&table));
+
+    // destroy refuses while references remain, and enforces dual control.
+    let key = first.to_string();
+    let o = tool(
+        "destroy",
+        &config_path,
+        &["--key", &key, "--custodian", "alice", "--yes"],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("still use this key"), "{}", text(&o));
+    let o = tool(
+        "destroy",
+        &config_path,
+        &["--key", &key, "--custodian", "alice", "--force", "--yes"],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("dual control"), "{}", text(&o));
+    let o = tool(
+        "destroy",
+        &config_path,
+        &[
+            "--key",
+            &key,
+            "--custodian",
+            "alice",
+            "--force",
+            "--approved-by",
+            "alice",
+            "--yes",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("different person"), "{}", text(&o));
+    assert_eq!(state(), "2");
+
+    // reencrypt moves the data; then destroy is allowed.
+    let o = tool(
+        "reencrypt",
+        &config_path,
+        &[
+            "--table",
+            "cards",
+            "--column",
+            "pan",
+            "--principal",
+            "alice",
+            "--yes",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("50 re-sealed"), "{}", text(&o));
+    let o = tool(
+        "destroy",
+        &config_path,
+        &["--key", &key, "--custodian", "alice", "--dry-run"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 stored field(s)"), "{}", text(&o));
+    assert_eq!(state(), "2");
+    let o = tool(
+        "destroy",
+        &config_path,
+        &["--key", &key, "--custodian", "alice", "--yes"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(state(), "4", "destroyed");
+    let wrapped_len = pg.psql(
+        "pay",
+        &format!("SELECT length(record) FROM panseal_keys WHERE id = '\\x{first}'"),
+    );
+    assert!(wrapped_len.trim().parse::<u32>().unwrap() < 100);
+
+    // Every row opens; the old copy of a ciphertext under the destroyed key
+    // is shredded.
+    let reader = blocking::Panseal::build(config.builder().unwrap()).unwrap();
+    let access = Access::new("verifier", "test").unwrap();
+    for line in pg
+        .psql("pay", "SELECT id || ' ' || pan FROM cards WHERE id < 50")
+        .lines()
+    {
+        let (id, t) = line.split_once(' ').unwrap();
+        let id: i64 = id.parse().unwrap();
+        let s = SealedPan::from_text(t).unwrap();
+        assert_eq!(
+            reader
+                .open_pan(&s, &ctx(id), &access)
+                .unwrap()
+                .pan
+                .expose_digits(),
+            luhn_pan("4", 16, id as u64)
+        );
+    }
+    let old = SealedPan::from_text(old_ciphertext.trim()).unwrap();
+    assert!(matches!(
+        reader.open_pan(&old, &ctx(7), &access).unwrap_err(),
+        Error::Key(KeyError::Destroyed(_))
+    ));
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        log.contains("\"principal\":\"alice\""),
+        "destroy is audited by custodian"
+    );
+    assert!(log.contains("destroy (no references)"));
+}
