@@ -51,7 +51,10 @@ fn c_programs_pass_under_sanitizers() {
             .status()
             .expect("gcc must be installed (scripts/setup.sh)");
         assert!(status.success(), "{name}.c did not compile cleanly");
+        // cargo sets LD_LIBRARY_PATH for tests (target/debug first), which
+        // outranks the rpath: point it at the library built for this run.
         let out = Command::new(&bin)
+            .env("LD_LIBRARY_PATH", &lib)
             .current_dir(out_dir.path())
             .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
             .env("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
