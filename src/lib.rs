@@ -68,8 +68,8 @@ mod seal;
 
 pub use api::{Opened, Panseal, PansealBuilder};
 pub use audit::{
-    Access, AuditEvent, AuditSink, JsonLinesAuditSink, MemoryAuditSink, Operation, Outcome,
-    RecordedEvent,
+    verify_audit_chain, Access, AuditEvent, AuditKey, AuditSink, ChainSummary, ChainedAuditLog,
+    JsonLinesAuditSink, MemoryAuditSink, Operation, Outcome, RecordedEvent,
 };
 pub use context::{Context, MAX_COLUMN_LEN, MAX_ROW_KEY_LEN, MAX_TABLE_LEN};
 pub use error::{
