@@ -60,6 +60,8 @@ mod format;
 #[cfg(feature = "hazmat-test-keys")]
 pub mod hazmat;
 mod index;
+#[cfg(feature = "keyd-client")]
+pub mod keyd;
 mod keys;
 mod keyservice;
 mod keystore;
@@ -83,6 +85,8 @@ pub use keys::{
     WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT,
 };
 pub use keyservice::{KekInfo, KeyService, LocalKeyService, Permissions};
+#[cfg(feature = "keyd-client")]
+pub use keyservice::{RemoteKeyService, RemoteKeyServiceBuilder};
 pub use keystore::{FileKeyStore, KeyStore, MemoryKeyStore};
 pub use pan::{
     Cvv, MaskStyle, Pan, PanRules, ABSOLUTE_MIN_PAN_DIGITS, DEFAULT_MIN_PAN_DIGITS, MAX_PAN_DIGITS,
