@@ -101,7 +101,8 @@ impl AuditKey {
             secrecy::ExposeSecretMut::expose_secret_mut(&mut key),
         );
         text.zeroize();
-        parsed.map_err(|_| AuditError::Rejected("audit key file must hold 64 hex digits".into()))?;
+        parsed
+            .map_err(|_| AuditError::Rejected("audit key file must hold 64 hex digits".into()))?;
         Ok(AuditKey { key })
     }
 
@@ -205,7 +206,10 @@ impl ChainedAuditLog {
             serde_json::to_string(event).map_err(|e| AuditError::Rejected(e.to_string()))?;
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let seq = tail.seq + 1;
-        let mut line = format!("{{\"seq\":{seq},\"prev\":\"{}\",\"event\":{event}", tail.prev);
+        let mut line = format!(
+            "{{\"seq\":{seq},\"prev\":\"{}\",\"event\":{event}",
+            tail.prev
+        );
         let mut m = self.key.mac();
         m.update(line.as_bytes());
         let mac = hex::encode(m.finalize().into_bytes());
@@ -410,7 +414,10 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         assert_eq!(failing_record(&path, &key), 3);
         let err = ChainedAuditLog::open(&path, key).unwrap_err();
-        assert!(matches!(err, AuditError::Tampered { record: 3, .. }), "{err}");
+        assert!(
+            matches!(err, AuditError::Tampered { record: 3, .. }),
+            "{err}"
+        );
     }
 
     #[test]

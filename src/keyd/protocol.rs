@@ -27,7 +27,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::KeyServiceError;
-use crate::keys::{Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Scope, WrappedKey};
+use crate::keys::{
+    Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Scope, WrappedKey,
+};
 
 /// Largest request or response body either side accepts.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;

@@ -12,7 +12,12 @@ use crate::keyservice::local::{unwrap_raw_bytes, wrap_raw};
 /// Wraps a 32-byte key under `kek` (version `kek_ref`) bound to `request`,
 /// with a fresh random nonce: `nonce || ciphertext || tag`, 60 bytes
 /// (`FORMAT.md`, "Wrap binding").
-pub fn wrap_key(kek: &Aes256Gcm, kek_ref: &KekRef, request: &KeyRequest, key: &[u8; 32]) -> Vec<u8> {
+pub fn wrap_key(
+    kek: &Aes256Gcm,
+    kek_ref: &KekRef,
+    request: &KeyRequest,
+    key: &[u8; 32],
+) -> Vec<u8> {
     let mut nonce = [0u8; 12];
     OsRng.fill_bytes(&mut nonce);
     wrap_raw(kek, kek_ref, request, key, nonce)

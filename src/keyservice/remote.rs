@@ -484,8 +484,11 @@ impl Inner {
                 }
                 return Err(Transport::unsent("connection closed before the request"));
             }
-            match timeout_at(deadline, sender.try_send_request(self.request(path, body.clone())))
-                .await
+            match timeout_at(
+                deadline,
+                sender.try_send_request(self.request(path, body.clone())),
+            )
+            .await
             {
                 Err(_) => return Err(Transport::sent("request timed out")),
                 Ok(Ok(r)) => break (sender, r),
@@ -654,8 +657,7 @@ impl RemoteKeyService {
     /// `Other` for the newest version or a forbidden transition.
     pub async fn retire(&self, scope: &Scope, version: u32) -> Result<KekStatus, KeyServiceError> {
         let t = self.version_target(scope, version);
-        self.call(proto::KEK_RETIRE, &t, Repeat::OnlyIfUnsent)
-            .await
+        self.call(proto::KEK_RETIRE, &t, Repeat::OnlyIfUnsent).await
     }
 
     /// This custodian's approval to destroy a KEK version. The version is
@@ -700,8 +702,12 @@ impl RemoteKeyService {
     /// acknowledgement on record), `Other` for a refused or duplicate share
     /// (without detail) or a server that is not sealed.
     pub async fn unseal(&self, share: ShareText) -> Result<StatusResponse, KeyServiceError> {
-        self.call(proto::UNSEAL, &UnsealRequest { share }, Repeat::OnlyIfUnsent)
-            .await
+        self.call(
+            proto::UNSEAL,
+            &UnsealRequest { share },
+            Repeat::OnlyIfUnsent,
+        )
+        .await
     }
 
     /// Seals the server again: it forgets every key until unsealed.
@@ -726,7 +732,11 @@ impl RemoteKeyService {
         limit: u32,
     ) -> Result<Vec<String>, KeyServiceError> {
         let r: AuditReadResponse = self
-            .call(proto::AUDIT, &AuditReadRequest { from, limit }, Repeat::Safe)
+            .call(
+                proto::AUDIT,
+                &AuditReadRequest { from, limit },
+                Repeat::Safe,
+            )
             .await?;
         Ok(r.records)
     }
@@ -798,10 +808,7 @@ impl KeyService for RemoteKeyService {
             key: request.into(),
         };
         let a: GenerateResponse = self.call(proto::GENERATE, &r, Repeat::Safe).await?;
-        Ok((
-            Dek::from_unwrapped(a.dek.expose_secret()),
-            a.wrapped.into(),
-        ))
+        Ok((Dek::from_unwrapped(a.dek.expose_secret()), a.wrapped.into()))
     }
 
     async fn unwrap(

@@ -14,12 +14,14 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use panseal::keyd::protocol::{
     self as proto, AcknowledgeRequest, AuditReadRequest, AuditReadResponse, DestroyResponse,
-    ErrorBody, ErrorKind, GenerateRequest, GenerateResponse, KekStatus, KekTarget,
-    KekVersionInfo, KekVersionTarget, KeyMaterial, Permission, RewrapRequest, StatusResponse,
-    UnsealRequest, UnwrapRequest, UnwrapResponse, WireKeyRequest, WireWrapped, WrapRequest,
-    WrappedResponse,
+    ErrorBody, ErrorKind, GenerateRequest, GenerateResponse, KekStatus, KekTarget, KekVersionInfo,
+    KekVersionTarget, KeyMaterial, Permission, RewrapRequest, StatusResponse, UnsealRequest,
+    UnwrapRequest, UnwrapResponse, WireKeyRequest, WireWrapped, WrapRequest, WrappedResponse,
 };
-use panseal::{ChainedAuditLog, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyServiceError, KeyState, Scope};
+use panseal::{
+    ChainedAuditLog, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyServiceError, KeyState,
+    Scope,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -71,7 +73,10 @@ impl Failure {
 impl From<StateError> for Failure {
     fn from(e: StateError) -> Self {
         eprintln!("panseal-keyd: {e}");
-        Failure::new(ErrorKind::Internal, "state could not be written; change not made")
+        Failure::new(
+            ErrorKind::Internal,
+            "state could not be written; change not made",
+        )
     }
 }
 
@@ -212,7 +217,10 @@ impl Server {
             Err(f) => {
                 let status =
                     StatusCode::from_u16(f.0.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                respond(status, Bytes::from(serde_json::to_vec(&f.0).unwrap_or_default()))
+                respond(
+                    status,
+                    Bytes::from(serde_json::to_vec(&f.0).unwrap_or_default()),
+                )
             }
         }
     }
@@ -231,7 +239,10 @@ impl Server {
             .ok()?
             .strip_prefix("Bearer ")?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.cfg.by_token.get(&digest).map(|&i| &self.cfg.principals[i])
+        self.cfg
+            .by_token
+            .get(&digest)
+            .map(|&i| &self.cfg.principals[i])
     }
 
     async fn dispatch(
@@ -436,7 +447,10 @@ impl Server {
         .iter()
         .any(|&x| p.may(x))
         {
-            return Err(denied(format!("principal {:?} has no key permission", p.name)));
+            return Err(denied(format!(
+                "principal {:?} has no key permission",
+                p.name
+            )));
         }
         self.check_scope(p, &t.environment, &t.scope)?;
         json(&self.kek_status(&t.environment, &t.scope))
@@ -499,7 +513,10 @@ impl Server {
             }
             self.create_first_kek(env, scope)?;
         }
-        Err(Failure::new(ErrorKind::Internal, "KEK creation did not take"))
+        Err(Failure::new(
+            ErrorKind::Internal,
+            "KEK creation did not take",
+        ))
     }
 
     fn create_first_kek(&self, env: &str, scope: &str) -> Result<(), Failure> {
@@ -561,7 +578,10 @@ impl Server {
         if wrapped.kek_id != kek_id(env, scope) {
             // Another scope's or service's KEK: same answer as any other
             // substitution (PCI DSS 3.7.7).
-            return Err(Failure::new(ErrorKind::UnwrapFailed, "wrapped key failed to unwrap"));
+            return Err(Failure::new(
+                ErrorKind::UnwrapFailed,
+                "wrapped key failed to unwrap",
+            ));
         }
         let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
         let Vault::Open { keks, .. } = &*vault else {
@@ -665,7 +685,11 @@ impl Server {
                 keys: HashSet::new(),
             };
         }
-        let retry = q.window.saturating_sub(now.duration_since(w.started)).as_secs() + 1;
+        let retry = q
+            .window
+            .saturating_sub(now.duration_since(w.started))
+            .as_secs()
+            + 1;
         if w.requests >= q.requests {
             return Err(Failure::new(
                 ErrorKind::QuotaExceeded,
@@ -709,7 +733,11 @@ impl Server {
     fn retire(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
         let t: KekVersionTarget = parse(body)?;
         Self::note_target(rec, &t.environment, &t.scope);
-        rec.kek = Some(format!("{}#v{}", kek_id(t.environment.as_str(), t.scope.as_str()), t.version));
+        rec.kek = Some(format!(
+            "{}#v{}",
+            kek_id(t.environment.as_str(), t.scope.as_str()),
+            t.version
+        ));
         require(p, Permission::Custodian)?;
         self.check_scope(p, &t.environment, &t.scope)?;
         let (env, scope) = (t.environment.as_str(), t.scope.as_str());
@@ -741,7 +769,11 @@ impl Server {
     fn destroy(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
         let t: KekVersionTarget = parse(body)?;
         Self::note_target(rec, &t.environment, &t.scope);
-        rec.kek = Some(format!("{}#v{}", kek_id(t.environment.as_str(), t.scope.as_str()), t.version));
+        rec.kek = Some(format!(
+            "{}#v{}",
+            kek_id(t.environment.as_str(), t.scope.as_str()),
+            t.version
+        ));
         require(p, Permission::Custodian)?;
         self.check_scope(p, &t.environment, &t.scope)?;
         let (env, scope) = (t.environment.as_str(), t.scope.as_str());
@@ -856,8 +888,8 @@ async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Failure
     let mut body = Limited::new(req.into_body(), proto::MAX_BODY_BYTES);
     let mut buf = Zeroizing::new(Vec::new());
     while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|_| Failure::new(ErrorKind::BadRequest, "body unreadable or too large"))?;
+        let frame = frame
+            .map_err(|_| Failure::new(ErrorKind::BadRequest, "body unreadable or too large"))?;
         if let Ok(data) = frame.into_data() {
             buf.extend_from_slice(&data);
         }

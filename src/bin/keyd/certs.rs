@@ -58,7 +58,11 @@ pub(crate) fn generate(out: &Path, hosts: &[String], clients: &[String]) -> Resu
     let server_key = KeyPair::generate().map_err(err)?;
     let server_cert = server.signed_by(&server_key, &issuer).map_err(err)?;
     write_new(&out.join("server.pem"), &server_cert.pem(), false)?;
-    write_new(&out.join("server.key.pem"), &server_key.serialize_pem(), true)?;
+    write_new(
+        &out.join("server.key.pem"),
+        &server_key.serialize_pem(),
+        true,
+    )?;
 
     for name in clients {
         if name.is_empty()
@@ -74,9 +78,17 @@ pub(crate) fn generate(out: &Path, hosts: &[String], clients: &[String]) -> Resu
         let key = KeyPair::generate().map_err(err)?;
         let cert = p.signed_by(&key, &issuer).map_err(err)?;
         write_new(&out.join(format!("{name}.pem")), &cert.pem(), false)?;
-        write_new(&out.join(format!("{name}.key.pem")), &key.serialize_pem(), true)?;
+        write_new(
+            &out.join(format!("{name}.key.pem")),
+            &key.serialize_pem(),
+            true,
+        )?;
         let fp = hex::encode(Sha256::digest(cert.der().as_ref()));
-        write_new(&out.join(format!("{name}.sha256")), &format!("{fp}\n"), false)?;
+        write_new(
+            &out.join(format!("{name}.sha256")),
+            &format!("{fp}\n"),
+            false,
+        )?;
     }
     Ok(())
 }

@@ -177,7 +177,13 @@ impl Config {
         };
         let raw: RawConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
         let listen: SocketAddr = raw
             .listen
             .parse()
@@ -206,15 +212,20 @@ impl Config {
             let who = format!("principal {:?}", p.name);
             if p.name.is_empty()
                 || p.name.len() > 64
-                || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-@".contains(&b))
+                || !p
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-@".contains(&b))
             {
-                return Err(invalid(format!("{who}: name must be 1-64 of A-Z a-z 0-9 . _ : - @")));
+                return Err(invalid(format!(
+                    "{who}: name must be 1-64 of A-Z a-z 0-9 . _ : - @"
+                )));
             }
             if cfg.principal(&p.name).is_some() {
                 return Err(invalid(format!("{who} is defined twice")));
             }
-            let environment = Environment::new(&p.environment)
-                .map_err(|e| invalid(format!("{who}: {e}")))?;
+            let environment =
+                Environment::new(&p.environment).map_err(|e| invalid(format!("{who}: {e}")))?;
             if !cfg.environments.contains(environment.as_str()) {
                 return Err(invalid(format!(
                     "{who}: environment {:?} is not served by this server",
@@ -239,11 +250,14 @@ impl Config {
                 fingerprints.push(Sha256::digest(der.as_ref()).into());
             }
             if let Some(h) = &p.cert_sha256 {
-                fingerprints.push(parse_sha256(h).map_err(|m| invalid(format!("{who}: cert_sha256 {m}")))?);
+                fingerprints
+                    .push(parse_sha256(h).map_err(|m| invalid(format!("{who}: cert_sha256 {m}")))?);
             }
             for f in fingerprints {
                 if cfg.by_cert.insert(f, i).is_some() {
-                    return Err(invalid(format!("{who}: certificate used by two principals")));
+                    return Err(invalid(format!(
+                        "{who}: certificate used by two principals"
+                    )));
                 }
             }
             if let Some(h) = &p.token_sha256 {
@@ -256,7 +270,9 @@ impl Config {
                 cfg.by_token.insert(t, i);
             }
             if p.cert.is_none() && p.cert_sha256.is_none() && p.token_sha256.is_none() {
-                return Err(invalid(format!("{who}: needs cert, cert_sha256 or token_sha256")));
+                return Err(invalid(format!(
+                    "{who}: needs cert, cert_sha256 or token_sha256"
+                )));
             }
             let quota = match p.quota {
                 Some(q) => {

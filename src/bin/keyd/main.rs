@@ -67,9 +67,7 @@ impl Args {
         let mut it = args.iter();
         while let Some(a) = it.next() {
             if let Some(flag) = a.strip_prefix("--") {
-                let v = it
-                    .next()
-                    .ok_or_else(|| format!("--{flag} needs a value"))?;
+                let v = it.next().ok_or_else(|| format!("--{flag} needs a value"))?;
                 pairs.push((flag.to_owned(), v.clone()));
             } else {
                 positional.push(a.clone());
@@ -91,7 +89,8 @@ impl Args {
     }
 
     fn need(&self, flag: &str) -> Result<String, String> {
-        self.one(flag).ok_or_else(|| format!("--{flag} is required"))
+        self.one(flag)
+            .ok_or_else(|| format!("--{flag} is required"))
     }
 
     fn check(&self, allowed: &[&str]) -> Result<(), String> {
@@ -257,7 +256,10 @@ fn verify_audit(args: &Args) -> ExitCode {
             let cfg = load_config(args)?;
             Ok((cfg.audit_path(), cfg.audit_key_path()))
         } else {
-            Ok((PathBuf::from(args.need("log")?), PathBuf::from(args.need("key")?)))
+            Ok((
+                PathBuf::from(args.need("log")?),
+                PathBuf::from(args.need("key")?),
+            ))
         }
     };
     let (log, key) = match paths() {
@@ -330,18 +332,27 @@ fn serve(args: &Args) -> Result<(), String> {
     args.check(&["config", "listen"])?;
     let mut cfg = load_config(args)?;
     if let Some(l) = args.one("listen") {
-        cfg.listen = l.parse().map_err(|_| format!("--listen {l:?} is not ip:port"))?;
+        cfg.listen = l
+            .parse()
+            .map_err(|_| format!("--listen {l:?} is not ip:port"))?;
     }
     let state = StateStore::open(&cfg.state_path()).map_err(|e| e.to_string())?;
     let audit_key = AuditKey::load_file(cfg.audit_key_path())
         .map_err(|e| format!("audit key {}: {e}", cfg.audit_key_path().display()))?;
-    let audit = ChainedAuditLog::open(cfg.audit_path(), audit_key)
-        .map_err(|e| format!("audit log {}: {e}; refusing to start", cfg.audit_path().display()))?;
+    let audit = ChainedAuditLog::open(cfg.audit_path(), audit_key).map_err(|e| {
+        format!(
+            "audit log {}: {e}; refusing to start",
+            cfg.audit_path().display()
+        )
+    })?;
     let tls = TlsAcceptor::from(Arc::new(tls_config(&cfg)?));
     let listen = cfg.listen;
     let environments: Vec<String> = cfg.environments.iter().cloned().collect();
     audit
-        .append(&api::system_record("start", format!("listening on {listen}, sealed")))
+        .append(&api::system_record(
+            "start",
+            format!("listening on {listen}, sealed"),
+        ))
         .map_err(|e| e.to_string())?;
     let server = Arc::new(api::Server::new(cfg, state, audit));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -360,42 +371,44 @@ fn serve(args: &Args) -> Result<(), String> {
             environments.join(", ")
         );
         let _ = std::io::stdout().flush();
-        let accept = async {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("panseal-keyd: accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let tls = tls.clone();
-                let server = Arc::clone(&server);
-                tokio::spawn(async move {
-                    let _ = tcp.set_nodelay(true);
-                    let stream =
-                        match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-                        {
-                            Ok(Ok(s)) => s,
-                            _ => return,
-                        };
-                    let cert = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| <[u8; 32]>::from(Sha256::digest(c.as_ref())));
-                    let svc = service_fn(move |req| {
-                        let server = Arc::clone(&server);
-                        async move { Ok::<_, Infallible>(server.handle(cert, peer, req).await) }
+        let accept =
+            async {
+                loop {
+                    let (tcp, peer) = match listener.accept().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            eprintln!("panseal-keyd: accept: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let tls = tls.clone();
+                    let server = Arc::clone(&server);
+                    tokio::spawn(async move {
+                        let _ = tcp.set_nodelay(true);
+                        let stream =
+                            match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp))
+                                .await
+                            {
+                                Ok(Ok(s)) => s,
+                                _ => return,
+                            };
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| <[u8; 32]>::from(Sha256::digest(c.as_ref())));
+                        let svc = service_fn(move |req| {
+                            let server = Arc::clone(&server);
+                            async move { Ok::<_, Infallible>(server.handle(cert, peer, req).await) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        };
+                }
+            };
         tokio::select! {
             () = accept => Ok(()),
             _ = tokio::signal::ctrl_c() => {

@@ -132,7 +132,11 @@ pub(crate) fn split(
 
 fn share_text(bytes: &[u8]) -> String {
     let sum = Sha256::digest(bytes);
-    format!("{SHARE_PREFIX}{}-{}", hex::encode(bytes), hex::encode(&sum[..4]))
+    format!(
+        "{SHARE_PREFIX}{}-{}",
+        hex::encode(bytes),
+        hex::encode(&sum[..4])
+    )
 }
 
 /// Parses share text: prefix, hex, 4-byte checksum against typing errors.

@@ -78,7 +78,9 @@ pub(crate) struct State {
 
 impl State {
     pub(crate) fn acknowledged(&self, custodian: &str) -> bool {
-        self.acknowledgements.iter().any(|a| a.custodian == custodian)
+        self.acknowledgements
+            .iter()
+            .any(|a| a.custodian == custodian)
     }
 
     pub(crate) fn versions<'a>(
