@@ -505,7 +505,7 @@ async fn kill_9_during_rotation_loses_no_acknowledged_change() {
             "version {v} missing"
         );
     }
-    let wrapped = wrapped.lock().unwrap();
+    let wrapped = std::mem::take(&mut *wrapped.lock().unwrap());
     assert!(!wrapped.is_empty());
     for (r, w, bytes) in wrapped.iter() {
         let got = app.unwrap(r, w, &access()).await.unwrap();

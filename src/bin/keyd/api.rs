@@ -110,7 +110,7 @@ enum Vault {
         submitted: BTreeMap<String, Zeroizing<Vec<u8>>>,
     },
     Open {
-        master: MasterKey,
+        master: Box<MasterKey>,
         keks: HashMap<String, ScopeKeks>,
     },
 }
@@ -872,7 +872,10 @@ fn open_vault(state: &State, shares: &[Zeroizing<Vec<u8>>]) -> Result<Vault, Fai
             }
         }
     }
-    Ok(Vault::Open { master, keks })
+    Ok(Vault::Open {
+        master: Box::new(master),
+        keks,
+    })
 }
 
 fn truncate(s: &str) -> String {
