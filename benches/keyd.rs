@@ -126,9 +126,8 @@ fn main() {
         let l_tput = throughput(local.clone(), local_keys, tasks, secs).await;
 
         let k = keyd_harness::Keyd::ready().await;
-        let remote = k.client_with("app", |b| b.max_idle_connections(64));
-        let connections_before = remote.connections_opened();
-        let remote: Arc<dyn KeyService> = Arc::new(remote);
+        let client = k.client_with("app", |b| b.max_idle_connections(64));
+        let remote: Arc<dyn KeyService> = Arc::new(client.clone());
         let remote_keys = Arc::new(keys(&*remote, 256).await);
         let r_lat = latency(&*remote, &remote_keys, n).await;
         let r_tput = throughput(remote.clone(), remote_keys, tasks, secs).await;
@@ -138,7 +137,11 @@ fn main() {
         );
         report("LocalKeyService (in-process)", &l_lat, l_tput);
         report("panseal-keyd (loopback TLS)", &r_lat, r_tput);
-        println!("(keyd client opened {connections_before} connection(s) before the run; connections are reused)");
+        println!(
+            "keyd client: {} requests over {} TLS connections (reused)",
+            client.requests_made(),
+            client.connections_opened()
+        );
         drop(k);
     });
 }
