@@ -49,7 +49,11 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Sequential unwraps: per-call latency.
-async fn latency(ks: &dyn KeyService, keys: &[(KeyRequest, WrappedKey)], n: usize) -> Vec<Duration> {
+async fn latency(
+    ks: &dyn KeyService,
+    keys: &[(KeyRequest, WrappedKey)],
+    n: usize,
+) -> Vec<Duration> {
     let access = Access::new("bench", "latency").unwrap();
     // Warm up (connections, caches).
     for (r, w) in keys.iter().take(50) {

@@ -744,3 +744,154 @@ async fn unreachable_server_is_a_retryable_unavailable_error() {
     assert!(t.elapsed() >= Duration::from_millis(30));
     assert!(t.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn custodians_use_the_command_line_tool() {
+    let mut k = Keyd::init();
+    k.start();
+    // Unseal with the CLI: acknowledgement first, then the share file.
+    let share_file = k.path("shares/alice.share");
+    let share_file = share_file.to_str().unwrap();
+    let (ok, _, err) = k.custodian_cli("alice", "unseal", &["--share-file", share_file]);
+    assert!(!ok && err.contains("acknowledgement"), "{err}");
+    for c in ["alice", "bob"] {
+        let (ok, out, err) = k.custodian_cli(c, "acknowledge", &[]);
+        assert!(ok, "{err}");
+        assert!(out.contains("\"acknowledged\": true"), "{out}");
+        let f = k.path(&format!("shares/{c}.share"));
+        let (ok, out, err) = k.custodian_cli(c, "unseal", &["--share-file", f.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        // The share never appears in the output.
+        let share = k.share(c);
+        assert!(!out.contains(&share.expose_secret()[5..30]));
+    }
+    let (ok, out, _) = k.custodian_cli("carol", "status", &[]);
+    assert!(ok && out.contains("\"sealed\": false"), "{out}");
+    // Rotate twice (the first creates the scope's KEK), retire and destroy
+    // v1 under dual control.
+    for v in [1, 2] {
+        let (ok, out, err) = k.custodian_cli("alice", "rotate", &["--scope", "cli-1"]);
+        assert!(ok, "{err}");
+        assert!(out.contains(&format!("\"active_version\": {v}")), "{out}");
+    }
+    let (ok, out, _) = k.custodian_cli("bob", "kek-status", &["--scope", "cli-1"]);
+    assert!(ok && out.contains("\"active_version\": 2"), "{out}");
+    let (ok, _, err) = k.custodian_cli("bob", "retire", &["--scope", "cli-1", "--version", "2"]);
+    assert!(!ok && err.contains("newest"), "{err}");
+    let (ok, out, _) = k.custodian_cli("bob", "retire", &["--scope", "cli-1", "--version", "1"]);
+    assert!(ok && out.contains("decrypt-only"), "{out}");
+    let (ok, out, _) = k.custodian_cli(
+        "alice",
+        "approve-destroy",
+        &["--scope", "cli-1", "--version", "1"],
+    );
+    assert!(ok && out.contains("\"destroyed\": false"), "{out}");
+    let (ok, _, err) = k.custodian_cli(
+        "alice",
+        "approve-destroy",
+        &["--scope", "cli-1", "--version", "1"],
+    );
+    assert!(!ok && err.contains("dual control"), "{err}");
+    let (ok, out, _) = k.custodian_cli(
+        "carol",
+        "approve-destroy",
+        &["--scope", "cli-1", "--version", "1"],
+    );
+    assert!(ok && out.contains("\"destroyed\": true"), "{out}");
+    // An application credential cannot use the custodian actions.
+    let (ok, _, err) = k.custodian_cli("app", "rotate", &["--scope", "cli-1"]);
+    assert!(!ok && err.contains("permission denied"), "{err}");
+    // Destruction survives a restart (durable state).
+    k.kill();
+    k.start();
+    k.unseal().await;
+    let s = k
+        .client("alice")
+        .kek_status(&Scope::new("cli-1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.versions[0].state, panseal::KeyState::Destroyed);
+    assert_eq!(
+        s.versions[0].destroy_approvals,
+        vec!["alice".to_string(), "carol".to_string()]
+    );
+    assert_eq!(s.active_version, 2);
+}
+
+#[tokio::test]
+async fn bearer_tokens_work_only_when_enabled_and_match() {
+    let token = "dev-secret-token";
+    let hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    };
+    let mut k = Keyd::init_with(
+        "allow_bearer_tokens = true\n",
+        &format!(
+            "\n[[principal]]\nname = \"dev\"\ntoken_sha256 = \"{hash}\"\nenvironment = \"test\"\n\
+             scopes = [\"dev-1\"]\npermissions = [\"wrap\"]\n"
+        ),
+    );
+    k.start();
+    k.unseal().await;
+    let with_token = |t: &str| {
+        RemoteKeyService::builder()
+            .address(&k.addr)
+            .server_name("localhost")
+            .ca_pem_file(k.path("certs/ca.pem"))
+            .bearer_token(t)
+            .environment("test")
+            .build()
+            .unwrap()
+    };
+    let dev = with_token(token);
+    let r = req("test", "dev-1", KeyPurpose::Data);
+    let (_, w) = dev.generate(&r).await.unwrap();
+    assert!(is_denied(dev.unwrap(&r, &w, &access()).await));
+    assert!(is_denied(
+        dev.generate(&req("test", "other", KeyPurpose::Data)).await
+    ));
+    let wrong = with_token("not-the-token");
+    assert!(is_denied(wrong.generate(&r).await));
+    // Certificates keep working beside tokens.
+    assert!(k.client("app").unwrap(&r, &w, &access()).await.is_ok());
+    assert!(k
+        .audit_lines()
+        .iter()
+        .any(|l| l.contains("\"principal\":\"dev\"") && l.contains("\"operation\":\"generate\"")));
+}
+
+#[tokio::test]
+async fn a_token_principal_is_refused_in_the_configuration_unless_enabled() {
+    let k = Keyd::init();
+    let cfg = std::fs::read_to_string(k.path("keyd.toml")).unwrap()
+        + "\n[[principal]]\nname = \"dev\"\ntoken_sha256 = \"00\"\nenvironment = \"test\"\n\
+           scopes = [\"*\"]\npermissions = [\"wrap\"]\n";
+    std::fs::write(k.path("keyd.toml"), cfg).unwrap();
+    assert!(k.start_fails().contains("allow_bearer_tokens"));
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out_with_a_retryable_error() {
+    // Accepts TCP connections (kernel backlog) but never speaks TLS.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let k = Keyd::init();
+    let c = RemoteKeyService::builder()
+        .address(&addr)
+        .server_name("localhost")
+        .ca_pem_file(k.path("certs/ca.pem"))
+        .client_identity_pem_files(k.path("certs/app.pem"), k.path("certs/app.key.pem"))
+        .environment("test")
+        .connect_timeout(Duration::from_millis(200))
+        .request_timeout(Duration::from_millis(500))
+        .retries(1, Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let e = c.kek_info().await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::Unavailable(_)), "{e:?}");
+    assert!(e.is_retryable());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    drop(silent);
+}

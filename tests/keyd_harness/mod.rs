@@ -69,6 +69,12 @@ fn run(args: &[&str]) -> String {
 impl Keyd {
     /// A new, initialised (2-of-3) server folder; not started.
     pub fn init() -> Keyd {
+        Keyd::init_with("", "")
+    }
+
+    /// As [`Keyd::init`], with extra top-level settings and principals
+    /// appended to the configuration.
+    pub fn init_with(extra_settings: &str, extra_principals: &str) -> Keyd {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         let mut args = vec!["gen-dev-certs", "--out", certs.to_str().unwrap()];
@@ -81,12 +87,14 @@ impl Keyd {
              tls_cert = \"certs/server.pem\"\ntls_key = \"certs/server.key.pem\"\n\
              client_ca = \"certs/ca.pem\"\n",
         );
+        cfg.push_str(extra_settings);
         for (name, env, scopes, perms, quota) in PRINCIPALS {
             cfg.push_str(&format!(
                 "\n[[principal]]\nname = \"{name}\"\ncert = \"certs/{name}.pem\"\n\
                  environment = \"{env}\"\nscopes = {scopes}\npermissions = {perms}\n{quota}\n"
             ));
         }
+        cfg.push_str(extra_principals);
         std::fs::write(dir.path().join("keyd.toml"), cfg).unwrap();
         let config = dir.path().join("keyd.toml").to_str().unwrap().to_owned();
         let k = Keyd {
@@ -229,6 +237,37 @@ impl Keyd {
             .lines()
             .map(str::to_owned)
             .collect()
+    }
+
+    /// `panseal-keyd custodian ACTION` as `who`: (success, stdout, stderr).
+    pub fn custodian_cli(&self, who: &str, action: &str, extra: &[&str]) -> (bool, String, String) {
+        let certs = self.path("certs");
+        let cert = certs.join(format!("{who}.pem"));
+        let key = certs.join(format!("{who}.key.pem"));
+        let ca = certs.join("ca.pem");
+        let mut args = vec![
+            "custodian",
+            action,
+            "--address",
+            &self.addr,
+            "--server-name",
+            "localhost",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--environment",
+            "test",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// `panseal-keyd verify-audit`: (exit code, stdout).

@@ -14,6 +14,9 @@
 //! panseal-keyd serve --config FILE [--listen IP:PORT]
 //! panseal-keyd verify-audit (--config FILE | --log FILE --key FILE)
 //! panseal-keyd fingerprint CERT.pem
+//! panseal-keyd custodian ACTION --address HOST:PORT --ca CA.pem --cert ME.pem
+//!     --key ME.key.pem --environment ENV [--server-name NAME] [--scope S]
+//!     [--version N] [--share-file FILE] [--statement TEXT]
 //! ```
 
 #![deny(missing_docs)]
@@ -22,6 +25,7 @@
 mod api;
 mod certs;
 mod config;
+mod custodian;
 mod seal;
 mod state;
 
@@ -52,7 +56,11 @@ const USAGE: &str = "usage:
   panseal-keyd init --config FILE --threshold K --custodian NAME... --share-dir DIR
   panseal-keyd serve --config FILE [--listen IP:PORT]
   panseal-keyd verify-audit (--config FILE | --log FILE --key FILE)
-  panseal-keyd fingerprint CERT.pem";
+  panseal-keyd fingerprint CERT.pem
+  panseal-keyd custodian ACTION --address HOST:PORT --ca CA.pem --cert ME.pem --key ME.key.pem
+      --environment ENV [--server-name NAME] [--scope S] [--version N]
+      [--share-file FILE] [--statement TEXT]
+    ACTION: status | acknowledge | unseal | seal | kek-status | rotate | retire | approve-destroy";
 
 /// Parsed `--flag value` pairs (flags may repeat).
 struct Args {
@@ -122,6 +130,10 @@ fn main() -> ExitCode {
         "serve" => serve(&args),
         "verify-audit" => return verify_audit(&args),
         "fingerprint" => fingerprint(&args),
+        "custodian" => match args.positional.first() {
+            Some(action) => custodian::run(action, &args),
+            None => Err(format!("custodian needs an action: {}", custodian::ACTIONS)),
+        },
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())
