@@ -583,8 +583,14 @@ impl RemoteKeyService {
             .spawn(async move { inner.execute(path, body, repeat).await })
             .await
             .map_err(|_| KeyServiceError::Unavailable("client task failed".into()))??;
-        serde_json::from_slice(&answer)
-            .map_err(|e| KeyServiceError::Other(format!("keyd answer does not parse: {e}")))
+        // serde's messages can quote values (key material): say where only.
+        serde_json::from_slice(&answer).map_err(|e| {
+            KeyServiceError::Other(format!(
+                "keyd answer does not parse (line {}, column {})",
+                e.line(),
+                e.column()
+            ))
+        })
     }
 
     /// The environment this client works in.

@@ -883,8 +883,19 @@ fn truncate(s: &str) -> String {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
-    serde_json::from_slice(body)
-        .map_err(|e| Failure::new(ErrorKind::BadRequest, format!("malformed request: {e}")))
+    // serde's messages can quote input values (which may be key material):
+    // report only where the body is malformed.
+    serde_json::from_slice(body).map_err(|e| {
+        Failure::new(
+            ErrorKind::BadRequest,
+            format!(
+                "malformed request body ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
+        )
+    })
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Failure> {

@@ -415,7 +415,10 @@ fn serve(args: &Args) -> Result<(), String> {
                             let server = Arc::clone(&server);
                             async move { Ok::<_, Infallible>(server.handle(cert, peer, req).await) }
                         });
+                        // The timer enables hyper's header-read timeout
+                        // (30 s): a silent client cannot hold a task forever.
                         let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
                     });
