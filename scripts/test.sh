@@ -37,7 +37,10 @@ step "examples"
 cargo run --quiet --example quickstart
 
 step "benches compile"
-cargo bench --no-run --quiet
+cargo bench --no-run --quiet --all-features
+
+step "keyd benchmark (1 s phases; figures in README)"
+KEYD_BENCH_SECONDS=1 cargo bench --quiet --features keyd --bench keyd
 
 step "fuzz: every target for ${FUZZ_SECONDS}s"
 (

@@ -3,7 +3,8 @@
 //! Every open and every unwrap emits an [`AuditEvent`]: who (principal), why
 //! (purpose), what (operation, key id, context — never the PAN), when, and
 //! the outcome. Opening fails closed when no sink is configured or the sink
-//! fails.
+//! fails. [`ChainedAuditLog`] keeps events in a tamper-evident, HMAC-chained
+//! file (PCI DSS 10.3.2, 10.3.4) with [`verify_audit_chain`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -16,6 +17,10 @@ use serde::Serialize;
 use crate::context::Context;
 use crate::error::{AuditError, ConfigError};
 use crate::keys::{KeyId, Scope};
+
+mod chain;
+
+pub use chain::{verify_audit_chain, AuditKey, ChainSummary, ChainedAuditLog};
 
 /// Who is asking and why: every open names a principal and a purpose.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

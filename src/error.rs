@@ -298,6 +298,16 @@ pub enum AuditError {
     /// The sink refused the event.
     #[error("{0}")]
     Rejected(String),
+    /// A hash-chained audit log failed verification: the record at this
+    /// 1-based position (line) is the first that was altered, removed,
+    /// inserted or reordered.
+    #[error("audit log fails verification at record {record}: {reason}")]
+    Tampered {
+        /// The first bad record, counted from 1.
+        record: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 /// Unusable configuration.
@@ -319,4 +329,8 @@ pub enum ConfigError {
     /// A scope or environment name is not acceptable.
     #[error("invalid name: {0}")]
     Name(String),
+    /// A key-service client cannot be configured (address, certificates,
+    /// TLS settings).
+    #[error("key service client: {0}")]
+    KeyServiceClient(String),
 }

@@ -64,6 +64,8 @@ mod format;
 #[cfg(feature = "hazmat-test-keys")]
 pub mod hazmat;
 mod index;
+#[cfg(feature = "keyd-client")]
+pub mod keyd;
 mod keys;
 mod keyservice;
 mod keystore;
@@ -74,8 +76,8 @@ mod seal;
 
 pub use api::{Opened, Panseal, PansealBuilder};
 pub use audit::{
-    Access, AuditEvent, AuditSink, JsonLinesAuditSink, MemoryAuditSink, Operation, Outcome,
-    RecordedEvent,
+    verify_audit_chain, Access, AuditEvent, AuditKey, AuditSink, ChainSummary, ChainedAuditLog,
+    JsonLinesAuditSink, MemoryAuditSink, Operation, Outcome, RecordedEvent,
 };
 pub use context::{Context, MAX_COLUMN_LEN, MAX_ROW_KEY_LEN, MAX_TABLE_LEN};
 pub use error::{
@@ -89,6 +91,8 @@ pub use keys::{
     WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT,
 };
 pub use keyservice::{KekInfo, KeyService, LocalKeyService, Permissions};
+#[cfg(feature = "keyd-client")]
+pub use keyservice::{RemoteKeyService, RemoteKeyServiceBuilder};
 #[cfg(feature = "postgres")]
 pub use keystore::postgres::{Inventory, InventoryEntry, PostgresKeyStore, RegisteredColumn};
 pub use keystore::{FileKeyStore, KeyStore, MemoryKeyStore};

@@ -12,7 +12,7 @@ use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use async_trait::async_trait;
 use rand::RngCore;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::{sealed, KekInfo, KeyService, Permissions};
 use crate::audit::Access;
@@ -269,24 +269,32 @@ pub(crate) fn unwrap_raw(
     request: &KeyRequest,
     wrapped: &[u8],
 ) -> Result<Dek, KeyServiceError> {
+    let key = unwrap_raw_bytes(cipher, kek, request, wrapped)?;
+    Ok(Dek::from_unwrapped(&key))
+}
+
+/// [`unwrap_raw`] returning the key bytes in a wiping buffer.
+pub(crate) fn unwrap_raw_bytes(
+    cipher: &Aes256Gcm,
+    kek: &KekRef,
+    request: &KeyRequest,
+    wrapped: &[u8],
+) -> Result<Zeroizing<[u8; 32]>, KeyServiceError> {
     if wrapped.len() != WRAPPED_LEN {
         return Err(KeyServiceError::UnwrapFailed);
     }
     let aad = request.wrap_aad(kek);
-    let mut key = [0u8; 32];
+    let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&wrapped[12..44]);
-    let result = cipher.decrypt_in_place_detached(
-        Nonce::from_slice(&wrapped[..12]),
-        &aad,
-        &mut key,
-        wrapped[44..].into(),
-    );
-    let dek = match result {
-        Ok(()) => Ok(Dek::from_unwrapped(&key)),
-        Err(_) => Err(KeyServiceError::UnwrapFailed),
-    };
-    key.zeroize();
-    dek
+    cipher
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&wrapped[..12]),
+            &aad,
+            &mut key[..],
+            wrapped[44..].into(),
+        )
+        .map_err(|_| KeyServiceError::UnwrapFailed)?;
+    Ok(key)
 }
 
 fn kek_name(version: u32) -> String {

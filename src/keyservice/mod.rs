@@ -15,8 +15,12 @@ use crate::error::KeyServiceError;
 use crate::keys::{Dek, KeyRequest, KeyState, WrappedKey};
 
 pub(crate) mod local;
+#[cfg(feature = "keyd-client")]
+mod remote;
 
 pub use local::LocalKeyService;
+#[cfg(feature = "keyd-client")]
+pub use remote::{RemoteKeyService, RemoteKeyServiceBuilder};
 
 pub(crate) mod sealed {
     /// Prevents implementations outside this crate.

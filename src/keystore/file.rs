@@ -96,31 +96,37 @@ impl FileKeyStore {
     }
 
     fn write_atomically(&self, bytes: &[u8]) -> Result<(), KeyStoreError> {
-        let path = &self.inner.path;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "keystore".into());
         let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            drop(f);
-            fs::rename(&tmp, path)?;
-            File::open(&dir)?.sync_all()?;
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            KeyStoreError::Io(e)
-        })
+        write_atomically(&self.inner.path, bytes, n).map_err(KeyStoreError::Io)
     }
+}
+
+/// Replaces the file at `path` with `bytes` so that a crash at any point
+/// leaves either the old or the new contents: write a temporary file in the
+/// same directory, fsync it, rename it over `path`, fsync the directory.
+/// `n` distinguishes concurrent temporary files of one process.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], n: u64) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "keystore".into());
+    let tmp = dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        File::open(&dir)?.sync_all()?;
+        Ok(())
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 /// `MAGIC | version u8 | count u32 | (len u32 | record)* | SHA-256(all before)`.

@@ -1,0 +1,151 @@
+//! Unwrap latency and throughput: `panseal-keyd` over loopback TLS with
+//! connection reuse, against the in-process `LocalKeyService`, in one run.
+//!
+//! ```text
+//! cargo bench --features keyd --bench keyd
+//! ```
+//!
+//! Starts a real keyd on 127.0.0.1 (random port, temporary folder), unseals
+//! it, and measures for a bounded time and count. `KEYD_BENCH_SECONDS`
+//! (default 3) sets each throughput phase; `KEYD_BENCH_TASKS` (default 16)
+//! the concurrent requests in flight.
+
+#[path = "../tests/keyd_harness/mod.rs"]
+mod keyd_harness;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use panseal::{
+    Access, Environment, KeyId, KeyPurpose, KeyRequest, KeyService, LocalKeyService, Scope,
+    WrappedKey,
+};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn keys(ks: &dyn KeyService, n: usize) -> Vec<(KeyRequest, WrappedKey)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let r = KeyRequest {
+            id: KeyId::random(),
+            scope: Scope::new("bench-1").unwrap(),
+            environment: Environment::new("test").unwrap(),
+            purpose: KeyPurpose::Data,
+        };
+        let (_, w) = ks.generate(&r).await.unwrap();
+        out.push((r, w));
+    }
+    out
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// Sequential unwraps: per-call latency.
+async fn latency(
+    ks: &dyn KeyService,
+    keys: &[(KeyRequest, WrappedKey)],
+    n: usize,
+) -> Vec<Duration> {
+    let access = Access::new("bench", "latency").unwrap();
+    // Warm up (connections, caches).
+    for (r, w) in keys.iter().take(50) {
+        ks.unwrap(r, w, &access).await.unwrap();
+    }
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let (r, w) = &keys[i % keys.len()];
+        let t = Instant::now();
+        ks.unwrap(r, w, &access).await.unwrap();
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples
+}
+
+/// `tasks` concurrent unwrap loops for `secs` seconds: unwraps per second.
+async fn throughput(
+    ks: Arc<dyn KeyService>,
+    keys: Arc<Vec<(KeyRequest, WrappedKey)>>,
+    tasks: usize,
+    secs: u64,
+) -> (u64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let ks = ks.clone();
+        let keys = keys.clone();
+        handles.push(tokio::spawn(async move {
+            let access = Access::new("bench", "throughput").unwrap();
+            let mut n = 0u64;
+            // Bounded in time and in count.
+            while Instant::now() < deadline && n < 2_000_000 {
+                let (r, w) = &keys[(t + n as usize) % keys.len()];
+                ks.unwrap(r, w, &access).await.unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for h in handles {
+        total += h.await.unwrap();
+    }
+    (total, total as f64 / start.elapsed().as_secs_f64())
+}
+
+fn report(name: &str, lat: &[Duration], tput: (u64, f64)) {
+    println!(
+        "{name:<28} p50 {:>9.1} µs   p99 {:>9.1} µs   throughput {:>10.0} unwraps/s ({} in total)",
+        pct(lat, 0.50).as_secs_f64() * 1e6,
+        pct(lat, 0.99).as_secs_f64() * 1e6,
+        tput.1,
+        tput.0
+    );
+}
+
+fn main() {
+    // `cargo bench` passes filter flags; this bench takes none.
+    let secs = env_or("KEYD_BENCH_SECONDS", 3);
+    let tasks = env_or("KEYD_BENCH_TASKS", 16) as usize;
+    let n = 5_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let local: Arc<dyn KeyService> =
+            Arc::new(LocalKeyService::new(Environment::new("test").unwrap()));
+        let local_keys = Arc::new(keys(&*local, 256).await);
+        let l_lat = latency(&*local, &local_keys, n).await;
+        let l_tput = throughput(local.clone(), local_keys, tasks, secs).await;
+
+        let k = keyd_harness::Keyd::ready().await;
+        let client = k.client_with("app", |b| b.max_idle_connections(64));
+        let remote: Arc<dyn KeyService> = Arc::new(client.clone());
+        let remote_keys = Arc::new(keys(&*remote, 256).await);
+        let r_lat = latency(&*remote, &remote_keys, n).await;
+        let r_tput = throughput(remote.clone(), remote_keys, tasks, secs).await;
+
+        println!(
+            "\nunwrap, {n} sequential calls for latency; {tasks} concurrent tasks for {secs} s for throughput"
+        );
+        report("LocalKeyService (in-process)", &l_lat, l_tput);
+        report("panseal-keyd (loopback TLS)", &r_lat, r_tput);
+        println!(
+            "keyd client: {} requests over {} TLS connections (reused)",
+            client.requests_made(),
+            client.connections_opened()
+        );
+        drop(k);
+    });
+}

@@ -1,0 +1,444 @@
+//! A tamper-evident audit log: JSON lines, each authenticated by an HMAC
+//! that chains it to the record before it (PCI DSS 10.3.2, 10.3.4).
+//!
+//! One record is one line:
+//!
+//! ```text
+//! {"seq":N,"prev":"<64 hex>","event":<event JSON>,"mac":"<64 hex>"}
+//! ```
+//!
+//! * `seq` counts records from 1;
+//! * `prev` is the `mac` of the record before (64 zeros for the first);
+//! * `mac` is HMAC-SHA-256 under the log's [`AuditKey`] of the label
+//!   `panseal-audit-chain-v1\n` followed by every byte of the line before
+//!   `,"mac":"`.
+//!
+//! The MAC covers the exact bytes written (no re-serialisation), so editing
+//! a field, removing, inserting or reordering a record all make
+//! [`verify_audit_chain`] fail, and it names the first bad record. What a
+//! chain alone cannot show is a cut-off tail: the newest records removed
+//! from the end. Compare the count and head that verification reports with
+//! a copy kept elsewhere (a log shipper, a daily note) to catch that.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use hmac::{Hmac, Mac};
+use rand_core::{OsRng, RngCore};
+use secrecy::{ExposeSecret, SecretBox};
+use serde::Serialize;
+use sha2::Sha256;
+use zeroize::Zeroize;
+
+use super::{AuditEvent, AuditSink};
+use crate::error::AuditError;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const LABEL: &[u8] = b"panseal-audit-chain-v1\n";
+const MAC_PREFIX: &[u8] = b",\"mac\":\"";
+/// `,"mac":"` + 64 hex digits + `"}`.
+const SUFFIX_LEN: usize = 8 + 64 + 2;
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// The 256-bit key that authenticates an audit chain. Keep it apart from the
+/// log (another file system, owner or machine): whoever holds it can forge
+/// records.
+///
+/// No `Debug` of its bytes, wiped on drop.
+pub struct AuditKey {
+    key: SecretBox<[u8; 32]>,
+}
+
+impl fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuditKey(..)")
+    }
+}
+
+impl AuditKey {
+    /// A fresh key from the OS CSPRNG.
+    pub fn generate() -> Self {
+        let mut key = SecretBox::new(Box::new([0u8; 32]));
+        OsRng.fill_bytes(secrecy::ExposeSecretMut::expose_secret_mut(&mut key));
+        AuditKey { key }
+    }
+
+    /// Generates a key and writes it, as 64 hex digits, to a new file at
+    /// `path` (owner read/write only on Unix). Refuses to overwrite.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error, including when the file exists.
+    pub fn create_file(path: impl AsRef<Path>) -> Result<Self, AuditError> {
+        let key = Self::generate();
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(path)?;
+        let mut text = hex::encode(key.key.expose_secret());
+        let result = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
+        text.zeroize();
+        result?;
+        Ok(key)
+    }
+
+    /// Reads a key written by [`AuditKey::create_file`].
+    ///
+    /// # Errors
+    ///
+    /// An I/O error, or [`AuditError::Rejected`] if the file does not hold
+    /// 64 hex digits.
+    pub fn load_file(path: impl AsRef<Path>) -> Result<Self, AuditError> {
+        let mut text = fs::read_to_string(path)?;
+        let mut key = SecretBox::new(Box::new([0u8; 32]));
+        let parsed = hex::decode_to_slice(
+            text.trim(),
+            secrecy::ExposeSecretMut::expose_secret_mut(&mut key),
+        );
+        text.zeroize();
+        parsed
+            .map_err(|_| AuditError::Rejected("audit key file must hold 64 hex digits".into()))?;
+        Ok(AuditKey { key })
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        // HMAC accepts keys of any length; 32 bytes never fails.
+        let mut m = <HmacSha256 as Mac>::new_from_slice(self.key.expose_secret())
+            .unwrap_or_else(|_| unreachable_hmac());
+        m.update(LABEL);
+        m
+    }
+}
+
+#[cold]
+fn unreachable_hmac() -> HmacSha256 {
+    // `Hmac::new_from_slice` only fails for fixed-size-key MACs.
+    panic!("HMAC-SHA-256 refused a 32-byte key")
+}
+
+/// What a successful verification saw: keep `records` and `head` somewhere
+/// else to detect a log cut off at the end later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainSummary {
+    /// Number of records.
+    pub records: u64,
+    /// The MAC of the last record (64 hex digits; zeros for an empty log).
+    pub head: String,
+}
+
+struct Tail {
+    file: File,
+    seq: u64,
+    prev: String,
+}
+
+/// An append-only, hash-chained audit log file. Usable directly as an
+/// [`AuditSink`] for the library's own events, and by `panseal-keyd` for
+/// its request log.
+///
+/// Each record is written with one `write` call and handed to the operating
+/// system before [`ChainedAuditLog::append`] returns, so a killed process
+/// loses nothing it acknowledged; call [`ChainedAuditLog::sync`] to force
+/// records to stable storage (power loss).
+pub struct ChainedAuditLog {
+    path: PathBuf,
+    key: AuditKey,
+    tail: Mutex<Tail>,
+}
+
+impl fmt::Debug for ChainedAuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainedAuditLog")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChainedAuditLog {
+    /// Opens the log at `path` (creating it if absent), verifies every
+    /// record already in it, and continues its chain.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Tampered`] if the existing log fails verification (it
+    /// is left untouched), or an I/O error.
+    pub fn open(path: impl AsRef<Path>, key: AuditKey) -> Result<Self, AuditError> {
+        let path = path.as_ref().to_path_buf();
+        let summary = match fs::read(&path) {
+            Ok(bytes) => verify_bytes(&bytes, &key)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ChainSummary {
+                records: 0,
+                head: GENESIS.into(),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(ChainedAuditLog {
+            path,
+            key,
+            tail: Mutex::new(Tail {
+                file,
+                seq: summary.records,
+                prev: summary.head,
+            }),
+        })
+    }
+
+    /// The log file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record holding `event` (any value that serialises to
+    /// JSON) and returns its sequence number.
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Rejected`] if `event` does not serialise, or an I/O
+    /// error (the chain is then not advanced).
+    pub fn append<T: Serialize + ?Sized>(&self, event: &T) -> Result<u64, AuditError> {
+        let event =
+            serde_json::to_string(event).map_err(|e| AuditError::Rejected(e.to_string()))?;
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = tail.seq + 1;
+        let mut line = format!(
+            "{{\"seq\":{seq},\"prev\":\"{}\",\"event\":{event}",
+            tail.prev
+        );
+        let mut m = self.key.mac();
+        m.update(line.as_bytes());
+        let mac = hex::encode(m.finalize().into_bytes());
+        line.push_str(",\"mac\":\"");
+        line.push_str(&mac);
+        line.push_str("\"}\n");
+        tail.file.write_all(line.as_bytes())?;
+        tail.seq = seq;
+        tail.prev = mac;
+        Ok(seq)
+    }
+
+    /// Forces every record appended so far to stable storage.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error.
+    pub fn sync(&self) -> Result<(), AuditError> {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        tail.file.sync_data()?;
+        Ok(())
+    }
+
+    /// The number of records and the newest MAC.
+    pub fn summary(&self) -> ChainSummary {
+        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        ChainSummary {
+            records: tail.seq,
+            head: tail.prev.clone(),
+        }
+    }
+}
+
+impl AuditSink for ChainedAuditLog {
+    fn record(&self, event: &AuditEvent<'_>) -> Result<(), AuditError> {
+        self.append(event).map(|_| ())
+    }
+}
+
+/// Verifies the whole log at `path` under `key`.
+///
+/// # Errors
+///
+/// [`AuditError::Tampered`] naming the first record (1-based line) that was
+/// altered, removed, inserted or reordered, or an I/O error.
+pub fn verify_audit_chain(
+    path: impl AsRef<Path>,
+    key: &AuditKey,
+) -> Result<ChainSummary, AuditError> {
+    verify_bytes(&fs::read(path)?, key)
+}
+
+#[derive(serde::Deserialize)]
+struct Header<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    prev: &'a str,
+    #[allow(dead_code)]
+    event: serde::de::IgnoredAny,
+}
+
+fn verify_bytes(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError> {
+    let mut prev = GENESIS.to_owned();
+    let mut n = 0u64;
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        n += 1;
+        let bad = |reason| AuditError::Tampered { record: n, reason };
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            return Err(bad("incomplete last record (torn write or cut file)"));
+        };
+        let line = &rest[..end];
+        rest = &rest[end + 1..];
+        if line.len() < SUFFIX_LEN + 2 {
+            return Err(bad("not a chained record"));
+        }
+        let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+        if &suffix[..MAC_PREFIX.len()] != MAC_PREFIX || &suffix[SUFFIX_LEN - 2..] != b"\"}" {
+            return Err(bad("not a chained record"));
+        }
+        let mac_hex = &suffix[MAC_PREFIX.len()..SUFFIX_LEN - 2];
+        let mut mac = [0u8; 32];
+        if hex::decode_to_slice(mac_hex, &mut mac).is_err() {
+            return Err(bad("not a chained record"));
+        }
+        let mut m = key.mac();
+        m.update(body);
+        if m.verify_slice(&mac).is_err() {
+            return Err(bad("MAC mismatch: record altered or forged"));
+        }
+        let mut json = body.to_vec();
+        json.push(b'}');
+        let header: Header<'_> =
+            serde_json::from_slice(&json).map_err(|_| bad("record does not parse"))?;
+        if header.seq != n {
+            return Err(bad(
+                "out of sequence: a record before it was removed, inserted or moved",
+            ));
+        }
+        if header.prev != prev {
+            return Err(bad("does not follow the record before it"));
+        }
+        prev = String::from_utf8_lossy(mac_hex).into_owned();
+    }
+    Ok(ChainSummary {
+        records: n,
+        head: prev,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_log(dir: &Path, n: u64) -> (PathBuf, AuditKey) {
+        let path = dir.join("audit.log");
+        let key_path = dir.join("audit.key");
+        let key = AuditKey::create_file(&key_path).unwrap();
+        let log = ChainedAuditLog::open(&path, key).unwrap();
+        for i in 0..n {
+            let seq = log
+                .append(&serde_json::json!({"op": "unwrap", "i": i, "principal": "app"}))
+                .unwrap();
+            assert_eq!(seq, i + 1);
+        }
+        drop(log);
+        (path, AuditKey::load_file(&key_path).unwrap())
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn write_lines(path: &Path, lines: &[String]) {
+        let mut s = lines.join("\n");
+        s.push('\n');
+        fs::write(path, s).unwrap();
+    }
+
+    fn failing_record(path: &Path, key: &AuditKey) -> u64 {
+        match verify_audit_chain(path, key) {
+            Err(AuditError::Tampered { record, .. }) => record,
+            other => panic!("expected a verification failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn intact_log_verifies_and_reopening_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = write_log(dir.path(), 5);
+        let s = verify_audit_chain(&path, &key).unwrap();
+        assert_eq!(s.records, 5);
+        let log = ChainedAuditLog::open(&path, key).unwrap();
+        assert_eq!(log.append(&"sixth").unwrap(), 6);
+        assert_eq!(log.summary().records, 6);
+        log.sync().unwrap();
+        let key = AuditKey::load_file(dir.path().join("audit.key")).unwrap();
+        assert_eq!(verify_audit_chain(&path, &key).unwrap(), log.summary());
+    }
+
+    #[test]
+    fn edited_record_fails_at_that_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = write_log(dir.path(), 6);
+        let mut l = lines(&path);
+        l[3] = l[3].replace("\"principal\":\"app\"", "\"principal\":\"bob\"");
+        write_lines(&path, &l);
+        assert_eq!(failing_record(&path, &key), 4);
+    }
+
+    #[test]
+    fn deleted_record_fails_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = write_log(dir.path(), 6);
+        let mut l = lines(&path);
+        l.remove(2);
+        write_lines(&path, &l);
+        assert_eq!(failing_record(&path, &key), 3);
+    }
+
+    #[test]
+    fn reordered_records_fail_at_the_first_moved_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = write_log(dir.path(), 6);
+        let mut l = lines(&path);
+        l.swap(1, 4);
+        write_lines(&path, &l);
+        assert_eq!(failing_record(&path, &key), 2);
+    }
+
+    #[test]
+    fn wrong_key_torn_tail_and_refusal_to_continue_a_broken_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = write_log(dir.path(), 3);
+        assert_eq!(failing_record(&path, &AuditKey::generate()), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.truncate(bytes.len() - 5);
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(failing_record(&path, &key), 3);
+        let err = ChainedAuditLog::open(&path, key).unwrap_err();
+        assert!(
+            matches!(err, AuditError::Tampered { record: 3, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn works_as_an_audit_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.log");
+        let key = AuditKey::generate();
+        let log = ChainedAuditLog::open(&path, key).unwrap();
+        log.record(&AuditEvent {
+            time: std::time::SystemTime::now(),
+            operation: super::super::Operation::Open,
+            outcome: super::super::Outcome::Success,
+            failure: None,
+            principal: "alice",
+            purpose: "refund",
+            scope: "m-1",
+            key_id: None,
+            context: None,
+        })
+        .unwrap();
+        assert_eq!(log.summary().records, 1);
+        assert!(lines(&path)[0].contains("\"principal\":\"alice\""));
+    }
+}

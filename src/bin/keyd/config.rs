@@ -1,0 +1,306 @@
+//! The configuration file (TOML) and the principals it defines.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8443"          # default
+//! data_dir = "data"                   # state.bin, audit.log, audit.key
+//! environments = ["prod"]             # environment tags this server serves
+//! tls_cert = "certs/server.pem"
+//! tls_key = "certs/server.key.pem"
+//! client_ca = "certs/ca.pem"          # client certificates must chain to it
+//! allow_bearer_tokens = false         # development only
+//!
+//! [[principal]]
+//! name = "checkout"                   # encrypt-only front end
+//! cert = "certs/checkout.pem"         # or cert_sha256 = "<hex of DER>"
+//! environment = "prod"
+//! scopes = ["merchant-42"]            # or ["*"]
+//! permissions = ["wrap"]
+//!
+//! [[principal]]
+//! name = "refunds"
+//! cert = "certs/refunds.pem"
+//! environment = "prod"
+//! scopes = ["*"]
+//! permissions = ["wrap", "unwrap", "index"]
+//! quota = { window_seconds = 60, unwrap_requests = 600, distinct_keys = 50 }
+//! ```
+//!
+//! Relative paths are resolved against the configuration file's folder.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use panseal::keyd::protocol::Permission;
+use panseal::{Environment, Scope};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    data_dir: PathBuf,
+    environments: Vec<String>,
+    tls_cert: PathBuf,
+    tls_key: PathBuf,
+    client_ca: PathBuf,
+    #[serde(default)]
+    allow_bearer_tokens: bool,
+    #[serde(default, rename = "principal")]
+    principals: Vec<RawPrincipal>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrincipal {
+    name: String,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    cert_sha256: Option<String>,
+    #[serde(default)]
+    token_sha256: Option<String>,
+    environment: String,
+    scopes: Vec<String>,
+    permissions: Vec<Permission>,
+    #[serde(default)]
+    quota: Option<RawQuota>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    window_seconds: u64,
+    unwrap_requests: u64,
+    distinct_keys: u64,
+}
+
+/// Unwrap limits per principal and window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Quota {
+    pub(crate) window: Duration,
+    pub(crate) requests: u64,
+    pub(crate) distinct_keys: u64,
+}
+
+/// Which scopes a principal may use.
+#[derive(Clone, Debug)]
+pub(crate) enum Scopes {
+    All,
+    Only(BTreeSet<String>),
+}
+
+impl Scopes {
+    pub(crate) fn allows(&self, scope: &Scope) -> bool {
+        match self {
+            Scopes::All => true,
+            Scopes::Only(s) => s.contains(scope.as_str()),
+        }
+    }
+}
+
+/// An identity the server knows and what it may do.
+#[derive(Clone, Debug)]
+pub(crate) struct Principal {
+    pub(crate) name: String,
+    pub(crate) environment: Environment,
+    pub(crate) scopes: Scopes,
+    pub(crate) permissions: BTreeSet<Permission>,
+    pub(crate) quota: Option<Quota>,
+}
+
+impl Principal {
+    pub(crate) fn may(&self, p: Permission) -> bool {
+        self.permissions.contains(&p)
+    }
+}
+
+/// The loaded configuration.
+pub(crate) struct Config {
+    pub(crate) listen: SocketAddr,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) environments: BTreeSet<String>,
+    pub(crate) tls_cert: PathBuf,
+    pub(crate) tls_key: PathBuf,
+    pub(crate) client_ca: PathBuf,
+    pub(crate) allow_bearer_tokens: bool,
+    pub(crate) principals: Vec<Principal>,
+    /// SHA-256 of a client certificate (DER) → index into `principals`.
+    pub(crate) by_cert: HashMap<[u8; 32], usize>,
+    /// SHA-256 of a bearer token → index into `principals`.
+    pub(crate) by_token: HashMap<[u8; 32], usize>,
+}
+
+impl Config {
+    pub(crate) fn state_path(&self) -> PathBuf {
+        self.data_dir.join("state.bin")
+    }
+    pub(crate) fn audit_path(&self) -> PathBuf {
+        self.data_dir.join("audit.log")
+    }
+    pub(crate) fn audit_key_path(&self) -> PathBuf {
+        self.data_dir.join("audit.key")
+    }
+    pub(crate) fn principal(&self, name: &str) -> Option<&Principal> {
+        self.principals.iter().find(|p| p.name == name)
+    }
+
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|_| invalid(format!("listen {:?} is not ip:port", raw.listen)))?;
+        let mut environments = BTreeSet::new();
+        for e in &raw.environments {
+            Environment::new(e).map_err(|e| invalid(e.to_string()))?;
+            environments.insert(e.clone());
+        }
+        if environments.is_empty() {
+            return Err(invalid("environments must name at least one tag".into()));
+        }
+        let mut cfg = Config {
+            listen,
+            data_dir: resolve(&raw.data_dir),
+            environments,
+            tls_cert: resolve(&raw.tls_cert),
+            tls_key: resolve(&raw.tls_key),
+            client_ca: resolve(&raw.client_ca),
+            allow_bearer_tokens: raw.allow_bearer_tokens,
+            principals: Vec::new(),
+            by_cert: HashMap::new(),
+            by_token: HashMap::new(),
+        };
+        for (i, p) in raw.principals.into_iter().enumerate() {
+            let who = format!("principal {:?}", p.name);
+            if p.name.is_empty()
+                || p.name.len() > 64
+                || !p
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-@".contains(&b))
+            {
+                return Err(invalid(format!(
+                    "{who}: name must be 1-64 of A-Z a-z 0-9 . _ : - @"
+                )));
+            }
+            if cfg.principal(&p.name).is_some() {
+                return Err(invalid(format!("{who} is defined twice")));
+            }
+            let environment =
+                Environment::new(&p.environment).map_err(|e| invalid(format!("{who}: {e}")))?;
+            if !cfg.environments.contains(environment.as_str()) {
+                return Err(invalid(format!(
+                    "{who}: environment {:?} is not served by this server",
+                    p.environment
+                )));
+            }
+            let scopes = if p.scopes.iter().any(|s| s == "*") {
+                Scopes::All
+            } else {
+                let mut set = BTreeSet::new();
+                for s in &p.scopes {
+                    Scope::new(s).map_err(|e| invalid(format!("{who}: {e}")))?;
+                    set.insert(s.clone());
+                }
+                Scopes::Only(set)
+            };
+            let mut fingerprints = Vec::new();
+            if let Some(c) = &p.cert {
+                let c = resolve(c);
+                let der = CertificateDer::from_pem_file(&c)
+                    .map_err(|e| invalid(format!("{who}: certificate {}: {e}", c.display())))?;
+                fingerprints.push(Sha256::digest(der.as_ref()).into());
+            }
+            if let Some(h) = &p.cert_sha256 {
+                fingerprints
+                    .push(parse_sha256(h).map_err(|m| invalid(format!("{who}: cert_sha256 {m}")))?);
+            }
+            for f in fingerprints {
+                if cfg.by_cert.insert(f, i).is_some() {
+                    return Err(invalid(format!(
+                        "{who}: certificate used by two principals"
+                    )));
+                }
+            }
+            if let Some(h) = &p.token_sha256 {
+                if !cfg.allow_bearer_tokens {
+                    return Err(invalid(format!(
+                        "{who}: token_sha256 needs allow_bearer_tokens = true (development only)"
+                    )));
+                }
+                let t = parse_sha256(h).map_err(|m| invalid(format!("{who}: token_sha256 {m}")))?;
+                cfg.by_token.insert(t, i);
+            }
+            if p.cert.is_none() && p.cert_sha256.is_none() && p.token_sha256.is_none() {
+                return Err(invalid(format!(
+                    "{who}: needs cert, cert_sha256 or token_sha256"
+                )));
+            }
+            let quota = match p.quota {
+                Some(q) => {
+                    if q.window_seconds == 0 {
+                        return Err(invalid(format!("{who}: quota window_seconds must be > 0")));
+                    }
+                    Some(Quota {
+                        window: Duration::from_secs(q.window_seconds),
+                        requests: q.unwrap_requests,
+                        distinct_keys: q.distinct_keys,
+                    })
+                }
+                None => None,
+            };
+            cfg.principals.push(Principal {
+                name: p.name,
+                environment,
+                scopes,
+                permissions: p.permissions.into_iter().collect(),
+                quota,
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+fn parse_sha256(h: &str) -> Result<[u8; 32], &'static str> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(h.trim(), &mut out).map_err(|_| "must be 64 hex digits")?;
+    Ok(out)
+}

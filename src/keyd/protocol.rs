@@ -1,0 +1,559 @@
+//! The `panseal-keyd` protocol: JSON bodies over HTTPS (HTTP/1.1, TLS 1.3,
+//! client certificates), one `POST` per operation.
+//!
+//! | path | body | answer | permission |
+//! |---|---|---|---|
+//! | `/v1/status` | none | [`StatusResponse`] | any principal (also while sealed) |
+//! | `/v1/kek/info` | [`KekTarget`] | [`KekStatus`] | any permission in the scope |
+//! | `/v1/wrap` | [`WrapRequest`] | [`WrappedResponse`] | `wrap` |
+//! | `/v1/generate` | [`GenerateRequest`] | [`GenerateResponse`] | `wrap` |
+//! | `/v1/unwrap` | [`UnwrapRequest`] | [`UnwrapResponse`] | `unwrap` (data keys) or `index` (index keys) |
+//! | `/v1/rewrap` | [`RewrapRequest`] | [`WrappedResponse`] | `rewrap` |
+//! | `/v1/kek/rotate` | [`KekTarget`] | [`KekStatus`] | `custodian` |
+//! | `/v1/kek/retire` | [`KekVersionTarget`] | [`KekStatus`] | `custodian` |
+//! | `/v1/kek/destroy` | [`KekVersionTarget`] | [`DestroyResponse`] | `custodian`, two different principals |
+//! | `/v1/acknowledge` | [`AcknowledgeRequest`] | [`StatusResponse`] | `custodian` (also while sealed) |
+//! | `/v1/unseal` | [`UnsealRequest`] | [`StatusResponse`] | `custodian` with an acknowledgement (while sealed) |
+//! | `/v1/seal` | none | [`StatusResponse`] | `custodian` |
+//! | `/v1/audit` | [`AuditReadRequest`] | [`AuditReadResponse`] | `audit-read` |
+//!
+//! Every failure is an HTTP error status with an [`ErrorBody`]. Key bytes
+//! travel base64-encoded in [`KeyMaterial`], which wipes its buffer.
+
+use std::fmt;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::KeyServiceError;
+use crate::keys::{
+    Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Scope, WrappedKey,
+};
+
+/// Largest request or response body either side accepts.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// `POST /v1/status`.
+pub const STATUS: &str = "/v1/status";
+/// `POST /v1/kek/info`.
+pub const KEK_INFO: &str = "/v1/kek/info";
+/// `POST /v1/wrap`.
+pub const WRAP: &str = "/v1/wrap";
+/// `POST /v1/generate`.
+pub const GENERATE: &str = "/v1/generate";
+/// `POST /v1/unwrap`.
+pub const UNWRAP: &str = "/v1/unwrap";
+/// `POST /v1/rewrap`.
+pub const REWRAP: &str = "/v1/rewrap";
+/// `POST /v1/kek/rotate`.
+pub const KEK_ROTATE: &str = "/v1/kek/rotate";
+/// `POST /v1/kek/retire`.
+pub const KEK_RETIRE: &str = "/v1/kek/retire";
+/// `POST /v1/kek/destroy`.
+pub const KEK_DESTROY: &str = "/v1/kek/destroy";
+/// `POST /v1/acknowledge`.
+pub const ACKNOWLEDGE: &str = "/v1/acknowledge";
+/// `POST /v1/unseal`.
+pub const UNSEAL: &str = "/v1/unseal";
+/// `POST /v1/seal`.
+pub const SEAL: &str = "/v1/seal";
+/// `POST /v1/audit`.
+pub const AUDIT: &str = "/v1/audit";
+
+/// A permission a principal may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Permission {
+    /// Create and wrap new keys (encrypt-only front ends get only this).
+    Wrap,
+    /// Unwrap data keys (decrypt PANs).
+    Unwrap,
+    /// Unwrap blind-index keys (lookup hashes, no PAN decryption).
+    Index,
+    /// Rewrap under the newest KEK version.
+    Rewrap,
+    /// KEK lifecycle, unsealing, acknowledgements.
+    Custodian,
+    /// Read the audit log.
+    AuditRead,
+}
+
+impl Permission {
+    /// The name used in configuration files and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Wrap => "wrap",
+            Permission::Unwrap => "unwrap",
+            Permission::Index => "index",
+            Permission::Rewrap => "rewrap",
+            Permission::Custodian => "custodian",
+            Permission::AuditRead => "audit-read",
+        }
+    }
+}
+
+/// The key a request is about: what its wrap is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireKeyRequest {
+    /// Key id.
+    pub id: KeyId,
+    /// Scope (tenant/merchant).
+    pub scope: Scope,
+    /// Environment tag.
+    pub environment: Environment,
+    /// Data or index key.
+    pub purpose: KeyPurpose,
+}
+
+impl From<&KeyRequest> for WireKeyRequest {
+    fn from(r: &KeyRequest) -> Self {
+        WireKeyRequest {
+            id: r.id,
+            scope: r.scope.clone(),
+            environment: r.environment.clone(),
+            purpose: r.purpose,
+        }
+    }
+}
+
+impl From<WireKeyRequest> for KeyRequest {
+    fn from(r: WireKeyRequest) -> Self {
+        KeyRequest {
+            id: r.id,
+            scope: r.scope,
+            environment: r.environment,
+            purpose: r.purpose,
+        }
+    }
+}
+
+/// A wrapped key on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireWrapped {
+    /// KEK id.
+    pub kek_id: String,
+    /// KEK version.
+    pub kek_version: u32,
+    /// Wrapped bytes, base64.
+    #[serde(with = "b64")]
+    pub bytes: Vec<u8>,
+}
+
+impl From<&WrappedKey> for WireWrapped {
+    fn from(w: &WrappedKey) -> Self {
+        WireWrapped {
+            kek_id: w.kek.id.clone(),
+            kek_version: w.kek.version,
+            bytes: w.bytes.clone(),
+        }
+    }
+}
+
+impl From<WireWrapped> for WrappedKey {
+    fn from(w: WireWrapped) -> Self {
+        WrappedKey {
+            kek: KekRef {
+                id: w.kek_id,
+                version: w.kek_version,
+            },
+            bytes: w.bytes,
+        }
+    }
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A 256-bit key in the clear, base64 on the wire. Wiped on drop; `Debug`
+/// prints `KeyMaterial(..)`.
+pub struct KeyMaterial(Zeroizing<[u8; 32]>);
+
+impl KeyMaterial {
+    /// Wraps key bytes.
+    pub fn new(key: Zeroizing<[u8; 32]>) -> Self {
+        KeyMaterial(key)
+    }
+
+    /// The key bytes.
+    pub fn expose_secret(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyMaterial(..)")
+    }
+}
+
+impl Serialize for KeyMaterial {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&self.0[..]));
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyMaterial {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = KeyMaterial;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a base64 256-bit key")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KeyMaterial, E> {
+                let mut buf = Zeroizing::new([0u8; 33]);
+                let n = base64::engine::general_purpose::STANDARD
+                    .decode_slice(v.as_bytes(), &mut buf[..])
+                    .map_err(|_| E::custom("key must be 32 bytes of base64"))?;
+                if n != 32 {
+                    return Err(E::custom("key must be 32 bytes of base64"));
+                }
+                let mut key = Zeroizing::new([0u8; 32]);
+                key.copy_from_slice(&buf[..32]);
+                Ok(KeyMaterial(key))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A custodian's unseal share, as text. Wiped on drop; `Debug` prints
+/// `ShareText(..)`.
+#[derive(Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct ShareText(String);
+
+impl ShareText {
+    /// Wraps share text (as written by `panseal-keyd init`).
+    pub fn new(text: String) -> Self {
+        ShareText(text)
+    }
+
+    /// The text.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for ShareText {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for ShareText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ShareText(..)")
+    }
+}
+
+/// `POST /v1/wrap`: wrap a key the client generated.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WrapRequest {
+    /// What the wrap is bound to.
+    pub key: WireKeyRequest,
+    /// The key to wrap.
+    pub dek: KeyMaterial,
+}
+
+/// `POST /v1/generate`: the server creates a key and returns it with its wrap.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// What the wrap is bound to.
+    pub key: WireKeyRequest,
+}
+
+/// Answer to [`GenerateRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenerateResponse {
+    /// The new key.
+    pub dek: KeyMaterial,
+    /// Its wrap.
+    pub wrapped: WireWrapped,
+}
+
+/// `POST /v1/unwrap`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UnwrapRequest {
+    /// What the wrap is bound to.
+    pub key: WireKeyRequest,
+    /// The wrapped key.
+    pub wrapped: WireWrapped,
+    /// The end user or job the application acts for (audited).
+    pub on_behalf_of: String,
+    /// Why (audited).
+    pub purpose: String,
+}
+
+/// Answer to [`UnwrapRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UnwrapResponse {
+    /// The key.
+    pub dek: KeyMaterial,
+}
+
+/// `POST /v1/rewrap`: the key never leaves the server.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RewrapRequest {
+    /// What the wrap is bound to.
+    pub key: WireKeyRequest,
+    /// The wrapped key.
+    pub wrapped: WireWrapped,
+}
+
+/// Answer to wrap and rewrap.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WrappedResponse {
+    /// The wrapped key.
+    pub wrapped: WireWrapped,
+}
+
+/// Names one scope's KEK.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KekTarget {
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+}
+
+/// Names one version of a scope's KEK.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KekVersionTarget {
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+    /// KEK version.
+    pub version: u32,
+}
+
+/// One KEK version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KekVersionInfo {
+    /// The version.
+    pub version: u32,
+    /// Active, decrypt-only (retired) or destroyed.
+    pub state: KeyState,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// Custodians who approved destroying it so far.
+    pub destroy_approvals: Vec<String>,
+}
+
+/// A scope's KEK and its versions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KekStatus {
+    /// The KEK id used in wrapped keys.
+    pub kek_id: String,
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+    /// `AES-256-GCM`.
+    pub algorithm: String,
+    /// Security strength in bits.
+    pub strength_bits: u32,
+    /// The version that wraps new keys (0 if the scope has no KEK yet).
+    pub active_version: u32,
+    /// Every version, oldest first.
+    pub versions: Vec<KekVersionInfo>,
+}
+
+/// Answer to a destroy request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DestroyResponse {
+    /// Whether the version is now destroyed.
+    pub destroyed: bool,
+    /// Custodians who approved so far.
+    pub approvals: Vec<String>,
+    /// Approvals needed.
+    pub required: u32,
+    /// The KEK after the request.
+    pub kek: KekStatus,
+}
+
+/// `POST /v1/acknowledge`: a custodian's acknowledgement of their
+/// responsibilities (PCI DSS 3.7.8).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AcknowledgeRequest {
+    /// The statement acknowledged (kept as a SHA-256 on record).
+    pub statement: String,
+}
+
+/// `POST /v1/unseal`: one custodian's share.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UnsealRequest {
+    /// The share.
+    pub share: ShareText,
+}
+
+/// The server's state as seen by the caller.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// Whether the server is sealed (serves no key operation).
+    pub sealed: bool,
+    /// Shares needed to unseal.
+    pub threshold: u32,
+    /// Custodians whose shares were accepted in the current unseal attempt.
+    pub submitted: Vec<String>,
+    /// The caller's principal.
+    pub principal: String,
+    /// The caller's environment tag.
+    pub environment: Environment,
+    /// The caller's permissions.
+    pub permissions: Vec<Permission>,
+    /// Whether the caller has an acknowledgement on record.
+    pub acknowledged: bool,
+}
+
+/// `POST /v1/audit`: read records from the chained audit log.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditReadRequest {
+    /// First record (1-based).
+    pub from: u64,
+    /// At most this many records.
+    pub limit: u32,
+}
+
+/// Answer to [`AuditReadRequest`]: raw chained records (JSON lines).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditReadResponse {
+    /// The records.
+    pub records: Vec<String>,
+}
+
+/// What went wrong, in a form each side maps to the same
+/// [`KeyServiceError`] variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The server is sealed.
+    Sealed,
+    /// No or unknown credential.
+    Unauthenticated,
+    /// The principal lacks the permission, scope or environment.
+    PermissionDenied,
+    /// A quota was exceeded.
+    QuotaExceeded,
+    /// Unknown KEK or version.
+    UnknownKek,
+    /// The KEK version is destroyed.
+    KekDestroyed,
+    /// The KEK version is retired (decrypt only).
+    KekRetired,
+    /// Environment mismatch.
+    Environment,
+    /// The wrapped key failed to authenticate (no detail).
+    UnwrapFailed,
+    /// An unseal share was refused (no detail).
+    ShareRefused,
+    /// The request is malformed.
+    BadRequest,
+    /// The request conflicts with the current state (e.g. already unsealed,
+    /// same custodian twice).
+    Conflict,
+    /// The server cannot serve now; retry later.
+    Unavailable,
+    /// The server failed (e.g. its audit log or state could not be written).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The HTTP status for this kind.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::BadRequest | ErrorKind::UnwrapFailed | ErrorKind::ShareRefused => 400,
+            ErrorKind::Unauthenticated => 401,
+            ErrorKind::PermissionDenied | ErrorKind::Environment => 403,
+            ErrorKind::UnknownKek => 404,
+            ErrorKind::Conflict | ErrorKind::KekRetired => 409,
+            ErrorKind::KekDestroyed => 410,
+            ErrorKind::QuotaExceeded => 429,
+            ErrorKind::Internal => 500,
+            ErrorKind::Sealed | ErrorKind::Unavailable => 503,
+        }
+    }
+}
+
+/// The body of every error answer. Never holds key material or a PAN.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The kind.
+    pub error: ErrorKind,
+    /// A human-readable message.
+    pub message: String,
+    /// For [`ErrorKind::Environment`]: the environment the principal may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_environment: Option<String>,
+    /// For [`ErrorKind::Environment`]: the environment asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_environment: Option<String>,
+}
+
+impl ErrorBody {
+    /// An error body.
+    pub fn new(error: ErrorKind, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error,
+            message: message.into(),
+            allowed_environment: None,
+            requested_environment: None,
+        }
+    }
+
+    /// The client-side error for this answer.
+    pub fn into_error(self) -> KeyServiceError {
+        match self.error {
+            ErrorKind::Sealed => KeyServiceError::Sealed,
+            ErrorKind::Unauthenticated | ErrorKind::PermissionDenied => {
+                KeyServiceError::PermissionDenied(self.message)
+            }
+            ErrorKind::QuotaExceeded => KeyServiceError::QuotaExceeded(self.message),
+            ErrorKind::UnknownKek => KeyServiceError::UnknownKek(self.message),
+            ErrorKind::KekDestroyed => KeyServiceError::KekDestroyed(self.message),
+            ErrorKind::KekRetired => KeyServiceError::KekRetired(self.message),
+            ErrorKind::Environment => KeyServiceError::Environment {
+                service: self.allowed_environment.unwrap_or_default(),
+                request: self.requested_environment.unwrap_or_default(),
+            },
+            ErrorKind::UnwrapFailed => KeyServiceError::UnwrapFailed,
+            ErrorKind::Unavailable => KeyServiceError::Unavailable(self.message),
+            ErrorKind::ShareRefused
+            | ErrorKind::BadRequest
+            | ErrorKind::Conflict
+            | ErrorKind::Internal => KeyServiceError::Other(self.message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_material_round_trips_and_never_prints() {
+        let k = KeyMaterial::new(Zeroizing::new([7u8; 32]));
+        assert_eq!(format!("{k:?}"), "KeyMaterial(..)");
+        let j = serde_json::to_string(&k).unwrap();
+        let back: KeyMaterial = serde_json::from_str(&j).unwrap();
+        assert_eq!(back.expose_secret(), &[7u8; 32]);
+        assert!(serde_json::from_str::<KeyMaterial>("\"AAAA\"").is_err());
+    }
+}

@@ -1,0 +1,54 @@
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aes_gcm::Aes256Gcm;
+use rand_core::{OsRng, RngCore};
+use zeroize::Zeroizing;
+
+use crate::error::KeyServiceError;
+use crate::keys::{KekRef, KeyRequest};
+use crate::keyservice::local::{unwrap_raw_bytes, wrap_raw};
+
+/// Wraps a 32-byte key under `kek` (version `kek_ref`) bound to `request`,
+/// with a fresh random nonce: `nonce || ciphertext || tag`, 60 bytes
+/// (`FORMAT.md`, "Wrap binding").
+pub fn wrap_key(
+    kek: &Aes256Gcm,
+    kek_ref: &KekRef,
+    request: &KeyRequest,
+    key: &[u8; 32],
+) -> Vec<u8> {
+    let mut nonce = [0u8; 12];
+    OsRng.fill_bytes(&mut nonce);
+    wrap_raw(kek, kek_ref, request, key, nonce)
+}
+
+/// Reverses [`wrap_key`].
+///
+/// # Errors
+///
+/// [`KeyServiceError::UnwrapFailed`], without detail, for any mismatch:
+/// altered bytes, another record's wrap, another scope, environment,
+/// purpose or KEK version.
+pub fn unwrap_key(
+    kek: &Aes256Gcm,
+    kek_ref: &KekRef,
+    request: &KeyRequest,
+    wrapped: &[u8],
+) -> Result<Zeroizing<[u8; 32]>, KeyServiceError> {
+    unwrap_raw_bytes(kek, kek_ref, request, wrapped)
+}
+
+/// Replaces the file at `path` with `bytes` atomically and durably: a
+/// temporary file in the same directory is written and fsynced, renamed
+/// over `path`, and the directory is fsynced. After a crash at any point
+/// the file holds either the old or the new contents.
+///
+/// # Errors
+///
+/// An I/O error; the old file is then untouched.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    crate::keystore::file::write_atomically(path, bytes, n | (1 << 63))
+}

@@ -1,0 +1,897 @@
+//! `panseal-keyd` as a real process on 127.0.0.1: conformance, policy,
+//! sealing, quotas, audit chain, crash safety, load, and the core API over
+//! `RemoteKeyService`.
+
+mod keyd_harness;
+mod keyservice_conformance;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use keyd_harness::{Keyd, ACK};
+use keyservice_conformance::{KekAdmin, Target};
+use panseal::hazmat::dek_bytes;
+use panseal::keyd::protocol::ShareText;
+use panseal::{
+    Access, Context, Dek, Environment, Error, KeyId, KeyPurpose, KeyRequest, KeyService,
+    KeyServiceError, KeyStore, MemoryAuditSink, MemoryKeyStore, Pan, Panseal, RemoteKeyService,
+    Scope,
+};
+
+fn req(env: &str, scope: &str, purpose: KeyPurpose) -> KeyRequest {
+    KeyRequest {
+        id: KeyId::random(),
+        scope: Scope::new(scope).unwrap(),
+        environment: Environment::new(env).unwrap(),
+        purpose,
+    }
+}
+
+fn access() -> Access {
+    Access::new("clerk-7", "refund").unwrap()
+}
+
+fn is_denied(r: Result<impl Sized, KeyServiceError>) -> bool {
+    matches!(r, Err(KeyServiceError::PermissionDenied(_)))
+}
+
+struct KeydAdmin {
+    first: RemoteKeyService,
+    second: RemoteKeyService,
+}
+
+#[async_trait]
+impl KekAdmin for KeydAdmin {
+    async fn rotate(&self, scope: &Scope) -> u32 {
+        self.first.rotate(scope).await.unwrap().active_version
+    }
+    async fn destroy(&self, scope: &Scope, version: u32) {
+        let a = self.first.approve_destroy(scope, version).await.unwrap();
+        assert!(!a.destroyed, "one approval must not destroy");
+        let b = self.second.approve_destroy(scope, version).await.unwrap();
+        assert!(b.destroyed);
+    }
+}
+
+#[tokio::test]
+async fn keyd_conforms_to_the_key_service_suite() {
+    let k = Keyd::ready().await;
+    let app = k.client_with("app", |b| b.scope("conf-1"));
+    let admin = KeydAdmin {
+        first: k.client("alice"),
+        second: k.client("bob"),
+    };
+    keyservice_conformance::run(&Target {
+        ks: &app,
+        admin: &admin,
+        environment: Environment::new("test").unwrap(),
+        other_environment: Environment::new("prod").unwrap(),
+        scope: Scope::new("conf-1").unwrap(),
+        other_scope: Scope::new("conf-2").unwrap(),
+    })
+    .await;
+    // Connection reuse: far fewer TLS connections than requests.
+    assert!(app.requests_made() > 20);
+    assert!(
+        app.connections_opened() <= 2,
+        "{} connections for {} requests",
+        app.connections_opened(),
+        app.requests_made()
+    );
+}
+
+#[tokio::test]
+async fn policy_matrix() {
+    let k = Keyd::ready().await;
+    let app = k.client("app");
+    let d = req("test", "m-1", KeyPurpose::Data);
+    let i = req("test", "m-1", KeyPurpose::Index);
+    let (dek, wd) = app.generate(&d).await.unwrap();
+    let (_, wi) = app.generate(&i).await.unwrap();
+
+    // wrap: wrapper may, reader/indexer/rewrapper/custodian/auditor may not.
+    let wrapper = k.client("wrapper");
+    let fresh = Dek::generate();
+    assert!(wrapper
+        .wrap(&req("test", "m-1", KeyPurpose::Data), &fresh)
+        .await
+        .is_ok());
+    let (own, own_w) = wrapper
+        .generate(&req("test", "m-1", KeyPurpose::Data))
+        .await
+        .unwrap();
+    for who in ["reader", "indexer", "rewrapper", "alice", "auditor"] {
+        let c = k.client(who);
+        assert!(
+            is_denied(c.wrap(&req("test", "m-1", KeyPurpose::Data), &fresh).await),
+            "{who} wrap"
+        );
+        assert!(
+            is_denied(c.generate(&req("test", "m-1", KeyPurpose::Data)).await),
+            "{who} generate"
+        );
+    }
+
+    // A wrap-only credential never obtains a DEK it did not just create:
+    // not the application's, not even its own from an earlier request.
+    assert!(is_denied(wrapper.unwrap(&d, &wd, &access()).await));
+    assert!(is_denied(wrapper.unwrap(&i, &wi, &access()).await));
+    let own_req = KeyRequest { ..d.clone() };
+    drop((own, own_w, own_req));
+    assert!(is_denied(wrapper.rewrap(&d, &wd).await));
+
+    // unwrap (data keys): reader may; indexer may not. index: the reverse.
+    let reader = k.client("reader");
+    let got = reader.unwrap(&d, &wd, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek_bytes(&dek));
+    assert!(is_denied(reader.unwrap(&i, &wi, &access()).await));
+    let indexer = k.client("indexer");
+    assert!(indexer.unwrap(&i, &wi, &access()).await.is_ok());
+    assert!(is_denied(indexer.unwrap(&d, &wd, &access()).await));
+
+    // rewrap: rewrapper may (and gets no key), reader may not.
+    let rewrapper = k.client("rewrapper");
+    let rw = rewrapper.rewrap(&d, &wd).await.unwrap();
+    assert_eq!(
+        dek_bytes(&reader.unwrap(&d, &rw, &access()).await.unwrap()),
+        dek_bytes(&dek)
+    );
+    assert!(is_denied(reader.rewrap(&d, &wd).await));
+
+    // custodian: alice may rotate; app may not.
+    let m1 = Scope::new("m-1").unwrap();
+    assert_eq!(
+        k.client("alice").rotate(&m1).await.unwrap().active_version,
+        2
+    );
+    let rw = rewrapper.rewrap(&d, &wd).await.unwrap();
+    assert_eq!(rw.kek.version, 2);
+    assert!(is_denied(app.rotate(&m1).await));
+    assert!(is_denied(app.approve_destroy(&m1, 1).await));
+    assert!(is_denied(app.retire(&m1, 1).await));
+
+    // audit-read: auditor may; app may not.
+    assert!(!k
+        .client("auditor")
+        .audit_records(1, 5)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(is_denied(app.audit_records(1, 5).await));
+
+    // Cross-scope: m1app may use m-1 only.
+    let m1app = k.client("m1app");
+    assert!(m1app.unwrap(&d, &wd, &access()).await.is_ok());
+    let d2 = req("test", "m-2", KeyPurpose::Data);
+    let (_, wd2) = app.generate(&d2).await.unwrap();
+    assert!(is_denied(m1app.unwrap(&d2, &wd2, &access()).await));
+    assert!(is_denied(m1app.generate(&d2).await));
+    // A record moved to another scope fails even for a principal of both.
+    let mut moved = d.clone();
+    moved.scope = Scope::new("m-2").unwrap();
+    assert_eq!(
+        app.unwrap(&moved, &wd, &access()).await.unwrap_err(),
+        KeyServiceError::UnwrapFailed
+    );
+
+    // Cross-environment: a prod key is refused to a test client and the
+    // reverse, even with the same scope name.
+    let prod = k.client("prodapp");
+    let pd = req("prod", "m-1", KeyPurpose::Data);
+    let (_, pw) = prod.generate(&pd).await.unwrap();
+    let e = app.unwrap(&pd, &pw, &access()).await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::Environment { .. }), "{e:?}");
+    let e = prod.unwrap(&d, &wd, &access()).await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::Environment { .. }), "{e:?}");
+    // A test key relabelled as prod does not open under prod either.
+    let mut relabelled = d.clone();
+    relabelled.environment = Environment::new("prod").unwrap();
+    assert!(prod.unwrap(&relabelled, &wd, &access()).await.is_err());
+
+    // Dual control: destroy needs two different custodians.
+    let alice = k.client("alice");
+    let first = alice.approve_destroy(&m1, 1).await.unwrap();
+    assert!(!first.destroyed);
+    assert_eq!(first.approvals, vec!["alice".to_string()]);
+    let again = alice.approve_destroy(&m1, 1).await.unwrap_err();
+    assert!(matches!(again, KeyServiceError::Other(_)), "{again:?}");
+    // Still unwraps: one custodian alone destroyed nothing.
+    assert!(reader.unwrap(&d, &wd, &access()).await.is_ok());
+    let second = k.client("bob").approve_destroy(&m1, 1).await.unwrap();
+    assert!(second.destroyed);
+    let e = reader.unwrap(&d, &wd, &access()).await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::KekDestroyed(_)), "{e:?}");
+    // The rewrapped copy (under v2) survives.
+    assert!(reader.unwrap(&d, &rw, &access()).await.is_ok());
+    // The newest version cannot be destroyed.
+    assert!(alice.approve_destroy(&m1, 2).await.is_err());
+
+    // An unknown certificate (signed by another CA) gets nothing.
+    let other = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(keyd_harness::BIN)
+        .args([
+            "gen-dev-certs",
+            "--out",
+            other.path().to_str().unwrap(),
+            "--client",
+            "app",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stranger = RemoteKeyService::builder()
+        .address(&k.addr)
+        .server_name("localhost")
+        .ca_pem_file(k.path("certs/ca.pem"))
+        .client_identity_pem_files(
+            other.path().join("app.pem"),
+            other.path().join("app.key.pem"),
+        )
+        .environment("test")
+        .retries(0, Duration::from_millis(1))
+        .build()
+        .unwrap();
+    assert!(stranger.unwrap(&d, &rw, &access()).await.is_err());
+
+    // Every refusal above is in the audit log, attributed.
+    let lines = k.audit_lines();
+    assert!(lines.iter().any(|l| l.contains("\"principal\":\"wrapper\"")
+        && l.contains("\"operation\":\"unwrap\"")
+        && l.contains("permission-denied")));
+    assert!(lines.iter().any(|l| l.contains("\"principal\":\"bob\"")
+        && l.contains("kek-destroy-approve")
+        && l.contains("\"outcome\":\"success\"")));
+}
+
+#[tokio::test]
+async fn sealed_server_serves_nothing_until_k_distinct_acknowledged_shares() {
+    let mut k = Keyd::init();
+    k.start();
+    let app = k.client("app");
+    let d = req("test", "m-1", KeyPurpose::Data);
+    assert_eq!(app.generate(&d).await.unwrap_err(), KeyServiceError::Sealed);
+    assert!(!KeyServiceError::Sealed.is_retryable());
+    assert!(matches!(app.kek_info().await, Err(KeyServiceError::Sealed)));
+    let status = app.status().await.unwrap();
+    assert!(status.sealed);
+    assert_eq!(status.threshold, 2);
+
+    let alice = k.client("alice");
+    let bob = k.client("bob");
+    let mallory = k.client("mallory");
+    // No acknowledgement on record: share refused.
+    let e = alice.unseal(k.share("alice")).await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::PermissionDenied(_)), "{e:?}");
+    alice.acknowledge(ACK).await.unwrap();
+    bob.acknowledge(ACK).await.unwrap();
+    mallory.acknowledge(ACK).await.unwrap();
+    // A custodian without a share, someone else's share, a damaged share,
+    // and garbage: all refused without detail.
+    assert!(mallory.unseal(k.share("alice")).await.is_err());
+    let e = bob.unseal(k.share("alice")).await.unwrap_err();
+    assert_eq!(e, KeyServiceError::Other("share refused".into()));
+    let mut damaged = k.share("bob").expose_secret().to_owned();
+    let pos = 20;
+    let c = if &damaged[pos..=pos] == "a" { "b" } else { "a" };
+    damaged.replace_range(pos..=pos, c);
+    assert!(bob.unseal(ShareText::new(damaged)).await.is_err());
+    assert!(bob
+        .unseal(ShareText::new("pks1-00-00".into()))
+        .await
+        .is_err());
+    // k-1 = 1 valid share: still sealed.
+    let s = alice.unseal(k.share("alice")).await.unwrap();
+    assert!(s.sealed);
+    assert_eq!(s.submitted, vec!["alice".to_string()]);
+    // The same custodian twice does not count.
+    let e = alice.unseal(k.share("alice")).await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::Other(_)), "{e:?}");
+    assert_eq!(app.generate(&d).await.unwrap_err(), KeyServiceError::Sealed);
+    // The app cannot submit shares at all.
+    assert!(is_denied(app.unseal(k.share("bob")).await));
+    // k = 2 distinct shares: unsealed and serving.
+    assert!(!bob.unseal(k.share("bob")).await.unwrap().sealed);
+    let (dek, w) = app.generate(&d).await.unwrap();
+    assert_eq!(
+        dek_bytes(&app.unwrap(&d, &w, &access()).await.unwrap()),
+        dek_bytes(&dek)
+    );
+
+    // Restart: sealed again (the master key is never on disk); alice and
+    // carol (another pair) unseal, acknowledgements persisted.
+    k.kill();
+    k.start();
+    let app = k.client("app");
+    assert_eq!(
+        app.unwrap(&d, &w, &access()).await.unwrap_err(),
+        KeyServiceError::Sealed
+    );
+    k.client("alice").unseal(k.share("alice")).await.unwrap();
+    let carol = k.client("carol");
+    assert!(is_denied(carol.unseal(k.share("carol")).await));
+    carol.acknowledge(ACK).await.unwrap();
+    assert!(!carol.unseal(k.share("carol")).await.unwrap().sealed);
+    assert_eq!(
+        dek_bytes(&app.unwrap(&d, &w, &access()).await.unwrap()),
+        dek_bytes(&dek)
+    );
+    // Sealing on demand forgets the keys.
+    carol.seal().await.unwrap();
+    assert_eq!(
+        app.unwrap(&d, &w, &access()).await.unwrap_err(),
+        KeyServiceError::Sealed
+    );
+    // No share or key material appears in the audit log.
+    let log = k.audit_lines().join("\n");
+    for c in ["alice", "bob", "carol"] {
+        let share = k.share(c);
+        assert!(!log.contains(&share.expose_secret()[5..40]));
+    }
+    assert!(log.contains("unseal-share"));
+}
+
+#[tokio::test]
+async fn unwrap_quota_is_refused_and_audited() {
+    let k = Keyd::ready().await;
+    let limited = k.client("limited");
+    // 6 unwrap requests and 3 distinct keys per hour.
+    let mut keys = Vec::new();
+    for _ in 0..4 {
+        let r = req("test", "m-1", KeyPurpose::Data);
+        let (_, w) = limited.generate(&r).await.unwrap();
+        keys.push((r, w));
+    }
+    for (r, w) in &keys[..3] {
+        limited.unwrap(r, w, &access()).await.unwrap();
+    }
+    // A fourth distinct key is refused...
+    let e = limited
+        .unwrap(&keys[3].0, &keys[3].1, &access())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KeyServiceError::QuotaExceeded(_)), "{e:?}");
+    assert!(e.to_string().contains("distinct keys"), "{e}");
+    // ...while the same keys may be read again up to the request limit.
+    for (r, w) in &keys[..3] {
+        limited.unwrap(r, w, &access()).await.unwrap();
+    }
+    let e = limited
+        .unwrap(&keys[0].0, &keys[0].1, &access())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KeyServiceError::QuotaExceeded(_)), "{e:?}");
+    assert!(e.to_string().contains("unwraps per"), "{e}");
+    // Other principals are not affected.
+    assert!(k
+        .client("app")
+        .unwrap(&keys[3].0, &keys[3].1, &access())
+        .await
+        .is_ok());
+    // Refusals are audited with principal, key and on-behalf-of.
+    let refused: Vec<_> = k
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l.contains("quota-exceeded"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused[0].contains("\"principal\":\"limited\""));
+    assert!(refused[0].contains(&format!("\"key_id\":\"{}\"", keys[3].0.id)));
+    assert!(refused[0].contains("\"on_behalf_of\":\"clerk-7\""));
+}
+
+#[tokio::test]
+async fn audit_chain_tamper_is_detected_at_that_record() {
+    let mut k = Keyd::ready().await;
+    let app = k.client("app");
+    for _ in 0..5 {
+        let r = req("test", "m-1", KeyPurpose::Data);
+        let (_, w) = app.generate(&r).await.unwrap();
+        app.unwrap(&r, &w, &access()).await.unwrap();
+    }
+    k.kill();
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 0, "{out}");
+    let lines = k.audit_lines();
+    assert!(lines.len() > 12);
+    let path = k.path("data/audit.log");
+    let original = std::fs::read(&path).unwrap();
+    let write = |l: &[String]| std::fs::write(&path, l.join("\n") + "\n").unwrap();
+
+    // Edit record 8: the principal.
+    let mut edited = lines.clone();
+    edited[7] = edited[7].replacen("\"principal\":\"", "\"principal\":\"x", 1);
+    write(&edited);
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1);
+    assert!(out.contains("at record 8"), "{out}");
+    // The server refuses to start on a broken log.
+    assert!(k.start_fails().contains("record 8"));
+
+    // Delete record 6.
+    let mut deleted = lines.clone();
+    deleted.remove(5);
+    write(&deleted);
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1);
+    assert!(out.contains("at record 6"), "{out}");
+
+    // Swap records 4 and 9.
+    let mut swapped = lines.clone();
+    swapped.swap(3, 8);
+    write(&swapped);
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1);
+    assert!(out.contains("at record 4"), "{out}");
+
+    std::fs::write(&path, original).unwrap();
+    assert_eq!(k.verify_audit().0, 0);
+    k.start();
+    k.unseal().await;
+}
+
+#[tokio::test]
+async fn corrupted_state_is_refused_at_start() {
+    let k = Keyd::init();
+    let path = k.path("data/state.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = k.start_fails();
+    assert!(err.contains("corrupt"), "{err}");
+    bytes.truncate(mid);
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(k.start_fails().contains("corrupt"));
+    std::fs::remove_file(&path).unwrap();
+    assert!(k.start_fails().contains("init"));
+}
+
+#[tokio::test]
+async fn kill_9_during_rotation_loses_no_acknowledged_change() {
+    let mut k = Keyd::ready().await;
+    let scope = Scope::new("crash-1").unwrap();
+    let app = k.client("app");
+    // Rotate in a loop while wrapping under each new version, and kill -9
+    // the server in the middle.
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let wrapped = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let alice = k.client_with("alice", |b| b.retries(0, Duration::from_millis(1)));
+    let app2 = k.client_with("app", |b| b.retries(0, Duration::from_millis(1)));
+    let task = {
+        let (ack, wrapped, stop, scope) = (
+            acknowledged.clone(),
+            wrapped.clone(),
+            stop.clone(),
+            scope.clone(),
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                match alice.rotate(&scope).await {
+                    Ok(s) => ack.store(u64::from(s.active_version), Ordering::SeqCst),
+                    Err(_) => break,
+                }
+                let r = req("test", "crash-1", KeyPurpose::Data);
+                match app2.generate(&r).await {
+                    Ok((dek, w)) => wrapped.lock().unwrap().push((r, w, dek_bytes(&dek))),
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    k.kill();
+    stop.store(true, Ordering::SeqCst);
+    task.await.unwrap();
+    let acked = acknowledged.load(Ordering::SeqCst) as u32;
+    assert!(
+        acked >= 3,
+        "rotation loop made too little progress: {acked}"
+    );
+
+    k.start();
+    k.unseal().await;
+    let status = k.client("alice").kek_status(&scope).await.unwrap();
+    assert!(
+        status.active_version >= acked,
+        "acknowledged version {acked} lost (now {})",
+        status.active_version
+    );
+    for v in 1..=acked {
+        assert!(
+            status.versions.iter().any(|x| x.version == v),
+            "version {v} missing"
+        );
+    }
+    let wrapped = std::mem::take(&mut *wrapped.lock().unwrap());
+    assert!(!wrapped.is_empty());
+    for (r, w, bytes) in wrapped.iter() {
+        let got = app.unwrap(r, w, &access()).await.unwrap();
+        assert_eq!(&dek_bytes(&got), bytes);
+    }
+    // And the audit chain survived the kill.
+    k.kill();
+    assert_eq!(k.verify_audit().0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_for_a_bounded_time_lose_nothing() {
+    let k = Keyd::ready().await;
+    let setup = k.client("app");
+    let mut keys = Vec::new();
+    for _ in 0..8 {
+        let r = req("test", "load-1", KeyPurpose::Data);
+        let (dek, w) = setup.generate(&r).await.unwrap();
+        keys.push((r, w, dek_bytes(&dek)));
+    }
+    let keys = Arc::new(keys);
+    let before = k.audit_lines().len();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    const CLIENTS: usize = 8;
+    for c in 0..CLIENTS {
+        let client = k.client("app");
+        let keys = keys.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline && n < 20_000 {
+                let (r, w, bytes) = &keys[(c + n as usize) % keys.len()];
+                let got = client
+                    .unwrap(r, w, &access())
+                    .await
+                    .expect("unwrap under load");
+                assert_eq!(&dek_bytes(&got), bytes);
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert!(total > 100, "only {total} unwraps");
+    // No lost requests: one audit record per request, every one a success.
+    let lines = k.audit_lines();
+    let new: Vec<_> = lines[before..]
+        .iter()
+        .filter(|l| l.contains("\"operation\":\"unwrap\""))
+        .collect();
+    assert_eq!(new.len() as u64, total);
+    assert!(new.iter().all(|l| l.contains("\"outcome\":\"success\"")));
+    eprintln!("load: {CLIENTS} clients, {total} unwraps in 3 s");
+}
+
+#[tokio::test]
+async fn panseal_over_remote_key_service_seals_opens_and_survives_outages() {
+    let mut k = Keyd::ready().await;
+    let ks = k.client_with("app", |b| b.scope("merchant-9"));
+    let store = MemoryKeyStore::new();
+    let audit = Arc::new(MemoryAuditSink::new());
+    let ps = Panseal::builder()
+        .key_service(ks.clone())
+        .key_store(store.clone())
+        .audit_arc(audit.clone())
+        .environment("test")
+        .scope("merchant-9")
+        .build()
+        .await
+        .unwrap();
+    let pan = Pan::parse("4111 1111 1111 1111").unwrap();
+    let ctx = Context::new("cards", "pan", "row-1").unwrap();
+    let sealed = ps.seal_pan(&pan, &ctx).await.unwrap();
+    assert_eq!(
+        ps.open_pan(&sealed, &ctx, &access()).await.unwrap().pan,
+        pan
+    );
+
+    // Steady state: opens and seals from the DEK cache make no call.
+    let calls = ks.requests_made();
+    for i in 0..50 {
+        let c = Context::new("cards", "pan", format!("row-{i}").as_bytes()).unwrap();
+        let s = ps.seal_pan(&pan, &c).await.unwrap();
+        assert_eq!(ps.open_pan(&s, &c, &access()).await.unwrap().pan, pan);
+    }
+    assert_eq!(
+        ks.requests_made(),
+        calls,
+        "steady-state seal/open called keyd"
+    );
+
+    // A second application instance (empty cache) opens via one unwrap.
+    let ks2 = k.client_with("app", |b| b.scope("merchant-9"));
+    let ps2 = Panseal::builder()
+        .key_service(ks2.clone())
+        .key_store(store.clone())
+        .audit(MemoryAuditSink::new())
+        .environment("test")
+        .scope("merchant-9")
+        .build()
+        .await
+        .unwrap();
+    let before = ks2.requests_made();
+    assert_eq!(
+        ps2.open_pan(&sealed, &ctx, &access()).await.unwrap().pan,
+        pan
+    );
+    assert_eq!(ks2.requests_made(), before + 1);
+    assert!(k
+        .audit_lines()
+        .iter()
+        .any(|l| l.contains("\"operation\":\"unwrap\"")
+            && l.contains("\"on_behalf_of\":\"clerk-7\"")));
+
+    // keyd down: cached opens still work; an instance without the key gets
+    // a clear, retryable error, and nothing is lost.
+    k.kill();
+    assert_eq!(
+        ps.open_pan(&sealed, &ctx, &access()).await.unwrap().pan,
+        pan
+    );
+    let ks3 = k.client_with("app", |b| b.scope("merchant-9"));
+    let e = ks3.kek_info().await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::Unavailable(_)), "{e:?}");
+    assert!(e.is_retryable());
+    let direct = ks3
+        .unwrap(
+            &req("test", "merchant-9", KeyPurpose::Data),
+            &panseal::WrappedKey {
+                kek: panseal::KekRef {
+                    id: "keyd/test/merchant-9".into(),
+                    version: 1,
+                },
+                bytes: vec![0; 60],
+            },
+            &access(),
+        )
+        .await
+        .unwrap_err();
+    assert!(direct.is_retryable(), "{direct:?}");
+    let records_before = store.list(None).await.unwrap().len();
+
+    k.start();
+    // Sealed after restart: a typed error, not a hang.
+    let ps3 = Panseal::builder()
+        .key_service(ks3.clone())
+        .key_store(store.clone())
+        .audit(MemoryAuditSink::new())
+        .environment("test")
+        .scope("merchant-9")
+        .build()
+        .await;
+    assert!(
+        matches!(ps3, Err(Error::KeyService(KeyServiceError::Sealed))),
+        "{ps3:?}"
+    );
+    k.unseal().await;
+    let ks4 = k.client_with("app", |b| b.scope("merchant-9"));
+    let ps4 = Panseal::builder()
+        .key_service(ks4)
+        .key_store(store.clone())
+        .audit(MemoryAuditSink::new())
+        .environment("test")
+        .scope("merchant-9")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        ps4.open_pan(&sealed, &ctx, &access()).await.unwrap().pan,
+        pan
+    );
+    assert_eq!(store.list(None).await.unwrap().len(), records_before);
+
+    // An encrypt-only front end seals through keyd but cannot open.
+    let front = Panseal::builder()
+        .key_service(k.client_with("wrapper", |b| b.scope("merchant-9")))
+        .key_store(store.clone())
+        .audit(MemoryAuditSink::new())
+        .environment("test")
+        .scope("merchant-9")
+        .build()
+        .await
+        .unwrap();
+    let s = front.seal_pan(&pan, &ctx).await.unwrap();
+    let e = Panseal::builder()
+        .key_service(k.client_with("wrapper", |b| b.scope("merchant-9")))
+        .key_store(store.clone())
+        .audit(MemoryAuditSink::new())
+        .environment("test")
+        .scope("merchant-9")
+        .build()
+        .await
+        .unwrap()
+        .open_pan(&s, &ctx, &access())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::KeyService(KeyServiceError::PermissionDenied(_))),
+        "{e:?}"
+    );
+    assert_eq!(ps4.open_pan(&s, &ctx, &access()).await.unwrap().pan, pan);
+    // The audit log never holds the PAN.
+    assert!(!k.audit_lines().join("\n").contains("4111111111111111"));
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_retryable_unavailable_error() {
+    // A port with nobody listening.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let k = Keyd::init();
+    let c = RemoteKeyService::builder()
+        .address(&format!("127.0.0.1:{port}"))
+        .server_name("localhost")
+        .ca_pem_file(k.path("certs/ca.pem"))
+        .client_identity_pem_files(k.path("certs/app.pem"), k.path("certs/app.key.pem"))
+        .environment("test")
+        .retries(2, Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let e = c
+        .generate(&req("test", "m", KeyPurpose::Data))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KeyServiceError::Unavailable(_)), "{e:?}");
+    assert!(e.is_retryable());
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+    // Two retries with 10 + 20 ms backoff, then give up.
+    assert!(t.elapsed() >= Duration::from_millis(30));
+    assert!(t.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn custodians_use_the_command_line_tool() {
+    let mut k = Keyd::init();
+    k.start();
+    // Unseal with the CLI: acknowledgement first, then the share file.
+    let share_file = k.path("shares/alice.share");
+    let share_file = share_file.to_str().unwrap();
+    let (ok, _, err) = k.custodian_cli("alice", "unseal", &["--share-file", share_file]);
+    assert!(!ok && err.contains("acknowledgement"), "{err}");
+    for c in ["alice", "bob"] {
+        let (ok, out, err) = k.custodian_cli(c, "acknowledge", &[]);
+        assert!(ok, "{err}");
+        assert!(out.contains("\"acknowledged\": true"), "{out}");
+        let f = k.path(&format!("shares/{c}.share"));
+        let (ok, out, err) = k.custodian_cli(c, "unseal", &["--share-file", f.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        // The share never appears in the output.
+        let share = k.share(c);
+        assert!(!out.contains(&share.expose_secret()[5..30]));
+    }
+    let (ok, out, _) = k.custodian_cli("carol", "status", &[]);
+    assert!(ok && out.contains("\"sealed\": false"), "{out}");
+    // Rotate twice (the first creates the scope's KEK), retire and destroy
+    // v1 under dual control.
+    for v in [1, 2] {
+        let (ok, out, err) = k.custodian_cli("alice", "rotate", &["--scope", "cli-1"]);
+        assert!(ok, "{err}");
+        assert!(out.contains(&format!("\"active_version\": {v}")), "{out}");
+    }
+    let (ok, out, _) = k.custodian_cli("bob", "kek-status", &["--scope", "cli-1"]);
+    assert!(ok && out.contains("\"active_version\": 2"), "{out}");
+    let (ok, _, err) = k.custodian_cli("bob", "retire", &["--scope", "cli-1", "--version", "2"]);
+    assert!(!ok && err.contains("newest"), "{err}");
+    let (ok, out, _) = k.custodian_cli("bob", "retire", &["--scope", "cli-1", "--version", "1"]);
+    assert!(ok && out.contains("decrypt-only"), "{out}");
+    let (ok, out, _) = k.custodian_cli(
+        "alice",
+        "approve-destroy",
+        &["--scope", "cli-1", "--version", "1"],
+    );
+    assert!(ok && out.contains("\"destroyed\": false"), "{out}");
+    let (ok, _, err) = k.custodian_cli(
+        "alice",
+        "approve-destroy",
+        &["--scope", "cli-1", "--version", "1"],
+    );
+    assert!(!ok && err.contains("dual control"), "{err}");
+    let (ok, out, _) = k.custodian_cli(
+        "carol",
+        "approve-destroy",
+        &["--scope", "cli-1", "--version", "1"],
+    );
+    assert!(ok && out.contains("\"destroyed\": true"), "{out}");
+    // An application credential cannot use the custodian actions.
+    let (ok, _, err) = k.custodian_cli("app", "rotate", &["--scope", "cli-1"]);
+    assert!(!ok && err.contains("permission denied"), "{err}");
+    // Destruction survives a restart (durable state).
+    k.kill();
+    k.start();
+    k.unseal().await;
+    let s = k
+        .client("alice")
+        .kek_status(&Scope::new("cli-1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(s.versions[0].state, panseal::KeyState::Destroyed);
+    assert_eq!(
+        s.versions[0].destroy_approvals,
+        vec!["alice".to_string(), "carol".to_string()]
+    );
+    assert_eq!(s.active_version, 2);
+}
+
+#[tokio::test]
+async fn bearer_tokens_work_only_when_enabled_and_match() {
+    let token = "dev-secret-token";
+    let hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(token.as_bytes()))
+    };
+    let mut k = Keyd::init_with(
+        "allow_bearer_tokens = true\n",
+        &format!(
+            "\n[[principal]]\nname = \"dev\"\ntoken_sha256 = \"{hash}\"\nenvironment = \"test\"\n\
+             scopes = [\"dev-1\"]\npermissions = [\"wrap\"]\n"
+        ),
+    );
+    k.start();
+    k.unseal().await;
+    let with_token = |t: &str| {
+        RemoteKeyService::builder()
+            .address(&k.addr)
+            .server_name("localhost")
+            .ca_pem_file(k.path("certs/ca.pem"))
+            .bearer_token(t)
+            .environment("test")
+            .build()
+            .unwrap()
+    };
+    let dev = with_token(token);
+    let r = req("test", "dev-1", KeyPurpose::Data);
+    let (_, w) = dev.generate(&r).await.unwrap();
+    assert!(is_denied(dev.unwrap(&r, &w, &access()).await));
+    assert!(is_denied(
+        dev.generate(&req("test", "other", KeyPurpose::Data)).await
+    ));
+    let wrong = with_token("not-the-token");
+    assert!(is_denied(wrong.generate(&r).await));
+    // Certificates keep working beside tokens.
+    assert!(k.client("app").unwrap(&r, &w, &access()).await.is_ok());
+    assert!(k
+        .audit_lines()
+        .iter()
+        .any(|l| l.contains("\"principal\":\"dev\"") && l.contains("\"operation\":\"generate\"")));
+}
+
+#[tokio::test]
+async fn a_token_principal_is_refused_in_the_configuration_unless_enabled() {
+    let k = Keyd::init();
+    let cfg = std::fs::read_to_string(k.path("keyd.toml")).unwrap()
+        + "\n[[principal]]\nname = \"dev\"\ntoken_sha256 = \"00\"\nenvironment = \"test\"\n\
+           scopes = [\"*\"]\npermissions = [\"wrap\"]\n";
+    std::fs::write(k.path("keyd.toml"), cfg).unwrap();
+    assert!(k.start_fails().contains("allow_bearer_tokens"));
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out_with_a_retryable_error() {
+    // Accepts TCP connections (kernel backlog) but never speaks TLS.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let k = Keyd::init();
+    let c = RemoteKeyService::builder()
+        .address(&addr)
+        .server_name("localhost")
+        .ca_pem_file(k.path("certs/ca.pem"))
+        .client_identity_pem_files(k.path("certs/app.pem"), k.path("certs/app.key.pem"))
+        .environment("test")
+        .connect_timeout(Duration::from_millis(200))
+        .request_timeout(Duration::from_millis(500))
+        .retries(1, Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let e = c.kek_info().await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::Unavailable(_)), "{e:?}");
+    assert!(e.is_retryable());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    drop(silent);
+}

@@ -1,0 +1,294 @@
+//! Starts real `panseal-keyd` processes on 127.0.0.1 (random free port,
+//! temporary folder) for the tests and benchmark; killed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use panseal::keyd::protocol::ShareText;
+use panseal::RemoteKeyService;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_panseal-keyd");
+
+/// Principals of the test configuration: (name, environment, scopes,
+/// permissions, quota).
+const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "app",
+        "test",
+        r#"["*"]"#,
+        r#"["wrap", "unwrap", "index", "rewrap"]"#,
+        "",
+    ),
+    ("wrapper", "test", r#"["*"]"#, r#"["wrap"]"#, ""),
+    ("reader", "test", r#"["*"]"#, r#"["unwrap"]"#, ""),
+    ("indexer", "test", r#"["*"]"#, r#"["index"]"#, ""),
+    ("rewrapper", "test", r#"["*"]"#, r#"["rewrap"]"#, ""),
+    ("auditor", "test", r#"["*"]"#, r#"["audit-read"]"#, ""),
+    ("m1app", "test", r#"["m-1"]"#, r#"["wrap", "unwrap"]"#, ""),
+    ("prodapp", "prod", r#"["*"]"#, r#"["wrap", "unwrap"]"#, ""),
+    (
+        "limited",
+        "test",
+        r#"["*"]"#,
+        r#"["wrap", "unwrap"]"#,
+        "quota = { window_seconds = 3600, unwrap_requests = 6, distinct_keys = 3 }",
+    ),
+    ("alice", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
+    ("bob", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
+    ("carol", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
+    ("mallory", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
+];
+
+pub const CUSTODIANS: [&str; 3] = ["alice", "bob", "carol"];
+pub const ACK: &str = "I acknowledge my responsibilities as a key custodian (PCI DSS 3.7.8).";
+
+pub struct Keyd {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    config: String,
+    child: Option<Child>,
+}
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run panseal-keyd");
+    assert!(
+        out.status.success(),
+        "panseal-keyd {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Keyd {
+    /// A new, initialised (2-of-3) server folder; not started.
+    pub fn init() -> Keyd {
+        Keyd::init_with("", "")
+    }
+
+    /// As [`Keyd::init`], with extra top-level settings and principals
+    /// appended to the configuration.
+    pub fn init_with(extra_settings: &str, extra_principals: &str) -> Keyd {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let mut args = vec!["gen-dev-certs", "--out", certs.to_str().unwrap()];
+        for (name, ..) in PRINCIPALS {
+            args.extend(["--client", name]);
+        }
+        run(&args);
+        let mut cfg = String::from(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\nenvironments = [\"test\", \"prod\"]\n\
+             tls_cert = \"certs/server.pem\"\ntls_key = \"certs/server.key.pem\"\n\
+             client_ca = \"certs/ca.pem\"\n",
+        );
+        cfg.push_str(extra_settings);
+        for (name, env, scopes, perms, quota) in PRINCIPALS {
+            cfg.push_str(&format!(
+                "\n[[principal]]\nname = \"{name}\"\ncert = \"certs/{name}.pem\"\n\
+                 environment = \"{env}\"\nscopes = {scopes}\npermissions = {perms}\n{quota}\n"
+            ));
+        }
+        cfg.push_str(extra_principals);
+        std::fs::write(dir.path().join("keyd.toml"), cfg).unwrap();
+        let config = dir.path().join("keyd.toml").to_str().unwrap().to_owned();
+        let k = Keyd {
+            dir,
+            addr: String::new(),
+            config,
+            child: None,
+        };
+        let mut args = vec![
+            "init",
+            "--config",
+            k.config_str(),
+            "--threshold",
+            "2",
+            "--share-dir",
+        ];
+        let shares = k.path("shares");
+        args.push(shares.to_str().unwrap());
+        for c in CUSTODIANS {
+            args.extend(["--custodian", c]);
+        }
+        run(&args);
+        k
+    }
+
+    /// Initialised, started and unsealed.
+    pub async fn ready() -> Keyd {
+        let mut k = Keyd::init();
+        k.start();
+        k.unseal().await;
+        k
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn config_str(&self) -> &str {
+        &self.config
+    }
+
+    /// Starts the server (sealed) and waits for its address: a random free
+    /// port the first time, the same port on restarts.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let listen = if self.addr.is_empty() {
+            "127.0.0.1:0".to_owned()
+        } else {
+            self.addr.clone()
+        };
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", self.config_str(), "--listen", &listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_else(|| panic!("keyd did not start: {line:?}"));
+        self.addr = addr.to_owned();
+        self.child = Some(child);
+    }
+
+    /// Starts the server expecting it to refuse; returns its stderr.
+    pub fn start_fails(&self) -> String {
+        let out = Command::new(BIN)
+            .args(["serve", "--config", self.config_str()])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "keyd started but should have refused"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn client(&self, principal: &str) -> RemoteKeyService {
+        self.client_with(principal, |b| b)
+    }
+
+    pub fn client_with(
+        &self,
+        principal: &str,
+        f: impl FnOnce(panseal::RemoteKeyServiceBuilder) -> panseal::RemoteKeyServiceBuilder,
+    ) -> RemoteKeyService {
+        let certs = self.path("certs");
+        let env = PRINCIPALS
+            .iter()
+            .find(|p| p.0 == principal)
+            .map(|p| p.1)
+            .unwrap_or("test");
+        let b = RemoteKeyService::builder()
+            .address(&self.addr)
+            .server_name("localhost")
+            .ca_pem_file(certs.join("ca.pem"))
+            .client_identity_pem_files(
+                certs.join(format!("{principal}.pem")),
+                certs.join(format!("{principal}.key.pem")),
+            )
+            .environment(env)
+            .retries(2, Duration::from_millis(20));
+        f(b).build().unwrap()
+    }
+
+    pub fn share(&self, custodian: &str) -> ShareText {
+        ShareText::new(
+            std::fs::read_to_string(self.path(&format!("shares/{custodian}.share")))
+                .unwrap()
+                .trim()
+                .to_owned(),
+        )
+    }
+
+    /// Acknowledgements and two custodians' shares.
+    pub async fn unseal(&self) {
+        for c in &CUSTODIANS[..2] {
+            let cl = self.client(c);
+            cl.acknowledge(ACK).await.unwrap();
+            cl.unseal(self.share(c)).await.unwrap();
+        }
+        assert!(!self.client("alice").status().await.unwrap().sealed);
+    }
+
+    pub fn audit_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("data/audit.log"))
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `panseal-keyd custodian ACTION` as `who`: (success, stdout, stderr).
+    pub fn custodian_cli(&self, who: &str, action: &str, extra: &[&str]) -> (bool, String, String) {
+        let certs = self.path("certs");
+        let cert = certs.join(format!("{who}.pem"));
+        let key = certs.join(format!("{who}.key.pem"));
+        let ca = certs.join("ca.pem");
+        let mut args = vec![
+            "custodian",
+            action,
+            "--address",
+            &self.addr,
+            "--server-name",
+            "localhost",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--environment",
+            "test",
+        ];
+        args.extend_from_slice(extra);
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `panseal-keyd verify-audit`: (exit code, stdout).
+    pub fn verify_audit(&self) -> (i32, String) {
+        let out = Command::new(BIN)
+            .args(["verify-audit", "--config", self.config_str()])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+impl Drop for Keyd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
