@@ -66,6 +66,26 @@ pub enum KeyServiceConfig {
         /// The KEK, 64 hex digits.
         kek_hex: String,
     },
+    /// `panseal-keyd` over mutual TLS (feature `keyd-client`). The
+    /// configuration names files; the client key is read at start and kept
+    /// in memory only.
+    #[cfg(feature = "keyd-client")]
+    Keyd {
+        /// `host:port` of the server.
+        address: String,
+        /// The name in the server certificate (default: the host).
+        #[serde(default)]
+        server_name: Option<String>,
+        /// PEM file of the CA that signed the server certificate.
+        ca_file: PathBuf,
+        /// PEM file of this client's certificate (its principal).
+        client_cert_file: PathBuf,
+        /// PEM file of this client's private key.
+        client_key_file: PathBuf,
+        /// Per-request deadline in milliseconds (default 5,000).
+        #[serde(default)]
+        request_timeout_ms: Option<u64>,
+    },
 }
 
 /// Key store choice.
@@ -102,6 +122,15 @@ pub enum AuditConfig {
     Jsonl {
         /// The file.
         path: PathBuf,
+    },
+    /// The hash-chained (HMAC) tamper-evident log (PCI DSS 10.3.2, 10.3.4);
+    /// verify it with `audit_verify`. The key file is created (64 hex
+    /// digits, mode 0600) if missing: keep it away from the log.
+    Chained {
+        /// The log file.
+        path: PathBuf,
+        /// The chain key file.
+        key_file: PathBuf,
     },
 }
 
@@ -170,6 +199,42 @@ impl ClientConfig {
         policy
     }
 
+    /// The `panseal-keyd` client the configuration names, for tools that
+    /// call its custodian operations.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] if the key service is not keyd, or the
+    /// client cannot be built (unreadable certificate or key).
+    #[cfg(feature = "keyd-client")]
+    pub fn keyd_client(&self) -> Result<crate::RemoteKeyService, Error> {
+        #[allow(irrefutable_let_patterns)]
+        let KeyServiceConfig::Keyd {
+            address,
+            server_name,
+            ca_file,
+            client_cert_file,
+            client_key_file,
+            request_timeout_ms,
+        } = &self.key_service
+        else {
+            return Err(ConfigError::Invalid("the key service is not panseal-keyd".into()).into());
+        };
+        let mut b = crate::RemoteKeyService::builder()
+            .address(address)
+            .ca_pem_file(ca_file)
+            .client_identity_pem_files(client_cert_file, client_key_file)
+            .environment(&self.environment)
+            .scope(&self.scope);
+        if let Some(name) = server_name {
+            b = b.server_name(name);
+        }
+        if let Some(ms) = request_timeout_ms {
+            b = b.request_timeout(Duration::from_millis(*ms));
+        }
+        b.build()
+    }
+
     /// A builder with everything the configuration names.
     ///
     /// # Errors
@@ -192,6 +257,8 @@ impl ClientConfig {
                 zeroize::Zeroize::zeroize(&mut kek);
                 b.key_service(ks)
             }
+            #[cfg(feature = "keyd-client")]
+            KeyServiceConfig::Keyd { .. } => b.key_service(self.keyd_client()?),
         };
         b = match &self.key_store {
             KeyStoreConfig::Memory => b.key_store(MemoryKeyStore::new()),
@@ -205,6 +272,14 @@ impl ClientConfig {
             None => b,
             Some(AuditConfig::Memory) => b.audit(MemoryAuditSink::new()),
             Some(AuditConfig::Jsonl { path }) => b.audit(JsonLinesAuditSink::open(path)?),
+            Some(AuditConfig::Chained { path, key_file }) => {
+                let key = if key_file.exists() {
+                    crate::AuditKey::load_file(key_file)?
+                } else {
+                    crate::AuditKey::create_file(key_file)?
+                };
+                b.audit(crate::ChainedAuditLog::open(path, key)?)
+            }
         };
         Ok(b)
     }
