@@ -117,7 +117,7 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
         let help = std::process::Command::new(entry.path())
             .arg("--help")
             .output();
-        if help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--list")) {
+        if help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("List all tests")) {
             continue;
         }
         if best.as_ref().is_none_or(|(t, _)| modified > *t) {
