@@ -106,8 +106,8 @@ fn payments_backend_end_to_end() {
     assert_eq!(body["cards"].as_array().unwrap().len(), 1);
     assert_eq!(body["cards"][0]["id"], id);
 
-    let reveal = format!(r#"{{"principal":"agent-7","purpose":"refund"}}"#);
-    let (st, body) = http(&addr, "POST", &format!("/cards/{id}/reveal"), &reveal);
+    let reveal = r#"{"principal":"agent-7","purpose":"refund"}"#;
+    let (st, body) = http(&addr, "POST", &format!("/cards/{id}/reveal"), reveal);
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["pan"], "4111111111111111");
     assert_eq!(body["resealed"], false);
@@ -140,7 +140,7 @@ fn payments_backend_end_to_end() {
     });
     // Readers see the change when the cached key expires (cache TTL 2 s here).
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let (st, body) = http(&addr, "POST", &format!("/cards/{id}/reveal"), &reveal);
+    let (st, body) = http(&addr, "POST", &format!("/cards/{id}/reveal"), reveal);
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["pan"], "4111111111111111");
     assert_eq!(body["resealed"], true, "{body}");
