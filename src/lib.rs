@@ -87,6 +87,8 @@ pub use keys::{
     WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT,
 };
 pub use keyservice::{KekInfo, KeyService, LocalKeyService, Permissions};
+#[cfg(feature = "pkcs11")]
+pub use keyservice::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
 pub use keystore::{FileKeyStore, KeyStore, MemoryKeyStore};
 pub use pan::{
     Cvv, MaskStyle, Pan, PanRules, ABSOLUTE_MIN_PAN_DIGITS, DEFAULT_MIN_PAN_DIGITS, MAX_PAN_DIGITS,

@@ -2,8 +2,8 @@
 //!
 //! [`KeyService`] is the one trait; the implementations are chosen by the
 //! user: [`LocalKeyService`] (in-process, for tests, examples and
-//! development) now, and the `panseal-keyd` client, PKCS#11 and AWS KMS
-//! backends behind cargo features. The trait is sealed: a backend must keep
+//! development), `Pkcs11KeyService` (feature `pkcs11`: HSMs), and the
+//! `panseal-keyd` client and AWS KMS backends behind cargo features. The trait is sealed: a backend must keep
 //! plaintext keys inside this crate's zeroizing types, so new backends are
 //! added here.
 
@@ -15,8 +15,12 @@ use crate::error::KeyServiceError;
 use crate::keys::{Dek, KeyRequest, KeyState, WrappedKey};
 
 pub(crate) mod local;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;
 
 pub use local::LocalKeyService;
+#[cfg(feature = "pkcs11")]
+pub use pkcs11::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
 
 pub(crate) mod sealed {
     /// Prevents implementations outside this crate.
