@@ -365,24 +365,29 @@ impl Pkcs11KeyService {
         T: Send + 'static,
         F: Fn(&Inner, &Session) -> Result<T, Fail> + Send + 'static,
     {
-        let permit = Arc::clone(&self.inner.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| KeyServiceError::Unavailable("PKCS#11 session pool closed".into()))?;
         let inner = Arc::clone(&self.inner);
-        let task = tokio::task::spawn_blocking(move || {
-            // Held until the token call returns, even if the caller gave up
-            // waiting: the pool never exceeds `max_sessions`.
-            let _permit = permit;
-            inner.with_session(&f)
-        });
-        match tokio::time::timeout(self.inner.timeout, task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(KeyServiceError::Other(
-                "PKCS#11 call panicked or was cancelled".into(),
-            )),
+        let call = async move {
+            let permit = Arc::clone(&inner.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| KeyServiceError::Unavailable("PKCS#11 session pool closed".into()))?;
+            let task = tokio::task::spawn_blocking(move || {
+                // Held until the token call returns, even if the caller gave
+                // up waiting: the pool never exceeds `max_sessions`.
+                let _permit = permit;
+                inner.with_session(&f)
+            });
+            task.await.map_err(|_| {
+                KeyServiceError::Other("PKCS#11 call panicked or was cancelled".into())
+            })?
+        };
+        // Waiting for a free session counts against the timeout too: with
+        // every session stuck in a hung token, callers fail instead of
+        // queueing forever.
+        match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(result) => result,
             Err(_) => Err(KeyServiceError::Unavailable(format!(
-                "PKCS#11 call did not finish within {:?}",
+                "PKCS#11 token did not answer within {:?}",
                 self.inner.timeout
             ))),
         }
@@ -614,7 +619,20 @@ impl Inner {
             });
         }
         objects.sort_by_key(|k| k.version);
-        *self.keks.write().unwrap_or_else(|p| p.into_inner()) = Keks { objects };
+        let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
+        if objects.is_empty() && !keks.objects.is_empty() {
+            // panseal never destroys the newest version, so a token that
+            // suddenly shows none is not showing its objects (a partition
+            // offline, a storage failure): an outage, not a destruction.
+            return Err(KeyServiceError::Unavailable(format!(
+                "no version of KEK {} is visible in token {:?} (up to v{} was)",
+                self.kek_name,
+                self.token_label,
+                keks.newest()
+            ))
+            .into());
+        }
+        *keks = Keks { objects };
         Ok(())
     }
 

@@ -37,8 +37,8 @@ use async_trait::async_trait;
 use panseal::hazmat::dek_bytes;
 use panseal::{
     Access, Context, Dek, Environment, Error, KeyId, KeyPurpose, KeyRequest, KeyService,
-    KeyServiceError, KeyState, KeyStore, MemoryAuditSink, MemoryKeyStore, Operation, Pan,
-    Panseal, Policy, Scope, WrappedKey,
+    KeyServiceError, KeyState, KeyStore, MemoryAuditSink, MemoryKeyStore, Operation, Pan, Panseal,
+    Policy, Scope, WrappedKey,
 };
 
 /// The out-of-band operations the suite needs from a backend's test file.
@@ -114,7 +114,11 @@ fn same(a: &Dek, b: &Dek) -> bool {
     dek_bytes(a) == dek_bytes(b)
 }
 
-async fn unwrap(ks: &dyn KeyService, r: &KeyRequest, w: &WrappedKey) -> Result<Dek, KeyServiceError> {
+async fn unwrap(
+    ks: &dyn KeyService,
+    r: &KeyRequest,
+    w: &WrappedKey,
+) -> Result<Dek, KeyServiceError> {
     ks.unwrap(r, w, &access()).await
 }
 
@@ -255,10 +259,16 @@ pub async fn rotation(ks: &dyn KeyService, environment: &str) {
     // fails, in both directions.
     let mut forged = old.clone();
     forged.kek.version = after.version;
-    assert_unwrap_failed(unwrap(ks, &r, &forged).await, "relabelled to the newer version");
+    assert_unwrap_failed(
+        unwrap(ks, &r, &forged).await,
+        "relabelled to the newer version",
+    );
     let mut forged = new.clone();
     forged.kek.version = before.version;
-    assert_unwrap_failed(unwrap(ks, &r2, &forged).await, "relabelled to the older version");
+    assert_unwrap_failed(
+        unwrap(ks, &r2, &forged).await,
+        "relabelled to the older version",
+    );
 }
 
 pub async fn rewrap_keeps_the_key(ks: &dyn KeyService, environment: &str) {
@@ -321,16 +331,28 @@ pub async fn destroyed_kek_refuses(ks: &dyn KeyService, backend: &dyn Backend, e
 
     backend.destroy_kek(doomed).await;
 
-    assert_kek_gone(unwrap(ks, &r_left, &w_left).await, "unwrap under the destroyed version");
-    assert_kek_gone(unwrap(ks, &r_moved, &w_moved).await, "old wrap of a rewrapped key");
-    assert_kek_gone(ks.rewrap(&r_left, &w_left).await, "rewrap from the destroyed version");
+    assert_kek_gone(
+        unwrap(ks, &r_left, &w_left).await,
+        "unwrap under the destroyed version",
+    );
+    assert_kek_gone(
+        unwrap(ks, &r_moved, &w_moved).await,
+        "old wrap of a rewrapped key",
+    );
+    assert_kek_gone(
+        ks.rewrap(&r_left, &w_left).await,
+        "rewrap from the destroyed version",
+    );
     // A wrong binding under a destroyed version is still refused.
     let mut other = r_left.clone();
     other.scope = Scope::new("merchant-2").unwrap();
     assert!(unwrap(ks, &other, &w_left).await.is_err());
 
     // Everything else is unaffected.
-    assert!(same(&dek_moved, &unwrap(ks, &r_moved, &moved).await.unwrap()));
+    assert!(same(
+        &dek_moved,
+        &unwrap(ks, &r_moved, &moved).await.unwrap()
+    ));
     let r = request(environment, "merchant-1", KeyPurpose::Data);
     let (dek, w) = ks.generate(&r).await.unwrap();
     assert!(same(&dek, &unwrap(ks, &r, &w).await.unwrap()));
@@ -362,9 +384,15 @@ async fn panseal(
 pub async fn end_to_end(ks: Arc<dyn KeyService>, environment: &str) {
     let store = MemoryKeyStore::new();
     let audit = Arc::new(MemoryAuditSink::new());
-    let writer = panseal(ks.clone(), &store, &audit, environment, Policy::default().max_uses(2))
-        .await
-        .unwrap();
+    let writer = panseal(
+        ks.clone(),
+        &store,
+        &audit,
+        environment,
+        Policy::default().max_uses(2),
+    )
+    .await
+    .unwrap();
     let pan = Pan::parse("4111111111111111").unwrap();
     let mut sealed = Vec::new();
     for i in 0..5 {
@@ -375,7 +403,11 @@ pub async fn end_to_end(ks: Arc<dyn KeyService>, environment: &str) {
     }
     writer.report_usage().await.unwrap();
     let records = store.list(None).await.unwrap();
-    assert!(records.len() >= 3, "max_uses(2) over 5 seals: {} DEKs", records.len());
+    assert!(
+        records.len() >= 3,
+        "max_uses(2) over 5 seals: {} DEKs",
+        records.len()
+    );
     let info = ks.kek_info().await.unwrap();
     for r in &records {
         assert_eq!(r.wrapped.kek.id, info.id);
@@ -398,7 +430,10 @@ pub async fn end_to_end(ks: Arc<dyn KeyService>, environment: &str) {
     // A ciphertext moved to another row fails opaquely.
     let (_, s0) = &sealed[0];
     assert!(matches!(
-        reader.open_pan(s0, &ctx("row-1"), &access()).await.unwrap_err(),
+        reader
+            .open_pan(s0, &ctx("row-1"), &access())
+            .await
+            .unwrap_err(),
         Error::Decryption
     ));
 
@@ -408,7 +443,10 @@ pub async fn end_to_end(ks: Arc<dyn KeyService>, environment: &str) {
     for r in store.list(None).await.unwrap() {
         let new = ks.rewrap(&r.key_request(), &r.wrapped).await.unwrap();
         assert_eq!(new.kek.version, rotated.version);
-        store.replace_wrap(r.id, &r.wrapped.kek, &new).await.unwrap();
+        store
+            .replace_wrap(r.id, &r.wrapped.kek, &new)
+            .await
+            .unwrap();
     }
     let fresh = panseal(ks.clone(), &store, &audit, environment, Policy::default())
         .await
@@ -419,7 +457,14 @@ pub async fn end_to_end(ks: Arc<dyn KeyService>, environment: &str) {
     let s = fresh.seal_pan(&pan, &ctx("after")).await.unwrap();
     let rec = store.fetch(s.key_id()).await.unwrap().unwrap();
     assert_eq!(rec.wrapped.kek.version, rotated.version);
-    assert_eq!(fresh.open_pan(&s, &ctx("after"), &access()).await.unwrap().pan, pan);
+    assert_eq!(
+        fresh
+            .open_pan(&s, &ctx("after"), &access())
+            .await
+            .unwrap()
+            .pan,
+        pan
+    );
 }
 
 fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, KeyServiceError>, what: &str) {
@@ -432,9 +477,15 @@ fn assert_unavailable<T: std::fmt::Debug>(r: Result<T, KeyServiceError>, what: &
 pub async fn outage(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment: &str) {
     let store = MemoryKeyStore::new();
     let audit = Arc::new(MemoryAuditSink::new());
-    let writer = panseal(ks.clone(), &store, &audit, environment, Policy::default().max_uses(2))
-        .await
-        .unwrap();
+    let writer = panseal(
+        ks.clone(),
+        &store,
+        &audit,
+        environment,
+        Policy::default().max_uses(2),
+    )
+    .await
+    .unwrap();
     let pan = Pan::parse("5555555555554444").unwrap();
     let s1 = writer.seal_pan(&pan, &ctx("1")).await.unwrap();
     let r = request(environment, "merchant-1", KeyPurpose::Data);
@@ -449,11 +500,21 @@ pub async fn outage(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment:
     assert_unavailable(ks.rewrap(&r, &w).await, "rewrap");
     // Within its budget the writer's cached DEK still seals and opens.
     let s2 = writer.seal_pan(&pan, &ctx("2")).await.unwrap();
-    assert_eq!(writer.open_pan(&s1, &ctx("1"), &access()).await.unwrap().pan, pan);
+    assert_eq!(
+        writer
+            .open_pan(&s1, &ctx("1"), &access())
+            .await
+            .unwrap()
+            .pan,
+        pan
+    );
     // The next seal needs a new DEK: a clear, retryable error.
     let err = writer.seal_pan(&pan, &ctx("3")).await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
-    assert!(matches!(err, Error::KeyService(KeyServiceError::Unavailable(_))), "{err:?}");
+    assert!(
+        matches!(err, Error::KeyService(KeyServiceError::Unavailable(_))),
+        "{err:?}"
+    );
     // A new instance cannot even start (it checks the KEK), retryably.
     let err = panseal(ks.clone(), &store, &audit, environment, Policy::default())
         .await
@@ -478,6 +539,9 @@ pub async fn outage(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment:
     let s3 = writer.seal_pan(&pan, &ctx("3")).await.unwrap();
     assert_ne!(s3.key_id(), s1.key_id());
     for (row, s) in [("1", s1), ("2", s2), ("3", s3)] {
-        assert_eq!(fresh.open_pan(&s, &ctx(row), &access()).await.unwrap().pan, pan);
+        assert_eq!(
+            fresh.open_pan(&s, &ctx(row), &access()).await.unwrap().pan,
+            pan
+        );
     }
 }
