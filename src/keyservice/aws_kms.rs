@@ -36,6 +36,7 @@ use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
+use aws_sdk_kms::config::http::HttpResponse;
 use aws_sdk_kms::config::{Credentials, Region};
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
@@ -191,6 +192,7 @@ impl AwsKmsConfig {
 #[derive(Clone, Debug)]
 struct KeyMeta {
     arn: String,
+    key_id: String,
     state: KmsKeyState,
     symmetric: bool,
     read_at: Instant,
@@ -320,7 +322,7 @@ impl AwsKmsKeyService {
         self.inner
             .client
             .disable_key()
-            .key_id(&meta.arn)
+            .key_id(&meta.key_id)
             .send()
             .await
             .map_err(|e| map_sdk(e, false))?;
@@ -338,7 +340,7 @@ impl AwsKmsKeyService {
         self.inner
             .client
             .enable_key()
-            .key_id(&meta.arn)
+            .key_id(&meta.key_id)
             .send()
             .await
             .map_err(|e| map_sdk(e, false))?;
@@ -370,7 +372,7 @@ impl AwsKmsKeyService {
         self.inner
             .client
             .schedule_key_deletion()
-            .key_id(&meta.arn)
+            .key_id(&meta.key_id)
             .pending_window_in_days(pending_days)
             .send()
             .await
@@ -528,6 +530,7 @@ impl Inner {
             .ok_or_else(|| KeyServiceError::Other("DescribeKey returned no key metadata".into()))?;
         let meta = KeyMeta {
             arn: md.arn().unwrap_or(md.key_id()).to_owned(),
+            key_id: md.key_id().to_owned(),
             state: md.key_state().cloned().unwrap_or(KmsKeyState::Unavailable),
             symmetric: md.key_spec() == Some(&KeySpec::SymmetricDefault)
                 && md.key_usage() == Some(&KeyUsageType::EncryptDecrypt),
@@ -676,10 +679,9 @@ fn validate_kek_name(name: &str) -> Result<(), KeyServiceError> {
 /// Maps an SDK failure. `decrypting`: the call decrypts a stored wrap, so
 /// the errors that mean "this ciphertext does not authenticate" become the
 /// opaque [`KeyServiceError::UnwrapFailed`].
-fn map_sdk<E, R>(e: SdkError<E, R>, decrypting: bool) -> KeyServiceError
+fn map_sdk<E>(e: SdkError<E, HttpResponse>, decrypting: bool) -> KeyServiceError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     match &e {
         SdkError::TimeoutError(_) => {
@@ -688,7 +690,20 @@ where
         SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => KeyServiceError::Unavailable(
             format!("AWS KMS unreachable: {}", DisplayErrorContext(&e)),
         ),
-        SdkError::ServiceError(s) => classify(s.err().code(), s.err().message(), decrypting),
+        SdkError::ServiceError(s) if s.err().code().is_some() => {
+            classify(s.err().code(), s.err().message(), decrypting)
+        }
+        SdkError::ServiceError(s) => {
+            // An HTTP error without a KMS error body: a proxy, a load
+            // balancer or a failing server.
+            let status = s.raw().status().as_u16();
+            let detail = format!("AWS KMS answered HTTP {status} without an error code");
+            if status >= 500 {
+                KeyServiceError::Unavailable(detail)
+            } else {
+                KeyServiceError::Other(detail)
+            }
+        }
         _ => KeyServiceError::Other(format!("AWS KMS request: {}", DisplayErrorContext(&e))),
     }
 }
