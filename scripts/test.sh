@@ -35,8 +35,8 @@ PANSEAL_LIB="$PWD/target/debug/libpanseal.so" \
 step "examples"
 cargo run --quiet --example quickstart
 
-step "benches compile"
-cargo bench --no-run --quiet
+step "benches compile (all features: the backend bench needs pkcs11 and aws-kms)"
+cargo bench --no-run --quiet --all-features
 
 step "fuzz: every target for ${FUZZ_SECONDS}s"
 (
