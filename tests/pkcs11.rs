@@ -483,3 +483,26 @@ async fn a_wrap_is_the_documented_60_byte_gcm_layout() {
         KeyServiceError::Environment { .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_login_was_dropped_logs_in_again() {
+    let _serial = SERIAL.lock().await;
+    let ks = connect("relogin").await;
+    let r = request(KeyPurpose::Data);
+    let (dek, w) = ks.generate(&r).await.unwrap();
+    // Another part of the process logs the application out of the token
+    // (login state is per application and token, not per session).
+    let s = raw_session("main");
+    s.logout().unwrap();
+    let back = ks.unwrap(&r, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&back), dek_bytes(&dek));
+    // The wrap path and kek_info recover the same way.
+    raw_session("main").logout().unwrap();
+    let (dek2, w2) = ks.generate(&r).await.unwrap();
+    assert_eq!(
+        dek_bytes(&ks.unwrap(&r, &w2, &access()).await.unwrap()),
+        dek_bytes(&dek2)
+    );
+    raw_session("main").logout().unwrap();
+    assert_eq!(ks.kek_info().await.unwrap().version, 1);
+}

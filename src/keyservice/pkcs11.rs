@@ -52,7 +52,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use rand_core::{OsRng, RngCore};
@@ -554,13 +554,30 @@ impl Inner {
         Ok(())
     }
 
+    /// Logs `session` in again if the application's login to the token was
+    /// dropped (by a `C_Logout` elsewhere in the process, or a token
+    /// reset): private objects are invisible until then.
+    fn ensure_login(&self, session: &Session) -> Result<bool, Fail> {
+        match session.get_session_info()?.session_state() {
+            SessionState::RwUser | SessionState::RoUser => Ok(false),
+            _ => match session.login(UserType::User, Some(&self.pin.0)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(true),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
     /// Lists the KEK's version objects and checks each is a sensitive,
     /// non-extractable AES key.
     fn scan(&self, session: &Session) -> Result<(), Fail> {
-        let handles = session.find_objects(&[
+        let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::Id(self.id_marker()),
-        ])?;
+        ];
+        let mut handles = session.find_objects(&template)?;
+        if handles.is_empty() && self.ensure_login(session)? {
+            handles = session.find_objects(&template)?;
+        }
         let prefix = format!("{LABEL_PREFIX}{}:v", self.kek_name);
         let mut objects = Vec::with_capacity(handles.len());
         for handle in handles {
