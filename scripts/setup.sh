@@ -13,9 +13,15 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
     build-essential pkg-config ca-certificates python3 python3-pip \
-    postgresql postgresql-client >/dev/null
+    postgresql postgresql-client softhsm2 >/dev/null
 # The package may start a cluster of its own; the tests start their own
 # servers (as the unprivileged postgres user, in temporary directories).
+# SoftHSM2: the PKCS#11 token the `pkcs11` tests set up and use (they fail,
+# never skip, without it).
+test -e /usr/lib/softhsm/libsofthsm2.so || {
+    echo "softhsm2 installed but libsofthsm2.so not found" >&2
+    exit 1
+}
 
 echo "== Rust components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true

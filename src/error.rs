@@ -214,6 +214,11 @@ pub enum KeyServiceError {
     /// The KEK version was destroyed.
     #[error("KEK {0} destroyed")]
     KekDestroyed(String),
+    /// The KEK version is disabled in its key service (a KMS key that is
+    /// disabled, a PKCS#11 object with `CKA_DECRYPT` cleared): it neither
+    /// wraps nor unwraps until a custodian enables it again.
+    #[error("KEK {0} is disabled")]
+    KekDisabled(String),
     /// The KEK version may only unwrap (retired), not wrap.
     #[error("KEK {0} is retired: decrypt only")]
     KekRetired(String),

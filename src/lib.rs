@@ -90,7 +90,11 @@ pub use keys::{
     Dek, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Policy, Scope, WrappedDek,
     WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT,
 };
+#[cfg(feature = "aws-kms")]
+pub use keyservice::{AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService};
 pub use keyservice::{KekInfo, KeyService, LocalKeyService, Permissions};
+#[cfg(feature = "pkcs11")]
+pub use keyservice::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
 #[cfg(feature = "keyd-client")]
 pub use keyservice::{RemoteKeyService, RemoteKeyServiceBuilder};
 #[cfg(feature = "postgres")]

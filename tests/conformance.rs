@@ -1,9 +1,9 @@
 //! The KeyService conformance suite against the in-process service.
 
-mod keyservice_conformance;
+mod keyd_conformance;
 
 use async_trait::async_trait;
-use keyservice_conformance::{run, KekAdmin, Target};
+use keyd_conformance::{run, KekAdmin, Target};
 use panseal::{Environment, KeyService, LocalKeyService, Scope};
 
 struct LocalAdmin(LocalKeyService);

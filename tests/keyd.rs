@@ -2,16 +2,16 @@
 //! sealing, quotas, audit chain, crash safety, load, and the core API over
 //! `RemoteKeyService`.
 
+mod keyd_conformance;
 mod keyd_harness;
-mod keyservice_conformance;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use keyd_conformance::{KekAdmin, Target};
 use keyd_harness::{Keyd, ACK};
-use keyservice_conformance::{KekAdmin, Target};
 use panseal::hazmat::dek_bytes;
 use panseal::keyd::protocol::ShareText;
 use panseal::{
@@ -63,7 +63,7 @@ async fn keyd_conforms_to_the_key_service_suite() {
         first: k.client("alice"),
         second: k.client("bob"),
     };
-    keyservice_conformance::run(&Target {
+    keyd_conformance::run(&Target {
         ks: &app,
         admin: &admin,
         environment: Environment::new("test").unwrap(),

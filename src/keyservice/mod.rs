@@ -2,8 +2,9 @@
 //!
 //! [`KeyService`] is the one trait; the implementations are chosen by the
 //! user: [`LocalKeyService`] (in-process, for tests, examples and
-//! development) now, and the `panseal-keyd` client, PKCS#11 and AWS KMS
-//! backends behind cargo features. The trait is sealed: a backend must keep
+//! development), `Pkcs11KeyService` (feature `pkcs11`: HSMs),
+//! `AwsKmsKeyService` (feature `aws-kms`: AWS KMS and compatible services),
+//! and the `panseal-keyd` client behind its own feature. The trait is sealed: a backend must keep
 //! plaintext keys inside this crate's zeroizing types, so new backends are
 //! added here.
 
@@ -14,11 +15,19 @@ use crate::audit::Access;
 use crate::error::KeyServiceError;
 use crate::keys::{Dek, KeyRequest, KeyState, WrappedKey};
 
+#[cfg(feature = "aws-kms")]
+mod aws_kms;
 pub(crate) mod local;
+#[cfg(feature = "pkcs11")]
+mod pkcs11;
 #[cfg(feature = "keyd-client")]
 mod remote;
 
+#[cfg(feature = "aws-kms")]
+pub use aws_kms::{AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService};
 pub use local::LocalKeyService;
+#[cfg(feature = "pkcs11")]
+pub use pkcs11::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
 #[cfg(feature = "keyd-client")]
 pub use remote::{RemoteKeyService, RemoteKeyServiceBuilder};
 

@@ -1,0 +1,1012 @@
+//! The AWS KMS key service (and KMS-compatible endpoints through an
+//! endpoint override).
+//!
+//! # Versions are keys under aliases
+//!
+//! Version `N` of KEK `name` is a symmetric KMS key (`SYMMETRIC_DEFAULT`,
+//! `ENCRYPT_DECRYPT`: AES-256-GCM inside KMS) reached through the alias
+//! `alias/panseal/<name>/v<N>`. [`KeyService::rotate_kek`] creates a new key
+//! and the alias of the next version (`CreateKey` + `CreateAlias`); the
+//! newest alias wraps, older ones only unwrap. So a record's
+//! [`KekRef::version`] names exactly the KMS key its wrap was made with,
+//! custodians can retire (`DisableKey`) and destroy (`ScheduleKeyDeletion`)
+//! one version at a time, and a rewrap (`ReEncrypt`) moves a DEK to the
+//! newest version without the DEK leaving KMS. KMS's own automatic rotation
+//! may be enabled on any version key as well: it rotates that key's backing
+//! material transparently (the ciphertext names it) and changes nothing
+//! here.
+//!
+//! # Binding
+//!
+//! Every `Encrypt`, `GenerateDataKey`, `Decrypt` and `ReEncrypt` carries the
+//! encryption context `panseal:id`, `panseal:scope`, `panseal:environment`,
+//! `panseal:purpose` and `panseal:kek` (`<name>#v<N>`), which KMS binds to
+//! the ciphertext as AES-GCM associated data: a wrap moved to another record,
+//! scope, environment, purpose or KEK version fails to decrypt
+//! ([`KeyServiceError::UnwrapFailed`]). The context is not secret and shows
+//! up in CloudTrail, which thereby records which DEK every `Decrypt` was for.
+//! `Decrypt` and `ReEncrypt` also name the key the record says it was
+//! wrapped under, and the key KMS reports having used is checked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::BehaviorVersion;
+use aws_sdk_kms::config::http::HttpResponse;
+use aws_sdk_kms::config::{Credentials, Region};
+use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kms::primitives::Blob;
+use aws_sdk_kms::types::{DataKeySpec, KeySpec, KeyState as KmsKeyState, KeyUsageType, Tag};
+use aws_sdk_kms::Client;
+use aws_smithy_http_client::tls::rustls_provider::CryptoMode;
+use aws_smithy_http_client::tls::Provider;
+use zeroize::Zeroizing;
+
+use super::{sealed, KekInfo, KeyService};
+use crate::audit::Access;
+use crate::error::KeyServiceError;
+use crate::keys::{Dek, Environment, KekRef, KeyPurpose, KeyRequest, KeyState, WrappedKey};
+
+const DEK_LEN: usize = 32;
+const ALIAS_PREFIX: &str = "alias/panseal/";
+
+/// Explicit AWS credentials (an access key, optionally temporary). The
+/// secret parts are wiped on drop and never printed.
+#[derive(Clone)]
+pub struct AwsKmsCredentials {
+    access_key_id: String,
+    secret_access_key: Zeroizing<String>,
+    session_token: Option<Zeroizing<String>>,
+}
+
+impl AwsKmsCredentials {
+    /// Credentials from an access key id, its secret and, for temporary
+    /// credentials, a session token.
+    pub fn new(
+        access_key_id: &str,
+        secret_access_key: String,
+        session_token: Option<String>,
+    ) -> Self {
+        AwsKmsCredentials {
+            access_key_id: access_key_id.to_owned(),
+            secret_access_key: Zeroizing::new(secret_access_key),
+            session_token: session_token.map(Zeroizing::new),
+        }
+    }
+}
+
+impl std::fmt::Debug for AwsKmsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsKmsCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to reach KMS and which KEK to use. Build with [`AwsKmsConfig::new`]
+/// and the setters.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AwsKmsConfig {
+    /// The KEK's name: its versions are `alias/panseal/<name>/v<N>`.
+    pub kek_name: String,
+    /// The environment this service serves (`prod`, `test`, …).
+    pub environment: Environment,
+    /// AWS region; `None` takes it from the standard chain
+    /// (`AWS_REGION`, profile, instance metadata).
+    pub region: Option<String>,
+    /// Endpoint override for KMS-compatible services or VPC endpoints
+    /// (e.g. `http://127.0.0.1:4566`); `None` is the region's KMS endpoint.
+    pub endpoint_url: Option<String>,
+    /// Explicit credentials; `None` uses the standard chain (environment,
+    /// shared config and credentials files, web identity, ECS and EC2
+    /// instance roles).
+    pub credentials: Option<AwsKmsCredentials>,
+    /// TCP/TLS connect timeout (default 3 s).
+    pub connect_timeout: Duration,
+    /// Time allowed for one call including retries (default 10 s); past it
+    /// the call is [`KeyServiceError::Unavailable`].
+    pub operation_timeout: Duration,
+    /// Attempts per call, the first included (default 3; the SDK's standard
+    /// retry with backoff for throttling and transient failures).
+    pub max_attempts: u32,
+    /// How long the version list and each version's key state
+    /// (`DescribeKey`) are trusted before they are read again (default
+    /// 60 s). KMS refuses disabled and deleted keys itself; this check
+    /// also refuses them in KMS-compatible services that do not, and turns
+    /// a key pending deletion into [`KeyServiceError::KekDestroyed`]. Zero
+    /// reads the state before every use.
+    pub key_cache_ttl: Duration,
+    /// Create version 1 (`CreateKey` + `CreateAlias`) if no version exists
+    /// (default `false`: a missing KEK is [`KeyServiceError::UnknownKek`]).
+    pub create_kek_if_missing: bool,
+}
+
+impl AwsKmsConfig {
+    /// A configuration with the defaults.
+    pub fn new(kek_name: &str, environment: Environment) -> Self {
+        AwsKmsConfig {
+            kek_name: kek_name.to_owned(),
+            environment,
+            region: None,
+            endpoint_url: None,
+            credentials: None,
+            connect_timeout: Duration::from_secs(3),
+            operation_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            key_cache_ttl: Duration::from_secs(60),
+            create_kek_if_missing: false,
+        }
+    }
+
+    /// Sets [`AwsKmsConfig::region`].
+    pub fn region(mut self, region: &str) -> Self {
+        self.region = Some(region.to_owned());
+        self
+    }
+
+    /// Sets [`AwsKmsConfig::endpoint_url`].
+    pub fn endpoint_url(mut self, url: &str) -> Self {
+        self.endpoint_url = Some(url.to_owned());
+        self
+    }
+
+    /// Sets [`AwsKmsConfig::credentials`].
+    pub fn credentials(mut self, credentials: AwsKmsCredentials) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Sets [`AwsKmsConfig::connect_timeout`] and
+    /// [`AwsKmsConfig::operation_timeout`].
+    pub fn timeouts(mut self, connect: Duration, operation: Duration) -> Self {
+        self.connect_timeout = connect;
+        self.operation_timeout = operation;
+        self
+    }
+
+    /// Sets [`AwsKmsConfig::max_attempts`].
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Sets [`AwsKmsConfig::key_cache_ttl`].
+    pub fn key_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.key_cache_ttl = ttl;
+        self
+    }
+
+    /// Sets [`AwsKmsConfig::create_kek_if_missing`].
+    pub fn create_kek_if_missing(mut self, create: bool) -> Self {
+        self.create_kek_if_missing = create;
+        self
+    }
+}
+
+/// What `DescribeKey` said about one version's key.
+#[derive(Clone, Debug)]
+struct KeyMeta {
+    arn: String,
+    key_id: String,
+    state: KmsKeyState,
+    symmetric: bool,
+    read_at: Instant,
+}
+
+#[derive(Default)]
+struct Versions {
+    /// Version → key id the alias targets (from `ListAliases`).
+    aliases: BTreeMap<u32, String>,
+    listed_at: Option<Instant>,
+    meta: HashMap<u32, KeyMeta>,
+}
+
+impl Versions {
+    fn newest(&self) -> u32 {
+        self.aliases.keys().next_back().copied().unwrap_or(0)
+    }
+}
+
+struct Inner {
+    client: Client,
+    kek_name: String,
+    environment: Environment,
+    ttl: Duration,
+    versions: RwLock<Versions>,
+}
+
+/// A [`KeyService`] whose KEKs are AWS KMS keys (see the module
+/// documentation for the version scheme and the binding, and the README,
+/// "AWS KMS", for the IAM permissions each role needs). Cheap to clone.
+#[derive(Clone)]
+pub struct AwsKmsKeyService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AwsKmsKeyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsKmsKeyService")
+            .field("kek_name", &self.inner.kek_name)
+            .field("environment", &self.inner.environment)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AwsKmsKeyService {
+    /// Builds the KMS client (HTTPS through rustls; an `http://` endpoint
+    /// override is allowed for local KMS-compatible servers), lists the
+    /// KEK's versions and checks the newest, creating version 1 if asked
+    /// to and none exists.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyServiceError::Other`] for a bad name or a key that is not a
+    /// symmetric encryption key; [`KeyServiceError::Unavailable`] if KMS
+    /// cannot be reached; [`KeyServiceError::PermissionDenied`] for refused
+    /// credentials; [`KeyServiceError::UnknownKek`] if no version exists and
+    /// `create_kek_if_missing` is off.
+    pub async fn connect(config: AwsKmsConfig) -> Result<Self, KeyServiceError> {
+        validate_kek_name(&config.kek_name)?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::v2026_01_12())
+            .http_client(http)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .operation_timeout(config.operation_timeout)
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(config.max_attempts.max(1)));
+        if let Some(region) = &config.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(url) = &config.endpoint_url {
+            loader = loader.endpoint_url(url.clone());
+        }
+        if let Some(c) = &config.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.as_str(),
+                c.session_token.as_ref().map(|t| t.to_string()),
+                None,
+                "panseal-explicit",
+            ));
+        }
+        let sdk = loader.load().await;
+        let service = AwsKmsKeyService {
+            inner: Arc::new(Inner {
+                client: Client::new(&sdk),
+                kek_name: config.kek_name,
+                environment: config.environment,
+                ttl: config.key_cache_ttl,
+                versions: RwLock::new(Versions::default()),
+            }),
+        };
+        service.inner.list_versions().await?;
+        if service.inner.read().newest() == 0 {
+            if !config.create_kek_if_missing {
+                return Err(KeyServiceError::UnknownKek(service.inner.kek_name.clone()));
+            }
+            service.inner.create_version(1).await?;
+        }
+        service.inner.info(true).await?;
+        Ok(service)
+    }
+
+    /// The KEK's name (the `id` of every [`KekRef`] this service makes).
+    pub fn kek_name(&self) -> &str {
+        &self.inner.kek_name
+    }
+
+    /// The alias of version `version`: `alias/panseal/<name>/v<N>`.
+    pub fn alias(&self, version: u32) -> String {
+        self.inner.alias(version)
+    }
+
+    /// Disables the key of KEK version `version` (`DisableKey`): it neither
+    /// wraps nor unwraps until [`AwsKmsKeyService::enable_kek`]. Needs
+    /// `kms:DisableKey`.
+    ///
+    /// # Errors
+    ///
+    /// The version is unknown, or KMS refuses or fails.
+    pub async fn disable_kek(&self, version: u32) -> Result<(), KeyServiceError> {
+        let meta = self.inner.meta(version, true).await?;
+        self.inner
+            .client
+            .disable_key()
+            .key_id(&meta.key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        self.inner.forget(version);
+        Ok(())
+    }
+
+    /// Enables a disabled KEK version again (`EnableKey`).
+    ///
+    /// # Errors
+    ///
+    /// The version is unknown, or KMS refuses or fails.
+    pub async fn enable_kek(&self, version: u32) -> Result<(), KeyServiceError> {
+        let meta = self.inner.meta_any_state(version).await?;
+        self.inner
+            .client
+            .enable_key()
+            .key_id(&meta.key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        self.inner.forget(version);
+        Ok(())
+    }
+
+    /// Schedules the key of KEK version `version` for deletion after
+    /// `pending_days` (7 to 30; `ScheduleKeyDeletion`). From now on the
+    /// version is refused as destroyed; every DEK wrapped only under it is
+    /// lost when KMS deletes the key. Rewrap first. The newest version is
+    /// refused (rotate first).
+    ///
+    /// # Errors
+    ///
+    /// The newest or an unknown version, or KMS refuses or fails.
+    pub async fn destroy_kek(
+        &self,
+        version: u32,
+        pending_days: i32,
+    ) -> Result<(), KeyServiceError> {
+        self.inner.list_versions().await?;
+        if version == self.inner.read().newest() {
+            return Err(KeyServiceError::Other(
+                "the newest KEK version cannot be destroyed; rotate first".into(),
+            ));
+        }
+        let meta = self.inner.meta_any_state(version).await?;
+        self.inner
+            .client
+            .schedule_key_deletion()
+            .key_id(&meta.key_id)
+            .pending_window_in_days(pending_days)
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        self.inner.forget(version);
+        tracing::info!(kek = %self.inner.kek_ref(version), "KEK version scheduled for deletion");
+        Ok(())
+    }
+
+    fn check_env(&self, request: &KeyRequest) -> Result<(), KeyServiceError> {
+        if request.environment != self.inner.environment {
+            return Err(KeyServiceError::Environment {
+                service: self.inner.environment.to_string(),
+                request: request.environment.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_kek_id(&self, wrapped: &WrappedKey) -> Result<(), KeyServiceError> {
+        if wrapped.kek.id != self.inner.kek_name {
+            return Err(KeyServiceError::UnknownKek(wrapped.kek.to_string()));
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Versions> {
+        self.versions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Versions> {
+        self.versions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kek_ref(&self, version: u32) -> KekRef {
+        KekRef {
+            id: self.kek_name.clone(),
+            version,
+        }
+    }
+
+    fn alias_prefix(&self) -> String {
+        format!("{ALIAS_PREFIX}{}/v", self.kek_name)
+    }
+
+    fn alias(&self, version: u32) -> String {
+        format!("{}{version}", self.alias_prefix())
+    }
+
+    fn forget(&self, version: u32) {
+        self.write().meta.remove(&version);
+    }
+
+    /// The encryption context of a wrap under `kek`.
+    fn context(&self, request: &KeyRequest, kek: &KekRef) -> HashMap<String, String> {
+        let purpose = match request.purpose {
+            KeyPurpose::Data => "data",
+            KeyPurpose::Index => "index",
+        };
+        HashMap::from([
+            ("panseal:id".to_owned(), request.id.to_string()),
+            ("panseal:scope".to_owned(), request.scope.to_string()),
+            (
+                "panseal:environment".to_owned(),
+                request.environment.to_string(),
+            ),
+            ("panseal:purpose".to_owned(), purpose.to_owned()),
+            ("panseal:kek".to_owned(), kek.to_string()),
+        ])
+    }
+
+    /// Reads every alias of the KEK (`ListAliases`, all pages).
+    async fn list_versions(&self) -> Result<(), KeyServiceError> {
+        let prefix = self.alias_prefix();
+        let mut aliases = BTreeMap::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_aliases()
+                .set_marker(marker.take())
+                .limit(100)
+                .send()
+                .await
+                .map_err(|e| map_sdk(e, false))?;
+            for a in page.aliases() {
+                let version = a
+                    .alias_name()
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .filter(|v| *v >= 1);
+                if let (Some(version), Some(target)) = (version, a.target_key_id()) {
+                    aliases.insert(version, target.to_owned());
+                }
+            }
+            match (page.truncated(), page.next_marker()) {
+                (true, Some(next)) => marker = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        let mut v = self.write();
+        // An alias re-pointed to another key invalidates what we knew.
+        v.meta.retain(|version, _| aliases.contains_key(version));
+        v.aliases = aliases;
+        v.listed_at = Some(Instant::now());
+        Ok(())
+    }
+
+    async fn list_if_stale(&self) -> Result<(), KeyServiceError> {
+        let stale = self
+            .read()
+            .listed_at
+            .is_none_or(|t| t.elapsed() >= self.ttl);
+        if stale {
+            self.list_versions().await?;
+        }
+        Ok(())
+    }
+
+    /// The key behind a version (`DescribeKey` of its alias), whatever its
+    /// state.
+    async fn meta_any_state(&self, version: u32) -> Result<KeyMeta, KeyServiceError> {
+        let cached = self.read().meta.get(&version).cloned();
+        if let Some(m) = cached {
+            if m.read_at.elapsed() < self.ttl {
+                return Ok(m);
+            }
+        }
+        let out = self
+            .client
+            .describe_key()
+            .key_id(self.alias(version))
+            .send()
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) if e.code() == Some("NotFoundException") => {
+                // No alias: if a newer version exists this one was deleted
+                // (KMS deletes a key's aliases with it).
+                self.list_versions().await?;
+                let newest = self.read().newest();
+                let name = self.kek_ref(version).to_string();
+                return Err(if version >= 1 && version < newest {
+                    KeyServiceError::KekDestroyed(name)
+                } else {
+                    KeyServiceError::UnknownKek(name)
+                });
+            }
+            Err(e) => return Err(map_sdk(e, false)),
+        };
+        let md = out
+            .key_metadata()
+            .ok_or_else(|| KeyServiceError::Other("DescribeKey returned no key metadata".into()))?;
+        let meta = KeyMeta {
+            arn: md.arn().unwrap_or(md.key_id()).to_owned(),
+            key_id: md.key_id().to_owned(),
+            state: md.key_state().cloned().unwrap_or(KmsKeyState::Unavailable),
+            symmetric: md.key_spec() == Some(&KeySpec::SymmetricDefault)
+                && md.key_usage() == Some(&KeyUsageType::EncryptDecrypt),
+            read_at: Instant::now(),
+        };
+        self.write().meta.insert(version, meta.clone());
+        Ok(meta)
+    }
+
+    /// The key behind a version, refused unless it is an enabled symmetric
+    /// encryption key. `fresh` ignores the cache.
+    async fn meta(&self, version: u32, fresh: bool) -> Result<KeyMeta, KeyServiceError> {
+        if fresh {
+            self.forget(version);
+        }
+        let meta = self.meta_any_state(version).await?;
+        let name = self.kek_ref(version).to_string();
+        if !meta.symmetric {
+            return Err(KeyServiceError::Other(format!(
+                "KEK {name} is not a SYMMETRIC_DEFAULT ENCRYPT_DECRYPT KMS key"
+            )));
+        }
+        match meta.state {
+            KmsKeyState::Enabled => Ok(meta),
+            KmsKeyState::Disabled => Err(KeyServiceError::KekDisabled(name)),
+            KmsKeyState::PendingDeletion | KmsKeyState::PendingReplicaDeletion => {
+                Err(KeyServiceError::KekDestroyed(name))
+            }
+            KmsKeyState::Unavailable => Err(KeyServiceError::Unavailable(format!(
+                "the key of KEK {name} is unavailable (its custom key store is disconnected)"
+            ))),
+            other => Err(KeyServiceError::Other(format!(
+                "the key of KEK {name} is in state {}",
+                other.as_str()
+            ))),
+        }
+    }
+
+    /// The newest version and its key (after a fresh list if the cached
+    /// one is stale or `fresh`).
+    async fn current(&self, fresh: bool) -> Result<(u32, KeyMeta), KeyServiceError> {
+        if fresh {
+            self.list_versions().await?;
+        } else {
+            self.list_if_stale().await?;
+        }
+        let newest = self.read().newest();
+        if newest == 0 {
+            return Err(KeyServiceError::UnknownKek(self.kek_name.clone()));
+        }
+        Ok((newest, self.meta(newest, fresh).await?))
+    }
+
+    async fn info(&self, fresh: bool) -> Result<KekInfo, KeyServiceError> {
+        let (version, _meta) = self.current(fresh).await?;
+        Ok(KekInfo {
+            id: self.kek_name.clone(),
+            version,
+            // SYMMETRIC_DEFAULT is AES-256-GCM in KMS's HSMs; anything else
+            // was refused by `meta`.
+            algorithm: "AES-256-GCM (AWS KMS SYMMETRIC_DEFAULT)".into(),
+            strength_bits: 256,
+            environment: self.environment.to_string(),
+            state: KeyState::Active,
+        })
+    }
+
+    /// `CreateKey` + `CreateAlias` for `version`. If another process created
+    /// the alias first, the key made here is scheduled for deletion (it
+    /// never wrapped anything) and theirs is used.
+    async fn create_version(&self, version: u32) -> Result<(), KeyServiceError> {
+        let tag = |k: &str, v: String| {
+            Tag::builder()
+                .tag_key(k)
+                .tag_value(v)
+                .build()
+                .map_err(|e| KeyServiceError::Other(format!("KMS tag: {e}")))
+        };
+        let created = self
+            .client
+            .create_key()
+            .key_spec(KeySpec::SymmetricDefault)
+            .key_usage(KeyUsageType::EncryptDecrypt)
+            .description(format!(
+                "panseal KEK {} version {version} ({})",
+                self.kek_name, self.environment
+            ))
+            .tags(tag("panseal:kek", self.kek_name.clone())?)
+            .tags(tag("panseal:version", version.to_string())?)
+            .tags(tag("panseal:environment", self.environment.to_string())?)
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        let key_id = created
+            .key_metadata()
+            .map(|m| m.key_id().to_owned())
+            .ok_or_else(|| KeyServiceError::Other("CreateKey returned no key id".into()))?;
+        let alias = self
+            .client
+            .create_alias()
+            .alias_name(self.alias(version))
+            .target_key_id(&key_id)
+            .send()
+            .await;
+        match alias {
+            Ok(_) => {
+                tracing::info!(kek = %self.kek_ref(version), "KEK version created");
+            }
+            Err(e) if e.code() == Some("AlreadyExistsException") => {
+                tracing::warn!(
+                    kek = %self.kek_ref(version),
+                    "another process created this KEK version first; deleting the spare key"
+                );
+                if let Err(e) = self
+                    .client
+                    .schedule_key_deletion()
+                    .key_id(&key_id)
+                    .pending_window_in_days(7)
+                    .send()
+                    .await
+                {
+                    tracing::warn!(error = %DisplayErrorContext(&e), "could not schedule the spare key's deletion");
+                }
+            }
+            Err(e) => return Err(map_sdk(e, false)),
+        }
+        self.list_versions().await
+    }
+}
+
+fn validate_kek_name(name: &str) -> Result<(), KeyServiceError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        return Err(KeyServiceError::Other(
+            "KEK name must be 1 to 64 characters from A-Z a-z 0-9 _ - (it becomes part of a KMS alias)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Maps an SDK failure. `decrypting`: the call decrypts a stored wrap, so
+/// the errors that mean "this ciphertext does not authenticate" become the
+/// opaque [`KeyServiceError::UnwrapFailed`].
+fn map_sdk<E>(e: SdkError<E, HttpResponse>, decrypting: bool) -> KeyServiceError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match &e {
+        SdkError::TimeoutError(_) => {
+            KeyServiceError::Unavailable("AWS KMS did not answer in time".into())
+        }
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => KeyServiceError::Unavailable(
+            format!("AWS KMS unreachable: {}", DisplayErrorContext(&e)),
+        ),
+        SdkError::ServiceError(s) if s.err().code().is_some() => {
+            classify(s.err().code(), s.err().message(), decrypting)
+        }
+        SdkError::ServiceError(s) => {
+            // An HTTP error without a KMS error body: a proxy, a load
+            // balancer or a failing server.
+            let status = s.raw().status().as_u16();
+            let detail = format!("AWS KMS answered HTTP {status} without an error code");
+            if status >= 500 {
+                KeyServiceError::Unavailable(detail)
+            } else {
+                KeyServiceError::Other(detail)
+            }
+        }
+        _ => KeyServiceError::Other(format!("AWS KMS request: {}", DisplayErrorContext(&e))),
+    }
+}
+
+/// Maps a KMS error code. Messages from KMS name keys and actions, never key
+/// material.
+fn classify(code: Option<&str>, message: Option<&str>, decrypting: bool) -> KeyServiceError {
+    let code = code.unwrap_or("unknown error");
+    let detail = match message {
+        Some(m) if !m.is_empty() => format!("AWS KMS {code}: {m}"),
+        _ => format!("AWS KMS {code}"),
+    };
+    match code {
+        "InvalidCiphertextException" | "IncorrectKeyException" if decrypting => {
+            KeyServiceError::UnwrapFailed
+        }
+        // KMS answers a ciphertext that names a key this caller cannot use
+        // (altered, or made under another key) with AccessDenied ("The
+        // ciphertext refers to a customer master key that does not
+        // exist…", or no message from some compatible servers): the wrap
+        // does not authenticate. A credential without kms:Decrypt gets
+        // "User: … is not authorized to perform: kms:Decrypt …", which is
+        // a permission problem.
+        "AccessDeniedException"
+            if decrypting && !message.is_some_and(|m| m.contains("not authorized")) =>
+        {
+            KeyServiceError::UnwrapFailed
+        }
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "IncompleteSignature"
+        | "MissingAuthenticationToken"
+        | "ExpiredTokenException"
+        | "InvalidClientTokenId" => KeyServiceError::PermissionDenied(detail),
+        "NotFoundException" => KeyServiceError::UnknownKek(detail),
+        "DisabledException" => KeyServiceError::KekDisabled(detail),
+        "KMSInvalidStateException" => {
+            if message.is_some_and(|m| m.to_ascii_lowercase().contains("pending deletion")) {
+                KeyServiceError::KekDestroyed(detail)
+            } else {
+                KeyServiceError::KekDisabled(detail)
+            }
+        }
+        "ThrottlingException" | "LimitExceededException" | "RequestLimitExceeded" => {
+            KeyServiceError::QuotaExceeded(detail)
+        }
+        "KMSInternalException"
+        | "DependencyTimeoutException"
+        | "KeyUnavailableException"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException"
+        | "InternalFailure"
+        | "InternalServerError" => KeyServiceError::Unavailable(detail),
+        _ => KeyServiceError::Other(detail),
+    }
+}
+
+/// Takes a plaintext key out of an SDK blob into a zeroizing buffer.
+fn take_key(blob: Option<Blob>) -> Result<Zeroizing<[u8; DEK_LEN]>, KeyServiceError> {
+    let bytes = Zeroizing::new(blob.map(Blob::into_inner).unwrap_or_default());
+    if bytes.len() != DEK_LEN {
+        return Err(KeyServiceError::UnwrapFailed);
+    }
+    let mut key = Zeroizing::new([0u8; DEK_LEN]);
+    key.copy_from_slice(&bytes);
+    Ok(key)
+}
+
+impl sealed::Sealed for AwsKmsKeyService {}
+
+#[async_trait]
+impl KeyService for AwsKmsKeyService {
+    async fn kek_info(&self) -> Result<KekInfo, KeyServiceError> {
+        self.inner.info(true).await
+    }
+
+    async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
+        self.check_env(request)?;
+        let (version, meta) = self.inner.current(false).await?;
+        let kek = self.inner.kek_ref(version);
+        let out = self
+            .inner
+            .client
+            .encrypt()
+            .key_id(&meta.arn)
+            // The SDK's request buffers are not wiped; see the README.
+            .plaintext(Blob::new(dek.expose_secret().to_vec()))
+            .set_encryption_context(Some(self.inner.context(request, &kek)))
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        let bytes = out
+            .ciphertext_blob
+            .map(Blob::into_inner)
+            .ok_or_else(|| KeyServiceError::Other("Encrypt returned no ciphertext".into()))?;
+        Ok(WrappedKey { kek, bytes })
+    }
+
+    /// `GenerateDataKey` (AES-256): the DEK comes from KMS's generator.
+    async fn generate(&self, request: &KeyRequest) -> Result<(Dek, WrappedKey), KeyServiceError> {
+        self.check_env(request)?;
+        let (version, meta) = self.inner.current(false).await?;
+        let kek = self.inner.kek_ref(version);
+        let mut out = self
+            .inner
+            .client
+            .generate_data_key()
+            .key_id(&meta.arn)
+            .key_spec(DataKeySpec::Aes256)
+            .set_encryption_context(Some(self.inner.context(request, &kek)))
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        let key = take_key(out.plaintext.take()).map_err(|_| {
+            KeyServiceError::Other("GenerateDataKey returned no 32-byte key".into())
+        })?;
+        let bytes = out
+            .ciphertext_blob
+            .take()
+            .map(Blob::into_inner)
+            .ok_or_else(|| {
+                KeyServiceError::Other("GenerateDataKey returned no ciphertext".into())
+            })?;
+        Ok((Dek::from_unwrapped(&key), WrappedKey { kek, bytes }))
+    }
+
+    async fn unwrap(
+        &self,
+        request: &KeyRequest,
+        wrapped: &WrappedKey,
+        _access: &Access,
+    ) -> Result<Dek, KeyServiceError> {
+        self.check_env(request)?;
+        self.check_kek_id(wrapped)?;
+        if wrapped.bytes.is_empty() || wrapped.kek.version == 0 {
+            return Err(KeyServiceError::UnwrapFailed);
+        }
+        let meta = self.inner.meta(wrapped.kek.version, false).await?;
+        let mut out = self
+            .inner
+            .client
+            .decrypt()
+            .key_id(&meta.arn)
+            .ciphertext_blob(Blob::new(wrapped.bytes.clone()))
+            .set_encryption_context(Some(self.inner.context(request, &wrapped.kek)))
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, true))?;
+        let key = take_key(out.plaintext.take())?;
+        if out.key_id() != Some(meta.arn.as_str()) {
+            return Err(KeyServiceError::UnwrapFailed);
+        }
+        Ok(Dek::from_unwrapped(&key))
+    }
+
+    /// `ReEncrypt` under the newest version: the DEK never leaves KMS.
+    async fn rewrap(
+        &self,
+        request: &KeyRequest,
+        wrapped: &WrappedKey,
+    ) -> Result<WrappedKey, KeyServiceError> {
+        self.check_env(request)?;
+        self.check_kek_id(wrapped)?;
+        if wrapped.bytes.is_empty() || wrapped.kek.version == 0 {
+            return Err(KeyServiceError::UnwrapFailed);
+        }
+        let source = self.inner.meta(wrapped.kek.version, false).await?;
+        let (version, dest) = self.inner.current(false).await?;
+        let kek = self.inner.kek_ref(version);
+        let out = self
+            .inner
+            .client
+            .re_encrypt()
+            .ciphertext_blob(Blob::new(wrapped.bytes.clone()))
+            .source_key_id(&source.arn)
+            .set_source_encryption_context(Some(self.inner.context(request, &wrapped.kek)))
+            .destination_key_id(&dest.arn)
+            .set_destination_encryption_context(Some(self.inner.context(request, &kek)))
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, true))?;
+        if out.source_key_id() != Some(source.arn.as_str()) {
+            return Err(KeyServiceError::UnwrapFailed);
+        }
+        let bytes = out
+            .ciphertext_blob
+            .map(Blob::into_inner)
+            .ok_or_else(|| KeyServiceError::Other("ReEncrypt returned no ciphertext".into()))?;
+        Ok(WrappedKey { kek, bytes })
+    }
+
+    async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
+        self.inner.list_versions().await?;
+        let next = self
+            .inner
+            .read()
+            .newest()
+            .checked_add(1)
+            .ok_or_else(|| KeyServiceError::Other("KEK version overflow".into()))?;
+        self.inner.create_version(next).await?;
+        self.inner.info(true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kms_errors_map_to_what_callers_act_on() {
+        use KeyServiceError as E;
+        let c = classify;
+        assert_eq!(
+            c(Some("InvalidCiphertextException"), None, true),
+            E::UnwrapFailed
+        );
+        assert_eq!(
+            c(Some("IncorrectKeyException"), None, true),
+            E::UnwrapFailed
+        );
+        assert_eq!(
+            c(
+                Some("AccessDeniedException"),
+                Some("The ciphertext refers to a customer master key that does not exist, does not exist in this region, or you are not allowed to access."),
+                true
+            ),
+            E::UnwrapFailed
+        );
+        assert!(matches!(
+            c(
+                Some("AccessDeniedException"),
+                Some("User: arn:aws:iam::1:user/front is not authorized to perform: kms:Decrypt"),
+                true
+            ),
+            E::PermissionDenied(_)
+        ));
+        assert_eq!(
+            c(Some("AccessDeniedException"), None, true),
+            E::UnwrapFailed
+        );
+        assert!(matches!(
+            c(Some("AccessDeniedException"), None, false),
+            E::PermissionDenied(_)
+        ));
+        assert!(matches!(
+            c(Some("DisabledException"), None, true),
+            E::KekDisabled(_)
+        ));
+        assert!(matches!(
+            c(
+                Some("KMSInvalidStateException"),
+                Some("arn:aws:kms:eu-west-1:1:key/k is pending deletion."),
+                true
+            ),
+            E::KekDestroyed(_)
+        ));
+        assert!(matches!(
+            c(Some("KMSInvalidStateException"), Some("disabled"), true),
+            E::KekDisabled(_)
+        ));
+        let t = c(Some("ThrottlingException"), Some("Rate exceeded"), false);
+        assert!(matches!(t, E::QuotaExceeded(_)) && t.is_retryable());
+        for code in [
+            "KMSInternalException",
+            "DependencyTimeoutException",
+            "KeyUnavailableException",
+        ] {
+            let e = c(Some(code), None, true);
+            assert!(matches!(e, E::Unavailable(_)) && e.is_retryable(), "{code}");
+        }
+        assert!(matches!(
+            c(Some("NotFoundException"), None, false),
+            E::UnknownKek(_)
+        ));
+        // Outside a decrypt an invalid ciphertext is not an unwrap failure.
+        assert!(matches!(
+            c(Some("InvalidCiphertextException"), None, false),
+            E::Other(_)
+        ));
+    }
+
+    #[test]
+    fn credentials_and_names_are_checked_and_never_printed() {
+        let c = AwsKmsCredentials::new(
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG".into(),
+            Some("tok-123".into()),
+        );
+        let text = format!("{c:?}");
+        assert!(
+            !text.contains("wJalrXUtnFEMI") && !text.contains("tok-123"),
+            "{text}"
+        );
+        let cfg = AwsKmsConfig::new("cards", Environment::new("test").unwrap()).credentials(c);
+        let text = format!("{cfg:?}");
+        assert!(
+            !text.contains("wJalrXUtnFEMI") && !text.contains("tok-123"),
+            "{text}"
+        );
+        assert!(validate_kek_name("cards-prod_1").is_ok());
+        for bad in ["", "a/b", "a:b", "a.b", &"x".repeat(65)] {
+            assert!(validate_kek_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

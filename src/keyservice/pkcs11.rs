@@ -1,0 +1,1056 @@
+//! The PKCS#11 key service: KEKs are non-extractable AES-256 keys inside a
+//! hardware security module (or any token reached through a PKCS#11 module,
+//! such as SoftHSM2 in the tests).
+//!
+//! # How a wrap is made
+//!
+//! A wrap is `C_Encrypt` with `CKM_AES_GCM` **inside the token**, under the
+//! KEK object of the newest version, with a fresh 96-bit IV and
+//! [`KeyRequest::wrap_aad`] as the GCM additional data; the stored bytes are
+//! `IV (12) || ciphertext (32) || tag (16)`: the same 60-byte layout and the
+//! same binding as the local service (`FORMAT.md`, "Wrap binding"), only the
+//! KEK never leaves the HSM. Unwrap is `C_Decrypt` with the same parameters;
+//! any authentication failure is the opaque
+//! [`KeyServiceError::UnwrapFailed`].
+//!
+//! AES-GCM is used through `C_Encrypt`/`C_Decrypt` rather than
+//! `C_WrapKey`/`C_UnwrapKey` because that is what carries the associated
+//! data on every token we know of (SoftHSM2 offers GCM for encrypt and
+//! decrypt only, and offers no AES-KWP with associated data at all). The
+//! consequence is spelled out on [`Pkcs11KeyService`]'s `rewrap`.
+//!
+//! # KEK versions are token objects
+//!
+//! Version `N` of KEK `name` is the secret-key object with
+//! `CKA_LABEL = "panseal-kek:<name>:v<N>"` and `CKA_ID = "panseal-kek:<name>"`
+//! (every version shares the id, so one `C_FindObjects` lists them). The
+//! newest version wraps; [`KeyService::rotate_kek`] generates version `N+1`
+//! in the token and clears `CKA_ENCRYPT` on version `N`, so the HSM itself
+//! refuses to wrap with a retired version. [`Pkcs11KeyService::destroy_kek`]
+//! destroys a version's object (`C_DestroyObject`). Versions are numbered
+//! without gaps, so a missing version below the newest is reported as
+//! [`KeyServiceError::KekDestroyed`], one above it as
+//! [`KeyServiceError::UnknownKek`].
+//!
+//! # Sessions
+//!
+//! Calls run on Tokio's blocking pool (a network HSM answers in
+//! milliseconds) with sessions from a pool of at most `max_sessions`,
+//! opened on demand and logged in with the caller's PIN, so concurrent
+//! callers do not queue on one session. A session the token reports as lost
+//! is dropped and the call is retried once on a fresh one; an unreachable
+//! device is [`KeyServiceError::Unavailable`] (retryable).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use rand_core::{OsRng, RngCore};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use super::{sealed, KekInfo, KeyService};
+use crate::audit::Access;
+use crate::error::KeyServiceError;
+use crate::keys::{Dek, Environment, KekRef, KeyRequest, KeyState, WrappedKey};
+
+const IV_LEN: usize = 12;
+const DEK_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+const WRAPPED_LEN: usize = IV_LEN + DEK_LEN + TAG_LEN;
+const LABEL_PREFIX: &str = "panseal-kek:";
+
+/// The user PIN of a PKCS#11 token. Wiped on drop; its `Debug` prints
+/// `Pkcs11Pin(..)`; panseal never logs it or puts it in an error.
+pub struct Pkcs11Pin(AuthPin);
+
+impl Pkcs11Pin {
+    /// Takes the PIN (the `String` moves in and is wiped when the service is
+    /// dropped; wiping any other copy is the caller's business).
+    pub fn new(pin: String) -> Self {
+        Pkcs11Pin(AuthPin::from(pin))
+    }
+}
+
+impl std::fmt::Debug for Pkcs11Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pkcs11Pin(..)")
+    }
+}
+
+/// Where the KEK lives and how to reach it. Holds no secret: the PIN is
+/// passed to [`Pkcs11KeyService::connect`] separately.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Pkcs11Config {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// Label of the token (HSM partition) that holds the KEK.
+    pub token_label: String,
+    /// The KEK's name: its objects are labelled `panseal-kek:<name>:v<N>`.
+    pub kek_name: String,
+    /// The environment this service serves (`prod`, `test`, …).
+    pub environment: Environment,
+    /// Most sessions open at once (default 8). Also the most calls in
+    /// flight; further callers wait for a free session.
+    pub max_sessions: usize,
+    /// How long one call may take before it is reported as
+    /// [`KeyServiceError::Unavailable`] (default 10 s).
+    pub operation_timeout: Duration,
+    /// Generate version 1 in the token if no version of the KEK exists
+    /// (default `false`: a missing KEK is [`KeyServiceError::UnknownKek`]).
+    pub create_kek_if_missing: bool,
+}
+
+impl Pkcs11Config {
+    /// A configuration with the defaults.
+    pub fn new(
+        module: impl Into<PathBuf>,
+        token_label: &str,
+        kek_name: &str,
+        environment: Environment,
+    ) -> Self {
+        Pkcs11Config {
+            module: module.into(),
+            token_label: token_label.to_owned(),
+            kek_name: kek_name.to_owned(),
+            environment,
+            max_sessions: 8,
+            operation_timeout: Duration::from_secs(10),
+            create_kek_if_missing: false,
+        }
+    }
+
+    /// Sets [`Pkcs11Config::max_sessions`].
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.max_sessions = n;
+        self
+    }
+
+    /// Sets [`Pkcs11Config::operation_timeout`].
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Pkcs11Config::create_kek_if_missing`].
+    pub fn create_kek_if_missing(mut self, create: bool) -> Self {
+        self.create_kek_if_missing = create;
+        self
+    }
+}
+
+/// One KEK version object as found in the token.
+#[derive(Clone, Debug)]
+struct KekObject {
+    version: u32,
+    handle: ObjectHandle,
+    bits: u32,
+    encrypt: bool,
+}
+
+/// The versions found by the last scan, oldest first. Several objects may
+/// carry one version only after a concurrent rotation (see `rotate`).
+#[derive(Default)]
+struct Keks {
+    objects: Vec<KekObject>,
+}
+
+impl Keks {
+    fn newest(&self) -> u32 {
+        self.objects.iter().map(|k| k.version).max().unwrap_or(0)
+    }
+
+    fn version(&self, version: u32) -> Vec<KekObject> {
+        self.objects
+            .iter()
+            .filter(|k| k.version == version)
+            .cloned()
+            .collect()
+    }
+}
+
+struct Inner {
+    ctx: Pkcs11,
+    token_label: String,
+    pin: Pkcs11Pin,
+    kek_name: String,
+    environment: Environment,
+    timeout: Duration,
+    max_sessions: usize,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Session>>,
+    open_sessions: AtomicUsize,
+    keks: RwLock<Keks>,
+}
+
+/// A failure inside a blocking call: a raw PKCS#11 error (the runner decides
+/// whether the session survives) or an already-mapped error.
+enum Fail {
+    Ck(CkError),
+    Ks(KeyServiceError),
+}
+
+impl From<CkError> for Fail {
+    fn from(e: CkError) -> Self {
+        Fail::Ck(e)
+    }
+}
+
+impl From<KeyServiceError> for Fail {
+    fn from(e: KeyServiceError) -> Self {
+        Fail::Ks(e)
+    }
+}
+
+/// A [`KeyService`] whose KEKs are AES-256 key objects in a PKCS#11 token.
+///
+/// See the module documentation for the object layout and the wrap format,
+/// and the README ("PKCS#11") for what to set up in the HSM. Cheap to clone;
+/// clones share the session pool.
+///
+/// **`rewrap`** decrypts with the old version and encrypts with the new one
+/// in one session, back to back: the DEK is in this process's memory (a
+/// zeroizing buffer) for the two calls and is never returned to the caller.
+/// It does not stay inside the HSM, because tokens that offer AES-GCM only
+/// for `C_Encrypt`/`C_Decrypt` (SoftHSM2 among them) cannot unwrap a
+/// GCM-wrapped key into a token object.
+#[derive(Clone)]
+pub struct Pkcs11KeyService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pkcs11KeyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11KeyService")
+            .field("token_label", &self.inner.token_label)
+            .field("kek_name", &self.inner.kek_name)
+            .field("environment", &self.inner.environment)
+            .field("max_sessions", &self.inner.max_sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Facts about the session pool, for monitoring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pkcs11PoolStats {
+    /// Sessions open now (idle or in use).
+    pub open: usize,
+    /// Sessions open and idle now.
+    pub idle: usize,
+    /// The configured maximum.
+    pub max: usize,
+}
+
+impl Pkcs11KeyService {
+    /// Loads and initializes the module (once per process; an already
+    /// initialized module is shared), finds the token by label, logs in with
+    /// `pin`, and finds the KEK's versions (generating version 1 if asked
+    /// to and none exists).
+    ///
+    /// Must be called within a Tokio runtime with timers enabled.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyServiceError::Other`] for a module that does not load, a bad
+    /// name, a token without AES-GCM, or a KEK object that is extractable or
+    /// not sensitive; [`KeyServiceError::Unavailable`] if no token with the
+    /// label is present or the device fails;
+    /// [`KeyServiceError::PermissionDenied`] if the PIN is refused;
+    /// [`KeyServiceError::UnknownKek`] if no version exists and
+    /// `create_kek_if_missing` is off.
+    pub async fn connect(config: Pkcs11Config, pin: Pkcs11Pin) -> Result<Self, KeyServiceError> {
+        validate_kek_name(&config.kek_name)?;
+        if config.max_sessions == 0 {
+            return Err(KeyServiceError::Other(
+                "max_sessions must be at least 1".into(),
+            ));
+        }
+        let ctx = load_module(&config.module)?;
+        let service = Pkcs11KeyService {
+            inner: Arc::new(Inner {
+                ctx,
+                token_label: config.token_label,
+                pin,
+                kek_name: config.kek_name,
+                environment: config.environment,
+                timeout: config.operation_timeout,
+                max_sessions: config.max_sessions,
+                permits: Arc::new(Semaphore::new(config.max_sessions)),
+                idle: Mutex::new(Vec::new()),
+                open_sessions: AtomicUsize::new(0),
+                keks: RwLock::new(Keks::default()),
+            }),
+        };
+        let create = config.create_kek_if_missing;
+        service
+            .run(move |inner, session| {
+                inner.check_mechanism()?;
+                inner.scan(session)?;
+                if inner.read_keks().objects.is_empty() {
+                    if !create {
+                        return Err(KeyServiceError::UnknownKek(inner.kek_name.clone()).into());
+                    }
+                    inner.rotate(session)?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(service)
+    }
+
+    /// The KEK's name (the `id` of every [`KekRef`] this service makes).
+    pub fn kek_name(&self) -> &str {
+        &self.inner.kek_name
+    }
+
+    /// The session pool now.
+    pub fn pool_stats(&self) -> Pkcs11PoolStats {
+        Pkcs11PoolStats {
+            open: self.inner.open_sessions.load(Ordering::SeqCst),
+            idle: self.inner.lock_idle().len(),
+            max: self.inner.max_sessions,
+        }
+    }
+
+    /// Destroys KEK version `version` in the token (`C_DestroyObject`):
+    /// every DEK wrapped only under it becomes unrecoverable. Rewrap first.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyServiceError::UnknownKek`] for a version that does not exist,
+    /// [`KeyServiceError::KekDestroyed`] for one already destroyed,
+    /// [`KeyServiceError::Other`] for the newest version (rotate first), and
+    /// the token's refusals and failures.
+    pub async fn destroy_kek(&self, version: u32) -> Result<(), KeyServiceError> {
+        self.run(move |inner, session| {
+            inner.scan(session)?;
+            let (objects, newest) = {
+                let keks = inner.read_keks();
+                (keks.version(version), keks.newest())
+            };
+            if version == newest {
+                return Err(KeyServiceError::Other(
+                    "the newest KEK version cannot be destroyed; rotate first".into(),
+                )
+                .into());
+            }
+            if objects.is_empty() {
+                return Err(inner.missing(version, newest).into());
+            }
+            for object in objects {
+                session.destroy_object(object.handle)?;
+            }
+            inner.scan(session)?;
+            tracing::info!(kek = %inner.kek_ref(version), "KEK version destroyed");
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `f` with a pooled session on the blocking pool, within the
+    /// operation timeout.
+    async fn run<T, F>(&self, f: F) -> Result<T, KeyServiceError>
+    where
+        T: Send + 'static,
+        F: Fn(&Inner, &Session) -> Result<T, Fail> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        let call = async move {
+            let permit = Arc::clone(&inner.permits)
+                .acquire_owned()
+                .await
+                .map_err(|_| KeyServiceError::Unavailable("PKCS#11 session pool closed".into()))?;
+            let task = tokio::task::spawn_blocking(move || {
+                // Held until the token call returns, even if the caller gave
+                // up waiting: the pool never exceeds `max_sessions`.
+                let _permit = permit;
+                inner.with_session(&f)
+            });
+            task.await.map_err(|_| {
+                KeyServiceError::Other("PKCS#11 call panicked or was cancelled".into())
+            })?
+        };
+        // Waiting for a free session counts against the timeout too: with
+        // every session stuck in a hung token, callers fail instead of
+        // queueing forever.
+        match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(KeyServiceError::Unavailable(format!(
+                "PKCS#11 token did not answer within {:?}",
+                self.inner.timeout
+            ))),
+        }
+    }
+
+    fn check_env(&self, request: &KeyRequest) -> Result<(), KeyServiceError> {
+        if request.environment != self.inner.environment {
+            return Err(KeyServiceError::Environment {
+                service: self.inner.environment.to_string(),
+                request: request.environment.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_kek_id(&self, wrapped: &WrappedKey) -> Result<(), KeyServiceError> {
+        if wrapped.kek.id != self.inner.kek_name {
+            return Err(KeyServiceError::UnknownKek(wrapped.kek.to_string()));
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read_keks(&self) -> std::sync::RwLockReadGuard<'_, Keks> {
+        self.keks.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kek_ref(&self, version: u32) -> KekRef {
+        KekRef {
+            id: self.kek_name.clone(),
+            version,
+        }
+    }
+
+    fn id_marker(&self) -> Vec<u8> {
+        format!("{LABEL_PREFIX}{}", self.kek_name).into_bytes()
+    }
+
+    fn label(&self, version: u32) -> String {
+        format!("{LABEL_PREFIX}{}:v{version}", self.kek_name)
+    }
+
+    /// The error for a version with no object: destroyed if below the
+    /// newest (versions have no gaps), unknown otherwise.
+    fn missing(&self, version: u32, newest: u32) -> KeyServiceError {
+        let name = self.kek_ref(version).to_string();
+        if version >= 1 && version < newest {
+            KeyServiceError::KekDestroyed(name)
+        } else {
+            KeyServiceError::UnknownKek(name)
+        }
+    }
+
+    /// Takes an idle session (or opens one), runs `f`, and puts the session
+    /// back unless the token reported it lost; a lost session is retried
+    /// once on a fresh one.
+    fn with_session<T, F>(&self, f: &F) -> Result<T, KeyServiceError>
+    where
+        F: Fn(&Inner, &Session) -> Result<T, Fail>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let pooled = self.lock_idle().pop();
+            let session = match pooled {
+                Some(s) => s,
+                None => self.open_session().map_err(|e| map_ck(&e))?,
+            };
+            match f(self, &session) {
+                Ok(value) => {
+                    self.lock_idle().push(session);
+                    return Ok(value);
+                }
+                Err(Fail::Ks(e)) => {
+                    self.lock_idle().push(session);
+                    return Err(e);
+                }
+                Err(Fail::Ck(e)) => {
+                    if !session_survives(&e) {
+                        self.discard(session);
+                        if device_gone(&e) {
+                            // Every pooled session is as dead as this one.
+                            let stale: Vec<Session> = self.lock_idle().drain(..).collect();
+                            for s in stale {
+                                self.discard(s);
+                            }
+                        }
+                        if session_lost(&e) && attempt < 2 {
+                            continue;
+                        }
+                    } else {
+                        self.lock_idle().push(session);
+                    }
+                    return Err(map_ck(&e));
+                }
+            }
+        }
+    }
+
+    fn discard(&self, session: Session) {
+        self.open_sessions.fetch_sub(1, Ordering::SeqCst);
+        // Closing a session the token already dropped fails; nothing to do.
+        let _ = session.close();
+    }
+
+    fn find_slot(&self) -> Result<Slot, KeyServiceError> {
+        let slots = self.ctx.get_slots_with_token().map_err(|e| map_ck(&e))?;
+        for slot in slots {
+            let info = self.ctx.get_token_info(slot).map_err(|e| map_ck(&e))?;
+            if info.label() == self.token_label {
+                return Ok(slot);
+            }
+        }
+        Err(KeyServiceError::Unavailable(format!(
+            "no PKCS#11 token labelled {:?} is present",
+            self.token_label
+        )))
+    }
+
+    fn open_session(&self) -> Result<Session, CkError> {
+        let slot = self.find_slot().map_err(|e| match e {
+            KeyServiceError::Unavailable(_) => CkError::Pkcs11(
+                RvError::TokenNotPresent,
+                cryptoki::context::Function::OpenSession,
+            ),
+            _ => CkError::Pkcs11(
+                RvError::GeneralError,
+                cryptoki::context::Function::OpenSession,
+            ),
+        })?;
+        let session = self.ctx.open_rw_session(slot)?;
+        match session.login(UserType::User, Some(&self.pin.0)) {
+            // Login is per application, not per session: the pool's other
+            // sessions (or another service on this token) logged in already.
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(e),
+        }
+        self.open_sessions.fetch_add(1, Ordering::SeqCst);
+        Ok(session)
+    }
+
+    fn check_mechanism(&self) -> Result<(), KeyServiceError> {
+        let slot = self.find_slot()?;
+        let info = self
+            .ctx
+            .get_mechanism_info(slot, MechanismType::AES_GCM)
+            .map_err(|_| {
+                KeyServiceError::Other(format!(
+                    "token {:?} does not offer CKM_AES_GCM",
+                    self.token_label
+                ))
+            })?;
+        if !(info.encrypt() && info.decrypt()) {
+            return Err(KeyServiceError::Other(format!(
+                "token {:?} does not offer CKM_AES_GCM for encrypt and decrypt",
+                self.token_label
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logs `session` in again if the application's login to the token was
+    /// dropped (by a `C_Logout` elsewhere in the process, or a token
+    /// reset): private objects are invisible until then.
+    fn ensure_login(&self, session: &Session) -> Result<bool, Fail> {
+        match session.get_session_info()?.session_state() {
+            SessionState::RwUser | SessionState::RoUser => Ok(false),
+            _ => match session.login(UserType::User, Some(&self.pin.0)) {
+                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(true),
+                Err(e) => Err(e.into()),
+            },
+        }
+    }
+
+    /// Lists the KEK's version objects and checks each is a sensitive,
+    /// non-extractable AES key.
+    fn scan(&self, session: &Session) -> Result<(), Fail> {
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(self.id_marker()),
+        ];
+        let mut handles = session.find_objects(&template)?;
+        if handles.is_empty() && self.ensure_login(session)? {
+            handles = session.find_objects(&template)?;
+        }
+        let prefix = format!("{LABEL_PREFIX}{}:v", self.kek_name);
+        let mut objects = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let attrs = session.get_attributes(
+                handle,
+                &[
+                    AttributeType::Label,
+                    AttributeType::KeyType,
+                    AttributeType::ValueLen,
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::Encrypt,
+                ],
+            )?;
+            let mut label = None;
+            let mut key_type = None;
+            let mut bits = 0u32;
+            let (mut sensitive, mut extractable, mut encrypt) = (false, true, false);
+            for a in attrs {
+                match a {
+                    Attribute::Label(l) => label = Some(String::from_utf8_lossy(&l).into_owned()),
+                    Attribute::KeyType(t) => key_type = Some(t),
+                    Attribute::ValueLen(n) => {
+                        bits = u32::try_from(usize::from(n)).unwrap_or(0).saturating_mul(8)
+                    }
+                    Attribute::Sensitive(b) => sensitive = b,
+                    Attribute::Extractable(b) => extractable = b,
+                    Attribute::Encrypt(b) => encrypt = b,
+                    _ => {}
+                }
+            }
+            let Some(version) = label
+                .as_deref()
+                .and_then(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.parse::<u32>().ok())
+                .filter(|v| *v >= 1)
+            else {
+                continue;
+            };
+            let name = self.kek_ref(version);
+            if key_type != Some(KeyType::AES) {
+                return Err(KeyServiceError::Other(format!("KEK {name} is not an AES key")).into());
+            }
+            if !sensitive || extractable {
+                return Err(KeyServiceError::Other(format!(
+                    "KEK {name} is extractable or not sensitive; refusing to use it \
+                     (CKA_SENSITIVE must be true and CKA_EXTRACTABLE false)"
+                ))
+                .into());
+            }
+            objects.push(KekObject {
+                version,
+                handle,
+                bits,
+                encrypt,
+            });
+        }
+        objects.sort_by_key(|k| k.version);
+        let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
+        if objects.is_empty() && !keks.objects.is_empty() {
+            // panseal never destroys the newest version, so a token that
+            // suddenly shows none is not showing its objects (a partition
+            // offline, a storage failure): an outage, not a destruction.
+            return Err(KeyServiceError::Unavailable(format!(
+                "no version of KEK {} is visible in token {:?} (up to v{} was)",
+                self.kek_name,
+                self.token_label,
+                keks.newest()
+            ))
+            .into());
+        }
+        *keks = Keks { objects };
+        Ok(())
+    }
+
+    /// The one object of the newest version found by the last scan.
+    fn current(&self) -> Result<KekObject, KeyServiceError> {
+        let keks = self.read_keks();
+        let newest = keks.newest();
+        let mut objects = keks.version(newest);
+        match objects.len() {
+            0 => Err(KeyServiceError::UnknownKek(self.kek_name.clone())),
+            1 => Ok(objects.remove(0)),
+            _ => Err(KeyServiceError::Other(format!(
+                "{} objects are labelled {:?} (a concurrent rotation?); \
+                 a custodian must destroy all but one before wrapping resumes",
+                objects.len(),
+                self.label(newest)
+            ))),
+        }
+    }
+
+    fn info(&self) -> Result<KekInfo, KeyServiceError> {
+        let current = self.current()?;
+        Ok(KekInfo {
+            id: self.kek_name.clone(),
+            version: current.version,
+            algorithm: "AES-256-GCM (PKCS#11 CKM_AES_GCM)".into(),
+            strength_bits: current.bits,
+            environment: self.environment.to_string(),
+            state: if current.encrypt {
+                KeyState::Active
+            } else {
+                KeyState::DecryptOnly
+            },
+        })
+    }
+
+    /// Encrypts `key` under the newest version (rescanning once if another
+    /// process rotated meanwhile).
+    fn wrap_key(
+        &self,
+        session: &Session,
+        request: &KeyRequest,
+        key: &[u8; DEK_LEN],
+    ) -> Result<WrappedKey, Fail> {
+        let mut rescanned = false;
+        loop {
+            let current = self.current()?;
+            let kek = self.kek_ref(current.version);
+            let aad = request.wrap_aad(&kek);
+            let mut iv = [0u8; IV_LEN];
+            OsRng.fill_bytes(&mut iv);
+            let mut iv_param = iv;
+            let params = GcmParams::new(&mut iv_param, &aad, 128.into())?;
+            match session.encrypt(&Mechanism::AesGcm(params), current.handle, key) {
+                Ok(ct) if ct.len() == DEK_LEN + TAG_LEN => {
+                    let mut bytes = Vec::with_capacity(WRAPPED_LEN);
+                    bytes.extend_from_slice(&iv);
+                    bytes.extend_from_slice(&ct);
+                    return Ok(WrappedKey { kek, bytes });
+                }
+                Ok(ct) => {
+                    return Err(KeyServiceError::Other(format!(
+                        "token returned {} bytes for an AES-GCM wrap; expected {}",
+                        ct.len(),
+                        DEK_LEN + TAG_LEN
+                    ))
+                    .into())
+                }
+                Err(CkError::Pkcs11(
+                    RvError::KeyFunctionNotPermitted
+                    | RvError::KeyHandleInvalid
+                    | RvError::ObjectHandleInvalid,
+                    _,
+                )) if !rescanned => {
+                    // Rotated (and retired) or destroyed by another process.
+                    rescanned = true;
+                    self.scan(session)?;
+                }
+                Err(CkError::Pkcs11(RvError::KeyFunctionNotPermitted, _)) => {
+                    return Err(KeyServiceError::KekRetired(kek.to_string()).into())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Decrypts a wrap made by `wrap_key` (trying every object of the
+    /// version: more than one exists only after a concurrent rotation).
+    fn unwrap_key(
+        &self,
+        session: &Session,
+        request: &KeyRequest,
+        wrapped: &WrappedKey,
+    ) -> Result<Zeroizing<[u8; DEK_LEN]>, Fail> {
+        if wrapped.bytes.len() != WRAPPED_LEN || wrapped.kek.version == 0 {
+            return Err(KeyServiceError::UnwrapFailed.into());
+        }
+        let version = wrapped.kek.version;
+        let aad = request.wrap_aad(&wrapped.kek);
+        let (iv, body) = wrapped.bytes.split_at(IV_LEN);
+        let mut rescanned = false;
+        'scan: loop {
+            let objects = self.read_keks().version(version);
+            if objects.is_empty() {
+                if !rescanned {
+                    // Perhaps made by another process since our last scan.
+                    self.scan(session)?;
+                    rescanned = true;
+                    continue 'scan;
+                }
+                let newest = self.read_keks().newest();
+                return Err(self.missing(version, newest).into());
+            }
+            for object in &objects {
+                let mut iv_param = [0u8; IV_LEN];
+                iv_param.copy_from_slice(iv);
+                let params = GcmParams::new(&mut iv_param, &aad, 128.into())?;
+                match session.decrypt(&Mechanism::AesGcm(params), object.handle, body) {
+                    Ok(plain) => {
+                        let plain = Zeroizing::new(plain);
+                        if plain.len() != DEK_LEN {
+                            return Err(KeyServiceError::UnwrapFailed.into());
+                        }
+                        let mut key = Zeroizing::new([0u8; DEK_LEN]);
+                        key.copy_from_slice(&plain);
+                        return Ok(key);
+                    }
+                    Err(CkError::Pkcs11(rv, _)) if is_auth_failure(rv) => {}
+                    Err(CkError::Pkcs11(RvError::KeyFunctionNotPermitted, _)) => {
+                        return Err(KeyServiceError::KekDisabled(wrapped.kek.to_string()).into())
+                    }
+                    Err(CkError::Pkcs11(
+                        RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
+                        _,
+                    )) if !rescanned => {
+                        // Destroyed by another process since our last scan.
+                        self.scan(session)?;
+                        rescanned = true;
+                        continue 'scan;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Err(KeyServiceError::UnwrapFailed.into());
+        }
+    }
+
+    /// Generates version `newest + 1` in the token and retires the previous
+    /// newest (`CKA_ENCRYPT = false`).
+    fn rotate(&self, session: &Session) -> Result<(), Fail> {
+        self.scan(session)?;
+        let (newest, previous) = {
+            let keks = self.read_keks();
+            let n = keks.newest();
+            (n, keks.version(n))
+        };
+        let next = newest
+            .checked_add(1)
+            .ok_or_else(|| KeyServiceError::Other("KEK version overflow".into()))?;
+        session.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Derive(false),
+                Attribute::Modifiable(true),
+                Attribute::Label(self.label(next).into_bytes()),
+                Attribute::Id(self.id_marker()),
+            ],
+        )?;
+        for old in previous {
+            if let Err(e) = session.update_attributes(old.handle, &[Attribute::Encrypt(false)]) {
+                // The new version wraps from now on either way; a token that
+                // refuses the change leaves the old version able to encrypt.
+                tracing::warn!(
+                    kek = %self.kek_ref(old.version),
+                    error = ?e,
+                    "could not clear CKA_ENCRYPT on the retired KEK version"
+                );
+            }
+        }
+        self.scan(session)?;
+        let duplicates = self.read_keks().version(next).len();
+        if duplicates != 1 {
+            return Err(KeyServiceError::Other(format!(
+                "{duplicates} objects are labelled {:?} after rotation (concurrent rotation?)",
+                self.label(next)
+            ))
+            .into());
+        }
+        tracing::info!(kek = %self.kek_ref(next), "KEK rotated");
+        Ok(())
+    }
+}
+
+fn load_module(path: &Path) -> Result<Pkcs11, KeyServiceError> {
+    let ctx = Pkcs11::new(path).map_err(|e| {
+        KeyServiceError::Other(format!(
+            "cannot load PKCS#11 module {}: {e}",
+            path.display()
+        ))
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // Another service (or library) in this process initialized it; the
+        // module is process-wide, so share it.
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+        Err(e) => Err(KeyServiceError::Other(format!(
+            "cannot initialize PKCS#11 module {}: {}",
+            path.display(),
+            describe(&e)
+        ))),
+    }
+}
+
+fn validate_kek_name(name: &str) -> Result<(), KeyServiceError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(KeyServiceError::Other(
+            "KEK name must be 1 to 64 characters from A-Z a-z 0-9 . _ -".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Return values a GCM decryption gives for a wrong tag, IV, AAD or length.
+/// SoftHSM2 reports a failed tag as `CKR_GENERAL_ERROR`; the standard says
+/// `CKR_ENCRYPTED_DATA_INVALID`.
+fn is_auth_failure(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::DataInvalid
+            | RvError::DataLenRange
+            | RvError::GeneralError
+            | RvError::FunctionFailed
+    )
+}
+
+/// The session itself is gone; a fresh one may work.
+fn session_lost(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::UserNotLoggedIn,
+            _
+        )
+    )
+}
+
+/// The device or token is gone; every session with it is.
+fn device_gone(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::DeviceError
+                | RvError::DeviceRemoved
+                | RvError::DeviceMemory
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::CryptokiNotInitialized,
+            _
+        )
+    )
+}
+
+fn session_survives(e: &CkError) -> bool {
+    !session_lost(e) && !device_gone(e)
+}
+
+fn describe(e: &CkError) -> String {
+    match e {
+        CkError::Pkcs11(rv, f) => format!("{f:?}: {rv:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// Maps a token error to the key-service error callers act on. Never
+/// includes the PIN or key material (PKCS#11 errors carry neither).
+fn map_ck(e: &CkError) -> KeyServiceError {
+    let detail = format!("PKCS#11 {}", describe(e));
+    match e {
+        CkError::Pkcs11(rv, _) => match rv {
+            RvError::DeviceError
+            | RvError::DeviceRemoved
+            | RvError::DeviceMemory
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::SlotIdInvalid
+            | RvError::SessionCount
+            | RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::CryptokiNotInitialized
+            | RvError::FunctionCanceled
+            | RvError::HostMemory => KeyServiceError::Unavailable(detail),
+            RvError::PinIncorrect
+            | RvError::PinInvalid
+            | RvError::PinLenRange
+            | RvError::PinExpired
+            | RvError::PinLocked
+            | RvError::UserNotLoggedIn
+            | RvError::UserPinNotInitialized
+            | RvError::UserTypeInvalid
+            | RvError::UserAnotherAlreadyLoggedIn
+            | RvError::KeyFunctionNotPermitted
+            | RvError::TokenWriteProtected
+            | RvError::SessionReadOnly
+            | RvError::ActionProhibited => KeyServiceError::PermissionDenied(detail),
+            _ => KeyServiceError::Other(detail),
+        },
+        _ => KeyServiceError::Other(detail),
+    }
+}
+
+impl sealed::Sealed for Pkcs11KeyService {}
+
+#[async_trait]
+impl KeyService for Pkcs11KeyService {
+    async fn kek_info(&self) -> Result<KekInfo, KeyServiceError> {
+        self.run(|inner, session| {
+            inner.scan(session)?;
+            Ok(inner.info()?)
+        })
+        .await
+    }
+
+    async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
+        self.check_env(request)?;
+        let request = request.clone();
+        let key = Zeroizing::new(*dek.expose_secret());
+        self.run(move |inner, session| inner.wrap_key(session, &request, &key))
+            .await
+    }
+
+    /// Draws the DEK from the token's generator (`C_GenerateRandom`) and
+    /// wraps it in the same session.
+    async fn generate(&self, request: &KeyRequest) -> Result<(Dek, WrappedKey), KeyServiceError> {
+        self.check_env(request)?;
+        let request = request.clone();
+        self.run(move |inner, session| {
+            let mut key = Zeroizing::new([0u8; DEK_LEN]);
+            session.generate_random_slice(&mut key[..])?;
+            let wrapped = inner.wrap_key(session, &request, &key)?;
+            Ok((Dek::from_unwrapped(&key), wrapped))
+        })
+        .await
+    }
+
+    async fn unwrap(
+        &self,
+        request: &KeyRequest,
+        wrapped: &WrappedKey,
+        _access: &Access,
+    ) -> Result<Dek, KeyServiceError> {
+        self.check_env(request)?;
+        self.check_kek_id(wrapped)?;
+        let request = request.clone();
+        let wrapped = wrapped.clone();
+        self.run(move |inner, session| {
+            let key = inner.unwrap_key(session, &request, &wrapped)?;
+            Ok(Dek::from_unwrapped(&key))
+        })
+        .await
+    }
+
+    async fn rewrap(
+        &self,
+        request: &KeyRequest,
+        wrapped: &WrappedKey,
+    ) -> Result<WrappedKey, KeyServiceError> {
+        self.check_env(request)?;
+        self.check_kek_id(wrapped)?;
+        let request = request.clone();
+        let wrapped = wrapped.clone();
+        self.run(move |inner, session| {
+            let key = inner.unwrap_key(session, &request, &wrapped)?;
+            inner.wrap_key(session, &request, &key)
+        })
+        .await
+    }
+
+    async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
+        self.run(|inner, session| {
+            inner.rotate(session)?;
+            Ok(inner.info()?)
+        })
+        .await
+    }
+}
