@@ -198,13 +198,13 @@ async fn run(args: Args) -> Result<usize, Box<dyn std::error::Error>> {
     for blob in &blobs {
         for w in blob.windows(32) {
             tried += 1;
-            if try_key256(w, &samples) {
+            if try_key::<Aes256Gcm>(w, &samples) {
                 key_hits += 1;
             }
         }
         for w in blob.windows(16) {
             tried += 1;
-            if try_key128(w, &samples) {
+            if try_key::<Aes128Gcm>(w, &samples) {
                 key_hits += 1;
             }
         }
@@ -340,32 +340,13 @@ async fn run(args: Args) -> Result<usize, Box<dyn std::error::Error>> {
     Ok(total)
 }
 
-fn try_key256(key: &[u8], samples: &[(i64, SealedPan, String)]) -> bool {
-    let Ok(cipher) = Aes256Gcm::new_from_slice(key) else {
-        return false;
-    };
-    samples.iter().any(|(id, s, _)| {
-        let b = s.as_bytes();
-        let mut aad = b[..10].to_vec();
-        aad.extend_from_slice(
-            Context::new("cards", "pan_sealed", id.to_string())
-                .expect("ctx")
-                .encoded(),
-        );
-        let mut buf = b[22..32].to_vec();
-        cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&b[10..22]),
-                &aad,
-                &mut buf,
-                Tag::from_slice(&b[32..48]),
-            )
-            .is_ok()
-    })
-}
-
-fn try_key128(key: &[u8], samples: &[(i64, SealedPan, String)]) -> bool {
-    let Ok(cipher) = Aes128Gcm::new_from_slice(key) else {
+/// Whether `key` (as a key of cipher `C`) opens any sample ciphertext.
+fn try_key<C>(key: &[u8], samples: &[(i64, SealedPan, String)]) -> bool
+where
+    C: KeyInit
+        + AeadInPlace<NonceSize = aes_gcm::aead::consts::U12, TagSize = aes_gcm::aead::consts::U16>,
+{
+    let Ok(cipher) = C::new_from_slice(key) else {
         return false;
     };
     samples.iter().any(|(id, s, _)| {

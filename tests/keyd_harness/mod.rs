@@ -36,6 +36,13 @@ const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
         r#"["wrap", "unwrap"]"#,
         "quota = { window_seconds = 3600, unwrap_requests = 6, distinct_keys = 3 }",
     ),
+    (
+        "root",
+        "test",
+        r#"["*"]"#,
+        r#"["wrap", "unwrap", "index", "rewrap", "custodian"]"#,
+        "",
+    ),
     ("alice", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
     ("bob", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
     ("carol", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
