@@ -61,7 +61,14 @@ async fn keyd_passes_the_key_service_conformance_suite() {
     // keyd creates a scope's KEK on first use; a custodian creates it now
     // so that `kek_info` reports version 1 like every other backend.
     let scope = Scope::new("merchant-1").unwrap();
-    assert_eq!(k.client("alice").rotate(&scope).await.unwrap().active_version, 1);
+    assert_eq!(
+        k.client("alice")
+            .rotate(&scope)
+            .await
+            .unwrap()
+            .active_version,
+        1
+    );
     let ks = k.client_with("root", |b| b.scope("merchant-1"));
     let backend = KeydBackend {
         keyd: Mutex::new(k),
