@@ -526,36 +526,3 @@ mod tests {
         assert!(Cvv::parse("12a").is_err());
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-
-    #[test]
-    #[ignore]
-    fn time_unpack() {
-        let packed = [0x41u8, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0xFF, 0xFF];
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let mut n = 0usize;
-            for _ in 0..10_000_000 {
-                let p = Pan::from_packed(std::hint::black_box(&packed)).unwrap();
-                n += p.len();
-            }
-            eprintln!("from_packed: {:?}/op ({n})", t.elapsed() / 10_000_000);
-            let t = std::time::Instant::now();
-            for _ in 0..10_000_000 {
-                let p = Pan::parse(std::hint::black_box("4111111111111111")).unwrap();
-                n += p.len();
-            }
-            eprintln!("parse: {:?}/op ({n})", t.elapsed() / 10_000_000);
-            let base = Pan::parse("4111111111111111").unwrap();
-            let t = std::time::Instant::now();
-            for _ in 0..10_000_000 {
-                let p = std::hint::black_box(&base).clone();
-                n += std::hint::black_box(&p).len();
-            }
-            eprintln!("clone+drop: {:?}/op ({n})", t.elapsed() / 10_000_000);
-        }
-    }
-}
