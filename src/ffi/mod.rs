@@ -332,10 +332,47 @@ pub unsafe extern "C" fn panseal_last_error(
     }
 }
 
-fn new_client(config: ClientConfig) -> FfiResult<Box<panseal_client>> {
-    let builder = config.builder().map_err(map)?;
+/// Builds a client from the configuration `load` returns and stores the
+/// new handle in `*client_out`.
+///
+/// # Safety
+///
+/// `client_out` must be NULL or valid for a write; `load` carries its own
+/// pointer contracts.
+unsafe fn store_client(
+    client_out: *mut *mut panseal_client,
+    load: impl FnOnce() -> FfiResult<ClientConfig>,
+) -> FfiResult<()> {
+    if client_out.is_null() {
+        return Err(err(PANSEAL_NULL_ARGUMENT, "client_out is NULL"));
+    }
+    let builder = load()?.builder().map_err(map)?;
     let inner = blocking::Panseal::build(builder).map_err(map)?;
-    Ok(Box::new(panseal_client { inner }))
+    // SAFETY: `client_out` is non-NULL and valid for a write.
+    unsafe { *client_out = Box::into_raw(Box::new(panseal_client { inner })) };
+    Ok(())
+}
+
+/// Seals the PAN at (`pan`, `pan_len`) bound to `ctx` with `client`.
+///
+/// # Safety
+///
+/// As the arguments of `panseal_seal`.
+unsafe fn seal_from(
+    client: *const panseal_client,
+    pan: *const u8,
+    pan_len: usize,
+    ctx: *const panseal_context,
+) -> FfiResult<SealedPan> {
+    // SAFETY: forwarded contracts.
+    let (c, pan, ctx) = unsafe {
+        (
+            client_ref(client)?,
+            pan_from(bytes(pan, pan_len, "PAN")?)?,
+            context(ctx)?,
+        )
+    };
+    c.inner.seal_pan(&pan, &ctx).map_err(map)
 }
 
 /// Builds a client from a JSON configuration (see the README: key service,
@@ -352,15 +389,12 @@ pub unsafe extern "C" fn panseal_client_new(
     client_out: *mut *mut panseal_client,
 ) -> panseal_result {
     guard(|| {
-        if client_out.is_null() {
-            return Err(err(PANSEAL_NULL_ARGUMENT, "client_out is NULL"));
+        // SAFETY: forwarded contracts.
+        unsafe {
+            store_client(client_out, || {
+                ClientConfig::from_json(cstr(config_json, "configuration")?).map_err(map)
+            })
         }
-        // SAFETY: forwarded contract.
-        let text = unsafe { cstr(config_json, "configuration") }?;
-        let client = new_client(ClientConfig::from_json(text).map_err(map)?)?;
-        // SAFETY: `client_out` is non-NULL and valid for a write.
-        unsafe { *client_out = Box::into_raw(client) };
-        Ok(())
     })
 }
 
@@ -375,15 +409,12 @@ pub unsafe extern "C" fn panseal_client_new_from_file(
     client_out: *mut *mut panseal_client,
 ) -> panseal_result {
     guard(|| {
-        if client_out.is_null() {
-            return Err(err(PANSEAL_NULL_ARGUMENT, "client_out is NULL"));
+        // SAFETY: forwarded contracts.
+        unsafe {
+            store_client(client_out, || {
+                ClientConfig::from_file(cstr(path, "path")?).map_err(map)
+            })
         }
-        // SAFETY: forwarded contract.
-        let path = unsafe { cstr(path, "path") }?;
-        let client = new_client(ClientConfig::from_file(path).map_err(map)?)?;
-        // SAFETY: `client_out` is non-NULL and valid for a write.
-        unsafe { *client_out = Box::into_raw(client) };
-        Ok(())
     })
 }
 
@@ -423,14 +454,7 @@ pub unsafe extern "C" fn panseal_seal(
 ) -> panseal_result {
     guard(|| {
         // SAFETY: forwarded contracts.
-        let (c, pan, ctx) = unsafe {
-            (
-                client_ref(client)?,
-                pan_from(bytes(pan, pan_len, "PAN")?)?,
-                context(ctx)?,
-            )
-        };
-        let sealed = c.inner.seal_pan(&pan, &ctx).map_err(map)?;
+        let sealed = unsafe { seal_from(client, pan, pan_len, ctx) }?;
         let mut text = [0u8; crate::V1_TEXT_LEN];
         text.copy_from_slice(sealed.to_text().as_bytes());
         // SAFETY: forwarded contract.
@@ -456,14 +480,7 @@ pub unsafe extern "C" fn panseal_seal_binary(
 ) -> panseal_result {
     guard(|| {
         // SAFETY: forwarded contracts.
-        let (c, pan, ctx) = unsafe {
-            (
-                client_ref(client)?,
-                pan_from(bytes(pan, pan_len, "PAN")?)?,
-                context(ctx)?,
-            )
-        };
-        let sealed = c.inner.seal_pan(&pan, &ctx).map_err(map)?;
+        let sealed = unsafe { seal_from(client, pan, pan_len, ctx) }?;
         // SAFETY: forwarded contract.
         unsafe { write_bytes(sealed.as_bytes(), out, out_cap, out_len) }
     })
