@@ -730,7 +730,14 @@ impl Server {
         json(&status)
     }
 
-    fn retire(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+    /// Parses a KEK-version request from a custodian, records its target
+    /// in the audit record, and checks the custodian's permission and scope.
+    fn custodian_version_target(
+        &self,
+        p: &Principal,
+        body: &[u8],
+        rec: &mut AuditRecord,
+    ) -> Result<KekVersionTarget, Failure> {
         let t: KekVersionTarget = parse(body)?;
         Self::note_target(rec, &t.environment, &t.scope);
         rec.kek = Some(format!(
@@ -740,6 +747,11 @@ impl Server {
         ));
         require(p, Permission::Custodian)?;
         self.check_scope(p, &t.environment, &t.scope)?;
+        Ok(t)
+    }
+
+    fn retire(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let t = self.custodian_version_target(p, body, rec)?;
         let (env, scope) = (t.environment.as_str(), t.scope.as_str());
         self.state.mutate(|s| -> Result<(), Failure> {
             let newest = s.versions(env, scope).map(|k| k.version).max();
@@ -767,15 +779,7 @@ impl Server {
     }
 
     fn destroy(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
-        let t: KekVersionTarget = parse(body)?;
-        Self::note_target(rec, &t.environment, &t.scope);
-        rec.kek = Some(format!(
-            "{}#v{}",
-            kek_id(t.environment.as_str(), t.scope.as_str()),
-            t.version
-        ));
-        require(p, Permission::Custodian)?;
-        self.check_scope(p, &t.environment, &t.scope)?;
+        let t = self.custodian_version_target(p, body, rec)?;
         let (env, scope) = (t.environment.as_str(), t.scope.as_str());
         let (destroyed, approvals) = self.state.mutate(|s| -> Result<_, Failure> {
             let newest = s.versions(env, scope).map(|k| k.version).max();
