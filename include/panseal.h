@@ -69,6 +69,8 @@ enum panseal_result
   PANSEAL_BUFFER_TOO_SMALL = 14,
   // A bug: a Rust panic was caught at the boundary.
   PANSEAL_PANIC = 15,
+  // The client was closed (`panseal_client_close`); nothing was done.
+  PANSEAL_CLIENT_CLOSED = 16,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -79,6 +81,10 @@ typedef uint32_t panseal_result;
 #endif // __cplusplus
 
 // A panseal client: key service, key store, audit sink and policy.
+//
+// Each call takes its own reference to the client for its duration, so
+// `panseal_client_close` from another thread never frees the client under
+// a running call.
 typedef struct panseal_client panseal_client;
 
 // Where a sealed PAN lives. Each part is a (pointer, length) byte string;
@@ -131,12 +137,31 @@ panseal_result panseal_client_new(const char *config_json, panseal_client **clie
 // `path` a valid NUL-terminated string; `client_out` valid for a write.
 panseal_result panseal_client_new_from_file(const char *path, panseal_client **client_out);
 
-// Frees a client. NULL is accepted and ignored. The handle must not be in
-// use by another thread and must not be used afterwards.
+// Closes a client: calls already running on other threads finish
+// normally; every later call on the handle returns
+// `PANSEAL_CLIENT_CLOSED`; the client (its cached keys wiped) is released
+// when the last running call returns. Safe to call at any time from any
+// thread, any number of times, concurrently with other calls on the same
+// handle. The handle itself stays valid until `panseal_client_free`.
+// NULL is refused with `PANSEAL_NULL_ARGUMENT`.
 //
 // # Safety
 //
-// `client` NULL or a live handle from `panseal_client_new*`.
+// `client` NULL or a handle from `panseal_client_new*` not yet freed.
+panseal_result panseal_client_close(const panseal_client *client);
+
+// Closes (as `panseal_client_close`) and frees a client. NULL is accepted
+// and ignored. The handle must not be used afterwards, and **this call
+// must not race with any other call on the handle** (including another
+// free): the memory of the handle itself is released. A program that
+// cannot guarantee that — several threads sharing one handle, one of them
+// deciding to stop — calls `panseal_client_close` first (safe at any
+// time) and `panseal_client_free` once no thread can use the pointer.
+//
+// # Safety
+//
+// `client` NULL or a live handle from `panseal_client_new*`, used by no
+// other thread during and after this call.
 void panseal_client_free(panseal_client *client);
 
 // Seals a PAN bound to `ctx` and writes the 64-character text form

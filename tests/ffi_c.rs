@@ -84,6 +84,7 @@ fn committed_header_matches_the_code() {
         "panseal_last_error",
         "panseal_client_new",
         "panseal_client_new_from_file",
+        "panseal_client_close",
         "panseal_client_free",
         "panseal_seal",
         "panseal_seal_binary",

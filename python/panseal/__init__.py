@@ -13,6 +13,11 @@ The shared library is found through the PANSEAL_LIB environment variable
 (path to libpanseal.so), else next to this package, else in the crate's
 target/{release,debug}/ directories.
 
+A Client may be shared by threads. close() (also by `with` and on garbage
+collection) refuses new calls at once with PansealError(Result.CLIENT_CLOSED),
+waits for the calls already running on other threads to return, then frees
+the native handle: a call never runs on a freed handle.
+
 Python strings are immutable and cannot be wiped: the PAN returned by
 `open` lives until the garbage collector frees it. The library wipes its
 own copies; the buffer it writes into is zeroed by this module after the
@@ -22,6 +27,7 @@ string is made.
 import ctypes
 import json
 import os
+import threading
 from ctypes import (POINTER, Structure, byref, c_bool, c_char, c_char_p,
                     c_size_t, c_uint8, c_uint32, c_void_p)
 from pathlib import Path
@@ -47,6 +53,7 @@ class Result:
     CONFIG_ERROR = 13
     BUFFER_TOO_SMALL = 14
     PANIC = 15
+    CLIENT_CLOSED = 16
 
 
 SEALED_TEXT_BUFFER = 65
@@ -105,6 +112,8 @@ def _load():
     lib.panseal_client_new.argtypes = [c_char_p, POINTER(c_void_p)]
     lib.panseal_client_new_from_file.restype = c_uint32
     lib.panseal_client_new_from_file.argtypes = [c_char_p, POINTER(c_void_p)]
+    lib.panseal_client_close.restype = c_uint32
+    lib.panseal_client_close.argtypes = [c_void_p]
     lib.panseal_client_free.restype = None
     lib.panseal_client_free.argtypes = [c_void_p]
     lib.panseal_seal.restype = c_uint32
@@ -175,9 +184,14 @@ def mask(pan, style="last4"):
 
 
 class Client:
-    """A panseal client (thread-safe: share one between threads)."""
+    """A panseal client (thread-safe: share one between threads).
+
+    Every call holds the client for its duration (an in-flight count under a
+    lock); close() refuses new calls, waits for running ones, then frees the
+    native handle."""
 
     def __init__(self, config):
+        self._init_state()
         text = config if isinstance(config, str) else json.dumps(config)
         handle = c_void_p()
         _check(_lib.panseal_client_new(text.encode(), byref(handle)))
@@ -186,13 +200,30 @@ class Client:
     @classmethod
     def from_file(cls, path):
         self = cls.__new__(cls)
+        self._init_state()
         handle = c_void_p()
         _check(_lib.panseal_client_new_from_file(os.fsencode(path), byref(handle)))
         self._handle = handle
         return self
 
+    def _init_state(self):
+        self._handle = None
+        self._in_flight = 0
+        self._idle = threading.Condition(threading.Lock())
+
     def close(self):
-        handle, self._handle = getattr(self, "_handle", None), None
+        """Refuses new calls, waits for calls running on other threads, then
+        frees the native handle. Idempotent; safe from any thread."""
+        idle = getattr(self, "_idle", None)
+        if idle is None:
+            return
+        with idle:
+            handle, self._handle = self._handle, None
+            if handle:
+                # The C side refuses later calls too, whatever holds the handle.
+                _lib.panseal_client_close(handle)
+            while self._in_flight:
+                idle.wait()
         if handle:
             _lib.panseal_client_free(handle)
 
@@ -206,9 +237,31 @@ class Client:
         self.close()
 
     def _h(self):
+        """The native handle, without holding it (tests of the raw ABI)."""
         if not self._handle:
-            raise PansealError(Result.NULL_ARGUMENT, "client is closed")
+            raise PansealError(Result.CLIENT_CLOSED, "client is closed")
         return self._handle
+
+    def _enter(self):
+        """Holds the client for one call; pair with _leave()."""
+        with self._idle:
+            if not self._handle:
+                raise PansealError(Result.CLIENT_CLOSED, "client is closed")
+            self._in_flight += 1
+            return self._handle
+
+    def _leave(self):
+        with self._idle:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.notify_all()
+
+    def _call(self, fn, *args):
+        handle = self._enter()
+        try:
+            return fn(handle, *args)
+        finally:
+            self._leave()
 
     @staticmethod
     def _ctx(table, column, row_key):
@@ -225,8 +278,8 @@ class Client:
         ctx, keep = self._ctx(table, column, row_key)
         out = ctypes.create_string_buffer(SEALED_TEXT_BUFFER)
         n = c_size_t(0)
-        _check(_lib.panseal_seal(self._h(), _buf(data), len(data), byref(ctx), out,
-                                 len(out), byref(n)))
+        _check(self._call(_lib.panseal_seal, _buf(data), len(data), byref(ctx), out,
+                          len(out), byref(n)))
         del keep
         return out.value.decode()
 
@@ -236,8 +289,8 @@ class Client:
         ctx, keep = self._ctx(table, column, row_key)
         out = (c_uint8 * SEALED_BINARY_LEN)()
         n = c_size_t(0)
-        _check(_lib.panseal_seal_binary(self._h(), _buf(data), len(data), byref(ctx),
-                                        out, len(out), byref(n)))
+        _check(self._call(_lib.panseal_seal_binary, _buf(data), len(data), byref(ctx),
+                          out, len(out), byref(n)))
         del keep
         return bytes(out[: n.value])
 
@@ -250,9 +303,9 @@ class Client:
         n = c_size_t(0)
         reseal = c_bool(False)
         try:
-            _check(_lib.panseal_open(self._h(), _buf(data), len(data), byref(ctx),
-                                     principal.encode(), purpose.encode(), out,
-                                     len(out), byref(n), byref(reseal)))
+            _check(self._call(_lib.panseal_open, _buf(data), len(data), byref(ctx),
+                              principal.encode(), purpose.encode(), out,
+                              len(out), byref(n), byref(reseal)))
             return out.value.decode(), bool(reseal.value)
         finally:
             ctypes.memset(out, 0, len(out))
@@ -264,10 +317,10 @@ class Client:
         out = ctypes.create_string_buffer(INDEX_BUFFER)
         n = c_size_t(0)
         v = c_uint32(0)
-        _check(_lib.panseal_blind_index(self._h(), _buf(data), len(data), out, len(out),
-                                        byref(n), byref(v)))
+        _check(self._call(_lib.panseal_blind_index, _buf(data), len(data), out,
+                          len(out), byref(n), byref(v)))
         return out.value.decode(), v.value
 
     def rotate_dek(self):
         """Retires the active DEK; the next seal uses a fresh one."""
-        _check(_lib.panseal_rotate_dek(self._h()))
+        _check(self._call(_lib.panseal_rotate_dek))

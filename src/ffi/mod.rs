@@ -4,7 +4,12 @@
 //!
 //! * Opaque handles: `panseal_client_new*` / `panseal_client_free` (free
 //!   accepts NULL). A handle is thread-safe: any number of threads may use
-//!   one handle at once.
+//!   one handle at once. `panseal_client_close` may be called at any time,
+//!   from any thread, even while other threads are inside calls on the
+//!   handle: those calls finish normally, later ones return
+//!   `PANSEAL_CLIENT_CLOSED`, and the client's keys are wiped when the last
+//!   in-flight call returns. `panseal_client_free` releases the handle
+//!   itself and must not race with any other use of it.
 //! * Every function returns a [`panseal_result`]; outputs go through `*_out`
 //!   parameters and caller-supplied buffers with their capacity. A buffer
 //!   that is too small gets nothing written; the function returns
@@ -14,7 +19,8 @@
 //! * Inputs are (pointer, length) pairs of bytes, never NUL-terminated
 //!   strings, except the configuration text and file path.
 //! * On failure a message is kept per thread (`panseal_last_error`); it never
-//!   contains a PAN.
+//!   contains a PAN. Every call clears it on success, so the message always
+//!   describes the calling thread's latest call.
 //! * No panic crosses into C: every entry point catches unwinding and
 //!   returns `PANSEAL_PANIC`.
 //! * Plaintext PANs are written only into buffers the caller supplies; the
@@ -26,6 +32,9 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use crate::config::ClientConfig;
 use crate::error::{ConfigError, Error, KeyError, KeyServiceError};
@@ -70,6 +79,8 @@ pub enum panseal_result {
     PANSEAL_BUFFER_TOO_SMALL = 14,
     /// A bug: a Rust panic was caught at the boundary.
     PANSEAL_PANIC = 15,
+    /// The client was closed (`panseal_client_close`); nothing was done.
+    PANSEAL_CLIENT_CLOSED = 16,
 }
 
 use panseal_result::*;
@@ -117,8 +128,12 @@ pub const PANSEAL_MASK_BIN6_LAST_FOUR: u32 = 1;
 pub const PANSEAL_MASK_BIN8_LAST_FOUR: u32 = 2;
 
 /// A panseal client: key service, key store, audit sink and policy.
+///
+/// Each call takes its own reference to the client for its duration, so
+/// `panseal_client_close` from another thread never frees the client under
+/// a running call.
 pub struct panseal_client {
-    inner: blocking::Panseal,
+    inner: ArcSwapOption<blocking::Panseal>,
 }
 
 thread_local! {
@@ -129,10 +144,18 @@ fn set_error(message: String) {
     LAST_ERROR.with(|e| *e.borrow_mut() = message);
 }
 
-/// Runs `f` behind the panic boundary and records any error message.
+fn clear_error() {
+    LAST_ERROR.with(|e| e.borrow_mut().clear());
+}
+
+/// Runs `f` behind the panic boundary and records any error message; a
+/// success clears the calling thread's last error.
 fn guard(f: impl FnOnce() -> Result<(), (panseal_result, String)>) -> panseal_result {
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => PANSEAL_OK,
+        Ok(Ok(())) => {
+            clear_error();
+            PANSEAL_OK
+        }
         Ok(Err((code, message))) => {
             set_error(message);
             code
@@ -241,15 +264,23 @@ fn pan_from(b: &[u8]) -> FfiResult<Pan> {
     Pan::parse_with(s, &PanRules::default()).map_err(|e| map(e.into()))
 }
 
+/// The client behind a handle, held for the duration of one call (a
+/// concurrent `panseal_client_close` waits for nothing and frees nothing
+/// under it: the last holder drops it).
+///
 /// # Safety
 ///
 /// `client` must be NULL or a pointer from `panseal_client_new*` not yet freed.
-unsafe fn client_ref<'a>(client: *const panseal_client) -> FfiResult<&'a panseal_client> {
+unsafe fn client_ref(client: *const panseal_client) -> FfiResult<Arc<blocking::Panseal>> {
     if client.is_null() {
         return Err(err(PANSEAL_NULL_ARGUMENT, "client is NULL"));
     }
-    // SAFETY: a live handle per the caller's contract.
-    Ok(unsafe { &*client })
+    // SAFETY: a handle not yet freed per the caller's contract.
+    let handle = unsafe { &*client };
+    handle
+        .inner
+        .load_full()
+        .ok_or_else(|| err(PANSEAL_CLIENT_CLOSED, "client is closed"))
 }
 
 /// Writes `data` and a NUL into `out` if it fits; always stores the length.
@@ -348,8 +379,11 @@ unsafe fn store_client(
     }
     let builder = load()?.builder().map_err(map)?;
     let inner = blocking::Panseal::build(builder).map_err(map)?;
+    let handle = panseal_client {
+        inner: ArcSwapOption::from_pointee(inner),
+    };
     // SAFETY: `client_out` is non-NULL and valid for a write.
-    unsafe { *client_out = Box::into_raw(Box::new(panseal_client { inner })) };
+    unsafe { *client_out = Box::into_raw(Box::new(handle)) };
     Ok(())
 }
 
@@ -372,7 +406,7 @@ unsafe fn seal_from(
             context(ctx)?,
         )
     };
-    c.inner.seal_pan(&pan, &ctx).map_err(map)
+    c.seal_pan(&pan, &ctx).map_err(map)
 }
 
 /// Builds a client from a JSON configuration (see the README: key service,
@@ -418,19 +452,50 @@ pub unsafe extern "C" fn panseal_client_new_from_file(
     })
 }
 
-/// Frees a client. NULL is accepted and ignored. The handle must not be in
-/// use by another thread and must not be used afterwards.
+/// Closes a client: calls already running on other threads finish
+/// normally; every later call on the handle returns
+/// `PANSEAL_CLIENT_CLOSED`; the client (its cached keys wiped) is released
+/// when the last running call returns. Safe to call at any time from any
+/// thread, any number of times, concurrently with other calls on the same
+/// handle. The handle itself stays valid until `panseal_client_free`.
+/// NULL is refused with `PANSEAL_NULL_ARGUMENT`.
 ///
 /// # Safety
 ///
-/// `client` NULL or a live handle from `panseal_client_new*`.
+/// `client` NULL or a handle from `panseal_client_new*` not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_client_close(client: *const panseal_client) -> panseal_result {
+    guard(|| {
+        if client.is_null() {
+            return Err(err(PANSEAL_NULL_ARGUMENT, "client is NULL"));
+        }
+        // SAFETY: a handle not yet freed per the caller's contract.
+        let handle = unsafe { &*client };
+        handle.inner.store(None);
+        Ok(())
+    })
+}
+
+/// Closes (as `panseal_client_close`) and frees a client. NULL is accepted
+/// and ignored. The handle must not be used afterwards, and **this call
+/// must not race with any other call on the handle** (including another
+/// free): the memory of the handle itself is released. A program that
+/// cannot guarantee that — several threads sharing one handle, one of them
+/// deciding to stop — calls `panseal_client_close` first (safe at any
+/// time) and `panseal_client_free` once no thread can use the pointer.
+///
+/// # Safety
+///
+/// `client` NULL or a live handle from `panseal_client_new*`, used by no
+/// other thread during and after this call.
 #[no_mangle]
 pub unsafe extern "C" fn panseal_client_free(client: *mut panseal_client) {
     if client.is_null() {
         return;
     }
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: a live handle created by Box::into_raw, freed once.
+        // SAFETY: a live handle created by Box::into_raw, freed once, by
+        // the caller's contract not in use elsewhere.
         drop(unsafe { Box::from_raw(client) });
     }));
 }
@@ -537,7 +602,7 @@ pub unsafe extern "C" fn panseal_open(
                 format!("buffer too small: {PANSEAL_PAN_BUFFER} bytes needed"),
             ));
         }
-        let opened = c.inner.open_pan(&sealed, &ctx, &access).map_err(map)?;
+        let opened = c.open_pan(&sealed, &ctx, &access).map_err(map)?;
         // SAFETY: forwarded contract; the buffer is large enough.
         unsafe {
             write_text(
@@ -587,7 +652,7 @@ pub unsafe extern "C" fn panseal_blind_index(
     guard(|| {
         // SAFETY: forwarded contracts.
         let (c, pan) = unsafe { (client_ref(client)?, pan_from(bytes(pan, pan_len, "PAN")?)?) };
-        let index = c.inner.blind_index(&pan).map_err(map)?;
+        let index = c.blind_index(&pan).map_err(map)?;
         // SAFETY: forwarded contract.
         unsafe {
             write_text(index.to_hex().as_bytes(), out.cast(), out_cap, out_len)?;
@@ -640,7 +705,7 @@ pub unsafe extern "C" fn panseal_rotate_dek(client: *const panseal_client) -> pa
     guard(|| {
         // SAFETY: forwarded contract.
         let c = unsafe { client_ref(client) }?;
-        c.inner.rotate_dek().map_err(map)?;
+        c.rotate_dek().map_err(map)?;
         Ok(())
     })
 }

@@ -1,11 +1,14 @@
 /* C tests of the panseal ABI: round trip, wrong context, bad input, small
- * buffers, NULL handling, last-error hygiene and concurrent use of one
- * handle from several threads. Built with -Wall -Wextra -Werror and run
+ * buffers, NULL handling, last-error hygiene (cleared on success),
+ * concurrent use of one handle from several threads, and closing a handle
+ * while other threads are inside calls on it. Built with -Wall -Wextra -Werror and run
  * under AddressSanitizer and UndefinedBehaviorSanitizer by tests/ffi_c.rs. */
+#define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "panseal.h"
 
@@ -188,6 +191,36 @@ static void test_buffers_and_nulls(const panseal_client *c) {
     panseal_client_free(NULL);
 }
 
+/* The last error belongs to the last call: a success clears it, so a
+ * caller never reads a stale message as the reason for a later result. */
+static void test_last_error_cleared_on_success(const panseal_client *c) {
+    panseal_context ctx = ctx_for("row-e");
+    char sealed[PANSEAL_SEALED_TEXT_BUFFER];
+    size_t n = 0;
+    CHECK(panseal_seal(c, (const uint8_t *)"4111111111111112", 16, &ctx, sealed,
+                       sizeof sealed, &n) == PANSEAL_INVALID_PAN);
+    char msg[256] = "";
+    size_t len = 99;
+    CHECK(panseal_last_error(msg, sizeof msg, &len) == PANSEAL_OK);
+    CHECK(len > 0 && strlen(msg) == len);
+    CHECK(panseal_seal(c, (const uint8_t *)PAN, strlen(PAN), &ctx, sealed,
+                       sizeof sealed, &n) == PANSEAL_OK);
+    strcpy(msg, "stale");
+    len = 99;
+    CHECK(panseal_last_error(msg, sizeof msg, &len) == PANSEAL_OK);
+    CHECK(len == 0);
+    CHECK(msg[0] == 0);
+    /* Also after an entry point that needs no client. */
+    char masked[PANSEAL_PAN_BUFFER];
+    CHECK(panseal_mask((const uint8_t *)"12", 2, PANSEAL_MASK_LAST_FOUR, masked,
+                       sizeof masked, &n) == PANSEAL_INVALID_PAN);
+    CHECK(panseal_mask((const uint8_t *)PAN, strlen(PAN), PANSEAL_MASK_LAST_FOUR,
+                       masked, sizeof masked, &n) == PANSEAL_OK);
+    len = 99;
+    CHECK(panseal_last_error(msg, sizeof msg, &len) == PANSEAL_OK);
+    CHECK(len == 0 && msg[0] == 0);
+}
+
 static void test_rotation(const panseal_client *c) {
     panseal_context ctx = ctx_for("row-r");
     char before[PANSEAL_SEALED_TEXT_BUFFER], after[PANSEAL_SEALED_TEXT_BUFFER];
@@ -248,6 +281,81 @@ static void test_threads(const panseal_client *c) {
     }
 }
 
+/* panseal_client_close while other threads are inside calls on the handle:
+ * their calls finish (right answer) or return PANSEAL_CLIENT_CLOSED; no
+ * use-after-free (ASan); later calls refuse; free afterwards is clean. */
+struct racer {
+    const panseal_client *client;
+    int id;
+    int ok;
+    int closed;
+    int other;
+};
+
+static void *race(void *arg) {
+    struct racer *w = arg;
+    char row[32];
+    for (int i = 0; i < 1000000; i++) {
+        snprintf(row, sizeof row, "r%d-%d", w->id, i);
+        panseal_context ctx = ctx_for(row);
+        char sealed[PANSEAL_SEALED_TEXT_BUFFER];
+        char pan[PANSEAL_PAN_BUFFER];
+        size_t n = 0;
+        panseal_result r = panseal_seal(w->client, (const uint8_t *)PAN, strlen(PAN),
+                                        &ctx, sealed, sizeof sealed, &n);
+        if (r == PANSEAL_OK)
+            r = panseal_open(w->client, (const uint8_t *)sealed, n, &ctx, "racer",
+                             "close-race", pan, sizeof pan, &n, NULL);
+        if (r == PANSEAL_OK && strcmp(pan, PAN) == 0) {
+            w->ok++;
+        } else if (r == PANSEAL_CLIENT_CLOSED) {
+            w->closed++;
+            return NULL;
+        } else {
+            w->other++;
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
+static void test_close_while_calling(void) {
+    enum { ROUNDS = 20, N = 4 };
+    int ok = 0;
+    for (int round = 0; round < ROUNDS; round++) {
+        panseal_client *c = NULL;
+        CHECK(panseal_client_new(CONFIG, &c) == PANSEAL_OK);
+        if (!c) return;
+        pthread_t threads[N];
+        struct racer racers[N];
+        for (int i = 0; i < N; i++) {
+            racers[i] = (struct racer){c, i, 0, 0, 0};
+            CHECK(pthread_create(&threads[i], NULL, race, &racers[i]) == 0);
+        }
+        struct timespec pause = {0, 1000000L * (round % 5)};
+        nanosleep(&pause, NULL);
+        CHECK(panseal_client_close(c) == PANSEAL_OK);
+        CHECK(panseal_client_close(c) == PANSEAL_OK); /* idempotent */
+        for (int i = 0; i < N; i++) {
+            pthread_join(threads[i], NULL);
+            CHECK(racers[i].other == 0);
+            CHECK(racers[i].closed == 1);
+            ok += racers[i].ok;
+        }
+        panseal_context ctx = ctx_for("after");
+        char sealed[PANSEAL_SEALED_TEXT_BUFFER];
+        size_t n = 0;
+        CHECK(panseal_seal(c, (const uint8_t *)PAN, strlen(PAN), &ctx, sealed,
+                           sizeof sealed, &n) == PANSEAL_CLIENT_CLOSED);
+        char msg[64];
+        last_error(msg, sizeof msg);
+        CHECK(strcmp(msg, "client is closed") == 0);
+        panseal_client_free(c);
+    }
+    CHECK(ok > 0);
+    CHECK(panseal_client_close(NULL) == PANSEAL_NULL_ARGUMENT);
+}
+
 int main(void) {
     CHECK(strlen(panseal_version()) > 0);
     panseal_client *c = NULL;
@@ -261,9 +369,11 @@ int main(void) {
     test_round_trip(c);
     test_wrong_context_and_bad_input(c);
     test_buffers_and_nulls(c);
+    test_last_error_cleared_on_success(c);
     test_rotation(c);
     test_threads(c);
     panseal_client_free(c);
+    test_close_while_calling();
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;
