@@ -8,8 +8,20 @@ FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 LOG="$(mktemp -d)/panseal-test"
 mkdir -p "$LOG"
 export CARGO_TERM_COLOR=never
+# Every output of the run is kept under $LOG and scanned for the suite's
+# test PANs, passwords/PINs and key bytes at the end (scripts/scan_secrets.py).
+# Test harnesses copy their child processes' logs (PostgreSQL, ...) here.
+export PANSEAL_TEST_LOG_DIR="$LOG/harness"
+mkdir -p "$PANSEAL_TEST_LOG_DIR"
+echo "logs: $LOG"
 
 step() { printf '\n== %s\n' "$*"; }
+# cargo test with every passing test's captured output kept (for the scan):
+# the log gets all of it, the console the usual report without the
+# "successes:" sections.
+quiet_successes() {
+    awk '/^successes:$/ {skip = 1} /^(failures:|test result:)/ {skip = 0} !skip {print; fflush()}'
+}
 
 step "format"
 cargo fmt --all -- --check
@@ -19,10 +31,11 @@ cargo clippy --all-targets --all-features --quiet -- -D warnings
 
 step "cargo test --all-features (builds the examples the tool tests run)"
 cargo build --quiet --all-features --examples
-cargo test --all-features 2>&1 | tee "$LOG/cargo-all.txt"
+cargo test --all-features -- --show-output 2>&1 | tee "$LOG/cargo-all.txt" | quiet_successes
 
 step "cargo test (default features: compile-fail tests that need the feature off)"
-cargo test --test compile_fail --test api 2>&1 | tee "$LOG/cargo-default.txt"
+cargo test --test compile_fail --test api -- --show-output 2>&1 | tee "$LOG/cargo-default.txt" |
+    quiet_successes
 
 step "C header: regenerate with cbindgen and compare with include/panseal.h"
 cbindgen --config cbindgen.toml --crate panseal --quiet --output "$LOG/panseal.h"
@@ -30,7 +43,14 @@ diff -u include/panseal.h "$LOG/panseal.h"
 
 step "Python: test vectors (independent implementation) and the C ABI through ctypes"
 cargo build --quiet --features ffi --lib
+# The same library built with AddressSanitizer: tests/python/test_close_race.py
+# repeats its close-while-calling race under it (runtime preloaded into python).
+HOST="$(rustc -vV | sed -n 's/^host: //p')"
+RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=address" \
+    cargo build --quiet --features ffi --lib --target "$HOST" --target-dir target/asan
 PANSEAL_LIB="$PWD/target/debug/libpanseal.so" \
+PANSEAL_ASAN_LIB="$PWD/target/asan/$HOST/debug/libpanseal.so" \
+PANSEAL_ASAN_RUNTIME="$(gcc -print-file-name=libasan.so)" \
     python3 -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee "$LOG/pytest.txt"
 
 step "examples"
@@ -58,6 +78,9 @@ step "fuzz: every target for ${FUZZ_SECONDS}s"
         grep -E '^Done' "$LOG/fuzz-$target.txt" | tail -n 1
     done
 )
+
+step "secrets scan: no test PAN, password/PIN or key bytes in any output of this run"
+python3 scripts/scan_secrets.py "$LOG"
 
 step "summary"
 counts() { sed -n 's/^test result: .*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$LOG"/cargo-*.txt; }

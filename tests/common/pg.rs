@@ -249,5 +249,26 @@ impl Drop for PgServer {
                 "stop",
             ],
         );
+        // The server's log outlives its directory: copied where
+        // scripts/test.sh scans every output for secrets, and shown when
+        // the test failed.
+        let log = self.dir.path().join("log");
+        if let Some(dir) = std::env::var_os("PANSEAL_TEST_LOG_DIR") {
+            let dir = PathBuf::from(dir);
+            let name = format!("postgresql-{}-{}.log", std::process::id(), self.port);
+            let _ =
+                std::fs::create_dir_all(&dir).and_then(|()| std::fs::copy(&log, dir.join(name)));
+        }
+        if std::thread::panicking() {
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(40)..];
+                eprintln!(
+                    "--- PostgreSQL log (last {} lines)\n{}",
+                    tail.len(),
+                    tail.join("\n")
+                );
+            }
+        }
     }
 }
