@@ -11,6 +11,7 @@ answer or raises PansealError with code Result.CLIENT_CLOSED; close() may be
 called from several threads at once; nothing crashes.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ PYTHON_DIR = str(Path(__file__).resolve().parents[2] / "python")
 
 CHILD = textwrap.dedent(
     r"""
-    import os, random, sys, threading, time
+    import json, os, random, sys, threading, time
     sys.path.insert(0, sys.argv[1])
     import panseal
     from panseal import Client, PansealError, Result
@@ -93,7 +94,7 @@ CHILD = textwrap.dedent(
         except PansealError as e:
             counts["closed" if e.code == Result.CLIENT_CLOSED else "other"] += 1
     counts["rounds"] = rounds
-    print(counts)
+    print(json.dumps(counts))
     sys.exit(0 if counts["wrong"] == 0 and counts["other"] == 0 else 2)
     """
 )
@@ -115,7 +116,7 @@ def test_close_while_other_threads_call():
         f"child exited with {out.returncode} (negative = killed by that signal)\n"
         f"stdout: {out.stdout[-2000:]}\nstderr: {out.stderr[-4000:]}"
     )
-    counts = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 (our own child's dict)
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
     assert counts["rounds"] >= 50, counts
     assert counts["ok"] > 0 and counts["closed"] >= counts["rounds"], counts
     assert counts["wrong"] == 0 and counts["other"] == 0, counts
