@@ -199,6 +199,9 @@ impl Callers {
 
 // ------------------------------------------------------------------ TLS
 
+/// TLS handshakes in progress at most.
+const MAX_HANDSHAKES: usize = 256;
+
 /// What the TLS layer established about a connection: who is calling.
 #[derive(Clone, Debug)]
 struct Peer {
@@ -206,7 +209,8 @@ struct Peer {
 }
 
 /// Accepts TCP connections, runs each TLS handshake in its own task (with
-/// a deadline, so a slow or silent client holds up nobody) and hands the
+/// a deadline and a cap on how many run at once, so slow or silent clients
+/// hold up nobody) and hands the
 /// established connections to axum with the caller they authenticated.
 struct TlsListener {
     ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
@@ -215,14 +219,21 @@ struct TlsListener {
 impl TlsListener {
     fn start(tcp: TcpListener, acceptor: TlsAcceptor, callers: Arc<Callers>) -> TlsListener {
         let (tx, ready) = tokio::sync::mpsc::channel(64);
+        // At most this many handshakes at once; beyond, new connections are
+        // closed at once rather than queued behind slow clients.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _addr)) = tcp.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    continue;
+                };
                 let (acceptor, callers, tx) = (acceptor.clone(), callers.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let handshake =
                         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
                     // A failed handshake (plain HTTP, no or foreign client
