@@ -16,14 +16,27 @@
 //! The MAC covers the exact bytes written (no re-serialisation), so editing
 //! a field, removing, inserting or reordering a record all make
 //! [`verify_audit_chain`] fail, and it names the first bad record. What a
-//! chain alone cannot show is a cut-off tail: the newest records removed
-//! from the end. Compare the count and head that verification reports with
-//! a copy kept elsewhere (a log shipper, a daily note) to catch that.
+//! chain alone cannot show is a cut-off tail or a deleted file: for that,
+//! keep an **anchor** (the count and head MAC, [`ChainSummary`]) outside the
+//! log — [`ChainedAuditLog::write_anchor`] exports one to a file of its own
+//! (MACed under the audit key), `panseal-keyd` also keeps one in its
+//! authenticated state — and open or verify with
+//! [`ChainedAuditLog::open_anchored`] / [`verify_audit_chain_anchored`]: a
+//! log that ends before the anchored record, or whose record at that
+//! position has another MAC, is refused.
+//!
+//! Durability: each record is one `write` (a killed process loses nothing
+//! acknowledged). With [`ChainedAuditLog::set_sync_each_record`] every
+//! record is also `fdatasync`ed before `append` returns (power loss loses
+//! nothing acknowledged; costs one disk flush per record, see
+//! `benches/keyd.rs`); otherwise call [`ChainedAuditLog::sync`]
+//! periodically (anchors are written only after a sync).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use hmac::{Hmac, Mac};
@@ -39,6 +52,8 @@ use crate::error::AuditError;
 type HmacSha256 = Hmac<Sha256>;
 
 const LABEL: &[u8] = b"panseal-audit-chain-v1\n";
+const ANCHOR_LABEL: &[u8] = b"panseal-audit-anchor-v1\n";
+const KEY_ID_LABEL: &[u8] = b"panseal-audit-key-id-v1";
 const MAC_PREFIX: &[u8] = b",\"mac\":\"";
 /// `,"mac":"` + 64 hex digits + `"}`.
 const SUFFIX_LEN: usize = 8 + 64 + 2;
@@ -106,12 +121,30 @@ impl AuditKey {
         Ok(AuditKey { key })
     }
 
-    fn mac(&self) -> HmacSha256 {
+    fn mac_with(&self, label: &[u8]) -> HmacSha256 {
         // HMAC accepts keys of any length; 32 bytes never fails.
         let mut m = <HmacSha256 as Mac>::new_from_slice(self.key.expose_secret())
             .unwrap_or_else(|_| unreachable_hmac());
-        m.update(LABEL);
+        m.update(label);
         m
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        self.mac_with(LABEL)
+    }
+
+    /// A public identifier of this key (32 hex digits: an HMAC of a fixed
+    /// label under it), to notice a log re-keyed with another key.
+    pub fn key_id(&self) -> String {
+        let m = self.mac_with(KEY_ID_LABEL);
+        hex::encode(&m.finalize().into_bytes()[..16])
+    }
+
+    fn anchor_mac(&self, records: u64, head: &str) -> String {
+        let mut m = self.mac_with(ANCHOR_LABEL);
+        m.update(&records.to_be_bytes());
+        m.update(head.as_bytes());
+        hex::encode(m.finalize().into_bytes())
     }
 }
 
@@ -149,6 +182,7 @@ pub struct ChainedAuditLog {
     path: PathBuf,
     key: AuditKey,
     tail: Mutex<Tail>,
+    sync_each: AtomicBool,
 }
 
 impl fmt::Debug for ChainedAuditLog {
@@ -168,13 +202,36 @@ impl ChainedAuditLog {
     /// [`AuditError::Tampered`] if the existing log fails verification (it
     /// is left untouched), or an I/O error.
     pub fn open(path: impl AsRef<Path>, key: AuditKey) -> Result<Self, AuditError> {
+        Self::open_anchored(path, key, &ChainSummary::genesis())
+    }
+
+    /// As [`ChainedAuditLog::open`], and the log must reach `anchor` (a
+    /// summary kept outside the log): it must hold at least
+    /// `anchor.records` records, the one at that position with MAC
+    /// `anchor.head`. A missing file is refused unless the anchor is the
+    /// genesis (0 records).
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Tampered`] for a log that fails verification, is cut
+    /// before the anchor, was replaced, or is missing; or an I/O error.
+    pub fn open_anchored(
+        path: impl AsRef<Path>,
+        key: AuditKey,
+        anchor: &ChainSummary,
+    ) -> Result<Self, AuditError> {
         let path = path.as_ref().to_path_buf();
         let summary = match fs::read(&path) {
-            Ok(bytes) => verify_bytes(&bytes, &key)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ChainSummary {
-                records: 0,
-                head: GENESIS.into(),
-            },
+            Ok(bytes) => verify_audit_bytes(&bytes, &key, anchor, &mut |_, _| {})?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if anchor.records > 0 {
+                    return Err(AuditError::Tampered {
+                        record: 1,
+                        reason: "the log file is missing (deleted?) but its anchor names records",
+                    });
+                }
+                ChainSummary::genesis()
+            }
             Err(e) => return Err(e.into()),
         };
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -186,7 +243,43 @@ impl ChainedAuditLog {
                 seq: summary.records,
                 prev: summary.head,
             }),
+            sync_each: AtomicBool::new(false),
         })
+    }
+
+    /// Whether every record is `fdatasync`ed before [`ChainedAuditLog::append`]
+    /// returns (off by default).
+    pub fn set_sync_each_record(&self, on: bool) {
+        self.sync_each.store(on, Ordering::Relaxed);
+    }
+
+    /// Syncs the log, then writes its summary as an anchor file at `path`
+    /// (atomically: temporary file, fsync, rename), MACed under the audit
+    /// key. Keep it apart from the log; check it with
+    /// [`read_audit_anchor`] and [`ChainedAuditLog::open_anchored`].
+    ///
+    /// # Errors
+    ///
+    /// An I/O error.
+    pub fn write_anchor(&self, path: impl AsRef<Path>) -> Result<ChainSummary, AuditError> {
+        let summary = {
+            let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+            tail.file.sync_data()?;
+            ChainSummary {
+                records: tail.seq,
+                head: tail.prev.clone(),
+            }
+        };
+        let body = serde_json::json!({
+            "v": 1,
+            "records": summary.records,
+            "head": summary.head,
+            "mac": self.key.anchor_mac(summary.records, &summary.head),
+        });
+        let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+        bytes.push(b'\n');
+        crate::keystore::file::write_atomically(path.as_ref(), &bytes, summary.records)?;
+        Ok(summary)
     }
 
     /// The log file's path.
@@ -217,6 +310,9 @@ impl ChainedAuditLog {
         line.push_str(&mac);
         line.push_str("\"}\n");
         tail.file.write_all(line.as_bytes())?;
+        if self.sync_each.load(Ordering::Relaxed) {
+            tail.file.sync_data()?;
+        }
         tail.seq = seq;
         tail.prev = mac;
         Ok(seq)
@@ -262,6 +358,84 @@ pub fn verify_audit_chain(
     verify_bytes(&fs::read(path)?, key)
 }
 
+/// Verifies the whole log at `path` under `key` and that it reaches
+/// `anchor` (see [`ChainedAuditLog::open_anchored`]).
+///
+/// # Errors
+///
+/// [`AuditError::Tampered`] naming the first bad record, a cut tail (the
+/// first missing record) or a missing file (record 1); or an I/O error.
+pub fn verify_audit_chain_anchored(
+    path: impl AsRef<Path>,
+    key: &AuditKey,
+    anchor: &ChainSummary,
+) -> Result<ChainSummary, AuditError> {
+    match fs::read(path) {
+        Ok(bytes) => verify_audit_bytes(&bytes, key, anchor, &mut |_, _| {}),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && anchor.records > 0 => {
+            Err(AuditError::Tampered {
+                record: 1,
+                reason: "the log file is missing (deleted?) but its anchor names records",
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads an anchor file written by [`ChainedAuditLog::write_anchor`].
+///
+/// # Errors
+///
+/// An I/O error, or [`AuditError::Rejected`] if it does not parse or its
+/// MAC does not match (altered, or written under another key).
+pub fn read_audit_anchor(
+    path: impl AsRef<Path>,
+    key: &AuditKey,
+) -> Result<ChainSummary, AuditError> {
+    parse_audit_anchor(&fs::read(path)?, key)
+}
+
+/// Parses anchor bytes (see [`read_audit_anchor`]).
+#[doc(hidden)]
+pub fn parse_audit_anchor(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        v: u8,
+        records: u64,
+        head: String,
+        mac: String,
+    }
+    let r: Raw = serde_json::from_slice(bytes)
+        .map_err(|_| AuditError::Rejected("audit anchor does not parse".into()))?;
+    if r.v != 1 || r.head.len() != 64 {
+        return Err(AuditError::Rejected("audit anchor: unknown version".into()));
+    }
+    let want = key.anchor_mac(r.records, &r.head);
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(
+        want.as_bytes(),
+        r.mac.as_bytes(),
+    )) {
+        return Err(AuditError::Rejected(
+            "audit anchor fails its MAC: altered, or written under another audit key".into(),
+        ));
+    }
+    Ok(ChainSummary {
+        records: r.records,
+        head: r.head,
+    })
+}
+
+impl ChainSummary {
+    /// The summary of an empty log.
+    pub fn genesis() -> Self {
+        ChainSummary {
+            records: 0,
+            head: GENESIS.into(),
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct Header<'a> {
     seq: u64,
@@ -272,6 +446,23 @@ struct Header<'a> {
 }
 
 fn verify_bytes(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError> {
+    verify_audit_bytes(bytes, key, &ChainSummary::genesis(), &mut |_, _| {})
+}
+
+/// Verifies log bytes against `anchor`, calling `visit(seq, body)` for each
+/// authenticated record (body: the line before its MAC). For the server
+/// and the fuzz targets.
+///
+/// # Errors
+///
+/// As [`verify_audit_chain_anchored`].
+#[doc(hidden)]
+pub fn verify_audit_bytes(
+    bytes: &[u8],
+    key: &AuditKey,
+    anchor: &ChainSummary,
+    visit: &mut dyn FnMut(u64, &[u8]),
+) -> Result<ChainSummary, AuditError> {
     let mut prev = GENESIS.to_owned();
     let mut n = 0u64;
     let mut rest = bytes;
@@ -313,6 +504,23 @@ fn verify_bytes(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError
             return Err(bad("does not follow the record before it"));
         }
         prev = String::from_utf8_lossy(mac_hex).into_owned();
+        if n == anchor.records
+            && !bool::from(subtle::ConstantTimeEq::ct_eq(
+                prev.as_bytes(),
+                anchor.head.as_bytes(),
+            ))
+        {
+            return Err(bad(
+                "differs from the anchored record at this position: log replaced or rewritten",
+            ));
+        }
+        visit(n, body);
+    }
+    if n < anchor.records {
+        return Err(AuditError::Tampered {
+            record: n + 1,
+            reason: "log cut: it ends before the record its anchor names",
+        });
     }
     Ok(ChainSummary {
         records: n,

@@ -13,7 +13,13 @@
 pub mod protocol;
 
 #[cfg(feature = "keyd")]
+#[doc(hidden)]
+pub mod state;
+#[cfg(feature = "keyd")]
 mod support;
 
+#[cfg(feature = "keyd")]
+#[doc(hidden)]
+pub use crate::audit::{parse_audit_anchor, verify_audit_bytes};
 #[cfg(feature = "keyd")]
 pub use support::{unwrap_key, wrap_key, write_atomically};
