@@ -895,3 +895,207 @@ async fn a_silent_server_times_out_with_a_retryable_error() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     drop(silent);
 }
+
+// ---- item 9.3: state rollback ----------------------------------------------
+
+const STATE_FILES: [&str; 3] = ["data/state.bin", "data/state.journal", "data/state.anchor"];
+
+/// Counts unwraps of `d` that succeed through every start that keyd allows.
+async fn unwraps_that_succeed(k: &Keyd, d: &KeyRequest, w: &panseal::WrappedKey) -> u32 {
+    let r = k
+        .client_with("app", |b| b.retries(0, Duration::from_millis(1)))
+        .unwrap(d, w, &access())
+        .await;
+    u32::from(r.is_ok())
+}
+
+#[tokio::test]
+async fn restoring_an_older_state_after_a_destroy_is_refused_and_the_version_never_unwraps() {
+    let mut k = Keyd::ready().await;
+    let scope = Scope::new("rb-1").unwrap();
+    let app = k.client("app");
+    let d = req("test", "rb-1", KeyPurpose::Data);
+    let (_, w) = app.generate(&d).await.unwrap();
+    k.client("alice").rotate(&scope).await.unwrap();
+    // The attacker copies the state (and, with write access to the data
+    // directory, its anchor) now.
+    k.save(&STATE_FILES);
+    k.save(&["data/audit.log", "data/audit.anchor"]);
+    let a = k.client("alice").approve_destroy(&scope, 1).await.unwrap();
+    assert!(!a.destroyed);
+    let b = k.client("bob").approve_destroy(&scope, 1).await.unwrap();
+    assert!(b.destroyed);
+    let noted = k.client("alice").status().await.unwrap().state_generation;
+    let mut succeeded = unwraps_that_succeed(&k, &d, &w).await;
+    k.kill();
+
+    // Old state.bin + journal only: the anchor is newer.
+    k.swap(&STATE_FILES[..2]);
+    let e = k.start_fails();
+    assert!(
+        e.contains("rolled back") && e.contains("state.anchor"),
+        "{e}"
+    );
+    k.swap(&STATE_FILES[..2]);
+    // Old state and old anchor: the audit log recorded the newer commits.
+    k.swap(&STATE_FILES);
+    let e = k.start_fails();
+    assert!(e.contains("rolled back") && e.contains("audit log"), "{e}");
+    // The whole data directory restored (state, anchor, log): keyd starts,
+    // but custodians confirm the generation they noted and refuse.
+    k.swap(&["data/audit.log", "data/audit.anchor"]);
+    k.start();
+    for c in ["alice", "bob"] {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        let e = cl
+            .unseal_expecting(k.share(c), Some(noted))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("rolled back"), "{e}");
+    }
+    succeeded += unwraps_that_succeed(&k, &d, &w).await;
+    k.kill();
+    // The newest files back: the destroyed version stays destroyed.
+    k.swap(&STATE_FILES);
+    k.swap(&["data/audit.log", "data/audit.anchor"]);
+    k.start();
+    for c in ["alice", "bob"] {
+        k.client(c)
+            .unseal_expecting(k.share(c), Some(noted))
+            .await
+            .unwrap();
+    }
+    succeeded += unwraps_that_succeed(&k, &d, &w).await;
+    assert_eq!(succeeded, 0, "a destroyed KEK version unwrapped");
+    assert!(matches!(
+        app.unwrap(&d, &w, &access()).await.unwrap_err(),
+        KeyServiceError::KekDestroyed(_)
+    ));
+}
+
+#[tokio::test]
+async fn an_anchor_outside_the_data_directory_catches_a_restored_data_directory() {
+    let mut k =
+        Keyd::ready_with("anchor_dir = \"anchor\"\naudit_key_file = \"keys/audit.key\"\n").await;
+    assert!(k.path("keys/audit.key").exists());
+    assert!(!k.path("data/audit.key").exists());
+    assert!(k.path("anchor/state.anchor").exists());
+    let scope = Scope::new("rb-2").unwrap();
+    let d = req("test", "rb-2", KeyPurpose::Data);
+    let (_, w) = k.client("app").generate(&d).await.unwrap();
+    k.client("alice").rotate(&scope).await.unwrap();
+    k.kill();
+    let data = ["data/state.bin", "data/state.journal", "data/audit.log"];
+    k.save(&data);
+    k.start();
+    k.unseal().await;
+    k.client("alice").approve_destroy(&scope, 1).await.unwrap();
+    k.client("carol").acknowledge(ACK).await.unwrap();
+    assert!(
+        k.client("carol")
+            .approve_destroy(&scope, 1)
+            .await
+            .unwrap()
+            .destroyed
+    );
+    k.kill();
+    // Everything in the data directory back to before the destroy.
+    k.restore(&data);
+    let e = k.start_fails();
+    assert!(e.contains("rolled back"), "{e}");
+    assert_eq!(unwraps_that_succeed(&k, &d, &w).await, 0);
+}
+
+#[tokio::test]
+async fn a_second_keyd_on_the_same_data_directory_is_refused() {
+    let mut k = Keyd::init();
+    k.start();
+    let e = k.start_fails();
+    assert!(e.contains("another panseal-keyd"), "{e}");
+    k.kill();
+    k.start();
+}
+
+#[tokio::test]
+async fn an_altered_journal_or_anchor_is_refused_at_unseal() {
+    let mut k = Keyd::ready().await;
+    k.client("alice")
+        .rotate(&Scope::new("j-1").unwrap())
+        .await
+        .unwrap();
+    k.kill();
+    // Flip one hex digit inside the journal's last entry (not its MAC).
+    let path = k.path("data/state.journal");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let altered = text.replacen("\"created_by\":\"alice\"", "\"created_by\":\"mallo\"", 1);
+    assert_ne!(altered, text);
+    std::fs::write(&path, &altered).unwrap();
+    k.start();
+    let mut refused = 0;
+    for c in ["alice", "bob"] {
+        let cl = k.client(c);
+        if cl.unseal(k.share(c)).await.is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1, "the second share must fail authentication");
+    assert!(k.client("alice").status().await.unwrap().sealed);
+}
+
+// ---- item 9.4: audit log cut, deleted, re-keyed -----------------------------
+
+#[tokio::test]
+async fn a_cut_deleted_or_rekeyed_audit_log_is_refused_at_start_and_by_verify() {
+    let mut k = Keyd::ready().await;
+    let app = k.client("app");
+    for _ in 0..4 {
+        let r = req("test", "au-1", KeyPurpose::Data);
+        let (_, w) = app.generate(&r).await.unwrap();
+        app.unwrap(&r, &w, &access()).await.unwrap();
+    }
+    // The exported anchor is rewritten once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    k.kill();
+    assert_eq!(k.verify_audit().0, 0);
+    let log = k.path("data/audit.log");
+    let key = k.path("data/audit.key");
+    k.save(&["data/audit.log", "data/audit.key"]);
+    let lines = k.audit_lines();
+
+    // Cut the tail at a record boundary.
+    std::fs::write(&log, lines[..lines.len() - 3].join("\n") + "\n").unwrap();
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("log cut"), "{out}");
+    assert!(k.start_fails().contains("log cut"));
+
+    // Delete the file.
+    std::fs::remove_file(&log).unwrap();
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing"), "{out}");
+    assert!(k.start_fails().contains("missing"));
+
+    // Replace the key and write a fresh log under it.
+    std::fs::remove_file(&key).unwrap();
+    let new_key = panseal::AuditKey::create_file(&key).unwrap();
+    let forged = panseal::ChainedAuditLog::open(&log, new_key).unwrap();
+    for l in &lines {
+        let _ = l;
+        forged
+            .append(&serde_json::json!({"operation": "status"}))
+            .unwrap();
+    }
+    drop(forged);
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not the key"), "{out}");
+    assert!(k.start_fails().contains("not the key"));
+
+    // The originals verify and serve again.
+    k.restore(&["data/audit.log", "data/audit.key"]);
+    assert_eq!(k.verify_audit().0, 0);
+    k.start();
+    k.unseal().await;
+}

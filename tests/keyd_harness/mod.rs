@@ -274,6 +274,51 @@ impl Keyd {
         )
     }
 
+    /// A ready server with extra settings.
+    pub async fn ready_with(extra_settings: &str) -> Keyd {
+        let mut k = Keyd::init_with(extra_settings, "");
+        k.start();
+        k.unseal().await;
+        k
+    }
+
+    /// Copies files (relative to the folder) to `NAME.saved` beside them.
+    pub fn save(&self, files: &[&str]) {
+        for f in files {
+            let p = self.path(f);
+            if p.exists() {
+                std::fs::copy(&p, self.path(&format!("{f}.saved"))).unwrap();
+            } else {
+                let _ = std::fs::remove_file(self.path(&format!("{f}.saved")));
+            }
+        }
+    }
+
+    /// Puts back what [`Keyd::save`] copied (an attacker restoring a
+    /// backup, or an older snapshot); files not saved are removed.
+    pub fn restore(&self, files: &[&str]) {
+        for f in files {
+            let saved = self.path(&format!("{f}.saved"));
+            if saved.exists() {
+                std::fs::copy(&saved, self.path(f)).unwrap();
+            } else {
+                let _ = std::fs::remove_file(self.path(f));
+            }
+        }
+    }
+
+    /// Swaps `f` and `f.saved`.
+    pub fn swap(&self, files: &[&str]) {
+        for f in files {
+            let a = self.path(f);
+            let b = self.path(&format!("{f}.saved"));
+            let t = self.path(&format!("{f}.swap"));
+            std::fs::rename(&a, &t).unwrap();
+            std::fs::rename(&b, &a).unwrap();
+            std::fs::rename(&t, &b).unwrap();
+        }
+    }
+
     /// Acknowledgements and two custodians' shares.
     pub async fn unseal(&self) {
         for c in &CUSTODIANS[..2] {
