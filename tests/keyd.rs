@@ -1099,3 +1099,332 @@ async fn a_cut_deleted_or_rekeyed_audit_log_is_refused_at_start_and_by_verify() 
     k.start();
     k.unseal().await;
 }
+
+// ---- item 9.5: dual control and split knowledge ----------------------------
+
+#[tokio::test]
+async fn destroying_a_dek_needs_two_custodians_and_keyd_then_never_unwraps_it() {
+    let mut k = Keyd::ready().await;
+    let app = k.client("app");
+    let d = req("test", "dd-1", KeyPurpose::Data);
+    let (_, w) = app.generate(&d).await.unwrap();
+    let other = req("test", "dd-1", KeyPurpose::Data);
+    let (_, ow) = app.generate(&other).await.unwrap();
+    let (alice, bob, carol) = (k.client("alice"), k.client("bob"), k.client("carol"));
+    carol.acknowledge(ACK).await.unwrap();
+    // The application cannot approve at all.
+    assert!(is_denied(app.approve_dek_destroy(&d).await));
+    let a = alice.approve_dek_destroy(&d).await.unwrap();
+    assert!(!a.destroyed && a.expires_at.is_some());
+    assert!(
+        alice.approve_dek_destroy(&d).await.is_err(),
+        "same custodian twice"
+    );
+    assert!(
+        app.unwrap(&d, &w, &access()).await.is_ok(),
+        "one approval destroyed it"
+    );
+    // Withdrawn: bob's approval alone is again not enough.
+    assert!(alice
+        .withdraw_dek_destroy(&d)
+        .await
+        .unwrap()
+        .approvals
+        .is_empty());
+    assert!(!bob.approve_dek_destroy(&d).await.unwrap().destroyed);
+    let done = carol.approve_dek_destroy(&d).await.unwrap();
+    assert!(done.destroyed);
+    assert_eq!(done.approvals, vec!["bob".to_string(), "carol".to_string()]);
+    // keyd refuses the key from now on, to every credential, across restarts.
+    let mut succeeded = 0;
+    for who in ["app", "reader", "root"] {
+        succeeded += u32::from(k.client(who).unwrap(&d, &w, &access()).await.is_ok());
+    }
+    assert!(k.client("rewrapper").rewrap(&d, &w).await.is_err());
+    k.kill();
+    k.start();
+    k.unseal().await;
+    succeeded += unwraps_that_succeed(&k, &d, &w).await;
+    assert_eq!(succeeded, 0);
+    // Other keys of the scope are untouched.
+    assert!(k.client("app").unwrap(&other, &ow, &access()).await.is_ok());
+    let lines = k.audit_lines();
+    assert!(lines.iter().any(|l| l.contains("dek-destroy-approve")
+        && l.contains("\"principal\":\"carol\"")
+        && l.contains(&d.id.to_string())));
+}
+
+#[tokio::test]
+async fn destroy_approvals_expire_and_can_be_withdrawn() {
+    let k = Keyd::ready_with("approval_ttl_seconds = 1\n").await;
+    let scope = Scope::new("ex-1").unwrap();
+    let alice = k.client("alice");
+    alice.rotate(&scope).await.unwrap();
+    alice.rotate(&scope).await.unwrap();
+    assert!(!alice.approve_destroy(&scope, 1).await.unwrap().destroyed);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Alice's approval expired: Bob's is the only one.
+    let b = k.client("bob").approve_destroy(&scope, 1).await.unwrap();
+    assert!(!b.destroyed);
+    assert_eq!(b.approvals, vec!["bob".to_string()]);
+    assert!(k
+        .client("bob")
+        .withdraw_destroy(&scope, 1)
+        .await
+        .unwrap()
+        .approvals
+        .is_empty());
+    assert!(k.client("bob").withdraw_destroy(&scope, 1).await.is_err());
+    let s = alice.kek_status(&scope).await.unwrap();
+    assert!(s.versions[0].destroy_approvals.is_empty());
+    assert_eq!(s.versions[0].state, panseal::KeyState::DecryptOnly);
+}
+
+#[tokio::test]
+async fn resharing_makes_old_shares_useless() {
+    let mut k = Keyd::ready().await;
+    let d = req("test", "rs-1", KeyPurpose::Data);
+    let (dek, w) = k.client("app").generate(&d).await.unwrap();
+    let new: Vec<String> = ["bob", "carol", "mallory"].map(String::from).to_vec();
+    let alice = k.client("alice");
+    let v = alice.reshare(2, &new, k.share("alice")).await.unwrap();
+    assert!(v.awaiting_collection.is_empty());
+    // A custodian without a current share cannot vote.
+    assert!(k
+        .client("mallory")
+        .reshare(2, &new, k.share("alice"))
+        .await
+        .is_err());
+    let v = k
+        .client("bob")
+        .reshare(2, &new, k.share("bob"))
+        .await
+        .unwrap();
+    assert_eq!(v.awaiting_collection.len(), 3);
+    // Only a named custodian collects, each their own share, once.
+    assert!(alice.collect_share(None).await.is_err());
+    let dir = k.path("new-shares");
+    std::fs::create_dir_all(&dir).unwrap();
+    for c in &new {
+        let f = dir.join(format!("{c}.share"));
+        let (ok, _, err) =
+            k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let (ok, _, _) =
+            k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
+        assert!(!ok);
+    }
+    k.kill();
+    k.start();
+    let new_share = |c: &str| {
+        ShareText::new(
+            std::fs::read_to_string(dir.join(format!("{c}.share")))
+                .unwrap()
+                .trim()
+                .to_owned(),
+        )
+    };
+    // The old shares no longer unseal: counted over every old holder.
+    let mut old_accepted = 0;
+    for c in ["alice", "bob", "carol"] {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        old_accepted += u32::from(cl.unseal(k.share(c)).await.is_ok());
+    }
+    assert_eq!(old_accepted, 0);
+    for c in ["carol", "mallory"] {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        cl.unseal(new_share(c)).await.unwrap();
+    }
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek_bytes(&dek));
+    assert!(k
+        .audit_lines()
+        .iter()
+        .any(|l| l.contains("\"operation\":\"reshare\"")));
+}
+
+// ---- item 9.6: resource limits ----------------------------------------------
+
+#[tokio::test]
+async fn scope_creation_follows_the_configured_patterns_and_cap() {
+    let k = Keyd::ready_with("auto_create_scopes = [\"m-*\"]\nmax_scopes = 3\n").await;
+    let wrapper = k.client("wrapper");
+    let e = wrapper
+        .generate(&req("test", "invented-1", KeyPurpose::Data))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KeyServiceError::PermissionDenied(_)), "{e:?}");
+    let mut created = 0;
+    for i in 0..5 {
+        if wrapper
+            .generate(&req("test", &format!("m-{i}"), KeyPurpose::Data))
+            .await
+            .is_ok()
+        {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 3, "max_scopes");
+    // A custodian creates any scope; then wrap works there.
+    k.client("alice")
+        .rotate(&Scope::new("invented-1").unwrap())
+        .await
+        .unwrap();
+    assert!(wrapper
+        .generate(&req("test", "invented-1", KeyPurpose::Data))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn state_change_cost_does_not_grow_with_the_number_of_scopes() {
+    let k = Keyd::ready().await;
+    let alice = k.client("alice");
+    let mut timings = Vec::new();
+    for i in 0..300 {
+        let t = Instant::now();
+        alice
+            .rotate(&Scope::new(&format!("sc-{i}")).unwrap())
+            .await
+            .unwrap();
+        timings.push(t.elapsed());
+    }
+    let first: Duration = timings[..50].iter().sum();
+    let last: Duration = timings[250..].iter().sum();
+    let ratio = last.as_secs_f64() / first.as_secs_f64();
+    eprintln!("50 new scopes: first {first:?}, after 250 more {last:?}, ratio {ratio:.2}");
+    assert!(
+        ratio < 2.5,
+        "state writes grow with scopes: ratio {ratio:.2}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_clients_are_served_while_a_bad_one_holds_and_trickles() {
+    use tokio::io::AsyncWriteExt;
+    let k = Keyd::ready_with("request_timeout_seconds = 2\nmax_connections_per_client = 8\n").await;
+    let setup = k.client("app");
+    let d = req("test", "ld-1", KeyPurpose::Data);
+    let (dek, w) = setup.generate(&d).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The bad client: 40 TCP connections that never finish a handshake,
+    // and 12 TLS connections (its certificate; the cap is 8) trickling a
+    // body, reopened as keyd closes them.
+    let addr = k.addr.clone();
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let tls = {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(k.path("certs/ca.pem")).unwrap();
+        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let cert: Vec<rustls_pki_types::CertificateDer<'static>> =
+            rustls_pki_types::pem::PemObject::pem_file_iter(k.path("certs/wrapper.pem"))
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+        let key =
+            <rustls_pki_types::PrivateKeyDer as rustls_pki_types::pem::PemObject>::from_pem_file(
+                k.path("certs/wrapper.key.pem"),
+            )
+            .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(cert, key)
+        .unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let closed_in = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tricklers = Vec::new();
+    for _ in 0..12 {
+        let (tls, addr, stop, closed_in) =
+            (tls.clone(), addr.clone(), stop.clone(), closed_in.clone());
+        tricklers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(tcp) = tokio::net::TcpStream::connect(&addr).await else {
+                    continue;
+                };
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let Ok(mut s) = tls.connect(name, tcp).await else {
+                    continue;
+                };
+                let opened = Instant::now();
+                let head =
+                    "POST /v1/wrap HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    continue;
+                }
+                while !stop.load(Ordering::SeqCst) {
+                    if s.write_all(b"{").await.is_err() || s.flush().await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if opened.elapsed() > Duration::from_secs(8) {
+                        break;
+                    }
+                }
+                closed_in.lock().unwrap().push(opened.elapsed());
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Good clients for a bounded time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (c, d, w) = (k.client("app"), d.clone(), w.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut slowest) = (0u32, 0u32, Duration::ZERO);
+            while Instant::now() < deadline && ok < 2000 {
+                let t = Instant::now();
+                match c.unwrap(&d, &w, &access()).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        eprintln!("good client error: {e:?}");
+                        failed += 1
+                    }
+                }
+                slowest = slowest.max(t.elapsed());
+            }
+            (ok, failed, slowest)
+        }));
+    }
+    let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
+    for t in tasks {
+        let (o, f, s) = t.await.unwrap();
+        ok += o;
+        failed += f;
+        slowest = slowest.max(s);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tricklers {
+        let _ = t.await;
+    }
+    drop(held);
+    let closed = closed_in.lock().unwrap().clone();
+    eprintln!(
+        "load: {ok} good unwraps, {failed} failed, slowest {slowest:?}; \
+         trickling connections closed after {:?}",
+        closed.iter().max()
+    );
+    assert_eq!(failed, 0);
+    assert!(ok > 50, "only {ok} good unwraps");
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    // keyd cut every trickling body at its deadline (2 s), not at 8 s.
+    assert!(!closed.is_empty());
+    assert!(
+        closed.iter().all(|c| *c < Duration::from_secs(5)),
+        "{closed:?}"
+    );
+    let got = setup.unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek_bytes(&dek));
+}
