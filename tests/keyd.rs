@@ -1428,3 +1428,101 @@ async fn good_clients_are_served_while_a_bad_one_holds_and_trickles() {
     let got = setup.unwrap(&d, &w, &access()).await.unwrap();
     assert_eq!(dek_bytes(&got), dek_bytes(&dek));
 }
+
+// ---- the version 1 state still reads ----------------------------------------
+
+/// Writes a version 1 `state.bin` (FORMAT.md, "keyd state, version 1") for
+/// the master key rebuilt from two shares, holding one KEK for scope
+/// `v1-1`; returns that KEK.
+fn write_v1_state(k: &Keyd) -> [u8; 32] {
+    use aes_gcm::aead::AeadInPlace;
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+    use sha2::Digest;
+    let share_bytes = |c: &str| {
+        let t = k.share(c);
+        let body = t.expose_secret().strip_prefix("pks1-").unwrap().to_owned();
+        hex::decode(body.rsplit_once('-').unwrap().0).unwrap()
+    };
+    let shares: Vec<blahaj::Share> = ["alice", "bob"]
+        .iter()
+        .map(|c| blahaj::Share::try_from(share_bytes(c).as_slice()).unwrap())
+        .collect();
+    let master = blahaj::Sharks(2).recover(&shares).unwrap();
+    let cipher = Aes256Gcm::new(master.as_slice().into());
+    let seal = |aad: &[u8], plain: &[u8]| {
+        let nonce: [u8; 12] = rand::random();
+        let mut buf = plain.to_vec();
+        let tag = cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf)
+            .unwrap();
+        hex::encode([&nonce[..], &buf, &tag[..]].concat())
+    };
+    let kek: [u8; 32] = rand::random();
+    let mut aad = b"panseal-keyd-kek-v1".to_vec();
+    for part in ["test", "v1-1"] {
+        aad.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        aad.extend_from_slice(part.as_bytes());
+    }
+    aad.extend_from_slice(&1u32.to_be_bytes());
+    let v2 = panseal::keyd::state::decode_snapshot(&std::fs::read(k.path("data/state.bin")).unwrap(), 0)
+        .unwrap()
+        .state;
+    let v1 = serde_json::json!({
+        "threshold": v2.threshold,
+        "share_salt": v2.share_salt,
+        "master_check": seal(b"check", b"panseal-keyd master key check v1"),
+        "shares": v2.shares,
+        "acknowledgements": [],
+        "keks": [{
+            "environment": "test", "scope": "v1-1", "version": 1,
+            "state": panseal::KeyState::Active, "created_at": 1,
+            "sealed": seal(&aad, &kek), "destroy_approvals": []
+        }],
+        "generation": 7
+    });
+    let mut file = b"PANSEALD\x01".to_vec();
+    file.extend_from_slice(&serde_json::to_vec(&v1).unwrap());
+    let sum = sha2::Sha256::digest(&file);
+    file.extend_from_slice(&sum);
+    std::fs::write(k.path("data/state.bin"), file).unwrap();
+    let _ = std::fs::remove_file(k.path("data/state.journal"));
+    std::fs::remove_file(k.path("data/state.anchor")).unwrap();
+    kek
+}
+
+#[tokio::test]
+async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
+    use aes_gcm::{Aes256Gcm, KeyInit};
+    let mut k = Keyd::init();
+    let kek = write_v1_state(&k);
+    // A DEK wrapped by the version 1 KEK, as a v1 keyd answered it.
+    let d = req("test", "v1-1", KeyPurpose::Data);
+    let dek: [u8; 32] = rand::random();
+    let kek_ref = panseal::KekRef {
+        id: "keyd/test/v1-1".into(),
+        version: 1,
+    };
+    let bytes = panseal::keyd::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
+    let w = panseal::WrappedKey { kek: kek_ref, bytes };
+    k.start();
+    k.unseal().await;
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek);
+    // Migrated: version 2 on disk, generation kept growing, anchor written.
+    let on_disk = std::fs::read(k.path("data/state.bin")).unwrap();
+    assert_eq!(on_disk[8], 2);
+    assert!(k.path("data/state.anchor").exists());
+    assert!(k.client("alice").status().await.unwrap().state_generation > 7);
+    // And it serves after a restart, under the new format.
+    k.kill();
+    k.start();
+    k.unseal().await;
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek);
+    assert!(k.audit_lines().iter().any(|l| l.contains("state-migrate")));
+    // A version 1 file put back after the migration is a rollback.
+    k.kill();
+    write_v1_state(&k);
+    let e = k.start_fails();
+    assert!(e.contains("rolled back"), "{e}");
+}
