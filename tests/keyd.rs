@@ -1464,9 +1464,10 @@ fn write_v1_state(k: &Keyd) -> [u8; 32] {
         aad.extend_from_slice(part.as_bytes());
     }
     aad.extend_from_slice(&1u32.to_be_bytes());
-    let v2 = panseal::keyd::state::decode_snapshot(&std::fs::read(k.path("data/state.bin")).unwrap(), 0)
-        .unwrap()
-        .state;
+    let v2 =
+        panseal::keyd::state::decode_snapshot(&std::fs::read(k.path("data/state.bin")).unwrap(), 0)
+            .unwrap()
+            .state;
     let v1 = serde_json::json!({
         "threshold": v2.threshold,
         "share_salt": v2.share_salt,
@@ -1503,7 +1504,10 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
         version: 1,
     };
     let bytes = panseal::keyd::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
-    let w = panseal::WrappedKey { kek: kek_ref, bytes };
+    let w = panseal::WrappedKey {
+        kek: kek_ref,
+        bytes,
+    };
     k.start();
     k.unseal().await;
     let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();

@@ -38,6 +38,46 @@ use crate::keys::{
 /// Largest request or response body either side accepts.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
+/// Serialises `v` as JSON into a buffer allocated once at its exact size
+/// and wiped on drop (no reallocation leaves a copy of a key behind).
+///
+/// # Errors
+///
+/// A serialisation error (never for the protocol's own types).
+#[doc(hidden)]
+pub fn to_json_wiped<T: Serialize + ?Sized>(
+    v: &T,
+) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    serde_json::to_writer(&mut n, v)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(n.0));
+    serde_json::to_writer(&mut *out, v)?;
+    Ok(out)
+}
+
+/// Appends `data` to `buf`; when `buf` must grow, its contents move to a
+/// new buffer and the old one is wiped (unlike `Vec::extend`).
+#[doc(hidden)]
+pub fn extend_wiped(buf: &mut Zeroizing<Vec<u8>>, data: &[u8]) {
+    let need = buf.len() + data.len();
+    if need > buf.capacity() {
+        let mut bigger = Zeroizing::new(Vec::with_capacity(need.max(2 * buf.capacity())));
+        bigger.extend_from_slice(buf);
+        *buf = bigger;
+    }
+    buf.extend_from_slice(data);
+}
+
 /// `POST /v1/status`.
 pub const STATUS: &str = "/v1/status";
 /// `POST /v1/kek/info`.
@@ -661,6 +701,42 @@ impl ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_holding_keys_never_reallocate_unwiped() {
+        let r = WrapRequest {
+            key: WireKeyRequest {
+                id: KeyId::random(),
+                scope: Scope::new("m").unwrap(),
+                environment: Environment::new("test").unwrap(),
+                purpose: KeyPurpose::Data,
+            },
+            dek: KeyMaterial::new(Zeroizing::new([9u8; 32])),
+        };
+        let j = to_json_wiped(&r).unwrap();
+        assert_eq!(j.capacity(), j.len(), "allocated once, exactly");
+        let mut buf = Zeroizing::new(Vec::with_capacity(4));
+        for chunk in j.chunks(5) {
+            extend_wiped(&mut buf, chunk);
+        }
+        assert_eq!(&buf[..], &j[..]);
+        // Secrets in requests and answers print as `..`.
+        let share = "pks1-0123456789abcdef";
+        let dbg = format!(
+            "{:?} {:?} {:?}",
+            r,
+            UnsealRequest {
+                share: ShareText::new(share.into()),
+                expected_generation: None
+            },
+            CollectResponse {
+                share: ShareText::new(share.into()),
+                awaiting_collection: vec![]
+            }
+        );
+        assert!(!dbg.contains("0123456789abcdef"), "{dbg}");
+        assert!(!dbg.contains(&base64::engine::general_purpose::STANDARD.encode([9u8; 32])));
+    }
 
     #[test]
     fn key_material_round_trips_and_never_prints() {

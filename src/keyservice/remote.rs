@@ -521,7 +521,8 @@ impl Inner {
                 if buf.len() + data.len() > proto::MAX_BODY_BYTES {
                     return Err(Transport::sent("answer too large"));
                 }
-                buf.extend_from_slice(&data);
+                // The answer may hold a key: no unwiped copy when it grows.
+                proto::extend_wiped(&mut buf, &data);
             }
         }
         self.give_back(sender);
@@ -569,10 +570,11 @@ impl RemoteKeyService {
         request: &Q,
         repeat: Repeat,
     ) -> Result<A, KeyServiceError> {
-        let body = serde_json::to_vec(request)
+        // The body may hold a key: one exact allocation, wiped when the
+        // last reference goes.
+        let body = proto::to_json_wiped(request)
             .map_err(|e| KeyServiceError::Other(format!("encoding request: {e}")))?;
-        // The body may hold a key: wipe it when the last reference goes.
-        let body = Bytes::from_owner(Zeroizing::new(body));
+        let body = Bytes::from_owner(body);
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::clone(&self.inner);
         let rt = self

@@ -97,10 +97,11 @@ impl From<KeyServiceError> for Failure {
     }
 }
 
-type Answer = Result<Vec<u8>, Failure>;
+type Answer = Result<Zeroizing<Vec<u8>>, Failure>;
 
+/// Answers may hold a key or a share: one exact allocation, wiped on drop.
 fn json<T: Serialize>(v: &T) -> Answer {
-    serde_json::to_vec(v).map_err(|_| Failure::new(ErrorKind::Internal, "encoding answer"))
+    proto::to_json_wiped(v).map_err(|_| Failure::new(ErrorKind::Internal, "encoding answer"))
 }
 
 /// The unsealed KEKs of one (environment, scope).
@@ -314,7 +315,7 @@ impl Server {
             }
         };
         match result {
-            Ok(body) => respond(StatusCode::OK, Bytes::from_owner(Zeroizing::new(body))),
+            Ok(body) => respond(StatusCode::OK, Bytes::from_owner(body)),
             Err(f) => {
                 let status =
                     StatusCode::from_u16(f.0.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
@@ -1517,7 +1518,8 @@ async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Failure
         let frame = frame
             .map_err(|_| Failure::new(ErrorKind::BadRequest, "body unreadable or too large"))?;
         if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
+            // The body may hold a key (wrap) or a share (unseal).
+            proto::extend_wiped(&mut buf, &data);
         }
     }
     Ok(buf)

@@ -348,13 +348,13 @@ fn init_collect(
                             .map(|b| zeroize::Zeroizing::new(b.to_bytes().to_vec()))
                             .unwrap_or_default();
                             let err = |k: ErrorKind, m: &str| {
-                                (k.status(), serde_json::to_vec(&ErrorBody::new(k, m)).unwrap_or_default())
+                                (k.status(), zeroize::Zeroizing::new(serde_json::to_vec(&ErrorBody::new(k, m)).unwrap_or_default()))
                             };
                             let (status, out) = match (&who, path.as_str()) {
                                 (None, _) => err(ErrorKind::Unauthenticated, "no known client certificate"),
                                 (Some(p), proto::STATUS) => {
                                     let pk = pickup.lock().unwrap_or_else(|e| e.into_inner());
-                                    (200, serde_json::to_vec(&StatusResponse {
+                                    (200, zeroize::Zeroizing::new(serde_json::to_vec(&StatusResponse {
                                         sealed: true,
                                         threshold: u32::from(threshold),
                                         submitted: Vec::new(),
@@ -364,7 +364,7 @@ fn init_collect(
                                         acknowledged: pk.acks.contains_key(&p.name),
                                         state_generation: 0,
                                         awaiting_collection: pk.texts.keys().cloned().collect(),
-                                    }).unwrap_or_default())
+                                    }).unwrap_or_default()))
                                 }
                                 (Some(p), proto::SHARE_COLLECT) => {
                                     let r: CollectRequest = serde_json::from_slice(&body).unwrap_or_default();
@@ -386,7 +386,7 @@ fn init_collect(
                                             if awaiting.is_empty() {
                                                 done.notify_one();
                                             }
-                                            (200, serde_json::to_vec(&CollectResponse {
+                                            (200, proto::to_json_wiped(&CollectResponse {
                                                 share: ShareText::new(text.to_string()),
                                                 awaiting_collection: awaiting,
                                             }).unwrap_or_default())
@@ -396,7 +396,7 @@ fn init_collect(
                                 _ => err(ErrorKind::Sealed, "keyd is initialising: custodians collect their shares"),
                             };
                             let mut r = hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from_owner(zeroize::Zeroizing::new(out)),
+                                bytes::Bytes::from_owner(out),
                             ));
                             *r.status_mut() = hyper::StatusCode::from_u16(status)
                                 .unwrap_or(hyper::StatusCode::BAD_REQUEST);

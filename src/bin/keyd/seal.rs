@@ -172,19 +172,25 @@ pub(crate) fn split(
         .dealer(&master[..])
         .take(usize::from(n))
         .map(|share| {
+            // blahaj wipes its `Share` on drop (feature `zeroize_memory`).
             let bytes = Zeroizing::new(Vec::from(&share));
-            (share.x.0, Zeroizing::new(share_text(&bytes)), bytes)
+            (share.x.0, share_text(&bytes), bytes)
         })
         .collect()
 }
 
-fn share_text(bytes: &[u8]) -> String {
+/// `pks1-<hex>-<4-byte checksum>`, built in one wiped allocation.
+fn share_text(bytes: &[u8]) -> Zeroizing<String> {
     let sum = Sha256::digest(bytes);
-    format!(
-        "{SHARE_PREFIX}{}-{}",
-        hex::encode(bytes),
-        hex::encode(&sum[..4])
-    )
+    let hex_share = Zeroizing::new(hex::encode(bytes));
+    let mut text = Zeroizing::new(String::with_capacity(
+        SHARE_PREFIX.len() + hex_share.len() + 1 + 8,
+    ));
+    text.push_str(SHARE_PREFIX);
+    text.push_str(&hex_share);
+    text.push('-');
+    text.push_str(&hex::encode(&sum[..4]));
+    text
 }
 
 /// Parses share text: prefix, hex, 4-byte checksum against typing errors.
