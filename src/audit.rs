@@ -21,7 +21,7 @@ use crate::keys::{KeyId, Scope};
 mod chain;
 
 #[doc(hidden)]
-pub use chain::{parse_audit_anchor, verify_audit_bytes};
+pub use chain::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
 pub use chain::{
     read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, AuditKey, ChainSummary,
     ChainedAuditLog,

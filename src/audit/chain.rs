@@ -82,6 +82,15 @@ impl AuditKey {
         AuditKey { key }
     }
 
+    /// **Tests only** (feature `hazmat-test-keys`): a key from given bytes.
+    #[cfg(feature = "hazmat-test-keys")]
+    #[doc(hidden)]
+    pub fn from_bytes_insecure(bytes: [u8; 32]) -> Self {
+        AuditKey {
+            key: SecretBox::new(Box::new(bytes)),
+        }
+    }
+
     /// Generates a key and writes it, as 64 hex digits, to a new file at
     /// `path` (owner read/write only on Unix). Refuses to overwrite.
     ///
@@ -447,6 +456,27 @@ struct Header<'a> {
 
 fn verify_bytes(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError> {
     verify_audit_bytes(bytes, key, &ChainSummary::genesis(), &mut |_, _| {})
+}
+
+/// Chains raw event bytes (not checked to be JSON) into log bytes under
+/// `key`, as [`ChainedAuditLog::append`] would: for the fuzz targets, so
+/// they reach the checks behind the MAC.
+#[doc(hidden)]
+pub fn chain_raw_events(key: &AuditKey, events: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut prev = GENESIS.to_owned();
+    for (i, e) in events.iter().enumerate() {
+        let mut line = format!("{{\"seq\":{},\"prev\":\"{prev}\",\"event\":", i + 1).into_bytes();
+        line.extend_from_slice(e);
+        let mut m = key.mac();
+        m.update(&line);
+        prev = hex::encode(m.finalize().into_bytes());
+        out.extend_from_slice(&line);
+        out.extend_from_slice(b",\"mac\":\"");
+        out.extend_from_slice(prev.as_bytes());
+        out.extend_from_slice(b"\"}\n");
+    }
+    out
 }
 
 /// Verifies log bytes against `anchor`, calling `visit(seq, body)` for each
