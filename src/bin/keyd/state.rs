@@ -77,6 +77,7 @@ pub(crate) struct Paths {
     pub(crate) state: PathBuf,
     pub(crate) journal: PathBuf,
     pub(crate) anchor: PathBuf,
+    pub(crate) audit_anchor: PathBuf,
     pub(crate) pending: PathBuf,
     pub(crate) lock: PathBuf,
 }
@@ -87,6 +88,7 @@ impl Paths {
             state: data_dir.join("state.bin"),
             journal: data_dir.join("state.journal"),
             anchor: anchor_dir.join("state.anchor"),
+            audit_anchor: anchor_dir.join("audit.anchor"),
             pending: data_dir.join("acknowledgements.pending"),
             lock: data_dir.join("keyd.lock"),
         }
@@ -539,7 +541,7 @@ impl StateStore {
         });
         audit
             .append(&rec)
-            .and_then(|_| audit.sync())
+            .and_then(|_| audit.write_anchor(&self.paths.audit_anchor))
             .map_err(|e| StateError::Io {
                 path: audit.path().to_owned(),
                 source: std::io::Error::other(e.to_string()),
