@@ -192,6 +192,12 @@ pub struct ChainedAuditLog {
     key: AuditKey,
     tail: Mutex<Tail>,
     sync_each: AtomicBool,
+    /// A second handle for `fdatasync` outside the append lock, and the
+    /// newest record known to be on stable storage (group commit: one
+    /// flush covers every record appended before it started).
+    sync: Mutex<(File, u64)>,
+    /// Serialises anchor writes, so an anchor never goes back.
+    anchor: Mutex<()>,
 }
 
 impl fmt::Debug for ChainedAuditLog {
@@ -244,6 +250,8 @@ impl ChainedAuditLog {
             Err(e) => return Err(e.into()),
         };
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let sync_file = file.try_clone()?;
+        let synced = summary.records;
         Ok(ChainedAuditLog {
             path,
             key,
@@ -253,7 +261,22 @@ impl ChainedAuditLog {
                 prev: summary.head,
             }),
             sync_each: AtomicBool::new(false),
+            sync: Mutex::new((sync_file, synced)),
+            anchor: Mutex::new(()),
         })
+    }
+
+    /// Makes every record up to `seq` durable: waits for a flush already
+    /// covering it, or flushes everything appended so far.
+    fn sync_through(&self, seq: u64) -> Result<(), AuditError> {
+        let mut s = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        if s.1 >= seq {
+            return Ok(());
+        }
+        let upto = self.tail.lock().unwrap_or_else(|p| p.into_inner()).seq;
+        s.0.sync_data()?;
+        s.1 = upto;
+        Ok(())
     }
 
     /// Whether every record is `fdatasync`ed before [`ChainedAuditLog::append`]
@@ -271,14 +294,10 @@ impl ChainedAuditLog {
     ///
     /// An I/O error.
     pub fn write_anchor(&self, path: impl AsRef<Path>) -> Result<ChainSummary, AuditError> {
-        let summary = {
-            let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-            tail.file.sync_data()?;
-            ChainSummary {
-                records: tail.seq,
-                head: tail.prev.clone(),
-            }
-        };
+        static TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let _one_at_a_time = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        let summary = self.summary();
+        self.sync_through(summary.records)?;
         let body = serde_json::json!({
             "v": 1,
             "records": summary.records,
@@ -287,7 +306,8 @@ impl ChainedAuditLog {
         });
         let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
         bytes.push(b'\n');
-        crate::keystore::file::write_atomically(path.as_ref(), &bytes, summary.records)?;
+        let n = TEMP.fetch_add(1, Ordering::Relaxed) | (1 << 62);
+        crate::keystore::file::write_atomically(path.as_ref(), &bytes, n)?;
         Ok(summary)
     }
 
@@ -319,11 +339,13 @@ impl ChainedAuditLog {
         line.push_str(&mac);
         line.push_str("\"}\n");
         tail.file.write_all(line.as_bytes())?;
-        if self.sync_each.load(Ordering::Relaxed) {
-            tail.file.sync_data()?;
-        }
         tail.seq = seq;
         tail.prev = mac;
+        drop(tail);
+        if self.sync_each.load(Ordering::Relaxed) {
+            // Outside the append lock: concurrent appends share one flush.
+            self.sync_through(seq)?;
+        }
         Ok(seq)
     }
 
@@ -333,9 +355,8 @@ impl ChainedAuditLog {
     ///
     /// An I/O error.
     pub fn sync(&self) -> Result<(), AuditError> {
-        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.file.sync_data()?;
-        Ok(())
+        let seq = self.tail.lock().unwrap_or_else(|p| p.into_inner()).seq;
+        self.sync_through(seq)
     }
 
     /// The number of records and the newest MAC.

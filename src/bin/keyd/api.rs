@@ -603,9 +603,14 @@ impl Server {
         // and reveals nothing; it is the emergency brake, audited like
         // every request, and undone only by k custodians unsealing.
         require(p, Permission::Custodian)?;
-        *self.vault.write().unwrap_or_else(|e| e.into_inner()) = Vault::Sealed {
-            submitted: BTreeMap::new(),
-        };
+        self.state.exclusive(|| {
+            *self.vault.write().unwrap_or_else(|e| e.into_inner()) = Vault::Sealed {
+                submitted: BTreeMap::new(),
+            };
+            // The state and KEK-sealing subkeys go too.
+            self.state.forget_keys();
+        });
+        *self.reshare.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.status(p)
     }
 

@@ -411,6 +411,12 @@ impl StateStore {
         Ok(())
     }
 
+    /// Forgets the subkeys (sealing): no change is written until the next
+    /// unseal authenticates again.
+    pub(crate) fn forget_keys(&self) {
+        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Records an acknowledgement given while sealed.
     pub(crate) fn acknowledge_sealed(&self, a: Acknowledgement) -> Result<(), StateError> {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
