@@ -307,7 +307,11 @@ impl Server {
             rec.detail = Some(f.0.message.clone());
         }
         // Fail closed: an answer that cannot be audited is not given.
-        let result = match self.audit.append(&rec) {
+        // The append may wait for a disk flush (audit_fsync =
+        // "every-record"): let the runtime move other connections to
+        // another worker meanwhile, so their records share that flush.
+        let appended = tokio::task::block_in_place(|| self.audit.append(&rec));
+        let result = match appended {
             Ok(_) => result,
             Err(e) => {
                 eprintln!("panseal-keyd: audit log write failed: {e}");
