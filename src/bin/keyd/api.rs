@@ -1430,7 +1430,7 @@ impl Server {
                 let mut vault = self.vault.write().unwrap_or_else(|e| e.into_inner());
                 let taken = new_master.borrow_mut().take();
                 if let (Vault::Open { master, .. }, Some(m)) = (&mut *vault, taken) {
-                    *master = Box::new(m);
+                    **master = m;
                 }
             },
         )?;
