@@ -402,8 +402,13 @@ impl StateStore {
             for e in &un.entries {
                 e.verify(keys).map_err(bad)?;
             }
+            // An anchor older than the state is a crash between writing
+            // the state and the anchor (it may predate a re-share's new
+            // keys); only an anchor at the state's generation must verify.
             if let Some(a) = &un.anchor {
-                a.verify(keys).map_err(bad)?;
+                if a.generation == self.read().generation {
+                    a.verify(keys).map_err(bad)?;
+                }
             }
         }
         *u = None;
