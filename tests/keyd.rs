@@ -1530,3 +1530,55 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
     let e = k.start_fails();
     assert!(e.contains("rolled back"), "{e}");
 }
+
+#[test]
+fn keyd_state_v2_vectors_from_an_independent_implementation() {
+    use panseal::keyd::state::{decode_snapshot, parse_journal, Anchor, StateKeys};
+    let path = format!(
+        "{}/tests/vectors/keyd_state_v2.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let hex_of = |k: &str| hex::decode(v[k].as_str().unwrap()).unwrap();
+    let master: [u8; 32] = hex_of("master_key").try_into().unwrap();
+    let keys = StateKeys::derive(&master);
+    for (name, got) in [
+        ("state_mac", &keys.state_mac),
+        ("anchor_mac", &keys.anchor_mac),
+        ("kek_seal", &keys.kek_seal),
+        ("check", &keys.check),
+    ] {
+        assert_eq!(
+            hex::encode(&got[..]),
+            v["subkeys"][name].as_str().unwrap(),
+            "{name}"
+        );
+    }
+    let snap = decode_snapshot(&hex_of("state_bin"), 0).unwrap();
+    snap.verify(&keys).unwrap();
+    assert_eq!(hex::encode(snap.mac), v["snapshot_mac"].as_str().unwrap());
+    assert_eq!(snap.state.generation, 5);
+    assert_eq!(snap.state.scopes["test/m-1"].versions[0].version, 1);
+    assert!(snap.verify(&StateKeys::derive(&[0; 32])).is_err());
+    let (entries, _) = parse_journal(v["state_journal"].as_str().unwrap().as_bytes()).unwrap();
+    entries[0].verify(&keys).unwrap();
+    assert_eq!(entries[0].header.prev, hex::encode(snap.mac));
+    assert_eq!(entries[0].header.generation, 6);
+    assert_eq!(
+        hex::encode(entries[0].mac),
+        v["journal_mac"].as_str().unwrap()
+    );
+    let anchor = Anchor::parse(v["state_anchor"].as_str().unwrap().as_bytes()).unwrap();
+    anchor.verify(&keys).unwrap();
+    assert_eq!(anchor.head, hex::encode(entries[0].mac));
+    let audit_key = panseal::AuditKey::from_bytes_insecure(hex_of("audit_key").try_into().unwrap());
+    assert_eq!(audit_key.key_id(), v["audit_key_id"].as_str().unwrap());
+    assert_eq!(snap.state.audit_key_id, audit_key.key_id());
+    let a = panseal::keyd::parse_audit_anchor(
+        v["audit_anchor"].as_str().unwrap().as_bytes(),
+        &audit_key,
+    )
+    .unwrap();
+    assert_eq!(a.records, 3);
+}

@@ -269,6 +269,32 @@ mod tests {
         assert!(parse_share(&typo).is_err());
     }
 
+    /// `tests/vectors/keyd_state_v2.json`, made by an independent Python
+    /// implementation of FORMAT.md section 13.
+    #[test]
+    fn kek_sealing_and_check_match_the_independent_vectors() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/keyd_state_v2.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut key = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(v["master_key"].as_str().unwrap(), &mut key[..]).unwrap();
+        let m = MasterKey::from_bytes(&key);
+        let snap = panseal::keyd::state::decode_snapshot(
+            &hex::decode(v["state_bin"].as_str().unwrap()).unwrap(),
+            0,
+        )
+        .unwrap();
+        assert!(m.verify_check(&snap.state.master_check, V2));
+        let k = &snap.state.scopes["test/m-1"].versions[0];
+        let opened = m
+            .open_kek(V2, "test", "m-1", 1, k.sealed.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(hex::encode(&opened[..]), v["kek"]["key"].as_str().unwrap());
+    }
+
     #[test]
     fn sealed_keks_are_bound_to_their_slot() {
         let (m, _) = MasterKey::generate();
