@@ -20,6 +20,7 @@ use crate::keys::{KeyId, Scope};
 
 mod chain;
 
+#[cfg(feature = "keyd-client")]
 #[doc(hidden)]
 pub use chain::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
 pub use chain::{

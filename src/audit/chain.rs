@@ -427,6 +427,7 @@ pub fn read_audit_anchor(
 
 /// Parses anchor bytes (see [`read_audit_anchor`]).
 #[doc(hidden)]
+#[cfg_attr(not(feature = "keyd-client"), allow(unreachable_pub))]
 pub fn parse_audit_anchor(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -482,6 +483,7 @@ fn verify_bytes(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError
 /// Chains raw event bytes (not checked to be JSON) into log bytes under
 /// `key`, as [`ChainedAuditLog::append`] would: for the fuzz targets, so
 /// they reach the checks behind the MAC.
+#[cfg(feature = "keyd-client")]
 #[doc(hidden)]
 pub fn chain_raw_events(key: &AuditKey, events: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -508,6 +510,7 @@ pub fn chain_raw_events(key: &AuditKey, events: &[&[u8]]) -> Vec<u8> {
 ///
 /// As [`verify_audit_chain_anchored`].
 #[doc(hidden)]
+#[cfg_attr(not(feature = "keyd-client"), allow(unreachable_pub))]
 pub fn verify_audit_bytes(
     bytes: &[u8],
     key: &AuditKey,
