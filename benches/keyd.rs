@@ -1,5 +1,8 @@
 //! Unwrap latency and throughput: `panseal-keyd` over loopback TLS with
-//! connection reuse, against the in-process `LocalKeyService`, in one run.
+//! connection reuse, against the in-process `LocalKeyService`, in one run;
+//! the cost of the audit fsync policy (every record vs periodic, raw
+//! appends and keyd throughput, as ratios in the same run); and the cost
+//! of one state change with few and with many scopes (journal layout).
 //!
 //! ```text
 //! cargo bench --features keyd --bench keyd
@@ -146,6 +149,75 @@ fn main() {
             client.requests_made(),
             client.connections_opened()
         );
+
+        // State changes: 50 new scopes on a fresh server, then 50 more
+        // after `KEYD_BENCH_SCOPES` (default 500) scopes exist.
+        let many = env_or("KEYD_BENCH_SCOPES", 500) as usize;
+        let alice = k.client("alice");
+        let rotate_50 = |from: usize| {
+            let alice = alice.clone();
+            async move {
+                let t = Instant::now();
+                for i in from..from + 50 {
+                    alice
+                        .rotate(&Scope::new(&format!("s-{i}")).unwrap())
+                        .await
+                        .unwrap();
+                }
+                t.elapsed() / 50
+            }
+        };
+        let few = rotate_50(0).await;
+        for i in 50..many {
+            alice
+                .rotate(&Scope::new(&format!("s-{i}")).unwrap())
+                .await
+                .unwrap();
+        }
+        let after = rotate_50(many).await;
+        println!(
+            "\nstate change (new scope's KEK): {:.2} ms with 50 scopes, {:.2} ms with {} scopes: ratio {:.2}",
+            few.as_secs_f64() * 1e3,
+            after.as_secs_f64() * 1e3,
+            many + 50,
+            after.as_secs_f64() / few.as_secs_f64()
+        );
         drop(k);
+
+        // Audit fsync policy: raw appends, then keyd's unwrap throughput.
+        let dir = tempfile::tempdir().unwrap();
+        let appends = |sync: bool, name: &str| {
+            let log = panseal::ChainedAuditLog::open(
+                dir.path().join(name),
+                panseal::AuditKey::generate(),
+            )
+            .unwrap();
+            log.set_sync_each_record(sync);
+            let t = Instant::now();
+            for i in 0..1000u32 {
+                log.append(&serde_json::json!({"operation": "unwrap", "i": i}))
+                    .unwrap();
+            }
+            t.elapsed() / 1000
+        };
+        let no_sync = appends(false, "a.log");
+        let sync = appends(true, "b.log");
+        let periodic = keyd_harness::Keyd::ready_with("audit_fsync = \"periodic\"\n").await;
+        let p_client: Arc<dyn KeyService> =
+            Arc::new(periodic.client_with("app", |b| b.max_idle_connections(64)));
+        let p_keys = Arc::new(keys(&*p_client, 256).await);
+        let p_tput = throughput(p_client, p_keys, tasks, secs).await;
+        println!(
+            "audit append: {:.1} µs without fsync, {:.1} µs with fdatasync per record: ratio {:.1}",
+            no_sync.as_secs_f64() * 1e6,
+            sync.as_secs_f64() * 1e6,
+            sync.as_secs_f64() / no_sync.as_secs_f64()
+        );
+        println!(
+            "keyd unwraps/s: {:.0} with audit_fsync = \"every-record\" (default), {:.0} with \"periodic\": ratio {:.2}",
+            r_tput.1,
+            p_tput.1,
+            r_tput.1 / p_tput.1
+        );
     });
 }

@@ -5,8 +5,13 @@
 //! request log is verified by `panseal-keyd verify-audit`.
 //!
 //! ```text
-//! cargo run --example audit_verify -- --log audit.log --key audit.key [--json]
+//! cargo run --example audit_verify -- --log audit.log --key audit.key \
+//!     [--anchor audit.anchor] [--write-anchor audit.anchor] [--json]
 //! ```
+//!
+//! A chain alone cannot show a cut tail or a deleted log: `--write-anchor`
+//! saves the verified count and head (MACed under the audit key) to a file
+//! kept elsewhere; `--anchor` later refuses a log that no longer reaches it.
 //!
 //! Exit status: 0 intact, 1 tampered (the first bad record is named), 2 for
 //! any other error.
@@ -15,7 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::process::ExitCode;
 
 use clap::Parser;
-use panseal::{verify_audit_chain, AuditError, AuditKey};
+use panseal::{read_audit_anchor, verify_audit_chain_anchored, AuditError, AuditKey, ChainSummary};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -27,6 +32,12 @@ struct Args {
     /// The chain key file (64 hex digits).
     #[arg(long)]
     key: std::path::PathBuf,
+    /// An anchor written earlier: the log must still reach it.
+    #[arg(long)]
+    anchor: Option<std::path::PathBuf>,
+    /// After verifying, write the log's count and head to this anchor file.
+    #[arg(long)]
+    write_anchor: Option<std::path::PathBuf>,
     /// JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -78,11 +89,24 @@ enum Failure {
 fn run(args: &Args) -> Result<(), Failure> {
     let other = |e: &dyn std::fmt::Display| Failure::Other(e.to_string());
     let key = AuditKey::load_file(&args.key).map_err(|e| other(&e))?;
-    let summary = match verify_audit_chain(&args.log, &key) {
+    let anchor = match &args.anchor {
+        Some(a) => read_audit_anchor(a, &key).map_err(|e| match e {
+            AuditError::Rejected(m) => Failure::Tampered(format!("anchor {}: {m}", a.display())),
+            e => other(&e),
+        })?,
+        None => ChainSummary::genesis(),
+    };
+    let summary = match verify_audit_chain_anchored(&args.log, &key, &anchor) {
         Ok(s) => s,
         Err(e @ AuditError::Tampered { .. }) => return Err(Failure::Tampered(e.to_string())),
         Err(e) => return Err(other(&e)),
     };
+    if let Some(path) = &args.write_anchor {
+        let key = AuditKey::load_file(&args.key).map_err(|e| other(&e))?;
+        panseal::ChainedAuditLog::open_anchored(&args.log, key, &summary)
+            .and_then(|log| log.write_anchor(path))
+            .map_err(|e| other(&e))?;
+    }
     // Intact: now read the events.
     let text = std::fs::read_to_string(&args.log).map_err(|e| other(&e))?;
     let mut per: BTreeMap<(String, String), PerAccess> = BTreeMap::new();

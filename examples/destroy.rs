@@ -1,13 +1,19 @@
 //! `destroy` — crypto-shred a DEK (or index-key version): its wrapped key is
 //! erased from the key store and nothing sealed under it can be opened again
-//! (PCI DSS 3.2.1 retention, 3.7.5 retirement). Allowed when the inventory
-//! shows no stored field still references it; otherwise only with `--force`
-//! and two distinct custodians' approvals (dual control, PCI DSS 3.7.6),
-//! which are recorded in the audit log.
+//! (PCI DSS 3.2.1 retention, 3.7.5 retirement).
+//!
+//! Dual control is enforced by `panseal-keyd`, not by this tool (PCI DSS
+//! 3.7.6): each run records one approval of the authenticated custodian
+//! whose keyd credential `--keyd-config` names. With two distinct
+//! custodians' unexpired approvals keyd records the DEK as destroyed and
+//! never unwraps, rewraps or wraps it again, whatever the database says;
+//! only then does the tool erase the wrapped key from the store. A DEK that
+//! stored fields still reference needs `--force` (their data is lost).
 //!
 //! ```text
-//! cargo run --features postgres --example destroy -- --config panseal.json --key 0123456789abcdef \
-//!     --custodian alice [--force --approved-by bob] [--dry-run] [--yes]
+//! # first custodian, then a second one, each with their own credential
+//! cargo run --features postgres,keyd-client --example destroy -- --config panseal.json \
+//!     --keyd-config alice.json --key 0123456789abcdef [--force] [--dry-run] [--yes]
 //! ```
 
 #[path = "common/tool.rs"]
@@ -17,7 +23,9 @@ mod tool;
 use std::process::ExitCode;
 
 use clap::Parser;
-use panseal::{KeyId, KeyState, KeyStore};
+use panseal::config::{ClientConfig, KeyServiceConfig};
+use panseal::keyd::protocol::Permission;
+use panseal::{Environment, KeyId, KeyRequest, KeyState, KeyStore};
 
 #[derive(Parser)]
 #[command(about = "Crypto-shred a key once nothing references it")]
@@ -28,15 +36,12 @@ struct Args {
     /// The key to destroy (16 hex digits).
     #[arg(long)]
     key: String,
-    /// The custodian running the tool.
+    /// This custodian's keyd credential (client configuration JSON).
     #[arg(long)]
-    custodian: String,
+    keyd_config: std::path::PathBuf,
     /// Destroy although stored fields still reference the key (their data is lost).
     #[arg(long)]
     force: bool,
-    /// The second custodian approving a forced destruction.
-    #[arg(long)]
-    approved_by: Option<String>,
     /// Show what would be done; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -89,51 +94,74 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .into(),
         );
     }
-    if refs > 0 || args.force {
-        if !args.force {
-            return Err(format!(
-                "{refs} field(s) still use this key: re-encrypt them first, or --force with a second custodian"
-            )
-            .into());
-        }
-        match &args.approved_by {
-            Some(second) if second != &args.custodian => {}
-            Some(_) => {
-                return Err(
-                    "dual control: the approving custodian must be a different person".into(),
-                )
-            }
-            None => return Err("dual control: --force needs --approved-by SECOND_CUSTODIAN".into()),
-        }
+    if refs > 0 && !args.force {
+        return Err(format!(
+            "{refs} field(s) still use this key: re-encrypt them first, or --force (their data is lost)"
+        )
+        .into());
+    }
+    if !matches!(config.key_service, KeyServiceConfig::Keyd { .. }) {
+        return Err(
+            "dual control: destroying a DEK needs two custodians' approvals recorded by \
+                    panseal-keyd, and this configuration's key service is not keyd"
+                .into(),
+        );
+    }
+    // The custodian is whoever keyd authenticates, not a name typed here.
+    let keyd = ClientConfig::from_file(&args.keyd_config)?.keyd_client()?;
+    let me = keyd.status().await?;
+    if !me.permissions.contains(&Permission::Custodian) {
+        return Err(format!("{} is not a custodian in keyd", me.principal).into());
     }
     if args.dry_run {
-        println!("dry run: nothing changed");
+        println!(
+            "dry run: nothing changed (approval would be recorded for {})",
+            me.principal
+        );
         return Ok(());
     }
     tool::confirm(
         args.yes,
-        &format!("destroy key {id}; data under it becomes unrecoverable"),
+        &format!(
+            "approve, as {}, destroying key {id}; data under it becomes unrecoverable",
+            me.principal
+        ),
     )?;
-    // Through the library so the destruction is audited.
+    let request = KeyRequest {
+        id,
+        scope: record.scope.clone(),
+        environment: Environment::new(&config.environment)?,
+        purpose: record.purpose,
+    };
+    let answer = keyd.approve_dek_destroy(&request).await?;
+    if !answer.destroyed {
+        println!(
+            "approval of {} recorded in keyd ({} of {}{}); a second, different custodian runs the same command",
+            me.principal,
+            answer.approvals.len(),
+            answer.required,
+            answer
+                .expires_at
+                .map(|t| format!(", expires {}", tool::date(t)))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    // keyd refuses the key from now on; erase its wrap from the store too
+    // (through the library, so it is audited).
     let panseal = config
         .builder()?
         .scope(record.scope.as_str())
         .build()
         .await?;
-    let purpose = match &args.approved_by {
-        Some(b) => format!("destroy (forced; approved by {b})"),
-        None => "destroy (no references)".to_owned(),
-    };
-    let access = panseal::Access::new(&args.custodian, &purpose)?;
+    let approvers = answer.approvals.join(" and ");
+    let access = panseal::Access::new(
+        &me.principal,
+        &format!("destroy (approved in keyd by {approvers})"),
+    )?;
     panseal
         .set_key_state_as(id, KeyState::Destroyed, &access)
         .await?;
-    println!(
-        "key {id} destroyed by {}{}",
-        args.custodian,
-        args.approved_by
-            .map(|b| format!(", approved by {b}"))
-            .unwrap_or_default()
-    );
+    println!("key {id} destroyed: approved in keyd by {approvers}");
     Ok(())
 }

@@ -2,8 +2,14 @@
 //! decrypt-only, and every application instance makes a fresh DEK at its
 //! next seal (within its re-check interval, 60 s by default).
 //!
+//! Each retirement goes through the library (audited) under the principal
+//! keyd authenticates for `--keyd-config` (a custodian's credential;
+//! required when the key service is keyd), never a name typed on the
+//! command line.
+//!
 //! ```text
-//! cargo run --features postgres --example rotate_dek -- --config panseal.json [--scope m] [--dry-run] [--yes]
+//! cargo run --features postgres,keyd-client --example rotate_dek -- --config panseal.json \
+//!     --keyd-config alice.json [--scope m] [--dry-run] [--yes]
 //! ```
 
 #[path = "common/tool.rs"]
@@ -13,6 +19,8 @@ mod tool;
 use std::process::ExitCode;
 
 use clap::Parser;
+use panseal::config::{ClientConfig, KeyServiceConfig};
+use panseal::keyd::protocol::Permission;
 use panseal::{KeyPurpose, KeyState, KeyStore, Scope};
 
 #[derive(Parser)]
@@ -24,6 +32,9 @@ struct Args {
     /// Scope (default: the configuration's).
     #[arg(long)]
     scope: Option<String>,
+    /// This custodian's keyd credential (client configuration JSON).
+    #[arg(long)]
+    keyd_config: Option<std::path::PathBuf>,
     /// Show what would be done; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -76,9 +87,32 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
-    tool::confirm(args.yes, &format!("retire {} DEK(s)", active.len()))?;
+    let principal = match (&args.keyd_config, &config.key_service) {
+        (Some(path), _) => {
+            let me = ClientConfig::from_file(path)?
+                .keyd_client()?
+                .status()
+                .await?;
+            if !me.permissions.contains(&Permission::Custodian) {
+                return Err(format!("{} is not a custodian in keyd", me.principal).into());
+            }
+            me.principal
+        }
+        (None, KeyServiceConfig::Keyd { .. }) => {
+            return Err("--keyd-config (your custodian credential) is required with keyd".into())
+        }
+        (None, _) => "unauthenticated-operator".to_owned(),
+    };
+    tool::confirm(
+        args.yes,
+        &format!("retire {} DEK(s) as {principal}", active.len()),
+    )?;
+    let panseal = config.builder()?.scope(scope.as_str()).build().await?;
+    let access = panseal::Access::new(&principal, "rotate_dek")?;
     for r in &active {
-        store.set_state(r.id, KeyState::DecryptOnly).await?;
+        panseal
+            .set_key_state_as(r.id, KeyState::DecryptOnly, &access)
+            .await?;
     }
     println!(
         "retired {} DEK(s); run `reencrypt` to move their data to fresh DEKs",

@@ -20,7 +20,13 @@ use crate::keys::{KeyId, Scope};
 
 mod chain;
 
-pub use chain::{verify_audit_chain, AuditKey, ChainSummary, ChainedAuditLog};
+#[cfg(feature = "keyd-client")]
+#[doc(hidden)]
+pub use chain::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
+pub use chain::{
+    read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, AuditKey, ChainSummary,
+    ChainedAuditLog,
+};
 
 /// Who is asking and why: every open names a principal and a purpose.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -76,8 +76,9 @@ mod seal;
 
 pub use api::{Opened, Panseal, PansealBuilder};
 pub use audit::{
-    verify_audit_chain, Access, AuditEvent, AuditKey, AuditSink, ChainSummary, ChainedAuditLog,
-    JsonLinesAuditSink, MemoryAuditSink, Operation, Outcome, RecordedEvent,
+    read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, Access, AuditEvent,
+    AuditKey, AuditSink, ChainSummary, ChainedAuditLog, JsonLinesAuditSink, MemoryAuditSink,
+    Operation, Outcome, RecordedEvent,
 };
 pub use context::{Context, MAX_COLUMN_LEN, MAX_ROW_KEY_LEN, MAX_TABLE_LEN};
 pub use error::{

@@ -100,4 +100,34 @@ fn audit_verify_summarizes_and_catches_tampering() {
     // Restored, it verifies again.
     std::fs::write(&log, &original).unwrap();
     assert!(run().status.success());
+
+    // With an anchor kept elsewhere, a cut tail and a deleted log are
+    // caught too (the chain alone cannot show either).
+    let anchor = dir.path().join("elsewhere.anchor");
+    let with = |extra: &[&std::ffi::OsStr]| {
+        Command::new(&tool)
+            .arg("--log")
+            .arg(&log)
+            .arg("--key")
+            .arg(&key)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let o = with(&["--write-anchor".as_ref(), anchor.as_os_str()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cut = lines[..lines.len() - 2].join("\n") + "\n";
+    std::fs::write(&log, cut).unwrap();
+    assert!(run().status.success(), "the chain alone accepts a cut tail");
+    let o = with(&["--anchor".as_ref(), anchor.as_os_str()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("log cut"));
+    std::fs::remove_file(&log).unwrap();
+    let o = with(&["--anchor".as_ref(), anchor.as_os_str()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing"));
+    std::fs::write(&log, &original).unwrap();
+    assert!(with(&["--anchor".as_ref(), anchor.as_os_str()])
+        .status
+        .success());
 }

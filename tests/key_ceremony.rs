@@ -1,5 +1,6 @@
-//! `key_ceremony` against a real `panseal-keyd`: init through the tool, a
-//! custodian without acknowledgement is refused, one share leaves keyd
+//! `key_ceremony` against a real `panseal-keyd`: init through the tool
+//! (each custodian collects their own share; the operator never holds one),
+//! a custodian without acknowledgement is refused, one share leaves keyd
 //! sealed, a second custodian's share unseals it.
 
 mod common;
@@ -54,7 +55,14 @@ fn ceremony_init_acknowledge_and_unseal() {
     let data = k.path("data");
     std::fs::remove_dir_all(&data).unwrap();
     let shares = k.path("ceremony-shares");
+    std::fs::create_dir_all(&shares).unwrap();
     let cfg = k.config_str().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    k.addr = format!("127.0.0.1:{port}");
     let refused = tool(&[
         "init",
         "--keyd-bin",
@@ -67,33 +75,74 @@ fn ceremony_init_acknowledge_and_unseal() {
         "alice",
         "--custodian",
         "bob",
-        "--share-dir",
-        shares.to_str().unwrap(),
         "--yes",
     ]);
     assert!(
         !refused.status.success(),
         "a threshold of 1 is no dual control"
     );
-    let out = tool(&[
-        "init",
-        "--keyd-bin",
-        keyd_harness::BIN,
-        "--keyd-config",
-        &cfg,
-        "--threshold",
-        "2",
-        "--custodian",
-        "alice",
-        "--custodian",
-        "bob",
-        "--custodian",
-        "carol",
-        "--share-dir",
-        shares.to_str().unwrap(),
-        "--yes",
-    ]);
+    let init = Command::new(example_binary("key_ceremony"))
+        .args([
+            "init",
+            "--keyd-bin",
+            keyd_harness::BIN,
+            "--keyd-config",
+            &cfg,
+            "--threshold",
+            "2",
+            "--custodian",
+            "alice",
+            "--custodian",
+            "bob",
+            "--custodian",
+            "carol",
+            "--listen",
+            &k.addr,
+            "--yes",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Each custodian collects their own share, once; the operator's
+    // machine holds none.
+    for c in ["alice", "bob", "carol"] {
+        let me = config(&k, c);
+        let f = shares.join(format!("{c}.share"));
+        let mut o = tool(&[
+            "collect",
+            "--config",
+            &me,
+            "--share-file",
+            f.to_str().unwrap(),
+        ]);
+        for _ in 0..50 {
+            if o.status.success() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            o = tool(&[
+                "collect",
+                "--config",
+                &me,
+                "--share-file",
+                f.to_str().unwrap(),
+            ]);
+        }
+        assert!(o.status.success(), "{}", text(&o));
+        let again = tool(&[
+            "collect",
+            "--config",
+            &me,
+            "--share-file",
+            k.path("x").to_str().unwrap(),
+        ]);
+        assert!(!again.status.success(), "a share is handed out once");
+    }
+    let out = init.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("pks1-"), "init printed a share");
     for c in ["alice", "bob", "carol"] {
         assert!(shares.join(format!("{c}.share")).exists());
     }

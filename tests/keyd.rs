@@ -895,3 +895,696 @@ async fn a_silent_server_times_out_with_a_retryable_error() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     drop(silent);
 }
+
+// ---- item 9.3: state rollback ----------------------------------------------
+
+const STATE_FILES: [&str; 3] = ["data/state.bin", "data/state.journal", "data/state.anchor"];
+
+/// Counts unwraps of `d` that succeed through every start that keyd allows.
+async fn unwraps_that_succeed(k: &Keyd, d: &KeyRequest, w: &panseal::WrappedKey) -> u32 {
+    let r = k
+        .client_with("app", |b| b.retries(0, Duration::from_millis(1)))
+        .unwrap(d, w, &access())
+        .await;
+    u32::from(r.is_ok())
+}
+
+#[tokio::test]
+async fn restoring_an_older_state_after_a_destroy_is_refused_and_the_version_never_unwraps() {
+    let mut k = Keyd::ready().await;
+    let scope = Scope::new("rb-1").unwrap();
+    let app = k.client("app");
+    let d = req("test", "rb-1", KeyPurpose::Data);
+    let (_, w) = app.generate(&d).await.unwrap();
+    k.client("alice").rotate(&scope).await.unwrap();
+    // The attacker copies the state (and, with write access to the data
+    // directory, its anchor) now.
+    k.save(&STATE_FILES);
+    k.save(&["data/audit.log", "data/audit.anchor"]);
+    let a = k.client("alice").approve_destroy(&scope, 1).await.unwrap();
+    assert!(!a.destroyed);
+    let b = k.client("bob").approve_destroy(&scope, 1).await.unwrap();
+    assert!(b.destroyed);
+    let noted = k.client("alice").status().await.unwrap().state_generation;
+    let mut succeeded = unwraps_that_succeed(&k, &d, &w).await;
+    k.kill();
+
+    // Old state.bin + journal only: the anchor is newer.
+    k.swap(&STATE_FILES[..2]);
+    let e = k.start_fails();
+    assert!(
+        e.contains("rolled back") && e.contains("state.anchor"),
+        "{e}"
+    );
+    k.swap(&STATE_FILES[..2]);
+    // Old state and old anchor: the audit log recorded the newer commits.
+    k.swap(&STATE_FILES);
+    let e = k.start_fails();
+    assert!(e.contains("rolled back") && e.contains("audit log"), "{e}");
+    // The whole data directory restored (state, anchor, log): keyd starts,
+    // but custodians confirm the generation they noted and refuse.
+    k.swap(&["data/audit.log", "data/audit.anchor"]);
+    k.start();
+    for c in ["alice", "bob"] {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        let e = cl
+            .unseal_expecting(k.share(c), Some(noted))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("rolled back"), "{e}");
+    }
+    succeeded += unwraps_that_succeed(&k, &d, &w).await;
+    k.kill();
+    // The newest files back: the destroyed version stays destroyed.
+    k.swap(&STATE_FILES);
+    k.swap(&["data/audit.log", "data/audit.anchor"]);
+    k.start();
+    for c in ["alice", "bob"] {
+        k.client(c)
+            .unseal_expecting(k.share(c), Some(noted))
+            .await
+            .unwrap();
+    }
+    succeeded += unwraps_that_succeed(&k, &d, &w).await;
+    assert_eq!(succeeded, 0, "a destroyed KEK version unwrapped");
+    assert!(matches!(
+        app.unwrap(&d, &w, &access()).await.unwrap_err(),
+        KeyServiceError::KekDestroyed(_)
+    ));
+}
+
+#[tokio::test]
+async fn an_anchor_outside_the_data_directory_catches_a_restored_data_directory() {
+    let mut k =
+        Keyd::ready_with("anchor_dir = \"anchor\"\naudit_key_file = \"keys/audit.key\"\n").await;
+    assert!(k.path("keys/audit.key").exists());
+    assert!(!k.path("data/audit.key").exists());
+    assert!(k.path("anchor/state.anchor").exists());
+    let scope = Scope::new("rb-2").unwrap();
+    let d = req("test", "rb-2", KeyPurpose::Data);
+    let (_, w) = k.client("app").generate(&d).await.unwrap();
+    k.client("alice").rotate(&scope).await.unwrap();
+    k.kill();
+    let data = ["data/state.bin", "data/state.journal", "data/audit.log"];
+    k.save(&data);
+    k.start();
+    k.unseal().await;
+    k.client("alice").approve_destroy(&scope, 1).await.unwrap();
+    k.client("carol").acknowledge(ACK).await.unwrap();
+    assert!(
+        k.client("carol")
+            .approve_destroy(&scope, 1)
+            .await
+            .unwrap()
+            .destroyed
+    );
+    k.kill();
+    // Everything in the data directory back to before the destroy.
+    k.restore(&data);
+    let e = k.start_fails();
+    assert!(e.contains("rolled back"), "{e}");
+    assert_eq!(unwraps_that_succeed(&k, &d, &w).await, 0);
+}
+
+#[tokio::test]
+async fn a_second_keyd_on_the_same_data_directory_is_refused() {
+    let mut k = Keyd::init();
+    k.start();
+    let e = k.start_fails();
+    assert!(e.contains("another panseal-keyd"), "{e}");
+    k.kill();
+    k.start();
+}
+
+#[tokio::test]
+async fn an_altered_journal_or_anchor_is_refused_at_unseal() {
+    let mut k = Keyd::ready().await;
+    k.client("alice")
+        .rotate(&Scope::new("j-1").unwrap())
+        .await
+        .unwrap();
+    k.kill();
+    // Flip one hex digit inside the journal's last entry (not its MAC).
+    let path = k.path("data/state.journal");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let altered = text.replacen("\"created_by\":\"alice\"", "\"created_by\":\"mallo\"", 1);
+    assert_ne!(altered, text);
+    std::fs::write(&path, &altered).unwrap();
+    k.start();
+    let mut refused = 0;
+    for c in ["alice", "bob"] {
+        let cl = k.client(c);
+        if cl.unseal(k.share(c)).await.is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1, "the second share must fail authentication");
+    assert!(k.client("alice").status().await.unwrap().sealed);
+}
+
+// ---- item 9.4: audit log cut, deleted, re-keyed -----------------------------
+
+#[tokio::test]
+async fn a_cut_deleted_or_rekeyed_audit_log_is_refused_at_start_and_by_verify() {
+    let mut k = Keyd::ready().await;
+    let app = k.client("app");
+    for _ in 0..4 {
+        let r = req("test", "au-1", KeyPurpose::Data);
+        let (_, w) = app.generate(&r).await.unwrap();
+        app.unwrap(&r, &w, &access()).await.unwrap();
+    }
+    // The exported anchor is rewritten once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    k.kill();
+    assert_eq!(k.verify_audit().0, 0);
+    let log = k.path("data/audit.log");
+    let key = k.path("data/audit.key");
+    k.save(&["data/audit.log", "data/audit.key"]);
+    let lines = k.audit_lines();
+
+    // Cut the tail at a record boundary.
+    std::fs::write(&log, lines[..lines.len() - 3].join("\n") + "\n").unwrap();
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("log cut"), "{out}");
+    assert!(k.start_fails().contains("log cut"));
+
+    // Delete the file.
+    std::fs::remove_file(&log).unwrap();
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing"), "{out}");
+    assert!(k.start_fails().contains("missing"));
+
+    // Replace the key and write a fresh log under it.
+    std::fs::remove_file(&key).unwrap();
+    let new_key = panseal::AuditKey::create_file(&key).unwrap();
+    let forged = panseal::ChainedAuditLog::open(&log, new_key).unwrap();
+    for l in &lines {
+        let _ = l;
+        forged
+            .append(&serde_json::json!({"operation": "status"}))
+            .unwrap();
+    }
+    drop(forged);
+    let (code, out) = k.verify_audit();
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not the key"), "{out}");
+    assert!(k.start_fails().contains("not the key"));
+
+    // The originals verify and serve again.
+    k.restore(&["data/audit.log", "data/audit.key"]);
+    assert_eq!(k.verify_audit().0, 0);
+    k.start();
+    k.unseal().await;
+}
+
+// ---- item 9.5: dual control and split knowledge ----------------------------
+
+#[tokio::test]
+async fn destroying_a_dek_needs_two_custodians_and_keyd_then_never_unwraps_it() {
+    let mut k = Keyd::ready().await;
+    let app = k.client("app");
+    let d = req("test", "dd-1", KeyPurpose::Data);
+    let (_, w) = app.generate(&d).await.unwrap();
+    let other = req("test", "dd-1", KeyPurpose::Data);
+    let (_, ow) = app.generate(&other).await.unwrap();
+    let (alice, bob, carol) = (k.client("alice"), k.client("bob"), k.client("carol"));
+    carol.acknowledge(ACK).await.unwrap();
+    // The application cannot approve at all.
+    assert!(is_denied(app.approve_dek_destroy(&d).await));
+    let a = alice.approve_dek_destroy(&d).await.unwrap();
+    assert!(!a.destroyed && a.expires_at.is_some());
+    assert!(
+        alice.approve_dek_destroy(&d).await.is_err(),
+        "same custodian twice"
+    );
+    assert!(
+        app.unwrap(&d, &w, &access()).await.is_ok(),
+        "one approval destroyed it"
+    );
+    // Withdrawn: bob's approval alone is again not enough.
+    assert!(alice
+        .withdraw_dek_destroy(&d)
+        .await
+        .unwrap()
+        .approvals
+        .is_empty());
+    assert!(!bob.approve_dek_destroy(&d).await.unwrap().destroyed);
+    let done = carol.approve_dek_destroy(&d).await.unwrap();
+    assert!(done.destroyed);
+    assert_eq!(done.approvals, vec!["bob".to_string(), "carol".to_string()]);
+    // keyd refuses the key from now on, to every credential, across restarts.
+    let mut succeeded = 0;
+    for who in ["app", "reader", "root"] {
+        succeeded += u32::from(k.client(who).unwrap(&d, &w, &access()).await.is_ok());
+    }
+    assert!(k.client("rewrapper").rewrap(&d, &w).await.is_err());
+    k.kill();
+    k.start();
+    k.unseal().await;
+    succeeded += unwraps_that_succeed(&k, &d, &w).await;
+    assert_eq!(succeeded, 0);
+    // Other keys of the scope are untouched.
+    assert!(k.client("app").unwrap(&other, &ow, &access()).await.is_ok());
+    let lines = k.audit_lines();
+    assert!(lines.iter().any(|l| l.contains("dek-destroy-approve")
+        && l.contains("\"principal\":\"carol\"")
+        && l.contains(&d.id.to_string())));
+}
+
+#[tokio::test]
+async fn destroy_approvals_expire_and_can_be_withdrawn() {
+    let k = Keyd::ready_with("approval_ttl_seconds = 1\n").await;
+    let scope = Scope::new("ex-1").unwrap();
+    let alice = k.client("alice");
+    alice.rotate(&scope).await.unwrap();
+    alice.rotate(&scope).await.unwrap();
+    assert!(!alice.approve_destroy(&scope, 1).await.unwrap().destroyed);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Alice's approval expired: Bob's is the only one.
+    let b = k.client("bob").approve_destroy(&scope, 1).await.unwrap();
+    assert!(!b.destroyed);
+    assert_eq!(b.approvals, vec!["bob".to_string()]);
+    assert!(k
+        .client("bob")
+        .withdraw_destroy(&scope, 1)
+        .await
+        .unwrap()
+        .approvals
+        .is_empty());
+    assert!(k.client("bob").withdraw_destroy(&scope, 1).await.is_err());
+    let s = alice.kek_status(&scope).await.unwrap();
+    assert!(s.versions[0].destroy_approvals.is_empty());
+    assert_eq!(s.versions[0].state, panseal::KeyState::DecryptOnly);
+}
+
+#[tokio::test]
+async fn resharing_makes_old_shares_useless() {
+    let mut k = Keyd::ready().await;
+    let d = req("test", "rs-1", KeyPurpose::Data);
+    let (dek, w) = k.client("app").generate(&d).await.unwrap();
+    let new: Vec<String> = ["bob", "carol", "mallory"].map(String::from).to_vec();
+    let alice = k.client("alice");
+    let v = alice.reshare(2, &new, k.share("alice")).await.unwrap();
+    assert!(v.awaiting_collection.is_empty());
+    // A custodian without a current share cannot vote.
+    assert!(k
+        .client("mallory")
+        .reshare(2, &new, k.share("alice"))
+        .await
+        .is_err());
+    let v = k
+        .client("bob")
+        .reshare(2, &new, k.share("bob"))
+        .await
+        .unwrap();
+    assert_eq!(v.awaiting_collection.len(), 3);
+    // Only a named custodian collects, each their own share, once.
+    assert!(alice.collect_share(None).await.is_err());
+    let dir = k.path("new-shares");
+    std::fs::create_dir_all(&dir).unwrap();
+    for c in &new {
+        let f = dir.join(format!("{c}.share"));
+        let (ok, _, err) =
+            k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        let (ok, _, _) =
+            k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
+        assert!(!ok);
+    }
+    k.kill();
+    k.start();
+    let new_share = |c: &str| {
+        ShareText::new(
+            std::fs::read_to_string(dir.join(format!("{c}.share")))
+                .unwrap()
+                .trim()
+                .to_owned(),
+        )
+    };
+    // The old shares no longer unseal: counted over every old holder.
+    let mut old_accepted = 0;
+    for c in ["alice", "bob", "carol"] {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        old_accepted += u32::from(cl.unseal(k.share(c)).await.is_ok());
+    }
+    assert_eq!(old_accepted, 0);
+    for c in ["carol", "mallory"] {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        cl.unseal(new_share(c)).await.unwrap();
+    }
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek_bytes(&dek));
+    assert!(k
+        .audit_lines()
+        .iter()
+        .any(|l| l.contains("\"operation\":\"reshare\"")));
+}
+
+// ---- item 9.6: resource limits ----------------------------------------------
+
+#[tokio::test]
+async fn scope_creation_follows_the_configured_patterns_and_cap() {
+    let k = Keyd::ready_with("auto_create_scopes = [\"m-*\"]\nmax_scopes = 3\n").await;
+    let wrapper = k.client("wrapper");
+    let e = wrapper
+        .generate(&req("test", "invented-1", KeyPurpose::Data))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, KeyServiceError::PermissionDenied(_)), "{e:?}");
+    let mut created = 0;
+    for i in 0..5 {
+        if wrapper
+            .generate(&req("test", &format!("m-{i}"), KeyPurpose::Data))
+            .await
+            .is_ok()
+        {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 3, "max_scopes");
+    // A custodian creates any scope; then wrap works there.
+    k.client("alice")
+        .rotate(&Scope::new("invented-1").unwrap())
+        .await
+        .unwrap();
+    assert!(wrapper
+        .generate(&req("test", "invented-1", KeyPurpose::Data))
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn state_change_cost_does_not_grow_with_the_number_of_scopes() {
+    let k = Keyd::ready().await;
+    let alice = k.client("alice");
+    let mut timings = Vec::new();
+    for i in 0..300 {
+        let t = Instant::now();
+        alice
+            .rotate(&Scope::new(&format!("sc-{i}")).unwrap())
+            .await
+            .unwrap();
+        timings.push(t.elapsed());
+    }
+    // Medians: robust to the machine's other load.
+    let median = |t: &[Duration]| {
+        let mut t = t.to_vec();
+        t.sort();
+        t[t.len() / 2]
+    };
+    let first = median(&timings[..50]);
+    let last = median(&timings[250..]);
+    let ratio = last.as_secs_f64() / first.as_secs_f64();
+    eprintln!("new scope's KEK, median: first 50 {first:?}, last 50 (after 250) {last:?}, ratio {ratio:.2}");
+    assert!(
+        ratio < 2.5,
+        "state writes grow with scopes: ratio {ratio:.2}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn good_clients_are_served_while_a_bad_one_holds_and_trickles() {
+    use tokio::io::AsyncWriteExt;
+    let k = Keyd::ready_with("request_timeout_seconds = 2\nmax_connections_per_client = 8\n").await;
+    let setup = k.client("app");
+    let d = req("test", "ld-1", KeyPurpose::Data);
+    let (dek, w) = setup.generate(&d).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The bad client: 40 TCP connections that never finish a handshake,
+    // and 12 TLS connections (its certificate; the cap is 8) trickling a
+    // body, reopened as keyd closes them.
+    let addr = k.addr.clone();
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let tls = {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = std::fs::read(k.path("certs/ca.pem")).unwrap();
+        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&ca) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let cert: Vec<rustls_pki_types::CertificateDer<'static>> =
+            rustls_pki_types::pem::PemObject::pem_file_iter(k.path("certs/wrapper.pem"))
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+        let key =
+            <rustls_pki_types::PrivateKeyDer as rustls_pki_types::pem::PemObject>::from_pem_file(
+                k.path("certs/wrapper.key.pem"),
+            )
+            .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(cert, key)
+        .unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let closed_in = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tricklers = Vec::new();
+    for _ in 0..12 {
+        let (tls, addr, stop, closed_in) =
+            (tls.clone(), addr.clone(), stop.clone(), closed_in.clone());
+        tricklers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let Ok(tcp) = tokio::net::TcpStream::connect(&addr).await else {
+                    continue;
+                };
+                let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+                let Ok(mut s) = tls.connect(name, tcp).await else {
+                    continue;
+                };
+                let opened = Instant::now();
+                let head =
+                    "POST /v1/wrap HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n";
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    continue;
+                }
+                while !stop.load(Ordering::SeqCst) {
+                    if s.write_all(b"{").await.is_err() || s.flush().await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if opened.elapsed() > Duration::from_secs(8) {
+                        break;
+                    }
+                }
+                closed_in.lock().unwrap().push(opened.elapsed());
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Good clients for a bounded time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (c, d, w) = (k.client("app"), d.clone(), w.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut slowest) = (0u32, 0u32, Duration::ZERO);
+            while Instant::now() < deadline && ok < 2000 {
+                let t = Instant::now();
+                match c.unwrap(&d, &w, &access()).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        eprintln!("good client error: {e:?}");
+                        failed += 1
+                    }
+                }
+                slowest = slowest.max(t.elapsed());
+            }
+            (ok, failed, slowest)
+        }));
+    }
+    let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
+    for t in tasks {
+        let (o, f, s) = t.await.unwrap();
+        ok += o;
+        failed += f;
+        slowest = slowest.max(s);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for t in tricklers {
+        let _ = t.await;
+    }
+    drop(held);
+    let closed = closed_in.lock().unwrap().clone();
+    eprintln!(
+        "load: {ok} good unwraps, {failed} failed, slowest {slowest:?}; \
+         trickling connections closed after {:?}",
+        closed.iter().max()
+    );
+    assert_eq!(failed, 0);
+    assert!(ok > 50, "only {ok} good unwraps");
+    assert!(slowest < Duration::from_secs(2), "{slowest:?}");
+    // keyd cut every trickling body at its deadline (2 s), not at 8 s.
+    assert!(!closed.is_empty());
+    assert!(
+        closed.iter().all(|c| *c < Duration::from_secs(5)),
+        "{closed:?}"
+    );
+    let got = setup.unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek_bytes(&dek));
+}
+
+// ---- the version 1 state still reads ----------------------------------------
+
+/// Writes a version 1 `state.bin` (FORMAT.md, "keyd state, version 1") for
+/// the master key rebuilt from two shares, holding one KEK for scope
+/// `v1-1`; returns that KEK.
+fn write_v1_state(k: &Keyd) -> [u8; 32] {
+    use aes_gcm::aead::AeadInPlace;
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+    use sha2::Digest;
+    let share_bytes = |c: &str| {
+        let t = k.share(c);
+        let body = t.expose_secret().strip_prefix("pks1-").unwrap().to_owned();
+        hex::decode(body.rsplit_once('-').unwrap().0).unwrap()
+    };
+    let shares: Vec<blahaj::Share> = ["alice", "bob"]
+        .iter()
+        .map(|c| blahaj::Share::try_from(share_bytes(c).as_slice()).unwrap())
+        .collect();
+    let master = blahaj::Sharks(2).recover(&shares).unwrap();
+    let cipher = Aes256Gcm::new(master.as_slice().into());
+    let seal = |aad: &[u8], plain: &[u8]| {
+        let nonce: [u8; 12] = rand::random();
+        let mut buf = plain.to_vec();
+        let tag = cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf)
+            .unwrap();
+        hex::encode([&nonce[..], &buf, &tag[..]].concat())
+    };
+    let kek: [u8; 32] = rand::random();
+    let mut aad = b"panseal-keyd-kek-v1".to_vec();
+    for part in ["test", "v1-1"] {
+        aad.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        aad.extend_from_slice(part.as_bytes());
+    }
+    aad.extend_from_slice(&1u32.to_be_bytes());
+    let v2 =
+        panseal::keyd::state::decode_snapshot(&std::fs::read(k.path("data/state.bin")).unwrap(), 0)
+            .unwrap()
+            .state;
+    let v1 = serde_json::json!({
+        "threshold": v2.threshold,
+        "share_salt": v2.share_salt,
+        "master_check": seal(b"check", b"panseal-keyd master key check v1"),
+        "shares": v2.shares,
+        "acknowledgements": [],
+        "keks": [{
+            "environment": "test", "scope": "v1-1", "version": 1,
+            "state": panseal::KeyState::Active, "created_at": 1,
+            "sealed": seal(&aad, &kek), "destroy_approvals": []
+        }],
+        "generation": 7
+    });
+    let mut file = b"PANSEALD\x01".to_vec();
+    file.extend_from_slice(&serde_json::to_vec(&v1).unwrap());
+    let sum = sha2::Sha256::digest(&file);
+    file.extend_from_slice(&sum);
+    std::fs::write(k.path("data/state.bin"), file).unwrap();
+    let _ = std::fs::remove_file(k.path("data/state.journal"));
+    std::fs::remove_file(k.path("data/state.anchor")).unwrap();
+    kek
+}
+
+#[tokio::test]
+async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
+    use aes_gcm::{Aes256Gcm, KeyInit};
+    let mut k = Keyd::init();
+    let kek = write_v1_state(&k);
+    // A DEK wrapped by the version 1 KEK, as a v1 keyd answered it.
+    let d = req("test", "v1-1", KeyPurpose::Data);
+    let dek: [u8; 32] = rand::random();
+    let kek_ref = panseal::KekRef {
+        id: "keyd/test/v1-1".into(),
+        version: 1,
+    };
+    let bytes = panseal::keyd::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
+    let w = panseal::WrappedKey {
+        kek: kek_ref,
+        bytes,
+    };
+    k.start();
+    k.unseal().await;
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek);
+    // Migrated: version 2 on disk, generation kept growing, anchor written.
+    let on_disk = std::fs::read(k.path("data/state.bin")).unwrap();
+    assert_eq!(on_disk[8], 2);
+    assert!(k.path("data/state.anchor").exists());
+    assert!(k.client("alice").status().await.unwrap().state_generation > 7);
+    // And it serves after a restart, under the new format.
+    k.kill();
+    k.start();
+    k.unseal().await;
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek);
+    assert!(k.audit_lines().iter().any(|l| l.contains("state-migrate")));
+    // A version 1 file put back after the migration is a rollback.
+    k.kill();
+    write_v1_state(&k);
+    let e = k.start_fails();
+    assert!(e.contains("rolled back"), "{e}");
+}
+
+#[test]
+fn keyd_state_v2_vectors_from_an_independent_implementation() {
+    use panseal::keyd::state::{decode_snapshot, parse_journal, Anchor, StateKeys};
+    let path = format!(
+        "{}/tests/vectors/keyd_state_v2.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let hex_of = |k: &str| hex::decode(v[k].as_str().unwrap()).unwrap();
+    let master: [u8; 32] = hex_of("master_key").try_into().unwrap();
+    let keys = StateKeys::derive(&master);
+    for (name, got) in [
+        ("state_mac", &keys.state_mac),
+        ("anchor_mac", &keys.anchor_mac),
+        ("kek_seal", &keys.kek_seal),
+        ("check", &keys.check),
+    ] {
+        assert_eq!(
+            hex::encode(&got[..]),
+            v["subkeys"][name].as_str().unwrap(),
+            "{name}"
+        );
+    }
+    let snap = decode_snapshot(&hex_of("state_bin"), 0).unwrap();
+    snap.verify(&keys).unwrap();
+    assert_eq!(hex::encode(snap.mac), v["snapshot_mac"].as_str().unwrap());
+    assert_eq!(snap.state.generation, 5);
+    assert_eq!(snap.state.scopes["test/m-1"].versions[0].version, 1);
+    assert!(snap.verify(&StateKeys::derive(&[0; 32])).is_err());
+    let (entries, _) = parse_journal(v["state_journal"].as_str().unwrap().as_bytes()).unwrap();
+    entries[0].verify(&keys).unwrap();
+    assert_eq!(entries[0].header.prev, hex::encode(snap.mac));
+    assert_eq!(entries[0].header.generation, 6);
+    assert_eq!(
+        hex::encode(entries[0].mac),
+        v["journal_mac"].as_str().unwrap()
+    );
+    let anchor = Anchor::parse(v["state_anchor"].as_str().unwrap().as_bytes()).unwrap();
+    anchor.verify(&keys).unwrap();
+    assert_eq!(anchor.head, hex::encode(entries[0].mac));
+    let audit_key = panseal::AuditKey::from_bytes_insecure(hex_of("audit_key").try_into().unwrap());
+    assert_eq!(audit_key.key_id(), v["audit_key_id"].as_str().unwrap());
+    assert_eq!(snap.state.audit_key_id, audit_key.key_id());
+    let a = panseal::keyd::parse_audit_anchor(
+        v["audit_anchor"].as_str().unwrap().as_bytes(),
+        &audit_key,
+    )
+    .unwrap();
+    assert_eq!(a.records, 3);
+}

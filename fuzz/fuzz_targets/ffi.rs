@@ -16,7 +16,8 @@ unsafe impl Sync for Client {}
 fn client() -> *const panseal_client {
     static C: OnceLock<Client> = OnceLock::new();
     C.get_or_init(|| {
-        let cfg = b"{\"environment\":\"fuzz\",\"scope\":\"m\",\"key_service\":{\"type\":\"local\"},\
+        let cfg =
+            b"{\"environment\":\"fuzz\",\"scope\":\"m\",\"key_service\":{\"type\":\"local\"},\
                     \"key_store\":{\"type\":\"memory\"},\"audit\":{\"type\":\"memory\"}}\0";
         let mut c = std::ptr::null_mut();
         // SAFETY: NUL-terminated config and a valid out-pointer.
@@ -52,7 +53,15 @@ fuzz_target!(|data: &[u8]| {
     let cap = (first.len() % 70).min(out.len());
     // SAFETY: every pointer is valid for the length passed with it.
     unsafe {
-        let r = panseal_seal(c, first.as_ptr(), first.len(), &ctx, out.as_mut_ptr().cast(), cap, &mut n);
+        let r = panseal_seal(
+            c,
+            first.as_ptr(),
+            first.len(),
+            &ctx,
+            out.as_mut_ptr().cast(),
+            cap,
+            &mut n,
+        );
         assert_ne!(r, panseal_result::PANSEAL_PANIC);
         let mut pan = [0u8; 20];
         let mut reseal = false;
@@ -69,10 +78,25 @@ fuzz_target!(|data: &[u8]| {
             &mut reseal,
         );
         assert_ne!(r, panseal_result::PANSEAL_PANIC);
-        let r = panseal_mask(first.as_ptr(), first.len(), u32::from(data.len() as u8 % 4), pan.as_mut_ptr().cast(), pan.len(), &mut n);
+        let r = panseal_mask(
+            first.as_ptr(),
+            first.len(),
+            u32::from(data.len() as u8 % 4),
+            pan.as_mut_ptr().cast(),
+            pan.len(),
+            &mut n,
+        );
         assert_ne!(r, panseal_result::PANSEAL_PANIC);
         let mut version = 0u32;
-        let r = panseal_blind_index(c, first.as_ptr(), first.len(), out.as_mut_ptr().cast(), out.len(), &mut n, &mut version);
+        let r = panseal_blind_index(
+            c,
+            first.as_ptr(),
+            first.len(),
+            out.as_mut_ptr().cast(),
+            out.len(),
+            &mut n,
+            &mut version,
+        );
         assert_ne!(r, panseal_result::PANSEAL_PANIC);
         // The configuration parser (NUL-terminated copy of the input).
         let mut cfg = first.to_vec();

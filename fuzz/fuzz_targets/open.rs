@@ -13,6 +13,9 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(pan) = hazmat::open_with_dek(&dek, &sealed, &ctx) {
         let again = hazmat::seal_with_nonce(&dek, KeyId::from_bytes([1; 8]), [7; 12], &pan, &ctx);
-        assert_eq!(hazmat::open_with_dek(&dek, &again, &ctx).expect("re-opens"), pan);
+        assert_eq!(
+            hazmat::open_with_dek(&dek, &again, &ctx).expect("re-opens"),
+            pan
+        );
     }
 });

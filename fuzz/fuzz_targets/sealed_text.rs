@@ -10,6 +10,9 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(s) = SealedPan::from_text(text) {
         assert_eq!(s.to_text(), text);
-        assert_eq!(SealedPan::from_bytes(s.as_bytes()).expect("own bytes parse"), s);
+        assert_eq!(
+            SealedPan::from_bytes(s.as_bytes()).expect("own bytes parse"),
+            s
+        );
     }
 });

@@ -16,14 +16,27 @@
 //! The MAC covers the exact bytes written (no re-serialisation), so editing
 //! a field, removing, inserting or reordering a record all make
 //! [`verify_audit_chain`] fail, and it names the first bad record. What a
-//! chain alone cannot show is a cut-off tail: the newest records removed
-//! from the end. Compare the count and head that verification reports with
-//! a copy kept elsewhere (a log shipper, a daily note) to catch that.
+//! chain alone cannot show is a cut-off tail or a deleted file: for that,
+//! keep an **anchor** (the count and head MAC, [`ChainSummary`]) outside the
+//! log — [`ChainedAuditLog::write_anchor`] exports one to a file of its own
+//! (MACed under the audit key), `panseal-keyd` also keeps one in its
+//! authenticated state — and open or verify with
+//! [`ChainedAuditLog::open_anchored`] / [`verify_audit_chain_anchored`]: a
+//! log that ends before the anchored record, or whose record at that
+//! position has another MAC, is refused.
+//!
+//! Durability: each record is one `write` (a killed process loses nothing
+//! acknowledged). With [`ChainedAuditLog::set_sync_each_record`] every
+//! record is also `fdatasync`ed before `append` returns (power loss loses
+//! nothing acknowledged; costs one disk flush per record, see
+//! `benches/keyd.rs`); otherwise call [`ChainedAuditLog::sync`]
+//! periodically (anchors are written only after a sync).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use hmac::{Hmac, Mac};
@@ -39,6 +52,8 @@ use crate::error::AuditError;
 type HmacSha256 = Hmac<Sha256>;
 
 const LABEL: &[u8] = b"panseal-audit-chain-v1\n";
+const ANCHOR_LABEL: &[u8] = b"panseal-audit-anchor-v1\n";
+const KEY_ID_LABEL: &[u8] = b"panseal-audit-key-id-v1";
 const MAC_PREFIX: &[u8] = b",\"mac\":\"";
 /// `,"mac":"` + 64 hex digits + `"}`.
 const SUFFIX_LEN: usize = 8 + 64 + 2;
@@ -65,6 +80,15 @@ impl AuditKey {
         let mut key = SecretBox::new(Box::new([0u8; 32]));
         OsRng.fill_bytes(secrecy::ExposeSecretMut::expose_secret_mut(&mut key));
         AuditKey { key }
+    }
+
+    /// **Tests only** (feature `hazmat-test-keys`): a key from given bytes.
+    #[cfg(feature = "hazmat-test-keys")]
+    #[doc(hidden)]
+    pub fn from_bytes_insecure(bytes: [u8; 32]) -> Self {
+        AuditKey {
+            key: SecretBox::new(Box::new(bytes)),
+        }
     }
 
     /// Generates a key and writes it, as 64 hex digits, to a new file at
@@ -106,12 +130,30 @@ impl AuditKey {
         Ok(AuditKey { key })
     }
 
-    fn mac(&self) -> HmacSha256 {
+    fn mac_with(&self, label: &[u8]) -> HmacSha256 {
         // HMAC accepts keys of any length; 32 bytes never fails.
         let mut m = <HmacSha256 as Mac>::new_from_slice(self.key.expose_secret())
             .unwrap_or_else(|_| unreachable_hmac());
-        m.update(LABEL);
+        m.update(label);
         m
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        self.mac_with(LABEL)
+    }
+
+    /// A public identifier of this key (32 hex digits: an HMAC of a fixed
+    /// label under it), to notice a log re-keyed with another key.
+    pub fn key_id(&self) -> String {
+        let m = self.mac_with(KEY_ID_LABEL);
+        hex::encode(&m.finalize().into_bytes()[..16])
+    }
+
+    fn anchor_mac(&self, records: u64, head: &str) -> String {
+        let mut m = self.mac_with(ANCHOR_LABEL);
+        m.update(&records.to_be_bytes());
+        m.update(head.as_bytes());
+        hex::encode(m.finalize().into_bytes())
     }
 }
 
@@ -149,6 +191,13 @@ pub struct ChainedAuditLog {
     path: PathBuf,
     key: AuditKey,
     tail: Mutex<Tail>,
+    sync_each: AtomicBool,
+    /// A second handle for `fdatasync` outside the append lock, and the
+    /// newest record known to be on stable storage (group commit: one
+    /// flush covers every record appended before it started).
+    sync: Mutex<(File, u64)>,
+    /// Serialises anchor writes, so an anchor never goes back.
+    anchor: Mutex<()>,
 }
 
 impl fmt::Debug for ChainedAuditLog {
@@ -168,16 +217,41 @@ impl ChainedAuditLog {
     /// [`AuditError::Tampered`] if the existing log fails verification (it
     /// is left untouched), or an I/O error.
     pub fn open(path: impl AsRef<Path>, key: AuditKey) -> Result<Self, AuditError> {
+        Self::open_anchored(path, key, &ChainSummary::genesis())
+    }
+
+    /// As [`ChainedAuditLog::open`], and the log must reach `anchor` (a
+    /// summary kept outside the log): it must hold at least
+    /// `anchor.records` records, the one at that position with MAC
+    /// `anchor.head`. A missing file is refused unless the anchor is the
+    /// genesis (0 records).
+    ///
+    /// # Errors
+    ///
+    /// [`AuditError::Tampered`] for a log that fails verification, is cut
+    /// before the anchor, was replaced, or is missing; or an I/O error.
+    pub fn open_anchored(
+        path: impl AsRef<Path>,
+        key: AuditKey,
+        anchor: &ChainSummary,
+    ) -> Result<Self, AuditError> {
         let path = path.as_ref().to_path_buf();
         let summary = match fs::read(&path) {
-            Ok(bytes) => verify_bytes(&bytes, &key)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ChainSummary {
-                records: 0,
-                head: GENESIS.into(),
-            },
+            Ok(bytes) => verify_audit_bytes(&bytes, &key, anchor, &mut |_, _| {})?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if anchor.records > 0 {
+                    return Err(AuditError::Tampered {
+                        record: 1,
+                        reason: "the log file is missing (deleted?) but its anchor names records",
+                    });
+                }
+                ChainSummary::genesis()
+            }
             Err(e) => return Err(e.into()),
         };
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let sync_file = file.try_clone()?;
+        let synced = summary.records;
         Ok(ChainedAuditLog {
             path,
             key,
@@ -186,7 +260,55 @@ impl ChainedAuditLog {
                 seq: summary.records,
                 prev: summary.head,
             }),
+            sync_each: AtomicBool::new(false),
+            sync: Mutex::new((sync_file, synced)),
+            anchor: Mutex::new(()),
         })
+    }
+
+    /// Makes every record up to `seq` durable: waits for a flush already
+    /// covering it, or flushes everything appended so far.
+    fn sync_through(&self, seq: u64) -> Result<(), AuditError> {
+        let mut s = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        if s.1 >= seq {
+            return Ok(());
+        }
+        let upto = self.tail.lock().unwrap_or_else(|p| p.into_inner()).seq;
+        s.0.sync_data()?;
+        s.1 = upto;
+        Ok(())
+    }
+
+    /// Whether every record is `fdatasync`ed before [`ChainedAuditLog::append`]
+    /// returns (off by default).
+    pub fn set_sync_each_record(&self, on: bool) {
+        self.sync_each.store(on, Ordering::Relaxed);
+    }
+
+    /// Syncs the log, then writes its summary as an anchor file at `path`
+    /// (atomically: temporary file, fsync, rename), MACed under the audit
+    /// key. Keep it apart from the log; check it with
+    /// [`read_audit_anchor`] and [`ChainedAuditLog::open_anchored`].
+    ///
+    /// # Errors
+    ///
+    /// An I/O error.
+    pub fn write_anchor(&self, path: impl AsRef<Path>) -> Result<ChainSummary, AuditError> {
+        static TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let _one_at_a_time = self.anchor.lock().unwrap_or_else(|p| p.into_inner());
+        let summary = self.summary();
+        self.sync_through(summary.records)?;
+        let body = serde_json::json!({
+            "v": 1,
+            "records": summary.records,
+            "head": summary.head,
+            "mac": self.key.anchor_mac(summary.records, &summary.head),
+        });
+        let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+        bytes.push(b'\n');
+        let n = TEMP.fetch_add(1, Ordering::Relaxed) | (1 << 62);
+        crate::keystore::file::write_atomically(path.as_ref(), &bytes, n)?;
+        Ok(summary)
     }
 
     /// The log file's path.
@@ -219,6 +341,11 @@ impl ChainedAuditLog {
         tail.file.write_all(line.as_bytes())?;
         tail.seq = seq;
         tail.prev = mac;
+        drop(tail);
+        if self.sync_each.load(Ordering::Relaxed) {
+            // Outside the append lock: concurrent appends share one flush.
+            self.sync_through(seq)?;
+        }
         Ok(seq)
     }
 
@@ -228,9 +355,8 @@ impl ChainedAuditLog {
     ///
     /// An I/O error.
     pub fn sync(&self) -> Result<(), AuditError> {
-        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        tail.file.sync_data()?;
-        Ok(())
+        let seq = self.tail.lock().unwrap_or_else(|p| p.into_inner()).seq;
+        self.sync_through(seq)
     }
 
     /// The number of records and the newest MAC.
@@ -262,6 +388,85 @@ pub fn verify_audit_chain(
     verify_bytes(&fs::read(path)?, key)
 }
 
+/// Verifies the whole log at `path` under `key` and that it reaches
+/// `anchor` (see [`ChainedAuditLog::open_anchored`]).
+///
+/// # Errors
+///
+/// [`AuditError::Tampered`] naming the first bad record, a cut tail (the
+/// first missing record) or a missing file (record 1); or an I/O error.
+pub fn verify_audit_chain_anchored(
+    path: impl AsRef<Path>,
+    key: &AuditKey,
+    anchor: &ChainSummary,
+) -> Result<ChainSummary, AuditError> {
+    match fs::read(path) {
+        Ok(bytes) => verify_audit_bytes(&bytes, key, anchor, &mut |_, _| {}),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && anchor.records > 0 => {
+            Err(AuditError::Tampered {
+                record: 1,
+                reason: "the log file is missing (deleted?) but its anchor names records",
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads an anchor file written by [`ChainedAuditLog::write_anchor`].
+///
+/// # Errors
+///
+/// An I/O error, or [`AuditError::Rejected`] if it does not parse or its
+/// MAC does not match (altered, or written under another key).
+pub fn read_audit_anchor(
+    path: impl AsRef<Path>,
+    key: &AuditKey,
+) -> Result<ChainSummary, AuditError> {
+    parse_audit_anchor(&fs::read(path)?, key)
+}
+
+/// Parses anchor bytes (see [`read_audit_anchor`]).
+#[doc(hidden)]
+#[cfg_attr(not(feature = "keyd-client"), allow(unreachable_pub))]
+pub fn parse_audit_anchor(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        v: u8,
+        records: u64,
+        head: String,
+        mac: String,
+    }
+    let r: Raw = serde_json::from_slice(bytes)
+        .map_err(|_| AuditError::Rejected("audit anchor does not parse".into()))?;
+    if r.v != 1 || r.head.len() != 64 {
+        return Err(AuditError::Rejected("audit anchor: unknown version".into()));
+    }
+    let want = key.anchor_mac(r.records, &r.head);
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(
+        want.as_bytes(),
+        r.mac.as_bytes(),
+    )) {
+        return Err(AuditError::Rejected(
+            "audit anchor fails its MAC: altered, or written under another audit key".into(),
+        ));
+    }
+    Ok(ChainSummary {
+        records: r.records,
+        head: r.head,
+    })
+}
+
+impl ChainSummary {
+    /// The summary of an empty log.
+    pub fn genesis() -> Self {
+        ChainSummary {
+            records: 0,
+            head: GENESIS.into(),
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct Header<'a> {
     seq: u64,
@@ -272,6 +477,46 @@ struct Header<'a> {
 }
 
 fn verify_bytes(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError> {
+    verify_audit_bytes(bytes, key, &ChainSummary::genesis(), &mut |_, _| {})
+}
+
+/// Chains raw event bytes (not checked to be JSON) into log bytes under
+/// `key`, as [`ChainedAuditLog::append`] would: for the fuzz targets, so
+/// they reach the checks behind the MAC.
+#[cfg(feature = "keyd-client")]
+#[doc(hidden)]
+pub fn chain_raw_events(key: &AuditKey, events: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut prev = GENESIS.to_owned();
+    for (i, e) in events.iter().enumerate() {
+        let mut line = format!("{{\"seq\":{},\"prev\":\"{prev}\",\"event\":", i + 1).into_bytes();
+        line.extend_from_slice(e);
+        let mut m = key.mac();
+        m.update(&line);
+        prev = hex::encode(m.finalize().into_bytes());
+        out.extend_from_slice(&line);
+        out.extend_from_slice(b",\"mac\":\"");
+        out.extend_from_slice(prev.as_bytes());
+        out.extend_from_slice(b"\"}\n");
+    }
+    out
+}
+
+/// Verifies log bytes against `anchor`, calling `visit(seq, body)` for each
+/// authenticated record (body: the line before its MAC). For the server
+/// and the fuzz targets.
+///
+/// # Errors
+///
+/// As [`verify_audit_chain_anchored`].
+#[doc(hidden)]
+#[cfg_attr(not(feature = "keyd-client"), allow(unreachable_pub))]
+pub fn verify_audit_bytes(
+    bytes: &[u8],
+    key: &AuditKey,
+    anchor: &ChainSummary,
+    visit: &mut dyn FnMut(u64, &[u8]),
+) -> Result<ChainSummary, AuditError> {
     let mut prev = GENESIS.to_owned();
     let mut n = 0u64;
     let mut rest = bytes;
@@ -313,6 +558,23 @@ fn verify_bytes(bytes: &[u8], key: &AuditKey) -> Result<ChainSummary, AuditError
             return Err(bad("does not follow the record before it"));
         }
         prev = String::from_utf8_lossy(mac_hex).into_owned();
+        if n == anchor.records
+            && !bool::from(subtle::ConstantTimeEq::ct_eq(
+                prev.as_bytes(),
+                anchor.head.as_bytes(),
+            ))
+        {
+            return Err(bad(
+                "differs from the anchored record at this position: log replaced or rewritten",
+            ));
+        }
+        visit(n, body);
+    }
+    if n < anchor.records {
+        return Err(AuditError::Tampered {
+            record: n + 1,
+            reason: "log cut: it ends before the record its anchor names",
+        });
     }
     Ok(ChainSummary {
         records: n,

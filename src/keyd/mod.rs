@@ -3,6 +3,8 @@
 //!
 //! * [`protocol`]: the HTTP/JSON messages both sides exchange (documented so
 //!   that clients in other languages can be written against it).
+//! * `state` (hidden): the parsers and writers of keyd's state files, for
+//!   the server, the fuzz targets and the tests.
 //! * With the `keyd` feature: the server-side wrap primitives, which are the
 //!   same code as the in-process [`crate::LocalKeyService`] so the
 //!   "Wrap binding" of `FORMAT.md` holds for keyd too, and the atomic file
@@ -12,8 +14,12 @@
 
 pub mod protocol;
 
+#[doc(hidden)]
+pub mod state;
 #[cfg(feature = "keyd")]
 mod support;
 
+#[doc(hidden)]
+pub use crate::audit::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
 #[cfg(feature = "keyd")]
 pub use support::{unwrap_key, wrap_key, write_atomically};

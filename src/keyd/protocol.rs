@@ -16,6 +16,10 @@
 //! | `/v1/unseal` | [`UnsealRequest`] | [`StatusResponse`] | `custodian` with an acknowledgement (while sealed) |
 //! | `/v1/seal` | none | [`StatusResponse`] | `custodian` |
 //! | `/v1/audit` | [`AuditReadRequest`] | [`AuditReadResponse`] | `audit-read` |
+//! | `/v1/dek/destroy` | [`DekTarget`] | [`DekDestroyResponse`] | `custodian`, two different principals |
+//! | `/v1/approval/withdraw` | [`WithdrawRequest`] | [`WithdrawResponse`] | `custodian` (own approval) |
+//! | `/v1/reshare` | [`ReshareRequest`] | [`ReshareResponse`] | `custodian` with a current share, k of them |
+//! | `/v1/share/collect` | [`CollectRequest`] | [`CollectResponse`] | `custodian` named in an `init` or re-share, once |
 //!
 //! Every failure is an HTTP error status with an [`ErrorBody`]. Key bytes
 //! travel base64-encoded in [`KeyMaterial`], which wipes its buffer.
@@ -33,6 +37,46 @@ use crate::keys::{
 
 /// Largest request or response body either side accepts.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// Serialises `v` as JSON into a buffer allocated once at its exact size
+/// and wiped on drop (no reallocation leaves a copy of a key behind).
+///
+/// # Errors
+///
+/// A serialisation error (never for the protocol's own types).
+#[doc(hidden)]
+pub fn to_json_wiped<T: Serialize + ?Sized>(
+    v: &T,
+) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    serde_json::to_writer(&mut n, v)?;
+    let mut out = Zeroizing::new(Vec::with_capacity(n.0));
+    serde_json::to_writer(&mut *out, v)?;
+    Ok(out)
+}
+
+/// Appends `data` to `buf`; when `buf` must grow, its contents move to a
+/// new buffer and the old one is wiped (unlike `Vec::extend`).
+#[doc(hidden)]
+pub fn extend_wiped(buf: &mut Zeroizing<Vec<u8>>, data: &[u8]) {
+    let need = buf.len() + data.len();
+    if need > buf.capacity() {
+        let mut bigger = Zeroizing::new(Vec::with_capacity(need.max(2 * buf.capacity())));
+        bigger.extend_from_slice(buf);
+        *buf = bigger;
+    }
+    buf.extend_from_slice(data);
+}
 
 /// `POST /v1/status`.
 pub const STATUS: &str = "/v1/status";
@@ -60,6 +104,14 @@ pub const UNSEAL: &str = "/v1/unseal";
 pub const SEAL: &str = "/v1/seal";
 /// `POST /v1/audit`.
 pub const AUDIT: &str = "/v1/audit";
+/// `POST /v1/dek/destroy`.
+pub const DEK_DESTROY: &str = "/v1/dek/destroy";
+/// `POST /v1/approval/withdraw`.
+pub const APPROVAL_WITHDRAW: &str = "/v1/approval/withdraw";
+/// `POST /v1/reshare`.
+pub const RESHARE: &str = "/v1/reshare";
+/// `POST /v1/share/collect`.
+pub const SHARE_COLLECT: &str = "/v1/share/collect";
 
 /// A permission a principal may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -401,6 +453,98 @@ pub struct AcknowledgeRequest {
 pub struct UnsealRequest {
     /// The share.
     pub share: ShareText,
+    /// The state generation this custodian last noted (shown by `status`
+    /// and after every change): the share is refused if the server's state
+    /// is at another generation (a restored older state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_generation: Option<u64>,
+}
+
+/// `POST /v1/dek/destroy`: one custodian's approval to destroy a DEK (or
+/// index key). With two distinct custodians' unexpired approvals keyd
+/// records the key as destroyed and never unwraps or rewraps it again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DekTarget {
+    /// The key.
+    pub key: WireKeyRequest,
+}
+
+/// Answer to [`DekTarget`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DekDestroyResponse {
+    /// Whether the key is now destroyed.
+    pub destroyed: bool,
+    /// Custodians whose approvals count (unexpired).
+    pub approvals: Vec<String>,
+    /// Approvals needed.
+    pub required: u32,
+    /// When the oldest counting approval expires (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// `POST /v1/approval/withdraw`: withdraws the caller's own pending
+/// destroy approval of a KEK version or a DEK (exactly one of the two).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WithdrawRequest {
+    /// A KEK version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kek: Option<KekVersionTarget>,
+    /// A DEK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dek: Option<WireKeyRequest>,
+}
+
+/// Answer to [`WithdrawRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WithdrawResponse {
+    /// The approvals still pending.
+    pub approvals: Vec<String>,
+}
+
+/// `POST /v1/reshare`: one current custodian's vote, with their current
+/// share, for new shares (a new master key) split `threshold`-of-n among
+/// `custodians`. When `k` current custodians sent the same proposal, keyd
+/// makes the new master key and shares; each new custodian collects theirs
+/// ([`CollectRequest`]); when all have, the state is re-sealed under the new
+/// master key and every old share stops working.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReshareRequest {
+    /// New threshold.
+    pub threshold: u8,
+    /// New custodians.
+    pub custodians: Vec<String>,
+    /// The caller's current share.
+    pub share: ShareText,
+}
+
+/// Answer to [`ReshareRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReshareResponse {
+    /// Current custodians who voted for this proposal.
+    pub submitted: Vec<String>,
+    /// Votes needed (the current threshold).
+    pub threshold: u32,
+    /// New custodians who still have to collect their share.
+    pub awaiting_collection: Vec<String>,
+}
+
+/// `POST /v1/share/collect`: the caller's own new share, handed out once.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CollectRequest {
+    /// The custodian's acknowledgement of their responsibilities, recorded
+    /// with the share (PCI DSS 3.7.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
+}
+
+/// Answer to [`CollectRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CollectResponse {
+    /// The share: keep it secret, apart from the other shares.
+    pub share: ShareText,
+    /// New custodians who still have to collect theirs.
+    pub awaiting_collection: Vec<String>,
 }
 
 /// The server's state as seen by the caller.
@@ -420,6 +564,13 @@ pub struct StatusResponse {
     pub permissions: Vec<Permission>,
     /// Whether the caller has an acknowledgement on record.
     pub acknowledged: bool,
+    /// The state's generation (counts changes): custodians note it and
+    /// confirm it at unseal (`expected_generation`).
+    #[serde(default)]
+    pub state_generation: u64,
+    /// Custodians who still have to collect a new share.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_collection: Vec<String>,
 }
 
 /// `POST /v1/audit`: read records from the chained audit log.
@@ -456,6 +607,8 @@ pub enum ErrorKind {
     UnknownKek,
     /// The KEK version is destroyed.
     KekDestroyed,
+    /// The DEK was destroyed by two custodians.
+    KeyDestroyed,
     /// The KEK version is retired (decrypt only).
     KekRetired,
     /// Environment mismatch.
@@ -484,7 +637,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied | ErrorKind::Environment => 403,
             ErrorKind::UnknownKek => 404,
             ErrorKind::Conflict | ErrorKind::KekRetired => 409,
-            ErrorKind::KekDestroyed => 410,
+            ErrorKind::KekDestroyed | ErrorKind::KeyDestroyed => 410,
             ErrorKind::QuotaExceeded => 429,
             ErrorKind::Internal => 500,
             ErrorKind::Sealed | ErrorKind::Unavailable => 503,
@@ -527,7 +680,9 @@ impl ErrorBody {
             }
             ErrorKind::QuotaExceeded => KeyServiceError::QuotaExceeded(self.message),
             ErrorKind::UnknownKek => KeyServiceError::UnknownKek(self.message),
-            ErrorKind::KekDestroyed => KeyServiceError::KekDestroyed(self.message),
+            ErrorKind::KekDestroyed | ErrorKind::KeyDestroyed => {
+                KeyServiceError::KekDestroyed(self.message)
+            }
             ErrorKind::KekRetired => KeyServiceError::KekRetired(self.message),
             ErrorKind::Environment => KeyServiceError::Environment {
                 service: self.allowed_environment.unwrap_or_default(),
@@ -546,6 +701,42 @@ impl ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_holding_keys_never_reallocate_unwiped() {
+        let r = WrapRequest {
+            key: WireKeyRequest {
+                id: KeyId::random(),
+                scope: Scope::new("m").unwrap(),
+                environment: Environment::new("test").unwrap(),
+                purpose: KeyPurpose::Data,
+            },
+            dek: KeyMaterial::new(Zeroizing::new([9u8; 32])),
+        };
+        let j = to_json_wiped(&r).unwrap();
+        assert_eq!(j.capacity(), j.len(), "allocated once, exactly");
+        let mut buf = Zeroizing::new(Vec::with_capacity(4));
+        for chunk in j.chunks(5) {
+            extend_wiped(&mut buf, chunk);
+        }
+        assert_eq!(&buf[..], &j[..]);
+        // Secrets in requests and answers print as `..`.
+        let share = "pks1-0123456789abcdef";
+        let dbg = format!(
+            "{:?} {:?} {:?}",
+            r,
+            UnsealRequest {
+                share: ShareText::new(share.into()),
+                expected_generation: None
+            },
+            CollectResponse {
+                share: ShareText::new(share.into()),
+                awaiting_collection: vec![]
+            }
+        );
+        assert!(!dbg.contains("0123456789abcdef"), "{dbg}");
+        assert!(!dbg.contains(&base64::engine::general_purpose::STANDARD.encode([9u8; 32])));
+    }
 
     #[test]
     fn key_material_round_trips_and_never_prints() {

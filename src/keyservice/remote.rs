@@ -46,10 +46,11 @@ use super::{sealed, KekInfo, KeyService};
 use crate::audit::Access;
 use crate::error::{ConfigError, Error, KeyServiceError};
 use crate::keyd::protocol::{
-    self as proto, AcknowledgeRequest, AuditReadRequest, AuditReadResponse, DestroyResponse,
-    ErrorBody, GenerateRequest, GenerateResponse, KekStatus, KekTarget, KekVersionTarget,
-    KeyMaterial, RewrapRequest, ShareText, StatusResponse, UnsealRequest, UnwrapRequest,
-    UnwrapResponse, WrapRequest, WrappedResponse,
+    self as proto, AcknowledgeRequest, AuditReadRequest, AuditReadResponse, CollectRequest,
+    CollectResponse, DekDestroyResponse, DekTarget, DestroyResponse, ErrorBody, GenerateRequest,
+    GenerateResponse, KekStatus, KekTarget, KekVersionTarget, KeyMaterial, ReshareRequest,
+    ReshareResponse, RewrapRequest, ShareText, StatusResponse, UnsealRequest, UnwrapRequest,
+    UnwrapResponse, WithdrawRequest, WithdrawResponse, WrapRequest, WrappedResponse,
 };
 use crate::keys::{Dek, Environment, KeyRequest, KeyState, Scope, WrappedKey};
 
@@ -520,7 +521,8 @@ impl Inner {
                 if buf.len() + data.len() > proto::MAX_BODY_BYTES {
                     return Err(Transport::sent("answer too large"));
                 }
-                buf.extend_from_slice(&data);
+                // The answer may hold a key: no unwiped copy when it grows.
+                proto::extend_wiped(&mut buf, &data);
             }
         }
         self.give_back(sender);
@@ -568,10 +570,11 @@ impl RemoteKeyService {
         request: &Q,
         repeat: Repeat,
     ) -> Result<A, KeyServiceError> {
-        let body = serde_json::to_vec(request)
+        // The body may hold a key: one exact allocation, wiped when the
+        // last reference goes.
+        let body = proto::to_json_wiped(request)
             .map_err(|e| KeyServiceError::Other(format!("encoding request: {e}")))?;
-        // The body may hold a key: wipe it when the last reference goes.
-        let body = Bytes::from_owner(Zeroizing::new(body));
+        let body = Bytes::from_owner(body);
         self.inner.requests.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::clone(&self.inner);
         let rt = self
@@ -708,12 +711,125 @@ impl RemoteKeyService {
     /// acknowledgement on record), `Other` for a refused or duplicate share
     /// (without detail) or a server that is not sealed.
     pub async fn unseal(&self, share: ShareText) -> Result<StatusResponse, KeyServiceError> {
+        self.unseal_expecting(share, None).await
+    }
+
+    /// As [`RemoteKeyService::unseal`], and the share is refused unless the
+    /// server's state is at `expected_generation` (the generation this
+    /// custodian noted: a restored older state shows a smaller one).
+    ///
+    /// # Errors
+    ///
+    /// As [`RemoteKeyService::unseal`]; `Other` for a generation mismatch.
+    pub async fn unseal_expecting(
+        &self,
+        share: ShareText,
+        expected_generation: Option<u64>,
+    ) -> Result<StatusResponse, KeyServiceError> {
         self.call(
             proto::UNSEAL,
-            &UnsealRequest { share },
+            &UnsealRequest {
+                share,
+                expected_generation,
+            },
             Repeat::OnlyIfUnsent,
         )
         .await
+    }
+
+    /// This custodian's approval to destroy the DEK (or index key)
+    /// `request`: with a second, different custodian's unexpired approval,
+    /// keyd never unwraps or rewraps it again (dual control, PCI DSS 3.7.6).
+    /// Needs `custodian` in the key's scope.
+    ///
+    /// # Errors
+    ///
+    /// Transport errors, `Sealed`, `PermissionDenied`, `Other` when this
+    /// custodian already approved, `KekDestroyed` when already destroyed.
+    pub async fn approve_dek_destroy(
+        &self,
+        request: &KeyRequest,
+    ) -> Result<DekDestroyResponse, KeyServiceError> {
+        let t = DekTarget {
+            key: request.into(),
+        };
+        self.call(proto::DEK_DESTROY, &t, Repeat::OnlyIfUnsent)
+            .await
+    }
+
+    /// Withdraws this custodian's pending approval to destroy a KEK version.
+    ///
+    /// # Errors
+    ///
+    /// Transport errors, `Sealed`, `PermissionDenied`, `Other` when there is
+    /// no such pending approval.
+    pub async fn withdraw_destroy(
+        &self,
+        scope: &Scope,
+        version: u32,
+    ) -> Result<WithdrawResponse, KeyServiceError> {
+        let r = WithdrawRequest {
+            kek: Some(self.version_target(scope, version)),
+            dek: None,
+        };
+        self.call(proto::APPROVAL_WITHDRAW, &r, Repeat::OnlyIfUnsent)
+            .await
+    }
+
+    /// Withdraws this custodian's pending approval to destroy a DEK.
+    ///
+    /// # Errors
+    ///
+    /// As [`RemoteKeyService::withdraw_destroy`].
+    pub async fn withdraw_dek_destroy(
+        &self,
+        request: &KeyRequest,
+    ) -> Result<WithdrawResponse, KeyServiceError> {
+        let r = WithdrawRequest {
+            kek: None,
+            dek: Some(request.into()),
+        };
+        self.call(proto::APPROVAL_WITHDRAW, &r, Repeat::OnlyIfUnsent)
+            .await
+    }
+
+    /// This custodian's vote, with their current share, for new shares
+    /// `threshold`-of-n among `custodians` (see [`ReshareRequest`]).
+    ///
+    /// # Errors
+    ///
+    /// Transport errors, `Sealed`, `PermissionDenied`, `Other` for a refused
+    /// share or a proposal that differs from the pending one.
+    pub async fn reshare(
+        &self,
+        threshold: u8,
+        custodians: &[String],
+        share: ShareText,
+    ) -> Result<ReshareResponse, KeyServiceError> {
+        let r = ReshareRequest {
+            threshold,
+            custodians: custodians.to_vec(),
+            share,
+        };
+        self.call(proto::RESHARE, &r, Repeat::OnlyIfUnsent).await
+    }
+
+    /// Collects this custodian's new share (after `init` or a re-share),
+    /// once, recording `statement` as their acknowledgement.
+    ///
+    /// # Errors
+    ///
+    /// Transport errors, `PermissionDenied` (not named), `Other` when
+    /// already collected or nothing is waiting.
+    pub async fn collect_share(
+        &self,
+        statement: Option<&str>,
+    ) -> Result<CollectResponse, KeyServiceError> {
+        let r = CollectRequest {
+            statement: statement.map(str::to_owned),
+        };
+        self.call(proto::SHARE_COLLECT, &r, Repeat::OnlyIfUnsent)
+            .await
     }
 
     /// Seals the server again: it forgets every key until unsealed.

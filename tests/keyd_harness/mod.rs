@@ -94,6 +94,11 @@ impl Keyd {
              tls_cert = \"certs/server.pem\"\ntls_key = \"certs/server.key.pem\"\n\
              client_ca = \"certs/ca.pem\"\n",
         );
+        if !extra_settings.contains("auto_create_scopes") {
+            // The suite's scopes are invented per test; production names
+            // patterns (README "Scopes and their KEKs").
+            cfg.push_str("auto_create_scopes = [\"*\"]\n");
+        }
         cfg.push_str(extra_settings);
         for (name, env, scopes, perms, quota) in PRINCIPALS {
             cfg.push_str(&format!(
@@ -110,21 +115,62 @@ impl Keyd {
             config,
             child: None,
         };
+        k.run_init(2, &CUSTODIANS, &k.path("shares"));
+        k
+    }
+
+    /// `panseal-keyd init` as a process; each custodian collects their own
+    /// share with `custodian collect-share` into `share_dir/NAME.share`
+    /// (standing in for each custodian's own machine).
+    pub fn run_init(&self, threshold: u8, custodians: &[&str], share_dir: &Path) {
+        std::fs::create_dir_all(share_dir).unwrap();
+        let t = threshold.to_string();
         let mut args = vec![
             "init",
             "--config",
-            k.config_str(),
+            self.config_str(),
             "--threshold",
-            "2",
-            "--share-dir",
+            &t,
+            "--listen",
+            "127.0.0.1:0",
         ];
-        let shares = k.path("shares");
-        args.push(shares.to_str().unwrap());
-        for c in CUSTODIANS {
+        for c in custodians {
             args.extend(["--custodian", c]);
         }
-        run(&args);
-        k
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        let Some(addr) = line
+            .split_whitespace()
+            .nth(3)
+            .map(|a| a.trim_end_matches(':').to_owned())
+        else {
+            let o = child.wait_with_output().unwrap();
+            panic!(
+                "init did not start: {line:?} {}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        for c in custodians {
+            let f = share_dir.join(format!("{c}.share"));
+            let (ok, _, err) = self.custodian_cli_at(
+                &addr,
+                c,
+                "collect-share",
+                &["--share-file", f.to_str().unwrap()],
+            );
+            assert!(ok, "{c} collect-share: {err}");
+        }
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "init failed: {rest}");
     }
 
     /// Initialised, started and unsealed.
@@ -228,6 +274,51 @@ impl Keyd {
         )
     }
 
+    /// A ready server with extra settings.
+    pub async fn ready_with(extra_settings: &str) -> Keyd {
+        let mut k = Keyd::init_with(extra_settings, "");
+        k.start();
+        k.unseal().await;
+        k
+    }
+
+    /// Copies files (relative to the folder) to `NAME.saved` beside them.
+    pub fn save(&self, files: &[&str]) {
+        for f in files {
+            let p = self.path(f);
+            if p.exists() {
+                std::fs::copy(&p, self.path(&format!("{f}.saved"))).unwrap();
+            } else {
+                let _ = std::fs::remove_file(self.path(&format!("{f}.saved")));
+            }
+        }
+    }
+
+    /// Puts back what [`Keyd::save`] copied (an attacker restoring a
+    /// backup, or an older snapshot); files not saved are removed.
+    pub fn restore(&self, files: &[&str]) {
+        for f in files {
+            let saved = self.path(&format!("{f}.saved"));
+            if saved.exists() {
+                std::fs::copy(&saved, self.path(f)).unwrap();
+            } else {
+                let _ = std::fs::remove_file(self.path(f));
+            }
+        }
+    }
+
+    /// Swaps `f` and `f.saved`.
+    pub fn swap(&self, files: &[&str]) {
+        for f in files {
+            let a = self.path(f);
+            let b = self.path(&format!("{f}.saved"));
+            let t = self.path(&format!("{f}.swap"));
+            std::fs::rename(&a, &t).unwrap();
+            std::fs::rename(&b, &a).unwrap();
+            std::fs::rename(&t, &b).unwrap();
+        }
+    }
+
     /// Acknowledgements and two custodians' shares.
     pub async fn unseal(&self) {
         for c in &CUSTODIANS[..2] {
@@ -248,6 +339,17 @@ impl Keyd {
 
     /// `panseal-keyd custodian ACTION` as `who`: (success, stdout, stderr).
     pub fn custodian_cli(&self, who: &str, action: &str, extra: &[&str]) -> (bool, String, String) {
+        self.custodian_cli_at(&self.addr, who, action, extra)
+    }
+
+    /// As [`Keyd::custodian_cli`], against `addr`.
+    pub fn custodian_cli_at(
+        &self,
+        addr: &str,
+        who: &str,
+        action: &str,
+        extra: &[&str],
+    ) -> (bool, String, String) {
         let certs = self.path("certs");
         let cert = certs.join(format!("{who}.pem"));
         let key = certs.join(format!("{who}.key.pem"));
@@ -256,7 +358,7 @@ impl Keyd {
             "custodian",
             action,
             "--address",
-            &self.addr,
+            addr,
             "--server-name",
             "localhost",
             "--ca",

@@ -13,10 +13,15 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use panseal::keyd::protocol::{
-    self as proto, AcknowledgeRequest, AuditReadRequest, AuditReadResponse, DestroyResponse,
-    ErrorBody, ErrorKind, GenerateRequest, GenerateResponse, KekStatus, KekTarget, KekVersionInfo,
-    KekVersionTarget, KeyMaterial, Permission, RewrapRequest, StatusResponse, UnsealRequest,
-    UnwrapRequest, UnwrapResponse, WireKeyRequest, WireWrapped, WrapRequest, WrappedResponse,
+    self as proto, AcknowledgeRequest, AuditReadRequest, AuditReadResponse, CollectRequest,
+    CollectResponse, DekDestroyResponse, DekTarget, DestroyResponse, ErrorBody, ErrorKind,
+    GenerateRequest, GenerateResponse, KekStatus, KekTarget, KekVersionInfo, KekVersionTarget,
+    KeyMaterial, Permission, ReshareRequest, ReshareResponse, RewrapRequest, ShareText,
+    StatusResponse, UnsealRequest, UnwrapRequest, UnwrapResponse, WireKeyRequest, WireWrapped,
+    WithdrawRequest, WithdrawResponse, WrapRequest, WrappedResponse,
+};
+use panseal::keyd::state::{
+    Acknowledgement, Approval, CustodianShare, DekRecord, KekRecord, ScopeRecord, State,
 };
 use panseal::{
     ChainedAuditLog, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyServiceError, KeyState,
@@ -28,7 +33,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Config, Principal};
 use crate::seal::{self, MasterKey};
-use crate::state::{KekRecord, State, StateError, StateStore};
+use crate::state::{StateError, StateStore};
 
 /// Approvals needed to destroy a KEK version (dual control).
 const DESTROY_APPROVALS: usize = 2;
@@ -92,10 +97,11 @@ impl From<KeyServiceError> for Failure {
     }
 }
 
-type Answer = Result<Vec<u8>, Failure>;
+type Answer = Result<Zeroizing<Vec<u8>>, Failure>;
 
+/// Answers may hold a key or a share: one exact allocation, wiped on drop.
 fn json<T: Serialize>(v: &T) -> Answer {
-    serde_json::to_vec(v).map_err(|_| Failure::new(ErrorKind::Internal, "encoding answer"))
+    proto::to_json_wiped(v).map_err(|_| Failure::new(ErrorKind::Internal, "encoding answer"))
 }
 
 /// The unsealed KEKs of one (environment, scope).
@@ -121,16 +127,100 @@ struct Window {
     keys: HashSet<KeyId>,
 }
 
+/// New shares waiting to be collected, one per new custodian.
+struct NewShares {
+    master: Zeroizing<[u8; 32]>,
+    salt: String,
+    checks: Vec<CustodianShare>,
+    texts: BTreeMap<String, Zeroizing<String>>,
+}
+
+/// A re-share in progress: votes of current custodians, then new shares.
+struct Reshare {
+    threshold: u8,
+    custodians: Vec<String>,
+    votes: BTreeMap<String, Zeroizing<Vec<u8>>>,
+    ready: Option<NewShares>,
+}
+
 pub(crate) struct Server {
     cfg: Config,
     state: StateStore,
     vault: RwLock<Vault>,
-    audit: ChainedAuditLog,
+    audit: std::sync::Arc<ChainedAuditLog>,
+    audit_key_id: String,
     windows: Mutex<HashMap<String, Window>>,
+    reshare: Mutex<Option<Reshare>>,
 }
 
 fn slot(environment: &str, scope: &str) -> String {
-    format!("{environment}/{scope}")
+    panseal::keyd::state::scope_key(environment, scope)
+}
+
+fn dek_key(environment: &str, scope: &str, id: &str) -> String {
+    format!("{environment}/{scope}/{id}")
+}
+
+/// Checks `2 <= threshold <= n <= 255`, distinct custodians with the
+/// custodian permission.
+pub(crate) fn validate_custodians(
+    cfg: &Config,
+    threshold: u8,
+    custodians: &[String],
+) -> Result<(), String> {
+    let n = custodians.len();
+    if threshold < 2 || usize::from(threshold) > n || n > 255 {
+        return Err(format!(
+            "need 2 <= threshold <= custodians <= 255 (split knowledge); got {threshold} of {n}"
+        ));
+    }
+    for (i, c) in custodians.iter().enumerate() {
+        let p = cfg
+            .principal(c)
+            .ok_or_else(|| format!("custodian {c:?} is not a principal in the configuration"))?;
+        if !p.may(Permission::Custodian) {
+            return Err(format!("principal {c:?} lacks the custodian permission"));
+        }
+        if custodians[..i].contains(c) {
+            return Err(format!("custodian {c:?} named twice"));
+        }
+    }
+    Ok(())
+}
+
+fn acknowledgement(p: &Principal, statement: &str) -> Result<Acknowledgement, Failure> {
+    if statement.trim().is_empty() || statement.len() > 8192 {
+        return Err(Failure::new(
+            ErrorKind::BadRequest,
+            "statement must be 1 to 8192 bytes",
+        ));
+    }
+    Ok(Acknowledgement {
+        custodian: p.name.clone(),
+        statement_sha256: hex::encode(Sha256::digest(statement.as_bytes())),
+        at: now_secs(),
+    })
+}
+
+/// Parses a share and checks it against its holder's record.
+fn check_share(
+    state: &State,
+    holder: &CustodianShare,
+    text: &str,
+) -> Result<Zeroizing<Vec<u8>>, Failure> {
+    let refused = || Failure::new(ErrorKind::ShareRefused, "share refused");
+    let share = seal::parse_share(text).map_err(|_| refused())?;
+    let check = seal::share_check(&state.share_salt, &share);
+    let matches = share.first() == Some(&holder.x)
+        && bool::from(subtle::ConstantTimeEq::ct_eq(
+            check.as_bytes(),
+            holder.check.as_bytes(),
+        ));
+    if matches {
+        Ok(share)
+    } else {
+        Err(refused())
+    }
 }
 
 fn kek_id(environment: &str, scope: &str) -> String {
@@ -161,7 +251,12 @@ fn require(p: &Principal, perm: Permission) -> Result<(), Failure> {
 }
 
 impl Server {
-    pub(crate) fn new(cfg: Config, state: StateStore, audit: ChainedAuditLog) -> Self {
+    pub(crate) fn new(
+        cfg: Config,
+        state: StateStore,
+        audit: std::sync::Arc<ChainedAuditLog>,
+        audit_key_id: String,
+    ) -> Self {
         Server {
             cfg,
             state,
@@ -169,8 +264,15 @@ impl Server {
                 submitted: BTreeMap::new(),
             }),
             audit,
+            audit_key_id,
             windows: Mutex::new(HashMap::new()),
+            reshare: Mutex::new(None),
         }
+    }
+
+    /// The configuration.
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
     }
 
     fn is_sealed(&self) -> bool {
@@ -205,7 +307,11 @@ impl Server {
             rec.detail = Some(f.0.message.clone());
         }
         // Fail closed: an answer that cannot be audited is not given.
-        let result = match self.audit.append(&rec) {
+        // The append may wait for a disk flush (audit_fsync =
+        // "every-record"): let the runtime move other connections to
+        // another worker meanwhile, so their records share that flush.
+        let appended = tokio::task::block_in_place(|| self.audit.append(&rec));
+        let result = match appended {
             Ok(_) => result,
             Err(e) => {
                 eprintln!("panseal-keyd: audit log write failed: {e}");
@@ -213,7 +319,7 @@ impl Server {
             }
         };
         match result {
-            Ok(body) => respond(StatusCode::OK, Bytes::from_owner(Zeroizing::new(body))),
+            Ok(body) => respond(StatusCode::OK, Bytes::from_owner(body)),
             Err(f) => {
                 let status =
                     StatusCode::from_u16(f.0.error.status()).unwrap_or(StatusCode::BAD_REQUEST);
@@ -263,7 +369,15 @@ impl Server {
             return Err(Failure::new(ErrorKind::BadRequest, "use POST"));
         }
         let path = req.uri().path().to_owned();
-        let body = read_body(req).await?;
+        // Body deadline: a client trickling its body is cut off.
+        let body = tokio::time::timeout(self.cfg.request_timeout, read_body(req))
+            .await
+            .map_err(|_| {
+                Failure::new(
+                    ErrorKind::BadRequest,
+                    "request body not received within request_timeout_seconds",
+                )
+            })??;
         match path.as_str() {
             proto::STATUS => self.status(p),
             proto::ACKNOWLEDGE => self.acknowledge(p, &body),
@@ -282,6 +396,10 @@ impl Server {
             proto::KEK_DESTROY => self.destroy(p, &body, rec),
             proto::SEAL => self.seal(p),
             proto::AUDIT => self.audit_read(p, &body),
+            proto::DEK_DESTROY => self.dek_destroy(p, &body, rec),
+            proto::APPROVAL_WITHDRAW => self.withdraw(p, &body, rec),
+            proto::RESHARE => self.reshare(p, &body),
+            proto::SHARE_COLLECT => self.collect(p, &body),
             _ => Err(Failure::new(ErrorKind::BadRequest, "unknown path")),
         }
     }
@@ -331,6 +449,15 @@ impl Server {
     // ---- status, acknowledgement, unseal, seal -------------------------
 
     fn status(&self, p: &Principal) -> Answer {
+        let awaiting_collection = self
+            .reshare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|r| r.ready.as_ref())
+            .map(|n| n.texts.keys().cloned().collect())
+            .unwrap_or_default();
+        let acknowledged = self.state.acknowledged(&p.name);
         let state = self.state.read();
         let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
         let (sealed, submitted) = match &*vault {
@@ -344,44 +471,51 @@ impl Server {
             principal: p.name.clone(),
             environment: p.environment.clone(),
             permissions: p.permissions.iter().copied().collect(),
-            acknowledged: state.acknowledged(&p.name),
+            acknowledged,
+            state_generation: state.generation,
+            awaiting_collection,
         })
     }
 
     fn acknowledge(&self, p: &Principal, body: &[u8]) -> Answer {
         require(p, Permission::Custodian)?;
         let r: AcknowledgeRequest = parse(body)?;
-        if r.statement.trim().is_empty() || r.statement.len() > 8192 {
-            return Err(Failure::new(
-                ErrorKind::BadRequest,
-                "statement must be 1 to 8192 bytes",
-            ));
+        let ack = acknowledgement(p, &r.statement)?;
+        if self.is_sealed() {
+            self.state.acknowledge_sealed(ack)?;
+        } else {
+            self.state.mutate(&self.audit, |d| {
+                d.acknowledge(ack);
+                Ok::<_, Failure>(())
+            })?;
         }
-        let digest = hex::encode(Sha256::digest(r.statement.as_bytes()));
-        self.state.mutate(|s| {
-            s.acknowledgements.retain(|a| a.custodian != p.name);
-            s.acknowledgements.push(crate::state::Acknowledgement {
-                custodian: p.name.clone(),
-                statement_sha256: digest,
-                at: now_secs(),
-            });
-            Ok::<_, Failure>(())
-        })?;
         self.status(p)
     }
 
     fn unseal(&self, p: &Principal, body: &[u8]) -> Answer {
         require(p, Permission::Custodian)?;
         let r: UnsealRequest = parse(body)?;
+        if !self.state.acknowledged(&p.name) {
+            return Err(denied(format!(
+                "custodian {:?} has no acknowledgement on record (PCI DSS 3.7.8)",
+                p.name
+            )));
+        }
         // Holding the change lock keeps the state (and KEK list) stable
         // while the vault opens.
-        self.state.exclusive(|| -> Result<(), Failure> {
+        let opened = self.state.exclusive(|| -> Result<bool, Failure> {
             let state = self.state.read();
-            if !state.acknowledged(&p.name) {
-                return Err(denied(format!(
-                    "custodian {:?} has no acknowledgement on record (PCI DSS 3.7.8)",
-                    p.name
-                )));
+            if let Some(g) = r.expected_generation {
+                if g != state.generation {
+                    return Err(Failure::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "state generation is {}, not the {g} you noted: the state may have \
+                             been rolled back; share not accepted",
+                            state.generation
+                        ),
+                    ));
+                }
             }
             let mut vault = self.vault.write().unwrap_or_else(|e| e.into_inner());
             let Vault::Sealed { submitted } = &mut *vault else {
@@ -396,39 +530,91 @@ impl Server {
                     "this custodian's share was already submitted",
                 ));
             }
-            let refused = || Failure::new(ErrorKind::ShareRefused, "share refused");
-            let share = seal::parse_share(r.share.expose_secret()).map_err(|_| refused())?;
-            let check = seal::share_check(&state.share_salt, &share);
-            let matches = share.first() == Some(&holder.x)
-                && bool::from(subtle::ConstantTimeEq::ct_eq(
-                    check.as_bytes(),
-                    holder.check.as_bytes(),
-                ));
-            if !matches {
-                return Err(refused());
-            }
+            let share = check_share(&state, holder, r.share.expose_secret())?;
             submitted.insert(p.name.clone(), share);
             if submitted.len() < usize::from(state.threshold) {
-                return Ok(());
+                return Ok(false);
             }
             let shares: Vec<_> = std::mem::take(submitted).into_values().collect();
-            let opened = open_vault(&state, &shares);
-            match opened {
-                Ok(v) => {
-                    *vault = v;
-                    Ok(())
-                }
-                Err(f) => Err(f),
-            }
+            let v = open_vault(&state, self.state.version(), &shares)?;
+            let Vault::Open { master, .. } = &v else {
+                return Ok(false);
+            };
+            self.state.authenticate(master.keys()).map_err(|e| {
+                eprintln!("panseal-keyd: {e}");
+                Failure::new(ErrorKind::Internal, e.to_string())
+            })?;
+            *vault = v;
+            Ok(true)
         })?;
+        if opened {
+            self.after_unseal()?;
+        }
         self.status(p)
     }
 
+    /// Migrates a version 1 state, folds acknowledgements given while
+    /// sealed, and compacts the journal.
+    fn after_unseal(&self) -> Result<(), Failure> {
+        if self.state.version() == seal::V1 && self.state.read().audit_key_id.is_empty() {
+            self.state.replace_with(
+                &self.audit,
+                |current| -> Result<_, Failure> {
+                    let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
+                    let Vault::Open { master, .. } = &*vault else {
+                        return Err(Failure::new(ErrorKind::Sealed, "keyd is sealed"));
+                    };
+                    let mut next = current.clone();
+                    for r in next.scopes.values_mut() {
+                        for k in r.versions.iter_mut() {
+                            if let Some(sealed) = &k.sealed {
+                                let kek = master
+                                    .open_kek(seal::V1, &r.environment, &r.scope, k.version, sealed)
+                                    .map_err(|_| {
+                                        Failure::new(
+                                            ErrorKind::Internal,
+                                            "a sealed KEK failed to open",
+                                        )
+                                    })?;
+                                k.sealed = Some(master.seal_kek(
+                                    &r.environment,
+                                    &r.scope,
+                                    k.version,
+                                    &kek,
+                                ));
+                            }
+                        }
+                    }
+                    next.master_check = master.check_value();
+                    next.audit_key_id = self.audit_key_id.clone();
+                    Ok((next, master.keys().clone()))
+                },
+                || {},
+            )?;
+            self.audit
+                .append(&system_record(
+                    "state-migrate",
+                    "state version 1 rewritten as version 2".into(),
+                ))
+                .map_err(|_| Failure::new(ErrorKind::Internal, "audit log unavailable"))?;
+        }
+        self.state.fold_pending(&self.audit)?;
+        Ok(())
+    }
+
     fn seal(&self, p: &Principal) -> Answer {
+        // Policy: one custodian may seal alone. Sealing destroys nothing
+        // and reveals nothing; it is the emergency brake, audited like
+        // every request, and undone only by k custodians unsealing.
         require(p, Permission::Custodian)?;
-        *self.vault.write().unwrap_or_else(|e| e.into_inner()) = Vault::Sealed {
-            submitted: BTreeMap::new(),
-        };
+        self.state.exclusive(|| {
+            *self.vault.write().unwrap_or_else(|e| e.into_inner()) = Vault::Sealed {
+                submitted: BTreeMap::new(),
+            };
+            // The state and KEK-sealing subkeys go too.
+            self.state.forget_keys();
+        });
+        *self.reshare.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.status(p)
     }
 
@@ -458,15 +644,28 @@ impl Server {
 
     fn kek_status(&self, env: &Environment, scope: &Scope) -> KekStatus {
         let state = self.state.read();
+        let ttl = self.cfg.approval_ttl.as_secs();
+        let now = now_secs();
         let versions: Vec<KekVersionInfo> = state
-            .versions(env.as_str(), scope.as_str())
-            .map(|k| KekVersionInfo {
-                version: k.version,
-                state: k.state,
-                created_at: k.created_at,
-                destroy_approvals: k.destroy_approvals.clone(),
+            .scopes
+            .get(&slot(env.as_str(), scope.as_str()))
+            .map(|r| {
+                r.versions
+                    .iter()
+                    .map(|k| KekVersionInfo {
+                        version: k.version,
+                        state: k.state,
+                        created_at: k.created_at,
+                        destroy_approvals: k
+                            .destroy_approvals
+                            .iter()
+                            .filter(|a| k.state == KeyState::Destroyed || a.at + ttl > now)
+                            .map(|a| a.custodian.clone())
+                            .collect(),
+                    })
+                    .collect()
             })
-            .collect();
+            .unwrap_or_default();
         let active_version = versions
             .iter()
             .filter(|v| v.state == KeyState::Active)
@@ -485,9 +684,15 @@ impl Server {
     }
 
     /// Wraps `key` under the active KEK of the request's scope, creating
-    /// version 1 if the scope has none yet.
-    fn wrap_now(&self, request: &KeyRequest, key: &[u8; 32]) -> Result<WireWrapped, Failure> {
+    /// version 1 if the scope has none yet and `auto_create_scopes` allows.
+    fn wrap_now(
+        &self,
+        p: &Principal,
+        request: &KeyRequest,
+        key: &[u8; 32],
+    ) -> Result<WireWrapped, Failure> {
         let (env, scope) = (request.environment.as_str(), request.scope.as_str());
+        self.refuse_destroyed_dek(request)?;
         let id = kek_id(env, scope);
         for _ in 0..2 {
             {
@@ -511,7 +716,22 @@ impl Server {
                     });
                 }
             }
-            self.create_first_kek(env, scope)?;
+            if !self.cfg.may_auto_create(scope) {
+                return Err(denied(format!(
+                    "scope {scope:?} has no KEK yet and is not in auto_create_scopes: a \
+                     custodian creates it (`panseal-keyd custodian rotate --scope {scope}`)"
+                )));
+            }
+            if self.state.read().scopes.len() >= self.cfg.max_scopes {
+                return Err(Failure::new(
+                    ErrorKind::QuotaExceeded,
+                    format!(
+                        "max_scopes ({}) reached: no new scope is created automatically",
+                        self.cfg.max_scopes
+                    ),
+                ));
+            }
+            self.add_version(p, env, scope, true)?;
         }
         Err(Failure::new(
             ErrorKind::Internal,
@@ -519,44 +739,64 @@ impl Server {
         ))
     }
 
-    fn create_first_kek(&self, env: &str, scope: &str) -> Result<(), Failure> {
-        self.add_version(env, scope, true)
-    }
-
     /// Adds a KEK version to a scope, durably, then makes it live. With
     /// `only_if_none`, does nothing if the scope has a KEK already.
-    fn add_version(&self, env: &str, scope: &str, only_if_none: bool) -> Result<(), Failure> {
+    fn add_version(
+        &self,
+        p: &Principal,
+        env: &str,
+        scope: &str,
+        only_if_none: bool,
+    ) -> Result<(), Failure> {
         let kek = seal::new_kek();
-        let created = self.state.mutate(|s| -> Result<Option<u32>, Failure> {
-            let newest = s.versions(env, scope).map(|k| k.version).max();
-            if only_if_none && newest.is_some() {
-                return Ok(None);
-            }
-            let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
-            let Vault::Open { master, .. } = &*vault else {
-                return Err(Failure::new(ErrorKind::Sealed, "keyd is sealed"));
-            };
-            let version = newest.unwrap_or(0) + 1;
-            for k in s.keks.iter_mut() {
-                if k.environment == env && k.scope == scope && k.state == KeyState::Active {
-                    k.state = KeyState::DecryptOnly;
+        let key = slot(env, scope);
+        let created = self
+            .state
+            .mutate(&self.audit, |d| -> Result<Option<u32>, Failure> {
+                let newest = d
+                    .scope(&key)
+                    .and_then(|r| r.versions.iter().map(|k| k.version).max());
+                if only_if_none && newest.is_some() {
+                    return Ok(None);
                 }
-            }
-            s.keks.push(KekRecord {
-                environment: env.to_owned(),
-                scope: scope.to_owned(),
-                version,
-                state: KeyState::Active,
-                created_at: now_secs(),
-                sealed: Some(master.seal_kek(env, scope, version, &kek)),
-                destroy_approvals: Vec::new(),
-            });
-            Ok(Some(version))
-        })?;
+                let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
+                let Vault::Open { master, .. } = &*vault else {
+                    return Err(Failure::new(ErrorKind::Sealed, "keyd is sealed"));
+                };
+                let version = newest.unwrap_or(0) + 1;
+                let sealed = master.seal_kek(env, scope, version, &kek);
+                if d.scope(&key).is_none() {
+                    d.put_scope(
+                        &key,
+                        ScopeRecord {
+                            environment: env.to_owned(),
+                            scope: scope.to_owned(),
+                            created_by: p.name.clone(),
+                            versions: Vec::new(),
+                        },
+                    );
+                }
+                let r = d
+                    .scope_mut(&key)
+                    .ok_or_else(|| Failure::new(ErrorKind::Internal, "scope vanished"))?;
+                for k in r.versions.iter_mut() {
+                    if k.state == KeyState::Active {
+                        k.state = KeyState::DecryptOnly;
+                    }
+                }
+                r.versions.push(KekRecord {
+                    version,
+                    state: KeyState::Active,
+                    created_at: now_secs(),
+                    sealed: Some(sealed),
+                    destroy_approvals: Vec::new(),
+                });
+                Ok(Some(version))
+            })?;
         if let Some(version) = created {
             let mut vault = self.vault.write().unwrap_or_else(|e| e.into_inner());
             if let Vault::Open { keks, .. } = &mut *vault {
-                let sk = keks.entry(slot(env, scope)).or_insert_with(|| ScopeKeks {
+                let sk = keks.entry(key).or_insert_with(|| ScopeKeks {
                     active: 0,
                     ciphers: BTreeMap::new(),
                     destroyed: BTreeSet::new(),
@@ -566,6 +806,25 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    fn refuse_destroyed_dek(&self, request: &KeyRequest) -> Result<(), Failure> {
+        let key = dek_key(
+            request.environment.as_str(),
+            request.scope.as_str(),
+            &request.id.to_string(),
+        );
+        match self.state.read().deks.get(&key) {
+            Some(d) if d.destroyed_at.is_some() => Err(Failure::new(
+                ErrorKind::KeyDestroyed,
+                format!(
+                    "key {} was destroyed by custodians {}",
+                    request.id,
+                    d.destroyed_by.join(" and ")
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn unwrap_now(
@@ -583,6 +842,7 @@ impl Server {
                 "wrapped key failed to unwrap",
             ));
         }
+        self.refuse_destroyed_dek(request)?;
         let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
         let Vault::Open { keks, .. } = &*vault else {
             return Err(Failure::new(ErrorKind::Sealed, "keyd is sealed"));
@@ -615,7 +875,7 @@ impl Server {
         require(p, Permission::Wrap)?;
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         let request: KeyRequest = r.key.into();
-        let wrapped = self.wrap_now(&request, r.dek.expose_secret())?;
+        let wrapped = self.wrap_now(p, &request, r.dek.expose_secret())?;
         rec.kek = Some(format!("{}#v{}", wrapped.kek_id, wrapped.kek_version));
         json(&WrappedResponse { wrapped })
     }
@@ -627,7 +887,7 @@ impl Server {
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         let request: KeyRequest = r.key.into();
         let key = seal::new_kek();
-        let wrapped = self.wrap_now(&request, &key)?;
+        let wrapped = self.wrap_now(p, &request, &key)?;
         rec.kek = Some(format!("{}#v{}", wrapped.kek_id, wrapped.kek_version));
         json(&GenerateResponse {
             dek: KeyMaterial::new(key),
@@ -661,7 +921,7 @@ impl Server {
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         let request: KeyRequest = r.key.into();
         let key = self.unwrap_now(&request, &r.wrapped)?;
-        let wrapped = self.wrap_now(&request, &key)?;
+        let wrapped = self.wrap_now(p, &request, &key)?;
         rec.kek = Some(format!(
             "{}#v{} -> v{}",
             wrapped.kek_id, r.wrapped.kek_version, wrapped.kek_version
@@ -724,7 +984,7 @@ impl Server {
         Self::note_target(rec, &t.environment, &t.scope);
         require(p, Permission::Custodian)?;
         self.check_scope(p, &t.environment, &t.scope)?;
-        self.add_version(t.environment.as_str(), t.scope.as_str(), false)?;
+        self.add_version(p, t.environment.as_str(), t.scope.as_str(), false)?;
         let status = self.kek_status(&t.environment, &t.scope);
         rec.kek = Some(format!("{}#v{}", status.kek_id, status.active_version));
         json(&status)
@@ -739,6 +999,16 @@ impl Server {
         rec: &mut AuditRecord,
     ) -> Result<KekVersionTarget, Failure> {
         let t: KekVersionTarget = parse(body)?;
+        self.check_version_target(p, &t, rec)?;
+        Ok(t)
+    }
+
+    fn check_version_target(
+        &self,
+        p: &Principal,
+        t: &KekVersionTarget,
+        rec: &mut AuditRecord,
+    ) -> Result<(), Failure> {
         Self::note_target(rec, &t.environment, &t.scope);
         rec.kek = Some(format!(
             "{}#v{}",
@@ -746,31 +1016,40 @@ impl Server {
             t.version
         ));
         require(p, Permission::Custodian)?;
-        self.check_scope(p, &t.environment, &t.scope)?;
-        Ok(t)
+        self.check_scope(p, &t.environment, &t.scope)
     }
 
     fn retire(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
         let t = self.custodian_version_target(p, body, rec)?;
-        let (env, scope) = (t.environment.as_str(), t.scope.as_str());
-        self.state.mutate(|s| -> Result<(), Failure> {
-            let newest = s.versions(env, scope).map(|k| k.version).max();
-            let k = s
-                .version_mut(env, scope, t.version)
-                .ok_or_else(|| Failure::new(ErrorKind::UnknownKek, "no such KEK version"))?;
+        let key = slot(t.environment.as_str(), t.scope.as_str());
+        self.state.mutate(&self.audit, |d| -> Result<(), Failure> {
+            let no_such = || Failure::new(ErrorKind::UnknownKek, "no such KEK version");
+            let r = d.scope(&key).ok_or_else(no_such)?;
+            let newest = r.versions.iter().map(|k| k.version).max();
+            let k = r
+                .versions
+                .iter()
+                .find(|k| k.version == t.version)
+                .ok_or_else(no_such)?;
             if Some(t.version) == newest {
                 return Err(Failure::new(
                     ErrorKind::Conflict,
                     "the newest KEK version cannot be retired; rotate first",
                 ));
             }
-            if k.state != KeyState::DecryptOnly {
-                if !k.state.can_become(KeyState::DecryptOnly) {
-                    return Err(Failure::new(
-                        ErrorKind::Conflict,
-                        format!("KEK version is {:?}", k.state),
-                    ));
-                }
+            if k.state == KeyState::DecryptOnly {
+                return Ok(());
+            }
+            if !k.state.can_become(KeyState::DecryptOnly) {
+                return Err(Failure::new(
+                    ErrorKind::Conflict,
+                    format!("KEK version is {:?}", k.state),
+                ));
+            }
+            if let Some(k) = d
+                .scope_mut(&key)
+                .and_then(|r| r.versions.iter_mut().find(|k| k.version == t.version))
+            {
                 k.state = KeyState::DecryptOnly;
             }
             Ok(())
@@ -778,41 +1057,68 @@ impl Server {
         json(&self.kek_status(&t.environment, &t.scope))
     }
 
+    /// Approvals still counting: distinct custodians, within the TTL.
+    fn live_approvals(&self, approvals: &mut Vec<Approval>, now: u64) {
+        let ttl = self.cfg.approval_ttl.as_secs();
+        approvals.retain(|a| a.at.saturating_add(ttl) > now);
+    }
+
     fn destroy(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
         let t = self.custodian_version_target(p, body, rec)?;
-        let (env, scope) = (t.environment.as_str(), t.scope.as_str());
-        let (destroyed, approvals) = self.state.mutate(|s| -> Result<_, Failure> {
-            let newest = s.versions(env, scope).map(|k| k.version).max();
-            let k = s
-                .version_mut(env, scope, t.version)
-                .ok_or_else(|| Failure::new(ErrorKind::UnknownKek, "no such KEK version"))?;
+        let key = slot(t.environment.as_str(), t.scope.as_str());
+        let now = now_secs();
+        let (destroyed, approvals) = self.state.mutate(&self.audit, |d| -> Result<_, Failure> {
+            let no_such = || Failure::new(ErrorKind::UnknownKek, "no such KEK version");
+            let newest = d
+                .scope(&key)
+                .ok_or_else(no_such)?
+                .versions
+                .iter()
+                .map(|k| k.version)
+                .max();
             if Some(t.version) == newest {
                 return Err(Failure::new(
                     ErrorKind::Conflict,
                     "the newest KEK version cannot be destroyed; rotate first",
                 ));
             }
+            let mut r = d.scope(&key).ok_or_else(no_such)?.clone();
+            let k = r
+                .versions
+                .iter_mut()
+                .find(|k| k.version == t.version)
+                .ok_or_else(no_such)?;
             if k.state == KeyState::Destroyed {
                 return Err(Failure::new(ErrorKind::KekDestroyed, "already destroyed"));
             }
-            if k.destroy_approvals.contains(&p.name) {
+            self.live_approvals(&mut k.destroy_approvals, now);
+            if k.destroy_approvals.iter().any(|a| a.custodian == p.name) {
                 return Err(Failure::new(
                     ErrorKind::Conflict,
                     "this custodian already approved; a second, different custodian must approve (dual control)",
                 ));
             }
-            k.destroy_approvals.push(p.name.clone());
+            k.destroy_approvals.push(Approval {
+                custodian: p.name.clone(),
+                at: now,
+            });
             let done = k.destroy_approvals.len() >= DESTROY_APPROVALS;
             if done {
                 k.state = KeyState::Destroyed;
                 k.sealed = None;
             }
-            Ok((done, k.destroy_approvals.clone()))
+            let names = k
+                .destroy_approvals
+                .iter()
+                .map(|a| a.custodian.clone())
+                .collect();
+            d.put_scope(&key, r);
+            Ok((done, names))
         })?;
         if destroyed {
             let mut vault = self.vault.write().unwrap_or_else(|e| e.into_inner());
             if let Vault::Open { keks, .. } = &mut *vault {
-                if let Some(sk) = keks.get_mut(&slot(env, scope)) {
+                if let Some(sk) = keks.get_mut(&key) {
                     sk.ciphers.remove(&t.version);
                     sk.destroyed.insert(t.version);
                 }
@@ -824,6 +1130,317 @@ impl Server {
             required: DESTROY_APPROVALS as u32,
             kek: self.kek_status(&t.environment, &t.scope),
         })
+    }
+
+    /// A custodian's approval to destroy one DEK: after two distinct
+    /// custodians, keyd refuses every unwrap, rewrap and wrap of it.
+    fn dek_destroy(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let t: DekTarget = parse(body)?;
+        Self::note_key(rec, &t.key);
+        require(p, Permission::Custodian)?;
+        self.check_scope(p, &t.key.environment, &t.key.scope)?;
+        let (env, scope, id) = (
+            t.key.environment.as_str(),
+            t.key.scope.as_str(),
+            t.key.id.to_string(),
+        );
+        let key = dek_key(env, scope, &id);
+        let now = now_secs();
+        let ttl = self.cfg.approval_ttl.as_secs();
+        let answer = self.state.mutate(&self.audit, |d| -> Result<_, Failure> {
+            let mut r = d.dek(&key).cloned().unwrap_or_else(|| DekRecord {
+                environment: env.to_owned(),
+                scope: scope.to_owned(),
+                id: id.clone(),
+                approvals: Vec::new(),
+                destroyed_at: None,
+                destroyed_by: Vec::new(),
+            });
+            if r.destroyed_at.is_some() {
+                return Err(Failure::new(ErrorKind::KeyDestroyed, "already destroyed"));
+            }
+            self.live_approvals(&mut r.approvals, now);
+            if r.approvals.iter().any(|a| a.custodian == p.name) {
+                return Err(Failure::new(
+                    ErrorKind::Conflict,
+                    "this custodian already approved; a second, different custodian must approve (dual control)",
+                ));
+            }
+            r.approvals.push(Approval {
+                custodian: p.name.clone(),
+                at: now,
+            });
+            let done = r.approvals.len() >= DESTROY_APPROVALS;
+            let approvals: Vec<String> = r.approvals.iter().map(|a| a.custodian.clone()).collect();
+            let expires_at = r.approvals.iter().map(|a| a.at + ttl).min();
+            if done {
+                r.destroyed_at = Some(now);
+                r.destroyed_by = approvals.clone();
+                r.approvals.clear();
+            }
+            d.put_dek(&key, r);
+            Ok(DekDestroyResponse {
+                destroyed: done,
+                approvals,
+                required: DESTROY_APPROVALS as u32,
+                expires_at: if done { None } else { expires_at },
+            })
+        })?;
+        json(&answer)
+    }
+
+    fn withdraw(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let w: WithdrawRequest = parse(body)?;
+        require(p, Permission::Custodian)?;
+        let not_pending = || {
+            Failure::new(
+                ErrorKind::Conflict,
+                "no pending approval of yours to withdraw",
+            )
+        };
+        let now = now_secs();
+        let approvals = match (w.kek, w.dek) {
+            (Some(t), None) => {
+                self.check_version_target(p, &t, rec)?;
+                let key = slot(t.environment.as_str(), t.scope.as_str());
+                self.state.mutate(&self.audit, |d| -> Result<_, Failure> {
+                    let mut r = d.scope(&key).ok_or_else(not_pending)?.clone();
+                    let k = r
+                        .versions
+                        .iter_mut()
+                        .find(|k| k.version == t.version && k.state != KeyState::Destroyed)
+                        .ok_or_else(not_pending)?;
+                    self.live_approvals(&mut k.destroy_approvals, now);
+                    let before = k.destroy_approvals.len();
+                    k.destroy_approvals.retain(|a| a.custodian != p.name);
+                    if k.destroy_approvals.len() == before {
+                        return Err(not_pending());
+                    }
+                    let names = k
+                        .destroy_approvals
+                        .iter()
+                        .map(|a| a.custodian.clone())
+                        .collect();
+                    d.put_scope(&key, r);
+                    Ok(names)
+                })?
+            }
+            (None, Some(k)) => {
+                Self::note_key(rec, &k);
+                self.check_scope(p, &k.environment, &k.scope)?;
+                let key = dek_key(k.environment.as_str(), k.scope.as_str(), &k.id.to_string());
+                self.state.mutate(&self.audit, |d| -> Result<_, Failure> {
+                    let mut r = d.dek(&key).ok_or_else(not_pending)?.clone();
+                    if r.destroyed_at.is_some() {
+                        return Err(not_pending());
+                    }
+                    self.live_approvals(&mut r.approvals, now);
+                    let before = r.approvals.len();
+                    r.approvals.retain(|a| a.custodian != p.name);
+                    if r.approvals.len() == before {
+                        return Err(not_pending());
+                    }
+                    let names = r.approvals.iter().map(|a| a.custodian.clone()).collect();
+                    d.put_dek(&key, r);
+                    Ok(names)
+                })?
+            }
+            _ => {
+                return Err(Failure::new(
+                    ErrorKind::BadRequest,
+                    "name exactly one of kek or dek",
+                ))
+            }
+        };
+        json(&WithdrawResponse { approvals })
+    }
+
+    // ---- re-sharing and share collection --------------------------------
+
+    fn reshare(&self, p: &Principal, body: &[u8]) -> Answer {
+        require(p, Permission::Custodian)?;
+        let r: ReshareRequest = parse(body)?;
+        validate_custodians(&self.cfg, r.threshold, &r.custodians)
+            .map_err(|m| Failure::new(ErrorKind::BadRequest, m))?;
+        let state = self.state.read().clone();
+        let Some(holder) = state.shares.iter().find(|s| s.custodian == p.name) else {
+            return Err(denied(format!("{:?} holds no current share", p.name)));
+        };
+        let share = check_share(&state, holder, r.share.expose_secret())?;
+        let mut pending = self.reshare.lock().unwrap_or_else(|e| e.into_inner());
+        let proposal = (r.threshold, r.custodians.clone());
+        let fresh = match pending.as_ref() {
+            None => true,
+            Some(x) if x.ready.is_some() => {
+                return Err(Failure::new(
+                    ErrorKind::Conflict,
+                    "new shares are waiting to be collected",
+                ))
+            }
+            Some(x) if (x.threshold, x.custodians.clone()) != proposal => {
+                return Err(Failure::new(
+                    ErrorKind::Conflict,
+                    "another re-share proposal is pending (threshold and custodians must match)",
+                ))
+            }
+            Some(_) => false,
+        };
+        if fresh {
+            *pending = Some(Reshare {
+                threshold: r.threshold,
+                custodians: r.custodians.clone(),
+                votes: BTreeMap::new(),
+                ready: None,
+            });
+        }
+        let Some(x) = pending.as_mut() else {
+            return Err(Failure::new(ErrorKind::Internal, "re-share vanished"));
+        };
+        if x.votes.contains_key(&p.name) {
+            return Err(Failure::new(
+                ErrorKind::Conflict,
+                "this custodian already voted",
+            ));
+        }
+        x.votes.insert(p.name.clone(), share);
+        if x.votes.len() >= usize::from(state.threshold) {
+            // The current shares must rebuild the running master key.
+            let shares: Vec<_> = std::mem::take(&mut x.votes).into_values().collect();
+            let old = seal::combine(state.threshold, &shares)
+                .map_err(|_| Failure::new(ErrorKind::ShareRefused, "share refused"))?;
+            if !MasterKey::from_bytes(&old).verify_check(&state.master_check, seal::V2) {
+                return Err(Failure::new(ErrorKind::ShareRefused, "share refused"));
+            }
+            let (_, key) = MasterKey::generate();
+            let n = x.custodians.len() as u8;
+            let split = seal::split(&key, x.threshold, n);
+            let salt = seal::new_salt();
+            let mut texts = BTreeMap::new();
+            let mut checks = Vec::new();
+            for (c, (xc, text, bytes)) in x.custodians.iter().zip(split) {
+                checks.push(CustodianShare {
+                    custodian: c.clone(),
+                    x: xc,
+                    check: seal::share_check(&salt, &bytes),
+                });
+                texts.insert(c.clone(), text);
+            }
+            x.ready = Some(NewShares {
+                master: key,
+                salt,
+                checks,
+                texts,
+            });
+        }
+        let answer = ReshareResponse {
+            submitted: x.votes.keys().cloned().collect(),
+            threshold: u32::from(state.threshold),
+            awaiting_collection: x
+                .ready
+                .as_ref()
+                .map(|n| n.texts.keys().cloned().collect())
+                .unwrap_or_default(),
+        };
+        json(&answer)
+    }
+
+    fn collect(&self, p: &Principal, body: &[u8]) -> Answer {
+        require(p, Permission::Custodian)?;
+        let r: CollectRequest = parse(body)?;
+        let ack = match &r.statement {
+            Some(s) => Some(acknowledgement(p, s)?),
+            None => None,
+        };
+        let mut pending = self.reshare.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ready) = pending.as_mut().and_then(|x| x.ready.as_mut()) else {
+            return Err(Failure::new(ErrorKind::Conflict, "no share waits for you"));
+        };
+        let Some(text) = ready.texts.remove(&p.name) else {
+            return Err(Failure::new(
+                ErrorKind::Conflict,
+                "no share waits for you (collected already, or not named)",
+            ));
+        };
+        if let Some(a) = ack {
+            self.state.mutate(&self.audit, |d| {
+                d.acknowledge(a);
+                Ok::<_, Failure>(())
+            })?;
+        }
+        let awaiting: Vec<String> = ready.texts.keys().cloned().collect();
+        if awaiting.is_empty() {
+            // Everyone holds a new share: re-seal under the new master key.
+            let Some(x) = pending.take() else {
+                return Err(Failure::new(ErrorKind::Internal, "re-share vanished"));
+            };
+            if let Some(n) = x.ready {
+                self.commit_reshare(x.threshold, n)?;
+            }
+        }
+        json(&CollectResponse {
+            share: ShareText::new(text.to_string()),
+            awaiting_collection: awaiting,
+        })
+    }
+
+    /// Rewrites the state under a new master key: every KEK re-sealed, new
+    /// share checks and salt; old shares no longer rebuild anything in it.
+    fn commit_reshare(&self, threshold: u8, n: NewShares) -> Result<(), Failure> {
+        let internal = |m: &str| Failure::new(ErrorKind::Internal, m.to_owned());
+        let new_master = MasterKey::from_bytes(&n.master);
+        let keys = new_master.keys().clone();
+        let new_master = std::cell::RefCell::new(Some(new_master));
+        self.state.replace_with(
+            &self.audit,
+            |current| -> Result<_, Failure> {
+                let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
+                let Vault::Open { master, .. } = &*vault else {
+                    return Err(Failure::new(ErrorKind::Sealed, "keyd is sealed"));
+                };
+                let guard = new_master.borrow();
+                let Some(new_master) = guard.as_ref() else {
+                    return Err(internal("re-share vanished"));
+                };
+                let mut next = current.clone();
+                for r in next.scopes.values_mut() {
+                    for k in r.versions.iter_mut() {
+                        if let Some(sealed) = &k.sealed {
+                            let kek = master
+                                .open_kek(seal::V2, &r.environment, &r.scope, k.version, sealed)
+                                .map_err(|_| internal("a sealed KEK failed to open"))?;
+                            k.sealed = Some(new_master.seal_kek(
+                                &r.environment,
+                                &r.scope,
+                                k.version,
+                                &kek,
+                            ));
+                        }
+                    }
+                }
+                next.threshold = threshold;
+                next.share_salt = n.salt;
+                next.shares = n.checks;
+                next.share_epoch += 1;
+                next.master_check = new_master.check_value();
+                Ok((next, keys))
+            },
+            || {
+                // Still under the change lock: no KEK is sealed under the
+                // old master key after the new state is written.
+                let mut vault = self.vault.write().unwrap_or_else(|e| e.into_inner());
+                let taken = new_master.borrow_mut().take();
+                if let (Vault::Open { master, .. }, Some(m)) = (&mut *vault, taken) {
+                    **master = m;
+                }
+            },
+        )?;
+        self.audit
+            .append(&system_record(
+                "reshare",
+                format!("state re-sealed under a new master key, {threshold}-of-n"),
+            ))
+            .map_err(|_| internal("audit log unavailable"))?;
+        Ok(())
     }
 
     fn audit_read(&self, p: &Principal, body: &[u8]) -> Answer {
@@ -843,36 +1460,37 @@ impl Server {
     }
 }
 
-/// Rebuilds the master key from `shares`, checks it, and opens every KEK.
-fn open_vault(state: &State, shares: &[Zeroizing<Vec<u8>>]) -> Result<Vault, Failure> {
+/// Rebuilds the master key from `shares`, checks it, and opens every KEK
+/// (sealed as in state version `v`).
+fn open_vault(state: &State, v: u8, shares: &[Zeroizing<Vec<u8>>]) -> Result<Vault, Failure> {
     let internal = |m: &str| Failure::new(ErrorKind::Internal, m.to_owned());
     let key = seal::combine(state.threshold, shares)
         .map_err(|_| internal("shares did not rebuild the master key"))?;
     let master = MasterKey::from_bytes(&key);
-    if !master.verify_check(&state.master_check) {
+    if !master.verify_check(&state.master_check, v) {
         return Err(internal("shares did not rebuild the master key"));
     }
     let mut keks: HashMap<String, ScopeKeks> = HashMap::new();
-    for k in &state.keks {
-        let sk = keks
-            .entry(slot(&k.environment, &k.scope))
-            .or_insert_with(|| ScopeKeks {
-                active: 0,
-                ciphers: BTreeMap::new(),
-                destroyed: BTreeSet::new(),
-            });
-        match &k.sealed {
-            Some(sealed) => {
-                let kek = master
-                    .open_kek(&k.environment, &k.scope, k.version, sealed)
-                    .map_err(|_| internal("a sealed KEK failed to open: state altered"))?;
-                sk.ciphers.insert(k.version, Aes256Gcm::new((&*kek).into()));
-                if k.state == KeyState::Active && k.version > sk.active {
-                    sk.active = k.version;
+    for (slot_key, r) in &state.scopes {
+        let sk = keks.entry(slot_key.clone()).or_insert_with(|| ScopeKeks {
+            active: 0,
+            ciphers: BTreeMap::new(),
+            destroyed: BTreeSet::new(),
+        });
+        for k in &r.versions {
+            match &k.sealed {
+                Some(sealed) => {
+                    let kek = master
+                        .open_kek(v, &r.environment, &r.scope, k.version, sealed)
+                        .map_err(|_| internal("a sealed KEK failed to open: state altered"))?;
+                    sk.ciphers.insert(k.version, Aes256Gcm::new((&*kek).into()));
+                    if k.state == KeyState::Active && k.version > sk.active {
+                        sk.active = k.version;
+                    }
                 }
-            }
-            None => {
-                sk.destroyed.insert(k.version);
+                None => {
+                    sk.destroyed.insert(k.version);
+                }
             }
         }
     }
@@ -909,7 +1527,8 @@ async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Failure
         let frame = frame
             .map_err(|_| Failure::new(ErrorKind::BadRequest, "body unreadable or too large"))?;
         if let Ok(data) = frame.into_data() {
-            buf.extend_from_slice(&data);
+            // The body may hold a key (wrap) or a share (unseal).
+            proto::extend_wiped(&mut buf, &data);
         }
     }
     Ok(buf)
@@ -938,6 +1557,10 @@ fn operation_name(path: &str) -> &'static str {
         proto::UNSEAL => "unseal-share",
         proto::SEAL => "seal",
         proto::AUDIT => "audit-read",
+        proto::DEK_DESTROY => "dek-destroy-approve",
+        proto::APPROVAL_WITHDRAW => "approval-withdraw",
+        proto::RESHARE => "reshare-vote",
+        proto::SHARE_COLLECT => "share-collect",
         _ => "unknown",
     }
 }

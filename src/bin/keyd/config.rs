@@ -2,7 +2,16 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:8443"          # default
-//! data_dir = "data"                   # state.bin, audit.log, audit.key
+//! data_dir = "data"                   # state.bin, state.journal, audit.log
+//! audit_key_file = "/etc/panseal-keyd/audit.key"  # default data_dir/audit.key
+//! anchor_dir = "/var/lib/panseal-anchor"          # default data_dir
+//! audit_fsync = "every-record"        # or "periodic" (once a second)
+//! approval_ttl_seconds = 86400        # destroy approvals expire
+//! auto_create_scopes = ["merchant-*"] # scopes `wrap` may create KEKs for
+//! max_scopes = 10000                  # cap on auto-created scopes
+//! max_connections = 256
+//! request_timeout_seconds = 10        # TLS handshake, headers, body
+//! max_connections_per_client = 32     # per client certificate
 //! environments = ["prod"]             # environment tags this server serves
 //! tls_cert = "certs/server.pem"
 //! tls_key = "certs/server.key.pem"
@@ -63,12 +72,56 @@ struct RawConfig {
     client_ca: PathBuf,
     #[serde(default)]
     allow_bearer_tokens: bool,
+    #[serde(default)]
+    audit_key_file: Option<PathBuf>,
+    #[serde(default)]
+    anchor_dir: Option<PathBuf>,
+    #[serde(default)]
+    audit_fsync: FsyncPolicy,
+    #[serde(default = "default_ttl")]
+    approval_ttl_seconds: u64,
+    #[serde(default)]
+    auto_create_scopes: Vec<String>,
+    #[serde(default = "default_max_scopes")]
+    max_scopes: usize,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_request_timeout")]
+    request_timeout_seconds: u64,
+    #[serde(default = "default_per_client")]
+    max_connections_per_client: usize,
     #[serde(default, rename = "principal")]
     principals: Vec<RawPrincipal>,
 }
 
 fn default_listen() -> String {
     "127.0.0.1:8443".into()
+}
+fn default_ttl() -> u64 {
+    86_400
+}
+fn default_max_scopes() -> usize {
+    10_000
+}
+fn default_max_connections() -> usize {
+    256
+}
+fn default_request_timeout() -> u64 {
+    10
+}
+fn default_per_client() -> usize {
+    32
+}
+
+/// When audit records reach stable storage.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum FsyncPolicy {
+    /// `fdatasync` before each answer (default).
+    #[default]
+    EveryRecord,
+    /// `fdatasync` once a second (and before each anchor and state change).
+    Periodic,
 }
 
 #[derive(Deserialize)]
@@ -145,6 +198,18 @@ pub(crate) struct Config {
     pub(crate) tls_key: PathBuf,
     pub(crate) client_ca: PathBuf,
     pub(crate) allow_bearer_tokens: bool,
+    pub(crate) audit_key_file: PathBuf,
+    pub(crate) anchor_dir: PathBuf,
+    pub(crate) audit_fsync: FsyncPolicy,
+    pub(crate) approval_ttl: Duration,
+    /// Patterns (`*` only at the end) of scopes whose first KEK a `wrap`
+    /// principal may create; other scopes need a custodian's `rotate`.
+    pub(crate) auto_create_scopes: Vec<String>,
+    pub(crate) max_scopes: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) request_timeout: Duration,
+    /// Open connections per client certificate (or token-less peer address).
+    pub(crate) max_connections_per_client: usize,
     pub(crate) principals: Vec<Principal>,
     /// SHA-256 of a client certificate (DER) → index into `principals`.
     pub(crate) by_cert: HashMap<[u8; 32], usize>,
@@ -153,14 +218,26 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    pub(crate) fn state_path(&self) -> PathBuf {
-        self.data_dir.join("state.bin")
-    }
     pub(crate) fn audit_path(&self) -> PathBuf {
         self.data_dir.join("audit.log")
     }
     pub(crate) fn audit_key_path(&self) -> PathBuf {
-        self.data_dir.join("audit.key")
+        self.audit_key_file.clone()
+    }
+    pub(crate) fn audit_anchor_path(&self) -> PathBuf {
+        self.anchor_dir.join("audit.anchor")
+    }
+    pub(crate) fn paths(&self) -> crate::state::Paths {
+        crate::state::Paths::new(&self.data_dir, &self.anchor_dir)
+    }
+    /// Whether a `wrap` principal may create the first KEK of `scope`.
+    pub(crate) fn may_auto_create(&self, scope: &str) -> bool {
+        self.auto_create_scopes
+            .iter()
+            .any(|p| match p.strip_suffix('*') {
+                Some(prefix) => scope.starts_with(prefix),
+                None => p == scope,
+            })
     }
     pub(crate) fn principal(&self, name: &str) -> Option<&Principal> {
         self.principals.iter().find(|p| p.name == name)
@@ -196,9 +273,40 @@ impl Config {
         if environments.is_empty() {
             return Err(invalid("environments must name at least one tag".into()));
         }
+        let data_dir = resolve(&raw.data_dir);
+        for p in &raw.auto_create_scopes {
+            let body = p.strip_suffix('*').unwrap_or(p);
+            if body.contains('*') || (body.is_empty() && p != "*") {
+                return Err(invalid(format!(
+                    "auto_create_scopes {p:?}: a scope name, or a prefix followed by one `*`"
+                )));
+            }
+        }
+        if raw.max_connections == 0 || raw.request_timeout_seconds == 0 {
+            return Err(invalid(
+                "max_connections and request_timeout_seconds must be > 0".into(),
+            ));
+        }
         let mut cfg = Config {
             listen,
-            data_dir: resolve(&raw.data_dir),
+            audit_key_file: raw
+                .audit_key_file
+                .as_deref()
+                .map(&resolve)
+                .unwrap_or_else(|| data_dir.join("audit.key")),
+            anchor_dir: raw
+                .anchor_dir
+                .as_deref()
+                .map(&resolve)
+                .unwrap_or_else(|| data_dir.clone()),
+            audit_fsync: raw.audit_fsync,
+            approval_ttl: Duration::from_secs(raw.approval_ttl_seconds),
+            auto_create_scopes: raw.auto_create_scopes,
+            max_scopes: raw.max_scopes,
+            max_connections: raw.max_connections,
+            request_timeout: Duration::from_secs(raw.request_timeout_seconds),
+            max_connections_per_client: raw.max_connections_per_client.max(1),
+            data_dir,
             environments,
             tls_cert: resolve(&raw.tls_cert),
             tls_key: resolve(&raw.tls_key),

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use panseal::keyd::protocol::ShareText;
-use panseal::{KeyServiceError, RemoteKeyService, Scope};
+use panseal::{
+    Environment, KeyId, KeyPurpose, KeyRequest, KeyServiceError, RemoteKeyService, Scope,
+};
 use zeroize::Zeroizing;
 
 use crate::Args;
@@ -16,8 +18,8 @@ of panseal-keyd: I keep my unseal share secret and apart from the other shares, 
 disclose it, I use it only to unseal this service, and I report any suspected compromise at once \
 (PCI DSS 3.7.8).";
 
-pub(crate) const ACTIONS: &str =
-    "status | acknowledge | unseal | seal | kek-status | rotate | retire | approve-destroy";
+pub(crate) const ACTIONS: &str = "status | acknowledge | collect-share | unseal | seal | \
+kek-status | rotate | retire | approve-destroy | approve-destroy-dek | withdraw | withdraw-dek | reshare";
 
 pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
     args.check(&[
@@ -31,6 +33,11 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
         "version",
         "share-file",
         "statement",
+        "expect-generation",
+        "key-id",
+        "purpose",
+        "threshold",
+        "custodian",
     ])?;
     let mut b = RemoteKeyService::builder()
         .address(&args.need("address")?)
@@ -51,6 +58,26 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
             .parse()
             .map_err(|_| "--version must be a number".to_owned())
     };
+    let dek = || -> Result<KeyRequest, String> {
+        let id = KeyId::from_hex(&args.need("key-id")?).map_err(|e| e.to_string())?;
+        let purpose = match args.one("purpose").as_deref() {
+            None | Some("data") => KeyPurpose::Data,
+            Some("index") => KeyPurpose::Index,
+            Some(o) => return Err(format!("--purpose {o:?}: data or index")),
+        };
+        Ok(KeyRequest {
+            id,
+            scope: scope()?,
+            environment: Environment::new(&args.need("environment")?).map_err(|e| e.to_string())?,
+            purpose,
+        })
+    };
+    let read_share = || -> Result<ShareText, String> {
+        let path = args.need("share-file")?;
+        let text =
+            Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?);
+        Ok(ShareText::new(text.trim().to_owned()))
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -66,13 +93,60 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
                 json(&client.acknowledge(&statement).await.map_err(err)?)
             }
             "unseal" => {
-                let path = args.need("share-file")?;
-                let text = Zeroizing::new(
-                    std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?,
-                );
-                let share = ShareText::new(text.trim().to_owned());
-                json(&client.unseal(share).await.map_err(err)?)
+                let expected = match args.one("expect-generation") {
+                    Some(g) => Some(
+                        g.parse::<u64>()
+                            .map_err(|_| "--expect-generation must be a number".to_owned())?,
+                    ),
+                    None => None,
+                };
+                json(
+                    &client
+                        .unseal_expecting(read_share()?, expected)
+                        .await
+                        .map_err(err)?,
+                )
             }
+            "collect-share" => {
+                // Written to a new file only this user can read; never printed.
+                let path = args.need("share-file")?;
+                // With --statement, the acknowledgement is recorded too.
+                let statement = args.one("statement");
+                let r = client
+                    .collect_share(statement.as_deref())
+                    .await
+                    .map_err(err)?;
+                write_share(&path, r.share.expose_secret())?;
+                format!(
+                    "share written to {path} (keep it secret, apart from the other shares); \
+                     still to collect: {}",
+                    if r.awaiting_collection.is_empty() {
+                        "nobody".to_owned()
+                    } else {
+                        r.awaiting_collection.join(", ")
+                    }
+                )
+            }
+            "reshare" => {
+                let threshold: u8 = args
+                    .need("threshold")?
+                    .parse()
+                    .map_err(|_| "--threshold must be a number".to_owned())?;
+                json(
+                    &client
+                        .reshare(threshold, &args.all("custodian"), read_share()?)
+                        .await
+                        .map_err(err)?,
+                )
+            }
+            "approve-destroy-dek" => json(&client.approve_dek_destroy(&dek()?).await.map_err(err)?),
+            "withdraw" => json(
+                &client
+                    .withdraw_destroy(&scope()?, version()?)
+                    .await
+                    .map_err(err)?,
+            ),
+            "withdraw-dek" => json(&client.withdraw_dek_destroy(&dek()?).await.map_err(err)?),
             "seal" => json(&client.seal().await.map_err(err)?),
             "kek-status" => json(&client.kek_status(&scope()?).await.map_err(err)?),
             "rotate" => json(&client.rotate(&scope()?).await.map_err(err)?),
@@ -88,6 +162,19 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
     })?;
     println!("{out}");
     Ok(())
+}
+
+fn write_share(path: &str, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(|e| format!("{path}: {e}"))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.write_all(b"\n"))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{path}: {e}"))
 }
 
 /// Pretty JSON of an answer.

@@ -1,13 +1,25 @@
 //! The master key: generation, k-of-n Shamir shares (blahaj, GF(256)),
 //! share checks, and sealing KEKs under it.
+//!
+//! The master key itself is used only as HKDF input: state authentication,
+//! the rollback anchor, KEK sealing and the check value each use their own
+//! subkey (`panseal::keyd::state::StateKeys`). State version 1 sealed KEKs
+//! and the check value directly under the master key; those are opened
+//! once, at the migration to version 2.
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use blahaj::{Share, Sharks};
 use hmac::{Hmac, Mac};
+use panseal::keyd::state::StateKeys;
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
+
+/// State version 1: KEKs and the check sealed under the master key itself.
+pub(crate) const V1: u8 = panseal::keyd::state::V1;
+/// State version 2: under HKDF subkeys.
+pub(crate) const V2: u8 = panseal::keyd::state::V2;
 
 const CHECK_PLAINTEXT: &[u8] = b"panseal-keyd master key check v1";
 const SHARE_PREFIX: &str = "pks1-";
@@ -17,9 +29,13 @@ const SHARE_PREFIX: &str = "pks1-";
 #[error("refused")]
 pub(crate) struct Refused;
 
-/// The unsealed master key.
+/// The unsealed master key and its subkeys.
 pub(crate) struct MasterKey {
-    cipher: Aes256Gcm,
+    /// Version 1 only: the master key used directly.
+    legacy: Aes256Gcm,
+    kek: Aes256Gcm,
+    check: Aes256Gcm,
+    keys: StateKeys,
 }
 
 impl MasterKey {
@@ -30,34 +46,42 @@ impl MasterKey {
     }
 
     pub(crate) fn from_bytes(key: &Zeroizing<[u8; 32]>) -> Self {
+        let keys = StateKeys::derive(key);
         MasterKey {
-            cipher: Aes256Gcm::new((&**key).into()),
+            legacy: Aes256Gcm::new((&**key).into()),
+            kek: Aes256Gcm::new((&*keys.kek_seal).into()),
+            check: Aes256Gcm::new((&*keys.check).into()),
+            keys,
         }
     }
 
+    /// The state, anchor and sealing subkeys.
+    pub(crate) fn keys(&self) -> &StateKeys {
+        &self.keys
+    }
+
     /// `nonce (12) || ciphertext || tag (16)`.
-    fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    fn seal(cipher: &Aes256Gcm, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
         let mut out = nonce.to_vec();
         out.extend_from_slice(plaintext);
         // Fails only for inputs longer than GCM allows.
-        let tag = self
-            .cipher
+        let tag = cipher
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[12..])
             .unwrap_or_default();
         out.extend_from_slice(&tag);
         out
     }
 
-    fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Refused> {
+    fn open(cipher: &Aes256Gcm, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Refused> {
         if sealed.len() < 12 + 16 {
             return Err(Refused);
         }
         let (nonce, rest) = sealed.split_at(12);
         let (ct, tag) = rest.split_at(rest.len() - 16);
         let mut buf = Zeroizing::new(ct.to_vec());
-        self.cipher
+        cipher
             .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut buf[..], tag.into())
             .map_err(|_| Refused)?;
         Ok(buf)
@@ -65,14 +89,20 @@ impl MasterKey {
 
     /// A value stored in the state that only the right master key opens.
     pub(crate) fn check_value(&self) -> String {
-        hex::encode(self.seal(b"check", CHECK_PLAINTEXT))
+        hex::encode(Self::seal(&self.check, b"check-v2", CHECK_PLAINTEXT))
     }
 
-    pub(crate) fn verify_check(&self, check_hex: &str) -> bool {
+    /// Checks the value of state version `v` (1: master key, 2: subkey).
+    pub(crate) fn verify_check(&self, check_hex: &str, v: u8) -> bool {
         let Ok(sealed) = hex::decode(check_hex) else {
             return false;
         };
-        matches!(self.open(b"check", &sealed), Ok(p) if p.as_slice() == CHECK_PLAINTEXT)
+        let opened = if v == 1 {
+            Self::open(&self.legacy, b"check", &sealed)
+        } else {
+            Self::open(&self.check, b"check-v2", &sealed)
+        };
+        matches!(opened, Ok(p) if p.as_slice() == CHECK_PLAINTEXT)
     }
 
     pub(crate) fn seal_kek(
@@ -82,18 +112,36 @@ impl MasterKey {
         version: u32,
         kek: &Zeroizing<[u8; 32]>,
     ) -> String {
-        hex::encode(self.seal(&kek_aad(environment, scope, version), &kek[..]))
+        hex::encode(Self::seal(
+            &self.kek,
+            &kek_aad(b"panseal-keyd-kek-v2", environment, scope, version),
+            &kek[..],
+        ))
     }
 
+    /// Opens a KEK sealed in state version `v`.
     pub(crate) fn open_kek(
         &self,
+        v: u8,
         environment: &str,
         scope: &str,
         version: u32,
         sealed_hex: &str,
     ) -> Result<Zeroizing<[u8; 32]>, Refused> {
-        let sealed = hex::decode(sealed_hex).map_err(|_| Refused)?;
-        let plain = self.open(&kek_aad(environment, scope, version), &sealed)?;
+        let sealed = Zeroizing::new(hex::decode(sealed_hex).map_err(|_| Refused)?);
+        let plain = if v == 1 {
+            Self::open(
+                &self.legacy,
+                &kek_aad(b"panseal-keyd-kek-v1", environment, scope, version),
+                &sealed,
+            )?
+        } else {
+            Self::open(
+                &self.kek,
+                &kek_aad(b"panseal-keyd-kek-v2", environment, scope, version),
+                &sealed,
+            )?
+        };
         if plain.len() != 32 {
             return Err(Refused);
         }
@@ -103,8 +151,8 @@ impl MasterKey {
     }
 }
 
-fn kek_aad(environment: &str, scope: &str, version: u32) -> Vec<u8> {
-    let mut aad = b"panseal-keyd-kek-v1".to_vec();
+fn kek_aad(label: &[u8], environment: &str, scope: &str, version: u32) -> Vec<u8> {
+    let mut aad = label.to_vec();
     for part in [environment.as_bytes(), scope.as_bytes()] {
         aad.extend_from_slice(&(part.len() as u16).to_be_bytes());
         aad.extend_from_slice(part);
@@ -124,19 +172,25 @@ pub(crate) fn split(
         .dealer(&master[..])
         .take(usize::from(n))
         .map(|share| {
+            // blahaj wipes its `Share` on drop (feature `zeroize_memory`).
             let bytes = Zeroizing::new(Vec::from(&share));
-            (share.x.0, Zeroizing::new(share_text(&bytes)), bytes)
+            (share.x.0, share_text(&bytes), bytes)
         })
         .collect()
 }
 
-fn share_text(bytes: &[u8]) -> String {
+/// `pks1-<hex>-<4-byte checksum>`, built in one wiped allocation.
+fn share_text(bytes: &[u8]) -> Zeroizing<String> {
     let sum = Sha256::digest(bytes);
-    format!(
-        "{SHARE_PREFIX}{}-{}",
-        hex::encode(bytes),
-        hex::encode(&sum[..4])
-    )
+    let hex_share = Zeroizing::new(hex::encode(bytes));
+    let mut text = Zeroizing::new(String::with_capacity(
+        SHARE_PREFIX.len() + hex_share.len() + 1 + 8,
+    ));
+    text.push_str(SHARE_PREFIX);
+    text.push_str(&hex_share);
+    text.push('-');
+    text.push_str(&hex::encode(&sum[..4]));
+    text
 }
 
 /// Parses share text: prefix, hex, 4-byte checksum against typing errors.
@@ -215,15 +269,44 @@ mod tests {
         assert!(parse_share(&typo).is_err());
     }
 
+    /// `tests/vectors/keyd_state_v2.json`, made by an independent Python
+    /// implementation of FORMAT.md section 13.
+    #[test]
+    fn kek_sealing_and_check_match_the_independent_vectors() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/keyd_state_v2.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut key = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(v["master_key"].as_str().unwrap(), &mut key[..]).unwrap();
+        let m = MasterKey::from_bytes(&key);
+        let snap = panseal::keyd::state::decode_snapshot(
+            &hex::decode(v["state_bin"].as_str().unwrap()).unwrap(),
+            0,
+        )
+        .unwrap();
+        assert!(m.verify_check(&snap.state.master_check, V2));
+        let k = &snap.state.scopes["test/m-1"].versions[0];
+        let opened = m
+            .open_kek(V2, "test", "m-1", 1, k.sealed.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(hex::encode(&opened[..]), v["kek"]["key"].as_str().unwrap());
+    }
+
     #[test]
     fn sealed_keks_are_bound_to_their_slot() {
         let (m, _) = MasterKey::generate();
         let kek = new_kek();
         let s = m.seal_kek("prod", "m1", 1, &kek);
-        assert_eq!(*m.open_kek("prod", "m1", 1, &s).unwrap(), *kek);
-        assert!(m.open_kek("prod", "m1", 2, &s).is_err());
-        assert!(m.open_kek("test", "m1", 1, &s).is_err());
-        assert!(m.verify_check(&m.check_value()));
-        assert!(!MasterKey::generate().0.verify_check(&m.check_value()));
+        assert_eq!(*m.open_kek(2, "prod", "m1", 1, &s).unwrap(), *kek);
+        assert!(m.open_kek(2, "prod", "m1", 2, &s).is_err());
+        assert!(m.open_kek(2, "test", "m1", 1, &s).is_err());
+        // Subkeys are separate: a v2 seal does not open as v1.
+        assert!(m.open_kek(1, "prod", "m1", 1, &s).is_err());
+        assert!(m.verify_check(&m.check_value(), 2));
+        assert!(!m.verify_check(&m.check_value(), 1));
+        assert!(!MasterKey::generate().0.verify_check(&m.check_value(), 2));
     }
 }

@@ -1,23 +1,39 @@
-//! The persisted state: master-key checks, custodians' share checks and
-//! acknowledgements, and every KEK version sealed under the master key.
+//! The persisted state and the checks that keep it from being rolled back.
 //!
-//! One file, `state.bin`: `PANSEALD | 0x01 | JSON | SHA-256(all before)`,
-//! replaced atomically and durably on every change (write a temporary file,
-//! fsync, rename, fsync the folder) before the change is acknowledged. A
-//! torn or altered file fails its checksum and the server refuses to start.
-//! KEKs inside are AES-256-GCM-sealed under the master key and bound to
-//! their environment, scope and version, so a blob moved to another slot
-//! does not open at unseal.
+//! Files (`FORMAT.md`, "keyd state", version 2):
+//!
+//! * `state.bin`: a snapshot, `PANSEALD | 0x02 | JSON | HMAC | SHA-256`,
+//!   the HMAC under a subkey of the master key. Replaced atomically.
+//! * `state.journal`: one authenticated, chained line per change since the
+//!   snapshot (a change rewrites only the records it touches, so its cost
+//!   does not grow with the number of scopes); folded into a new snapshot
+//!   every [`COMPACT_AFTER`] entries and at unseal.
+//! * `state.anchor` (in `anchor_dir`, ideally another file system): the
+//!   newest generation and head MAC, rewritten after every change. Every
+//!   change is also recorded as a `state-commit` record in the audit log.
+//!   At start the state must be at least as new as both; otherwise it was
+//!   rolled back and keyd refuses to start.
+//! * `acknowledgements.pending`: acknowledgements given while sealed (no
+//!   key to authenticate them yet), folded into the journal at unseal.
+//! * `keyd.lock`: held (`flock`, exclusive) while a keyd uses the folder.
+//!
+//! Version 1 (`PANSEALD | 0x01 | JSON | SHA-256`) is still read and is
+//! rewritten as version 2 at the first unseal.
 
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use panseal::KeyState;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use panseal::keyd::state::{
+    self as fmt, Acknowledgement, Anchor, AuditPosition, Change, DekRecord, FormatError,
+    JournalEntry, JournalHeader, ScopeRecord, State, StateKeys,
+};
+use panseal::{ChainSummary, ChainedAuditLog};
 
-const MAGIC: &[u8; 8] = b"PANSEALD";
-const VERSION: u8 = 1;
+/// Journal entries after which the state is rewritten as one snapshot.
+pub(crate) const COMPACT_AFTER: usize = 1024;
 
 /// Why the state cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +41,22 @@ pub(crate) enum StateError {
     #[error("no state at {0}: run `panseal-keyd init` first")]
     Missing(PathBuf),
     #[error("state {path} is corrupt ({what}); refusing to start. Restore it from a backup.")]
-    Corrupt { path: PathBuf, what: &'static str },
+    Corrupt { path: PathBuf, what: String },
+    #[error(
+        "state rolled back: {path} is at generation {state} but {witness} records generation \
+         {anchored}; refusing to start (an older copy of the state was restored, or another keyd \
+         wrote it). Restore the newest state; do not delete the anchor"
+    )]
+    RolledBack {
+        path: PathBuf,
+        state: u64,
+        anchored: u64,
+        witness: String,
+    },
+    #[error("{0}")]
+    Unauthentic(String),
+    #[error("another panseal-keyd holds {0} (one keyd per data directory); refusing to start")]
+    Locked(PathBuf),
     #[error("state {path}: {source}")]
     Io {
         path: PathBuf,
@@ -33,178 +64,565 @@ pub(crate) enum StateError {
     },
 }
 
-/// One custodian's share: its x coordinate and a salted MAC of the whole
-/// share, so a wrong share is refused on its own (the MAC reveals nothing
-/// about a 256-bit share).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct CustodianShare {
-    pub(crate) custodian: String,
-    pub(crate) x: u8,
-    pub(crate) check: String,
-}
-
-/// A custodian's acknowledgement of their responsibilities (PCI DSS 3.7.8).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct Acknowledgement {
-    pub(crate) custodian: String,
-    pub(crate) statement_sha256: String,
-    pub(crate) at: u64,
-}
-
-/// One KEK version.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct KekRecord {
-    pub(crate) environment: String,
-    pub(crate) scope: String,
-    pub(crate) version: u32,
-    pub(crate) state: KeyState,
-    pub(crate) created_at: u64,
-    /// The KEK sealed under the master key (hex); `None` once destroyed.
-    pub(crate) sealed: Option<String>,
-    pub(crate) destroy_approvals: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct State {
-    pub(crate) threshold: u8,
-    pub(crate) share_salt: String,
-    pub(crate) master_check: String,
-    pub(crate) shares: Vec<CustodianShare>,
-    pub(crate) acknowledgements: Vec<Acknowledgement>,
-    pub(crate) keks: Vec<KekRecord>,
-    /// Counts writes; never goes back.
-    pub(crate) generation: u64,
-}
-
-impl State {
-    pub(crate) fn acknowledged(&self, custodian: &str) -> bool {
-        self.acknowledgements
-            .iter()
-            .any(|a| a.custodian == custodian)
-    }
-
-    pub(crate) fn versions<'a>(
-        &'a self,
-        environment: &'a str,
-        scope: &'a str,
-    ) -> impl Iterator<Item = &'a KekRecord> + 'a {
-        self.keks
-            .iter()
-            .filter(move |k| k.environment == environment && k.scope == scope)
-    }
-
-    pub(crate) fn version_mut(
-        &mut self,
-        environment: &str,
-        scope: &str,
-        version: u32,
-    ) -> Option<&mut KekRecord> {
-        self.keks
-            .iter_mut()
-            .find(|k| k.environment == environment && k.scope == scope && k.version == version)
-    }
-}
-
-pub(crate) fn encode(state: &State) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    // Serialising plain data to a Vec cannot fail.
-    out.extend_from_slice(&serde_json::to_vec(state).unwrap_or_default());
-    let digest = Sha256::digest(&out);
-    out.extend_from_slice(&digest);
-    out
-}
-
-pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
-    let corrupt = |what| StateError::Corrupt {
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
         path: path.to_owned(),
-        what,
-    };
-    if bytes.len() < MAGIC.len() + 1 + 32 {
-        return Err(corrupt("file too short"));
+        source,
     }
-    let (body, digest) = bytes.split_at(bytes.len() - 32);
-    if &body[..MAGIC.len()] != MAGIC {
-        return Err(corrupt("not a panseal-keyd state file"));
-    }
-    if Sha256::digest(body).as_slice() != digest {
-        return Err(corrupt("checksum mismatch: torn or altered"));
-    }
-    if body[MAGIC.len()] != VERSION {
-        return Err(corrupt("unknown state version"));
-    }
-    serde_json::from_slice(&body[MAGIC.len() + 1..]).map_err(|_| corrupt("does not parse"))
 }
 
-/// The state file and its live copy. Changes are serialised; readers see
+/// Where the state files live.
+#[derive(Clone, Debug)]
+pub(crate) struct Paths {
+    pub(crate) state: PathBuf,
+    pub(crate) journal: PathBuf,
+    pub(crate) anchor: PathBuf,
+    pub(crate) audit_anchor: PathBuf,
+    pub(crate) pending: PathBuf,
+    pub(crate) lock: PathBuf,
+}
+
+impl Paths {
+    pub(crate) fn new(data_dir: &Path, anchor_dir: &Path) -> Paths {
+        Paths {
+            state: data_dir.join("state.bin"),
+            journal: data_dir.join("state.journal"),
+            anchor: anchor_dir.join("state.anchor"),
+            audit_anchor: anchor_dir.join("audit.anchor"),
+            pending: data_dir.join("acknowledgements.pending"),
+            lock: data_dir.join("keyd.lock"),
+        }
+    }
+}
+
+/// The exclusive lock on a data directory, held while the value lives.
+pub(crate) struct DirLock {
+    #[cfg(target_os = "linux")]
+    _flock: nix::fcntl::Flock<File>,
+    #[cfg(not(target_os = "linux"))]
+    _file: File,
+}
+
+impl DirLock {
+    pub(crate) fn take(path: &Path) -> Result<DirLock, StateError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io(path))?;
+        #[cfg(target_os = "linux")]
+        {
+            let flock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|_| StateError::Locked(path.to_owned()))?;
+            Ok(DirLock { _flock: flock })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Ok(DirLock { _file: file })
+        }
+    }
+}
+
+/// What was read at start and can only be authenticated once the master
+/// key is known (at unseal).
+struct Unverified {
+    snapshot: fmt::Snapshot,
+    entries: Vec<JournalEntry>,
+    anchor: Option<Anchor>,
+}
+
+struct Writer {
+    journal: Option<File>,
+    head: [u8; 32],
+    entries: usize,
+}
+
+/// The state files and their live copy. Changes are serialised; readers see
 /// the last durably written state.
 pub(crate) struct StateStore {
-    path: PathBuf,
-    writer: Mutex<()>,
+    paths: Paths,
+    writer: Mutex<Writer>,
     live: RwLock<State>,
+    version: u8,
+    unverified: Mutex<Option<Unverified>>,
+    pending: Mutex<BTreeMap<String, Acknowledgement>>,
+    /// Set at unseal (authenticate); taken after the change lock, never
+    /// held across it.
+    keys: Mutex<Option<StateKeys>>,
+    _lock: DirLock,
+}
+
+/// The changes one [`StateStore::mutate`] makes, copy-on-write over the
+/// live state.
+pub(crate) struct Draft<'a> {
+    base: &'a State,
+    scopes: BTreeMap<String, ScopeRecord>,
+    deks: BTreeMap<String, DekRecord>,
+    acks: Vec<Acknowledgement>,
+}
+
+impl Draft<'_> {
+    pub(crate) fn scope(&self, key: &str) -> Option<&ScopeRecord> {
+        self.scopes.get(key).or_else(|| self.base.scopes.get(key))
+    }
+
+    pub(crate) fn scope_mut(&mut self, key: &str) -> Option<&mut ScopeRecord> {
+        if !self.scopes.contains_key(key) {
+            let r = self.base.scopes.get(key)?.clone();
+            self.scopes.insert(key.to_owned(), r);
+        }
+        self.scopes.get_mut(key)
+    }
+
+    pub(crate) fn put_scope(&mut self, key: &str, r: ScopeRecord) {
+        self.scopes.insert(key.to_owned(), r);
+    }
+
+    pub(crate) fn dek(&self, key: &str) -> Option<&DekRecord> {
+        self.deks.get(key).or_else(|| self.base.deks.get(key))
+    }
+
+    pub(crate) fn put_dek(&mut self, key: &str, r: DekRecord) {
+        self.deks.insert(key.to_owned(), r);
+    }
+
+    pub(crate) fn acknowledge(&mut self, a: Acknowledgement) {
+        self.acks.push(a);
+    }
+
+    fn into_changes(self) -> Vec<Change> {
+        let mut out: Vec<Change> = self
+            .acks
+            .into_iter()
+            .map(|value| Change::Acknowledgement { value })
+            .collect();
+        out.extend(
+            self.scopes
+                .into_iter()
+                .map(|(key, value)| Change::Scope { key, value }),
+        );
+        out.extend(
+            self.deks
+                .into_iter()
+                .map(|(key, value)| Change::Dek { key, value }),
+        );
+        out
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StateError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 impl StateStore {
-    pub(crate) fn open(path: &Path) -> Result<Self, StateError> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StateError::Missing(path.to_owned()))
+    /// Locks the folder and reads the state (snapshot, journal, anchor)
+    /// without the master key: structure, chain links and generations are
+    /// checked now, MACs at [`StateStore::authenticate`].
+    pub(crate) fn open(paths: &Paths) -> Result<Self, StateError> {
+        let lock = DirLock::take(&paths.lock)?;
+        let corrupt = |path: &Path, e: FormatError| StateError::Corrupt {
+            path: path.to_owned(),
+            what: e.to_string(),
+        };
+        let bytes =
+            read_optional(&paths.state)?.ok_or_else(|| StateError::Missing(paths.state.clone()))?;
+        let snapshot =
+            fmt::decode_snapshot(&bytes, now_secs()).map_err(|e| corrupt(&paths.state, e))?;
+        let mut state = snapshot.state.clone();
+        let mut head = snapshot.mac;
+        let mut entries = Vec::new();
+        if let Some(j) = read_optional(&paths.journal)? {
+            let (parsed, good) = fmt::parse_journal(&j).map_err(|e| corrupt(&paths.journal, e))?;
+            if good < j.len() {
+                // A torn append: never acknowledged, cut it off.
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&paths.journal)
+                    .map_err(io(&paths.journal))?;
+                f.set_len(good as u64).map_err(io(&paths.journal))?;
+                f.sync_all().map_err(io(&paths.journal))?;
             }
-            Err(source) => {
-                return Err(StateError::Io {
-                    path: path.to_owned(),
-                    source,
+            for e in parsed {
+                if e.header.generation <= snapshot.state.generation {
+                    // Left over from before the last snapshot.
+                    continue;
+                }
+                if e.header.generation != state.generation + 1 || e.header.prev != hex::encode(head)
+                {
+                    return Err(corrupt(
+                        &paths.journal,
+                        FormatError::Corrupt("journal entry out of sequence (removed or moved)"),
+                    ));
+                }
+                state.generation = e.header.generation;
+                state.audit = e.header.audit.clone();
+                for c in e.header.changes.iter().cloned() {
+                    state.apply(c);
+                }
+                head = e.mac;
+                entries.push(e);
+            }
+        }
+        let anchor = match read_optional(&paths.anchor)? {
+            Some(b) => Some(Anchor::parse(&b).map_err(|e| corrupt(&paths.anchor, e))?),
+            None => None,
+        };
+        match &anchor {
+            Some(a) if a.generation > state.generation => {
+                return Err(StateError::RolledBack {
+                    path: paths.state.clone(),
+                    state: state.generation,
+                    anchored: a.generation,
+                    witness: format!("the anchor {}", paths.anchor.display()),
                 })
             }
+            Some(a) if a.generation == state.generation && a.head != hex::encode(head) => {
+                return Err(StateError::RolledBack {
+                    path: paths.state.clone(),
+                    state: state.generation,
+                    anchored: a.generation,
+                    witness: format!(
+                        "the anchor {} (same generation, other contents: a forked copy)",
+                        paths.anchor.display()
+                    ),
+                })
+            }
+            None if snapshot.version != fmt::V1 => {
+                return Err(StateError::Unauthentic(format!(
+                    "the anchor {} is missing (deleted?): without it a restored older state \
+                     cannot be told apart; refusing to start. Restore it (it is kept by \
+                     anchor_dir) or see README \"Recovering keyd\"",
+                    paths.anchor.display()
+                )))
+            }
+            _ => {}
+        }
+        let pending: BTreeMap<String, Acknowledgement> = match read_optional(&paths.pending)? {
+            Some(b) => serde_json::from_slice::<Vec<Acknowledgement>>(&b)
+                .map_err(|_| StateError::Corrupt {
+                    path: paths.pending.clone(),
+                    what: "does not parse".into(),
+                })?
+                .into_iter()
+                .map(|a| (a.custodian.clone(), a))
+                .collect(),
+            None => BTreeMap::new(),
         };
-        let state = decode(path, &bytes)?;
+        let n = entries.len();
         Ok(StateStore {
-            path: path.to_owned(),
-            writer: Mutex::new(()),
+            paths: paths.clone(),
+            writer: Mutex::new(Writer {
+                journal: None,
+                head,
+                entries: n,
+            }),
+            keys: Mutex::new(None),
             live: RwLock::new(state),
+            version: snapshot.version,
+            unverified: Mutex::new(Some(Unverified {
+                snapshot,
+                entries,
+                anchor,
+            })),
+            pending: Mutex::new(pending),
+            _lock: lock,
         })
     }
 
-    pub(crate) fn create(path: &Path, state: &State) -> Result<(), StateError> {
-        if path.exists() {
+    /// Writes the first state of a new server (version 2) and its anchor.
+    pub(crate) fn create(paths: &Paths, state: &State, keys: &StateKeys) -> Result<(), StateError> {
+        if paths.state.exists() {
             return Err(StateError::Io {
-                path: path.to_owned(),
+                path: paths.state.clone(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::AlreadyExists,
                     "state exists; refusing to overwrite",
                 ),
             });
         }
-        panseal::keyd::write_atomically(path, &encode(state)).map_err(|source| StateError::Io {
-            path: path.to_owned(),
-            source,
-        })
+        let (bytes, mac) = fmt::encode_snapshot(state, keys);
+        panseal::keyd::write_atomically(&paths.state, &bytes).map_err(io(&paths.state))?;
+        let _ = std::fs::remove_file(&paths.journal);
+        panseal::keyd::write_atomically(
+            &paths.anchor,
+            &Anchor::new(keys, state.generation, &mac).encode(),
+        )
+        .map_err(io(&paths.anchor))
+    }
+
+    /// The format version read at start (1 needs migration).
+    pub(crate) fn version(&self) -> u8 {
+        self.version
     }
 
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
         self.live.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies `change` to a copy, writes the copy durably, then makes it
-    /// live and runs `after` (still serialised with other changes).
+    /// Whether `custodian` acknowledged (on record or while sealed).
+    pub(crate) fn acknowledged(&self, custodian: &str) -> bool {
+        self.read().acknowledgements.contains_key(custodian)
+            || self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(custodian)
+    }
+
+    /// Authenticates what was read at start under the master key's
+    /// subkeys; from then on changes can be written. Idempotent.
+    pub(crate) fn authenticate(&self, keys: &StateKeys) -> Result<(), StateError> {
+        let mut u = self.unverified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(un) = u.as_ref() {
+            let bad = |e: FormatError| StateError::Unauthentic(format!("{e}; refusing to unseal"));
+            un.snapshot.verify(keys).map_err(bad)?;
+            for e in &un.entries {
+                e.verify(keys).map_err(bad)?;
+            }
+            // An anchor older than the state is a crash between writing
+            // the state and the anchor (it may predate a re-share's new
+            // keys); only an anchor at the state's generation must verify.
+            if let Some(a) = &un.anchor {
+                if a.generation == self.read().generation {
+                    a.verify(keys).map_err(bad)?;
+                }
+            }
+        }
+        *u = None;
+        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = Some(keys.clone());
+        Ok(())
+    }
+
+    /// Forgets the subkeys (sealing): no change is written until the next
+    /// unseal authenticates again.
+    pub(crate) fn forget_keys(&self) {
+        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Records an acknowledgement given while sealed.
+    pub(crate) fn acknowledge_sealed(&self, a: Acknowledgement) -> Result<(), StateError> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        p.insert(a.custodian.clone(), a);
+        let list: Vec<&Acknowledgement> = p.values().collect();
+        let bytes = serde_json::to_vec(&list).unwrap_or_default();
+        panseal::keyd::write_atomically(&self.paths.pending, &bytes)
+            .map_err(io(&self.paths.pending))
+    }
+
+    /// Folds acknowledgements given while sealed into the journal.
+    pub(crate) fn fold_pending(&self, audit: &ChainedAuditLog) -> Result<(), StateError> {
+        let acks: Vec<Acknowledgement> = {
+            let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            p.values().cloned().collect()
+        };
+        if acks.is_empty() {
+            return Ok(());
+        }
+        self.mutate(audit, |d| {
+            for a in acks {
+                d.acknowledge(a);
+            }
+            Ok::<_, StateError>(())
+        })?;
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let _ = std::fs::remove_file(&self.paths.pending);
+        Ok(())
+    }
+
+    /// Applies `change` (copy-on-write), appends it durably to the journal,
+    /// makes it live, records a `state-commit` audit record and rewrites
+    /// the anchor. Needs [`StateStore::authenticate`] first.
     pub(crate) fn mutate<R, E: From<StateError>>(
         &self,
-        change: impl FnOnce(&mut State) -> Result<R, E>,
+        audit: &ChainedAuditLog,
+        change: impl FnOnce(&mut Draft<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
-        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = self.read().clone();
-        let r = change(&mut next)?;
-        next.generation += 1;
-        panseal::keyd::write_atomically(&self.path, &encode(&next)).map_err(|source| {
-            StateError::Io {
-                path: self.path.clone(),
-                source,
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (r, changes) = {
+            let live = self.read();
+            let mut d = Draft {
+                base: &live,
+                scopes: BTreeMap::new(),
+                deks: BTreeMap::new(),
+                acks: Vec::new(),
+            };
+            let r = change(&mut d)?;
+            (r, d.into_changes())
+        };
+        if changes.is_empty() {
+            return Ok(r);
+        }
+        let keys = match self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(k) => k,
+            None => {
+                return Err(StateError::Unauthentic(
+                    "state is not authenticated yet (sealed)".into(),
+                )
+                .into())
             }
-        })?;
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = next;
+        };
+        let generation = self.read().generation + 1;
+        let pos = audit.summary();
+        let header = JournalHeader {
+            generation,
+            prev: hex::encode(w.head),
+            audit: AuditPosition {
+                records: pos.records,
+                head: pos.head,
+            },
+            changes,
+        };
+        let (line, mac) = fmt::encode_journal_entry(&header, &keys);
+        if w.journal.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.paths.journal)
+                .map_err(io(&self.paths.journal))?;
+            w.journal = Some(f);
+            sync_dir(&self.paths.journal);
+        }
+        if let Some(f) = w.journal.as_mut() {
+            f.write_all(&line)
+                .and_then(|()| f.sync_data())
+                .map_err(io(&self.paths.journal))?;
+        }
+        {
+            let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+            live.generation = generation;
+            live.audit = header.audit.clone();
+            for c in header.changes {
+                live.apply(c);
+            }
+        }
+        w.head = mac;
+        w.entries += 1;
+        self.after_commit(&w, &keys, audit, generation)?;
+        if w.entries >= COMPACT_AFTER {
+            self.compact_locked(&mut w, audit, None)?;
+        }
         Ok(r)
+    }
+
+    /// Audit record and anchor after a change at `generation`.
+    fn after_commit(
+        &self,
+        w: &Writer,
+        keys: &StateKeys,
+        audit: &ChainedAuditLog,
+        generation: u64,
+    ) -> Result<(), StateError> {
+        let rec = serde_json::json!({
+            "time": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            "principal": "panseal-keyd",
+            "origin": "local",
+            "operation": "state-commit",
+            "state_generation": generation,
+            "state_head": hex::encode(w.head),
+            "outcome": "success",
+        });
+        audit
+            .append(&rec)
+            .and_then(|_| audit.write_anchor(&self.paths.audit_anchor))
+            .map_err(|e| StateError::Io {
+                path: audit.path().to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        panseal::keyd::write_atomically(
+            &self.paths.anchor,
+            &Anchor::new(keys, generation, &w.head).encode(),
+        )
+        .map_err(io(&self.paths.anchor))
+    }
+
+    /// Rewrites the whole state as one snapshot: `prepare` computes the new
+    /// state and keys from the current one (re-sharing, the version 1
+    /// migration); `then` runs after the write, still under the change lock.
+    pub(crate) fn replace_with<E: From<StateError>>(
+        &self,
+        audit: &ChainedAuditLog,
+        prepare: impl FnOnce(&State) -> Result<(State, StateKeys), E>,
+        then: impl FnOnce(),
+    ) -> Result<(), E> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let replace = {
+            let current = self.read();
+            prepare(&current)?
+        };
+        self.compact_locked(&mut w, audit, Some(replace))?;
+        then();
+        Ok(())
+    }
+
+    fn compact_locked(
+        &self,
+        w: &mut Writer,
+        audit: &ChainedAuditLog,
+        replace: Option<(State, StateKeys)>,
+    ) -> Result<(), StateError> {
+        let mut next = match &replace {
+            Some((s, _)) => s.clone(),
+            None => self.read().clone(),
+        };
+        let keys = match replace {
+            Some((_, k)) => k,
+            None => self
+                .keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .ok_or_else(|| StateError::Unauthentic("state is not authenticated".into()))?,
+        };
+        next.generation = self.read().generation.max(next.generation) + 1;
+        let pos = audit.summary();
+        next.audit = AuditPosition {
+            records: pos.records,
+            head: pos.head,
+        };
+        let (bytes, mac) = fmt::encode_snapshot(&next, &keys);
+        panseal::keyd::write_atomically(&self.paths.state, &bytes)
+            .map_err(io(&self.paths.state))?;
+        // Entries of the old journal are older than the snapshot: ignored
+        // at load, then dropped here.
+        w.journal = None;
+        panseal::keyd::write_atomically(&self.paths.journal, b"")
+            .map_err(io(&self.paths.journal))?;
+        let generation = next.generation;
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = next;
+        w.head = mac;
+        w.entries = 0;
+        self.after_commit(w, &keys, audit, generation)?;
+        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = Some(keys);
+        Ok(())
     }
 
     /// Runs `f` while holding the change lock (so the live state cannot
@@ -212,5 +630,18 @@ impl StateStore {
     pub(crate) fn exclusive<R>(&self, f: impl FnOnce() -> R) -> R {
         let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         f()
+    }
+
+    /// The audit position the state vouches for (unauthenticated until
+    /// unseal; a forged one fails then).
+    pub(crate) fn audit_anchor(&self) -> ChainSummary {
+        let s = self.read();
+        if s.audit.records == 0 {
+            return ChainSummary::genesis();
+        }
+        ChainSummary {
+            records: s.audit.records,
+            head: s.audit.head.clone(),
+        }
     }
 }

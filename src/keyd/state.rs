@@ -1,0 +1,655 @@
+//! The bytes of `panseal-keyd`'s persisted state (`FORMAT.md`, "keyd
+//! state"): the snapshot `state.bin` (version 1, read only, and version 2),
+//! the authenticated change journal `state.journal`, and the rollback
+//! anchor `state.anchor`. Parsers only; the server owns the files.
+//!
+//! Hidden from the documentation: exposed so the fuzz targets and the
+//! tests can reach the parsers, not a stable API.
+
+use std::collections::BTreeMap;
+
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::keys::KeyState;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// First bytes of `state.bin`.
+pub const MAGIC: &[u8; 8] = b"PANSEALD";
+/// The first format: JSON and an unkeyed SHA-256 (read, then migrated).
+pub const V1: u8 = 1;
+/// The current format: JSON, HMAC under the state key, SHA-256.
+pub const V2: u8 = 2;
+
+const SNAPSHOT_LABEL: &[u8] = b"panseal-keyd-state-v2\n";
+const JOURNAL_LABEL: &[u8] = b"panseal-keyd-journal-v2\n";
+const ANCHOR_LABEL: &[u8] = b"panseal-keyd-anchor-v2\n";
+const MAC_PREFIX: &[u8] = b",\"mac\":\"";
+const SUFFIX_LEN: usize = 8 + 64 + 2;
+
+/// Why state bytes are refused. Carries no input bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The bytes are damaged or not a state file.
+    #[error("{0}")]
+    Corrupt(&'static str),
+    /// The bytes parse but fail authentication under the master key.
+    #[error("{0}")]
+    Unauthentic(&'static str),
+}
+
+#[derive(Clone)]
+/// The subkeys `panseal-keyd` derives from its master key with
+/// HKDF-SHA-256 (no salt; `info` = the label), one per purpose.
+pub struct StateKeys {
+    /// HMAC key of the snapshot and the journal.
+    pub state_mac: Zeroizing<[u8; 32]>,
+    /// HMAC key of the rollback anchor.
+    pub anchor_mac: Zeroizing<[u8; 32]>,
+    /// AES-256-GCM key sealing KEKs in state version 2.
+    pub kek_seal: Zeroizing<[u8; 32]>,
+    /// AES-256-GCM key of the master-key check value in version 2.
+    pub check: Zeroizing<[u8; 32]>,
+}
+
+impl StateKeys {
+    /// Derives every subkey from the master key.
+    pub fn derive(master: &[u8; 32]) -> StateKeys {
+        let hk = Hkdf::<Sha256>::new(None, master);
+        let sub = |info: &[u8]| {
+            let mut k = Zeroizing::new([0u8; 32]);
+            // 32 bytes is far below HKDF-SHA-256's output limit.
+            hk.expand(info, &mut k[..])
+                .unwrap_or_else(|_| unreachable!("HKDF output of 32 bytes"));
+            k
+        };
+        StateKeys {
+            state_mac: sub(b"panseal-keyd v2 state authentication"),
+            anchor_mac: sub(b"panseal-keyd v2 rollback anchor"),
+            kek_seal: sub(b"panseal-keyd v2 kek sealing"),
+            check: sub(b"panseal-keyd v2 master check"),
+        }
+    }
+}
+
+fn hmac(key: &[u8; 32], label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes 32-byte keys"));
+    m.update(label);
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    bool::from(subtle::ConstantTimeEq::ct_eq(a, b))
+}
+
+/// One custodian's share: its x coordinate and a salted MAC of the share.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustodianShare {
+    /// Custodian principal.
+    pub custodian: String,
+    /// Shamir x coordinate.
+    pub x: u8,
+    /// HMAC-SHA-256(salt, label || share), hex.
+    pub check: String,
+}
+
+/// A custodian's acknowledgement (PCI DSS 3.7.8).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledgement {
+    /// Custodian principal.
+    pub custodian: String,
+    /// SHA-256 of the statement, hex.
+    pub statement_sha256: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+/// One custodian's approval of a destruction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Custodian principal.
+    pub custodian: String,
+    /// Unix seconds; approvals expire.
+    pub at: u64,
+}
+
+/// One KEK version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KekRecord {
+    /// Version, from 1.
+    pub version: u32,
+    /// Active, decrypt-only or destroyed.
+    pub state: KeyState,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The KEK sealed under the KEK-sealing subkey (hex); `None` once destroyed.
+    pub sealed: Option<String>,
+    /// Pending destroy approvals.
+    pub destroy_approvals: Vec<Approval>,
+}
+
+/// One scope's KEK versions: one journal record per scope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeRecord {
+    /// Environment tag.
+    pub environment: String,
+    /// Scope.
+    pub scope: String,
+    /// Who created the scope's first KEK.
+    pub created_by: String,
+    /// Versions, oldest first.
+    pub versions: Vec<KekRecord>,
+}
+
+/// A DEK whose destruction custodians approved (or are approving).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DekRecord {
+    /// Environment tag.
+    pub environment: String,
+    /// Scope.
+    pub scope: String,
+    /// Key id, 16 hex digits.
+    pub id: String,
+    /// Pending approvals (cleared once destroyed).
+    pub approvals: Vec<Approval>,
+    /// Unix seconds of the destruction; `None` while pending.
+    pub destroyed_at: Option<u64>,
+    /// Who approved the destruction.
+    pub destroyed_by: Vec<String>,
+}
+
+/// Where the audit log stood when the state last changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPosition {
+    /// Records in the log.
+    pub records: u64,
+    /// MAC of the last record (hex; zeros for none).
+    pub head: String,
+}
+
+/// The whole state (version 2 snapshot body).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Shares needed to unseal.
+    pub threshold: u8,
+    /// Salt of the share checks, hex.
+    pub share_salt: String,
+    /// Value only the right master key opens, hex.
+    pub master_check: String,
+    /// One entry per custodian holding a share.
+    pub shares: Vec<CustodianShare>,
+    /// Counts re-sharings; shares of another epoch are refused.
+    pub share_epoch: u32,
+    /// Acknowledgements by custodian.
+    pub acknowledgements: BTreeMap<String, Acknowledgement>,
+    /// KEKs by `environment/scope`.
+    pub scopes: BTreeMap<String, ScopeRecord>,
+    /// DEK destructions by `environment/scope/id`.
+    pub deks: BTreeMap<String, DekRecord>,
+    /// Counts changes; never goes back.
+    pub generation: u64,
+    /// The audit log's position at the last change.
+    pub audit: AuditPosition,
+    /// Identifies the audit key (not secret: an HMAC of a label under it).
+    pub audit_key_id: String,
+}
+
+/// One change in a journal entry: the new value of one record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Change {
+    /// A custodian's acknowledgement.
+    Acknowledgement {
+        /// The acknowledgement.
+        value: Acknowledgement,
+    },
+    /// A scope's KEK record.
+    Scope {
+        /// `environment/scope`.
+        key: String,
+        /// The whole record.
+        value: ScopeRecord,
+    },
+    /// A DEK destruction record.
+    Dek {
+        /// `environment/scope/id`.
+        key: String,
+        /// The whole record.
+        value: DekRecord,
+    },
+}
+
+impl State {
+    /// Applies one change.
+    pub fn apply(&mut self, c: Change) {
+        match c {
+            Change::Acknowledgement { value } => {
+                self.acknowledgements.insert(value.custodian.clone(), value);
+            }
+            Change::Scope { key, value } => {
+                self.scopes.insert(key, value);
+            }
+            Change::Dek { key, value } => {
+                self.deks.insert(key, value);
+            }
+        }
+    }
+}
+
+/// A decoded snapshot.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The state.
+    pub state: State,
+    /// Format version it was read from.
+    pub version: u8,
+    /// Version 2: the MAC (the journal's first `prev`). Version 1: zeros.
+    pub mac: [u8; 32],
+    /// Version 2: the exact authenticated bytes, for checking the MAC once
+    /// the master key is known.
+    pub authenticated: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Checks the MAC of a version 2 snapshot (version 1 has none).
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Unauthentic`] when the MAC does not match.
+    pub fn verify(&self, keys: &StateKeys) -> Result<(), FormatError> {
+        if self.version == V1 {
+            return Ok(());
+        }
+        let mac = hmac(&keys.state_mac, SNAPSHOT_LABEL, &[&self.authenticated]);
+        if ct_eq(&mac, &self.mac) {
+            Ok(())
+        } else {
+            Err(FormatError::Unauthentic(
+                "state.bin fails authentication under the master key: altered, or not written by this keyd",
+            ))
+        }
+    }
+}
+
+/// `MAGIC | 0x02 | JSON | HMAC (32) | SHA-256 of all before (32)`.
+pub fn encode_snapshot(state: &State, keys: &StateKeys) -> (Vec<u8>, [u8; 32]) {
+    let mut out = Vec::new();
+    out.extend_from_slice(MAGIC);
+    out.push(V2);
+    out.extend_from_slice(&serde_json::to_vec(state).unwrap_or_default());
+    let mac = hmac(&keys.state_mac, SNAPSHOT_LABEL, &[&out]);
+    out.extend_from_slice(&mac);
+    let digest = Sha256::digest(&out);
+    out.extend_from_slice(&digest);
+    (out, mac)
+}
+
+// Version 1 (read only).
+#[derive(Deserialize)]
+struct V1Kek {
+    environment: String,
+    scope: String,
+    version: u32,
+    state: KeyState,
+    created_at: u64,
+    sealed: Option<String>,
+    destroy_approvals: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct V1State {
+    threshold: u8,
+    share_salt: String,
+    master_check: String,
+    shares: Vec<CustodianShare>,
+    acknowledgements: Vec<Acknowledgement>,
+    keks: Vec<V1Kek>,
+    generation: u64,
+}
+
+/// `environment/scope`.
+pub fn scope_key(environment: &str, scope: &str) -> String {
+    format!("{environment}/{scope}")
+}
+
+fn from_v1(v: V1State, now: u64) -> State {
+    let mut scopes: BTreeMap<String, ScopeRecord> = BTreeMap::new();
+    for k in v.keks {
+        let rec = scopes
+            .entry(scope_key(&k.environment, &k.scope))
+            .or_insert_with(|| ScopeRecord {
+                environment: k.environment.clone(),
+                scope: k.scope.clone(),
+                created_by: "-".into(),
+                versions: Vec::new(),
+            });
+        rec.versions.push(KekRecord {
+            version: k.version,
+            state: k.state,
+            created_at: k.created_at,
+            sealed: k.sealed,
+            // Version 1 approvals had no time: they count from migration.
+            destroy_approvals: k
+                .destroy_approvals
+                .into_iter()
+                .map(|custodian| Approval { custodian, at: now })
+                .collect(),
+        });
+    }
+    for r in scopes.values_mut() {
+        r.versions.sort_by_key(|k| k.version);
+    }
+    State {
+        threshold: v.threshold,
+        share_salt: v.share_salt,
+        master_check: v.master_check,
+        shares: v.shares,
+        share_epoch: 0,
+        acknowledgements: v
+            .acknowledgements
+            .into_iter()
+            .map(|a| (a.custodian.clone(), a))
+            .collect(),
+        scopes,
+        deks: BTreeMap::new(),
+        generation: v.generation,
+        audit: AuditPosition::default(),
+        audit_key_id: String::new(),
+    }
+}
+
+/// Reads `state.bin` of version 1 or 2 (`now` dates version 1 approvals).
+/// The version 2 MAC is checked later with [`Snapshot::verify`].
+///
+/// # Errors
+///
+/// [`FormatError::Corrupt`] for anything that is not an intact state file.
+pub fn decode_snapshot(bytes: &[u8], now: u64) -> Result<Snapshot, FormatError> {
+    let corrupt = FormatError::Corrupt;
+    if bytes.len() < MAGIC.len() + 1 + 32 {
+        return Err(corrupt("file too short"));
+    }
+    let (body, digest) = bytes.split_at(bytes.len() - 32);
+    if &body[..MAGIC.len()] != MAGIC {
+        return Err(corrupt("not a panseal-keyd state file"));
+    }
+    if Sha256::digest(body).as_slice() != digest {
+        return Err(corrupt("checksum mismatch: torn or altered"));
+    }
+    match body[MAGIC.len()] {
+        V1 => {
+            let v: V1State = serde_json::from_slice(&body[MAGIC.len() + 1..])
+                .map_err(|_| corrupt("does not parse"))?;
+            Ok(Snapshot {
+                state: from_v1(v, now),
+                version: V1,
+                mac: [0; 32],
+                authenticated: Vec::new(),
+            })
+        }
+        V2 => {
+            if body.len() < MAGIC.len() + 1 + 32 {
+                return Err(corrupt("file too short"));
+            }
+            let (authenticated, mac) = body.split_at(body.len() - 32);
+            let state: State = serde_json::from_slice(&authenticated[MAGIC.len() + 1..])
+                .map_err(|_| corrupt("does not parse"))?;
+            let mut m = [0u8; 32];
+            m.copy_from_slice(mac);
+            Ok(Snapshot {
+                state,
+                version: V2,
+                mac: m,
+                authenticated: authenticated.to_vec(),
+            })
+        }
+        _ => Err(corrupt("unknown state version")),
+    }
+}
+
+/// One line of `state.journal`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalHeader {
+    /// The state's generation after this entry.
+    pub generation: u64,
+    /// MAC of the entry before (the snapshot's MAC for the first), hex.
+    pub prev: String,
+    /// The audit log's position when the change was made.
+    pub audit: AuditPosition,
+    /// The changed records.
+    pub changes: Vec<Change>,
+}
+
+/// Encodes one journal line (with its newline) and returns its MAC.
+pub fn encode_journal_entry(h: &JournalHeader, keys: &StateKeys) -> (Vec<u8>, [u8; 32]) {
+    let json = serde_json::to_vec(h).unwrap_or_default();
+    // Drop the closing brace; the MAC field closes the object.
+    let mut line = json[..json.len().saturating_sub(1)].to_vec();
+    let mac = hmac(&keys.state_mac, JOURNAL_LABEL, &[&line]);
+    line.extend_from_slice(MAC_PREFIX);
+    line.extend_from_slice(hex::encode(mac).as_bytes());
+    line.extend_from_slice(b"\"}\n");
+    (line, mac)
+}
+
+/// A parsed journal line, not yet authenticated.
+#[derive(Debug)]
+pub struct JournalEntry {
+    /// The entry.
+    pub header: JournalHeader,
+    /// Its MAC.
+    pub mac: [u8; 32],
+    body: Vec<u8>,
+}
+
+impl JournalEntry {
+    /// Checks the entry's MAC.
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Unauthentic`] when it does not match.
+    pub fn verify(&self, keys: &StateKeys) -> Result<(), FormatError> {
+        let mac = hmac(&keys.state_mac, JOURNAL_LABEL, &[&self.body]);
+        if ct_eq(&mac, &self.mac) {
+            Ok(())
+        } else {
+            Err(FormatError::Unauthentic(
+                "state.journal fails authentication under the master key: altered or forged",
+            ))
+        }
+    }
+}
+
+/// Parses one journal line (without its newline).
+///
+/// # Errors
+///
+/// [`FormatError::Corrupt`] if it is not a journal entry.
+pub fn parse_journal_line(line: &[u8]) -> Result<JournalEntry, FormatError> {
+    let bad = FormatError::Corrupt("state.journal: not a journal entry");
+    if line.len() < SUFFIX_LEN + 2 {
+        return Err(bad);
+    }
+    let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    if &suffix[..MAC_PREFIX.len()] != MAC_PREFIX || &suffix[SUFFIX_LEN - 2..] != b"\"}" {
+        return Err(bad);
+    }
+    let mut mac = [0u8; 32];
+    hex::decode_to_slice(&suffix[MAC_PREFIX.len()..SUFFIX_LEN - 2], &mut mac)
+        .map_err(|_| bad.clone())?;
+    let mut json = body.to_vec();
+    json.push(b'}');
+    let header: JournalHeader = serde_json::from_slice(&json).map_err(|_| bad)?;
+    Ok(JournalEntry {
+        header,
+        mac,
+        body: body.to_vec(),
+    })
+}
+
+/// Splits journal bytes into parsed entries. An incomplete last line (a
+/// torn append, never acknowledged) is dropped; its length is returned so
+/// the server can cut it off.
+///
+/// # Errors
+///
+/// [`FormatError::Corrupt`] for a damaged complete line.
+pub fn parse_journal(bytes: &[u8]) -> Result<(Vec<JournalEntry>, usize), FormatError> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    let mut good = 0;
+    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        out.push(parse_journal_line(&rest[..end])?);
+        good += end + 1;
+        rest = &rest[end + 1..];
+    }
+    Ok((out, good))
+}
+
+/// `state.anchor`: the newest generation and head MAC, kept where the state
+/// file's writer cannot reach (another file system, or a path only keyd
+/// writes to), so restoring an older `state.bin` is noticed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Anchor {
+    /// Format version, 2.
+    pub v: u8,
+    /// The state's generation.
+    pub generation: u64,
+    /// MAC of the newest snapshot or journal entry, hex.
+    pub head: String,
+    /// HMAC under the anchor subkey of `v`, `generation`, `head`, hex.
+    pub mac: String,
+}
+
+impl Anchor {
+    fn mac_of(keys: &StateKeys, generation: u64, head: &str) -> String {
+        hex::encode(hmac(
+            &keys.anchor_mac,
+            ANCHOR_LABEL,
+            &[&[V2], &generation.to_be_bytes(), head.as_bytes()],
+        ))
+    }
+
+    /// An anchor for `generation` and `head`.
+    pub fn new(keys: &StateKeys, generation: u64, head: &[u8; 32]) -> Anchor {
+        let head = hex::encode(head);
+        Anchor {
+            v: V2,
+            mac: Self::mac_of(keys, generation, &head),
+            generation,
+            head,
+        }
+    }
+
+    /// Parses anchor bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Corrupt`] if they are not an anchor.
+    pub fn parse(bytes: &[u8]) -> Result<Anchor, FormatError> {
+        let a: Anchor = serde_json::from_slice(bytes)
+            .map_err(|_| FormatError::Corrupt("state.anchor does not parse"))?;
+        if a.v != V2 {
+            return Err(FormatError::Corrupt("state.anchor: unknown version"));
+        }
+        Ok(a)
+    }
+
+    /// The bytes written.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    /// Checks the MAC.
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Unauthentic`] when it does not match.
+    pub fn verify(&self, keys: &StateKeys) -> Result<(), FormatError> {
+        if ct_eq(
+            Self::mac_of(keys, self.generation, &self.head).as_bytes(),
+            self.mac.as_bytes(),
+        ) {
+            Ok(())
+        } else {
+            Err(FormatError::Unauthentic(
+                "state.anchor fails authentication under the master key",
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> State {
+        State {
+            threshold: 2,
+            share_salt: "00".repeat(32),
+            master_check: "ab".into(),
+            shares: vec![CustodianShare {
+                custodian: "alice".into(),
+                x: 1,
+                check: "cd".into(),
+            }],
+            share_epoch: 0,
+            acknowledgements: BTreeMap::new(),
+            scopes: BTreeMap::new(),
+            deks: BTreeMap::new(),
+            generation: 3,
+            audit: AuditPosition::default(),
+            audit_key_id: "k".into(),
+        }
+    }
+
+    #[test]
+    fn snapshot_and_journal_round_trip_and_authenticate() {
+        let keys = StateKeys::derive(&[7; 32]);
+        let other = StateKeys::derive(&[8; 32]);
+        let (bytes, mac) = encode_snapshot(&sample(), &keys);
+        let s = decode_snapshot(&bytes, 0).unwrap();
+        assert_eq!(s.state, sample());
+        assert_eq!(s.mac, mac);
+        s.verify(&keys).unwrap();
+        assert!(s.verify(&other).is_err());
+        let h = JournalHeader {
+            generation: 4,
+            prev: hex::encode(mac),
+            audit: AuditPosition::default(),
+            changes: vec![Change::Acknowledgement {
+                value: Acknowledgement {
+                    custodian: "bob".into(),
+                    statement_sha256: "ff".into(),
+                    at: 1,
+                },
+            }],
+        };
+        let (line, jm) = encode_journal_entry(&h, &keys);
+        let (entries, good) = parse_journal(&line).unwrap();
+        assert_eq!(good, line.len());
+        assert_eq!(entries[0].header, h);
+        assert_eq!(entries[0].mac, jm);
+        entries[0].verify(&keys).unwrap();
+        assert!(entries[0].verify(&other).is_err());
+        // A torn last line is dropped.
+        let (entries, good) = parse_journal(&line[..line.len() - 3]).unwrap();
+        assert!(entries.is_empty() && good == 0);
+        let a = Anchor::new(&keys, 4, &jm);
+        let back = Anchor::parse(&a.encode()).unwrap();
+        back.verify(&keys).unwrap();
+        assert!(back.verify(&other).is_err());
+    }
+}
