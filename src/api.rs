@@ -203,6 +203,10 @@ struct ActiveDek {
     /// Coarse monotonic nanoseconds after which the fast path stops:
     /// the encrypt-until time or the next state re-check, whichever is first.
     deadline: AtomicU64,
+    /// The process that made this DEK. A child forked from it sees the
+    /// parent's `ActiveDek` in its copy of memory: it never seals under it
+    /// (its uses are the parent's to count), and makes its own.
+    pid: u32,
 }
 
 impl ActiveDek {
@@ -294,17 +298,34 @@ impl Panseal {
         {
             return None;
         }
+        // Drawing the nonce first tells which process this is (see
+        // `seal::fresh_nonce`): after a fork, the child's copy of the
+        // parent's DEK is not this process's to seal with.
+        let (nonce, pid) = seal::fresh_nonce();
+        if pid != active.pid {
+            return None;
+        }
         if active.uses.fetch_add(1, Ordering::Relaxed) >= active.max_uses {
             return None;
         }
         let cipher = active.entry.cipher.as_ref()?;
-        Some(seal::seal_raw(
-            cipher,
-            active.entry.id,
-            seal::fresh_nonce(),
-            pan,
-            context,
-        ))
+        Some(seal::seal_raw(cipher, active.entry.id, nonce, pan, context))
+    }
+
+    /// This instance's active DEK in this scope, if it was made in this
+    /// process; an inherited one (after `fork()`) is dropped, never
+    /// reported, retired or used.
+    fn own_active(&self) -> Option<Arc<ActiveDek>> {
+        let active = self.scope.active.load_full()?;
+        if active.pid == std::process::id() {
+            return Some(active);
+        }
+        self.scope.active.store(None);
+        tracing::info!(
+            key_id = %active.entry.id,
+            "forked process: the parent's active DEK is not used here; making a new one"
+        );
+        None
     }
 
     async fn seal_slow(&self, pan: &Pan, context: &Context) -> Result<SealedPan, Error> {
@@ -323,7 +344,7 @@ impl Panseal {
     /// state, and either renews its deadline or retires it and makes a new
     /// one.
     async fn refresh_active(&self) -> Result<(), Error> {
-        if let Some(active) = self.scope.active.load_full() {
+        if let Some(active) = self.own_active() {
             let entry = Arc::clone(&active.entry);
             let used = self.report(&active).await?;
             let max_uses = active.max_uses;
@@ -455,6 +476,7 @@ impl Panseal {
             reported: AtomicU64::new(0),
             max_uses: record.max_uses,
             deadline: AtomicU64::new(self.deadline_for(record.encrypt_until)),
+            pid: std::process::id(),
         };
         self.scope.active.store(Some(Arc::new(active)));
         Ok(())
@@ -469,6 +491,9 @@ impl Panseal {
     /// Key-store errors.
     pub async fn rotate_dek(&self) -> Result<Option<KeyId>, Error> {
         let _guard = self.scope.rotate_lock.lock().await;
+        if self.own_active().is_none() {
+            return Ok(None);
+        }
         let Some(active) = self.scope.active.swap(None) else {
             return Ok(None);
         };
@@ -499,7 +524,7 @@ impl Panseal {
     /// Key-store errors.
     pub async fn report_usage(&self) -> Result<(), Error> {
         let _guard = self.scope.rotate_lock.lock().await;
-        if let Some(active) = self.scope.active.load_full() {
+        if let Some(active) = self.own_active() {
             self.report(&active).await?;
         }
         Ok(())
