@@ -142,6 +142,7 @@ impl PansealBuilder {
             }
             .into());
         }
+        let (stop, stopped) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             cache: DekCache::new(self.policy.cache_capacity, self.policy.cache_ttl),
             key_service,
@@ -150,7 +151,9 @@ impl PansealBuilder {
             policy: self.policy,
             environment,
             scopes: Mutex::new(HashMap::new()),
+            _sweeper: stop,
         });
+        spawn_sweeper(Arc::downgrade(&shared), stopped);
         let scope = shared.scope_state(scope);
         Ok(Panseal { shared, scope })
     }
@@ -164,9 +167,74 @@ struct Shared {
     environment: Environment,
     cache: DekCache,
     scopes: Mutex<HashMap<Scope, Arc<ScopeState>>>,
+    /// Dropped with the last handle: stops the sweeper thread.
+    _sweeper: std::sync::mpsc::Sender<()>,
+}
+
+/// Starts the thread that wipes expired keys every
+/// [`crate::keys::sweep_interval`] of the cache TTL, so that a process that
+/// stops calling does not keep them (lookups also sweep, for a forked child
+/// where this thread does not exist). It holds no strong reference between
+/// sweeps and ends when the last handle is dropped.
+fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Receiver<()>) {
+    let Some(every) = shared
+        .upgrade()
+        .map(|s| crate::keys::sweep_interval(s.policy.cache_ttl))
+    else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("panseal-sweep".into())
+        .spawn(move || loop {
+            match stopped.recv_timeout(every) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.sweep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at lookups only");
+    }
 }
 
 impl Shared {
+    /// Wipes what expired: cached keys past their TTL, index keys past
+    /// their re-read time, and active DEKs that can no longer seal (past
+    /// their encrypt period, or retired or compromised).
+    fn sweep(&self) {
+        let now = clock::unix_nanos();
+        self.cache.sweep(now);
+        let scopes: Vec<Arc<ScopeState>> = self
+            .scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let index_fresh = self.policy.recheck_interval.min(self.policy.cache_ttl);
+        let now_unix = now / clock::NANOS_PER_SEC;
+        for scope in scopes {
+            {
+                let mut index = scope.index.write().unwrap_or_else(|p| p.into_inner());
+                if index.as_ref().is_some_and(|k| k.loaded.elapsed() >= index_fresh) {
+                    *index = None;
+                }
+            }
+            if let Some(active) = scope.active.load_full() {
+                if now_unix >= active.entry.encrypt_until || active.entry.state() != KeyState::Active
+                {
+                    // Only if it is still the one we looked at.
+                    scope
+                        .active
+                        .compare_and_swap(&Some(Arc::clone(&active)), None::<Arc<ActiveDek>>);
+                }
+            }
+        }
+    }
+
     fn scope_state(&self, scope: Scope) -> Arc<ScopeState> {
         let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(scopes.entry(scope.clone()).or_insert_with(|| {
@@ -469,7 +537,12 @@ impl Panseal {
 
     async fn create_active(&self) -> Result<(), Error> {
         let (record, entry) = self.create_key(KeyPurpose::Data, None).await?;
-        self.shared.cache.insert(Arc::clone(&entry));
+        // A front end that cannot open (no audit sink) keeps only its
+        // active DEK; an instance that also opens caches it for its own
+        // reads.
+        if self.shared.audit.is_some() {
+            self.shared.cache.insert(Arc::clone(&entry));
+        }
         let active = ActiveDek {
             entry,
             uses: AtomicU64::new(0),
@@ -1099,6 +1172,81 @@ mod tests {
         for s in [s1, s2, s3] {
             assert_eq!(fresh.open_pan(&s, &ctx, &access).await.unwrap().pan, pan);
         }
+    }
+
+    /// Keys this process holds in the clear: cached DEKs and index keys.
+    fn keys_in_memory(ps: &Panseal) -> (usize, usize) {
+        let scopes = ps.shared.scopes.lock().unwrap();
+        let index = scopes
+            .values()
+            .filter_map(|s| s.index.read().unwrap().as_ref().map(|k| k.live.len()))
+            .sum();
+        (ps.shared.cache.len(), index)
+    }
+
+    /// Item 2 of issue 9: a process that stops calling must not keep
+    /// unwrapped keys past their TTL. No call is made after the wait (no
+    /// insert, no open): the sweep alone must wipe them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_keys_leave_memory_without_any_new_call() {
+        let ttl = Duration::from_millis(300);
+        let store = MemoryKeyStore::new();
+        let ks = flaky(256);
+        let policy = Policy::default().cache_ttl(ttl).max_uses(2);
+        let ps = build(ks.clone(), store.clone(), policy.clone()).await.unwrap();
+        let reader = build(ks, store, policy).await.unwrap();
+        let access = Access::new("a", "b").unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        for scope in ["m", "m2", "m3"] {
+            let w = ps.with_scope(scope).unwrap();
+            let r = reader.with_scope(scope).unwrap();
+            for row in 0..5 {
+                let ctx = Context::new("cards", "pan", row.to_string()).unwrap();
+                let sealed = w.seal_pan(&pan, &ctx).await.unwrap();
+                r.open_pan(&sealed, &ctx, &access).await.unwrap();
+            }
+            r.blind_index(&pan).await.unwrap();
+        }
+        let (cached, index) = keys_in_memory(&reader);
+        assert!(cached >= 9 && index == 3, "{cached} {index}");
+        tokio::time::sleep(ttl + crate::keys::sweep_interval(ttl) + Duration::from_millis(200))
+            .await;
+        assert_eq!(keys_in_memory(&reader), (0, 0), "stale keys left in memory");
+        // The writer keeps at most its active DEK per scope, and nothing
+        // else.
+        assert_eq!(keys_in_memory(&ps), (0, 0));
+        let active = ps
+            .shared
+            .scopes
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.active.load().is_some())
+            .count();
+        assert!(active <= 3, "{active}");
+    }
+
+    /// A write-only front end (no audit sink: it cannot open) holds at most
+    /// its active DEK per scope, however often it rotates.
+    #[tokio::test]
+    async fn front_end_holds_only_its_active_dek() {
+        let ps = Panseal::builder()
+            .key_service(flaky(256))
+            .key_store(MemoryKeyStore::new())
+            .environment("test")
+            .scope("m")
+            .policy(Policy::default().max_uses(3))
+            .build()
+            .await
+            .unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let ctx = Context::new("cards", "pan", "1").unwrap();
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..20 {
+            ids.insert(ps.seal_pan(&pan, &ctx).await.unwrap().key_id());
+            assert_eq!(keys_in_memory(&ps), (0, 0));
+        }
+        assert!(ids.len() >= 6, "{}", ids.len());
     }
 
     async fn build_while_down(ks: &Flaky, store: &MemoryKeyStore) -> Panseal {
