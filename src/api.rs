@@ -31,10 +31,23 @@ const ID_ATTEMPTS: usize = 4;
 pub struct Opened {
     /// The PAN (wiped on drop; prints masked).
     pub pan: Pan,
-    /// `true` when the ciphertext's DEK is no longer active (retired,
-    /// compromised, or past its encrypt period): re-seal it when convenient
+    /// `true` when the ciphertext's DEK is no longer active (retired, or
+    /// past its encrypt period): re-seal it when convenient
     /// ([`Panseal::seal_pan`] with the same context, or [`Panseal::reseal`]).
+    /// (Under a compromised DEK, [`Panseal::open_pan`] refuses with
+    /// [`KeyError::Compromised`]: only [`Panseal::reseal`] opens it.)
     pub needs_reseal: bool,
+}
+
+/// Why a sealed PAN is opened: to hand the PAN to the caller, or only to
+/// seal it again at once (the one use a compromised DEK still has).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenFor {
+    /// [`Panseal::open_pan`]: the caller gets the PAN.
+    Caller,
+    /// [`Panseal::reseal`]: the PAN is sealed again under the active DEK
+    /// and dropped.
+    Reseal,
 }
 
 /// Builds a [`Panseal`]. Key service, key store, environment and scope are
@@ -219,12 +232,16 @@ impl Shared {
         for scope in scopes {
             {
                 let mut index = scope.index.write().unwrap_or_else(|p| p.into_inner());
-                if index.as_ref().is_some_and(|k| k.loaded.elapsed() >= index_fresh) {
+                if index
+                    .as_ref()
+                    .is_some_and(|k| k.loaded.elapsed() >= index_fresh)
+                {
                     *index = None;
                 }
             }
             if let Some(active) = scope.active.load_full() {
-                if now_unix >= active.entry.encrypt_until || active.entry.state() != KeyState::Active
+                if now_unix >= active.entry.encrypt_until
+                    || active.entry.state() != KeyState::Active
                 {
                     // Only if it is still the one we looked at.
                     scope
@@ -689,7 +706,18 @@ impl Panseal {
         context: &Context,
         access: &Access,
     ) -> Result<Opened, Error> {
-        if let Some(result) = self.try_open_cached(sealed, context, access) {
+        self.open_for(sealed, context, access, OpenFor::Caller)
+            .await
+    }
+
+    async fn open_for(
+        &self,
+        sealed: &SealedPan,
+        context: &Context,
+        access: &Access,
+        why: OpenFor,
+    ) -> Result<Opened, Error> {
+        if let Some(result) = self.try_open_cached(sealed, context, access, why) {
             return result;
         }
         let sink = self.sink()?;
@@ -711,7 +739,7 @@ impl Panseal {
             )?;
             return Err(e);
         }
-        self.try_open_cached(sealed, context, access)
+        self.try_open_cached(sealed, context, access, why)
             .unwrap_or_else(|| Err(KeyError::UnknownKey(sealed.key_id()).into()))
     }
 
@@ -729,6 +757,7 @@ impl Panseal {
         sealed: &SealedPan,
         context: &Context,
         access: &Access,
+        why: OpenFor,
     ) -> Option<Result<Opened, Error>> {
         let sink = match self.sink() {
             Ok(s) => s,
@@ -738,7 +767,7 @@ impl Panseal {
         let id = sealed.key_id();
         self.shared.cache.with(id, now, |entry| {
             let now_unix = now / clock::NANOS_PER_SEC;
-            let result = self.open_with(entry, sealed, context, now_unix);
+            let result = self.open_with(entry, sealed, context, now_unix, why);
             let emitter = Emitter {
                 sink,
                 scope: &self.scope.scope,
@@ -766,6 +795,7 @@ impl Panseal {
         sealed: &SealedPan,
         context: &Context,
         now_unix: u64,
+        why: OpenFor,
     ) -> Result<Opened, Error> {
         if entry.purpose != KeyPurpose::Data {
             return Err(KeyError::Purpose(entry.id).into());
@@ -776,6 +806,9 @@ impl Panseal {
         let state = entry.state();
         if state == KeyState::Destroyed {
             return Err(KeyError::Destroyed(entry.id).into());
+        }
+        if state == KeyState::Compromised && why != OpenFor::Reseal {
+            return Err(KeyError::Compromised(entry.id).into());
         }
         if now_unix > entry.decrypt_until {
             return Err(KeyError::Expired(entry.id).into());
@@ -871,19 +904,26 @@ impl Panseal {
         Ok(())
     }
 
-    /// Opens and re-seals under the active DEK (for lazy migration off
-    /// retired or compromised keys). The PAN never leaves this call.
+    /// Opens and re-seals under the active DEK (for migration off retired
+    /// or compromised keys: the re-encryption path). The PAN never leaves
+    /// this call. This is the only call that opens under a compromised DEK
+    /// (PCI DSS 3.7.5); each such open is audited as an
+    /// [`Operation::Open`] naming the compromised key and `access`.
     ///
     /// # Errors
     ///
-    /// Those of [`Panseal::open_pan`] and [`Panseal::seal_pan`].
+    /// Those of [`Panseal::open_pan`] (except [`KeyError::Compromised`])
+    /// and [`Panseal::seal_pan`]. If sealing fails, the opened PAN is wiped
+    /// and nothing is returned.
     pub async fn reseal(
         &self,
         sealed: &SealedPan,
         context: &Context,
         access: &Access,
     ) -> Result<SealedPan, Error> {
-        let opened = self.open_pan(sealed, context, access).await?;
+        let opened = self
+            .open_for(sealed, context, access, OpenFor::Reseal)
+            .await?;
         self.seal_pan(&opened.pan, context).await
     }
 
@@ -1012,6 +1052,7 @@ fn failure_kind(e: &Error) -> &'static str {
         Error::Key(KeyError::UnknownKey(_)) => "unknown key",
         Error::Key(KeyError::Destroyed(_)) => "key destroyed",
         Error::Key(KeyError::Expired(_)) => "key expired",
+        Error::Key(KeyError::Compromised(_)) => "key compromised",
         Error::Key(_) => "key refused",
         Error::KeyService(_) => "key service error",
         Error::KeyStore(_) => "key store error",
@@ -1193,7 +1234,9 @@ mod tests {
         let store = MemoryKeyStore::new();
         let ks = flaky(256);
         let policy = Policy::default().cache_ttl(ttl).max_uses(2);
-        let ps = build(ks.clone(), store.clone(), policy.clone()).await.unwrap();
+        let ps = build(ks.clone(), store.clone(), policy.clone())
+            .await
+            .unwrap();
         let reader = build(ks, store, policy).await.unwrap();
         let access = Access::new("a", "b").unwrap();
         let pan = Pan::parse("4111111111111111").unwrap();
