@@ -137,22 +137,37 @@ pub(crate) fn seal_raw(
     pan: &Pan,
     context: &Context,
 ) -> SealedPan {
+    let mut packed = [0u8; format::PACKED_LEN];
+    format::write::pack_pan(pan, &mut packed);
+    let sealed = seal_packed(cipher, id, nonce, &packed, context);
+    packed.zeroize();
+    sealed
+}
+
+/// Seals 10 plaintext bytes as they are: a packed PAN from [`seal_raw`], or
+/// (through `hazmat`, for fuzzing the open path past the tag) any bytes.
+pub(crate) fn seal_packed(
+    cipher: &Aes256Gcm,
+    id: KeyId,
+    nonce: [u8; format::NONCE_LEN],
+    plaintext: &[u8; format::PACKED_LEN],
+    context: &Context,
+) -> SealedPan {
     let mut out = [0u8; V1_LEN];
     let mut header = [0u8; format::V1_HEADER_LEN];
     format::write::write_header(id, &mut header);
     out[..format::V1_HEADER_LEN].copy_from_slice(&header);
     out[format::NONCE_AT..format::CT_AT].copy_from_slice(&nonce);
-    let mut packed = [0u8; format::PACKED_LEN];
-    format::write::pack_pan(pan, &mut packed);
+    let mut buf = *plaintext;
     // Encryption fails only for messages longer than GCM allows; 10 bytes
     // never are.
     let tag = with_aad(&header, context, |aad| {
-        cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut packed)
+        cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf)
     })
     .unwrap_or_default();
-    out[format::CT_AT..format::TAG_AT].copy_from_slice(&packed);
+    out[format::CT_AT..format::TAG_AT].copy_from_slice(&buf);
     out[format::TAG_AT..].copy_from_slice(&tag);
-    packed.zeroize();
+    buf.zeroize();
     SealedPan::from_array(out)
 }
 
