@@ -158,6 +158,44 @@ impl std::fmt::Debug for KeyStoreConfig {
     }
 }
 
+/// A `serde_json` message with the input it echoes withheld: "invalid type:
+/// integer `4111111111111111`, expected a string" would put a card number
+/// (or a password, or a key) from a misplaced value into a log. The parts
+/// that come from this crate (what was expected, the position) stay.
+fn withhold_input(message: &str) -> String {
+    const ECHOING: [&str; 4] = [
+        "invalid type",
+        "invalid value",
+        "unknown field",
+        "unknown variant",
+    ];
+    if !ECHOING.iter().any(|p| message.starts_with(p)) {
+        return message.to_owned();
+    }
+    let (input, ours) = message
+        .find(", expected")
+        .map_or((message, ""), |i| message.split_at(i));
+    let mut out = String::with_capacity(message.len());
+    let mut chars = input.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '`' | '"' => {
+                out.push(c);
+                out.push_str("(withheld)");
+                for d in chars.by_ref() {
+                    if d == c {
+                        break;
+                    }
+                }
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out.push_str(ours);
+    out
+}
+
 /// A PostgreSQL connection string with every password replaced by `***`:
 /// the password of a URL's user information
 /// (`postgresql://user:secret@host/db`), and any `password=` setting, in a
@@ -211,7 +249,9 @@ pub fn redact_password(url: &str) -> String {
             }
             end.unwrap_or(value.len())
         } else {
-            value.find(['&', ' ', '\t', '\n', '#']).unwrap_or(value.len())
+            value
+                .find(['&', ' ', '\t', '\n', '#'])
+                .unwrap_or(value.len())
         };
         rest = &value[end..];
     }
@@ -267,7 +307,8 @@ impl ClientConfig {
     /// [`ConfigError::Invalid`] naming what is wrong (never echoing values
     /// beyond the JSON position).
     pub fn from_json(text: &str) -> Result<Self, Error> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()).into())
+        serde_json::from_str(text)
+            .map_err(|e| ConfigError::Invalid(withhold_input(&e.to_string())).into())
     }
 
     /// Reads and parses a JSON configuration file.
@@ -411,6 +452,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+        assert!(
+            e.to_string().contains("expected one of `environment`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn parse_errors_withhold_the_input() {
+        assert_eq!(
+            withhold_input("invalid type: string \"s3cret\", expected u64 at line 1 column 72"),
+            "invalid type: string \"(withheld)\", expected u64 at line 1 column 72"
+        );
+        assert_eq!(
+            withhold_input("unknown variant `4111111111111111`, expected `local`"),
+            "unknown variant `(withheld)`, expected `local`"
+        );
+        assert_eq!(
+            withhold_input("missing field `scope` at line 1 column 9"),
+            "missing field `scope` at line 1 column 9"
+        );
     }
 
     /// Issue 9, item 7: the configuration's `Debug` (what a `tracing`
@@ -419,10 +480,19 @@ mod tests {
     fn debug_redacts_passwords() {
         for (url, secret) in [
             ("postgresql://app:Hunter2pw@127.0.0.1:5432/pay", "Hunter2pw"),
-            ("postgres://app:p%40ss:w0rd@db/pay?sslmode=require", "p%40ss:w0rd"),
-            ("postgresql://app@db/pay?password=Qwerty99&sslmode=disable", "Qwerty99"),
+            (
+                "postgres://app:p%40ss:w0rd@db/pay?sslmode=require",
+                "p%40ss:w0rd",
+            ),
+            (
+                "postgresql://app@db/pay?password=Qwerty99&sslmode=disable",
+                "Qwerty99",
+            ),
             ("host=db user=app password=S3cretKV dbname=pay", "S3cretKV"),
-            ("host=db user=app password = 'quo ted\\'pw' dbname=pay", "quo ted"),
+            (
+                "host=db user=app password = 'quo ted\\'pw' dbname=pay",
+                "quo ted",
+            ),
             ("host=db PASSWORD=UpperCase1", "UpperCase1"),
         ] {
             let redacted = redact_password(url);

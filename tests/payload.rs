@@ -59,7 +59,11 @@ fn open(s: &Setup, packed: [u8; 10]) -> Option<String> {
     let access = Access::new("t", "payload").unwrap();
     match s.ps.open_pan(&sealed, &ctx(), &access) {
         Ok(opened) => {
-            assert_eq!(hazmat::pack_pan(&opened.pan), packed, "non-canonical payload opened");
+            assert_eq!(
+                hazmat::pack_pan(&opened.pan),
+                packed,
+                "non-canonical payload opened"
+            );
             Some(opened.pan.expose_digits().to_owned())
         }
         Err(Error::Format(FormatError::Payload)) => None,
@@ -99,8 +103,8 @@ fn every_kind_of_bad_payload_is_a_typed_error() {
                 continue;
             }
             let packed = pack(&digits);
-            let luhn_ok = Pan::parse_with(&digits, &panseal::PanRules::with_min_digits(8).unwrap())
-                .is_ok();
+            let luhn_ok =
+                Pan::parse_with(&digits, &panseal::PanRules::with_min_digits(8).unwrap()).is_ok();
             let expect = (8..=19).contains(&digits.len()) && luhn_ok;
             match open(&s, packed) {
                 Some(d) => {

@@ -54,7 +54,14 @@ impl CachedDek {
     ) -> Self {
         let (cipher, raw) = match purpose {
             KeyPurpose::Data => (Some(dek.cipher()), None),
-            KeyPurpose::Index => (None, Some(SecretBox::new(Box::new(*dek.expose_secret())))),
+            // Copied straight into its (wiping) box: no temporary on the
+            // stack.
+            KeyPurpose::Index => (
+                None,
+                Some(SecretBox::init_with_mut(|k: &mut [u8; 32]| {
+                    k.copy_from_slice(dek.expose_secret())
+                })),
+            ),
         };
         let loaded_at = crate::clock::unix_nanos();
         CachedDek {
