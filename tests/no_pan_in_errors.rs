@@ -96,7 +96,7 @@ fn no_error_carries_a_pan() {
             format!(
                 r#"{{"environment":"dev","scope":"m","key_service":{{"type":"local"}},"key_store":{{"type":"memory"}},"policy":{{"max_uses":-{pan}}}}}"#
             ),
-            format!(r#"{{"environment":"dev", "#),
+            r#"{"environment":"dev", "#.to_owned(),
         ] {
             push(ClientConfig::from_json(&json).unwrap_err(), &mut texts);
         }
