@@ -3,6 +3,9 @@
 //! a crash or kill at any point (checkpoint committed with each batch),
 //! idempotent, and safe to run while the application writes.
 //!
+//! Fields under a compromised DEK open only here (each re-sealed at once,
+//! each open audited under `--principal`); `open_pan` refuses them.
+//!
 //! ```text
 //! cargo run --features postgres --example reencrypt -- \
 //!     --config panseal.json --table cards --id-column id --column pan \

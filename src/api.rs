@@ -31,10 +31,23 @@ const ID_ATTEMPTS: usize = 4;
 pub struct Opened {
     /// The PAN (wiped on drop; prints masked).
     pub pan: Pan,
-    /// `true` when the ciphertext's DEK is no longer active (retired,
-    /// compromised, or past its encrypt period): re-seal it when convenient
+    /// `true` when the ciphertext's DEK is no longer active (retired, or
+    /// past its encrypt period): re-seal it when convenient
     /// ([`Panseal::seal_pan`] with the same context, or [`Panseal::reseal`]).
+    /// (Under a compromised DEK, [`Panseal::open_pan`] refuses with
+    /// [`KeyError::Compromised`]: only [`Panseal::reseal`] opens it.)
     pub needs_reseal: bool,
+}
+
+/// Why a sealed PAN is opened: to hand the PAN to the caller, or only to
+/// seal it again at once (the one use a compromised DEK still has).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenFor {
+    /// [`Panseal::open_pan`]: the caller gets the PAN.
+    Caller,
+    /// [`Panseal::reseal`]: the PAN is sealed again under the active DEK
+    /// and dropped.
+    Reseal,
 }
 
 /// Builds a [`Panseal`]. Key service, key store, environment and scope are
@@ -142,6 +155,7 @@ impl PansealBuilder {
             }
             .into());
         }
+        let (stop, stopped) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             cache: DekCache::new(self.policy.cache_capacity, self.policy.cache_ttl),
             key_service,
@@ -150,7 +164,9 @@ impl PansealBuilder {
             policy: self.policy,
             environment,
             scopes: Mutex::new(HashMap::new()),
+            _sweeper: stop,
         });
+        spawn_sweeper(Arc::downgrade(&shared), stopped);
         let scope = shared.scope_state(scope);
         Ok(Panseal { shared, scope })
     }
@@ -164,9 +180,78 @@ struct Shared {
     environment: Environment,
     cache: DekCache,
     scopes: Mutex<HashMap<Scope, Arc<ScopeState>>>,
+    /// Dropped with the last handle: stops the sweeper thread.
+    _sweeper: std::sync::mpsc::Sender<()>,
+}
+
+/// Starts the thread that wipes expired keys every
+/// [`crate::keys::sweep_interval`] of the cache TTL, so that a process that
+/// stops calling does not keep them (lookups also sweep, for a forked child
+/// where this thread does not exist). It holds no strong reference between
+/// sweeps and ends when the last handle is dropped.
+fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Receiver<()>) {
+    let Some(every) = shared
+        .upgrade()
+        .map(|s| crate::keys::sweep_interval(s.policy.cache_ttl))
+    else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("panseal-sweep".into())
+        .spawn(move || loop {
+            match stopped.recv_timeout(every) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.sweep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at lookups only");
+    }
 }
 
 impl Shared {
+    /// Wipes what expired: cached keys past their TTL, index keys past
+    /// their re-read time, and active DEKs that can no longer seal (past
+    /// their encrypt period, or retired or compromised).
+    fn sweep(&self) {
+        let now = clock::unix_nanos();
+        self.cache.sweep(now);
+        let scopes: Vec<Arc<ScopeState>> = self
+            .scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let index_fresh = self.policy.recheck_interval.min(self.policy.cache_ttl);
+        let now_unix = now / clock::NANOS_PER_SEC;
+        for scope in scopes {
+            {
+                let mut index = scope.index.write().unwrap_or_else(|p| p.into_inner());
+                if index
+                    .as_ref()
+                    .is_some_and(|k| k.loaded.elapsed() >= index_fresh)
+                {
+                    *index = None;
+                }
+            }
+            if let Some(active) = scope.active.load_full() {
+                if now_unix >= active.entry.encrypt_until
+                    || active.entry.state() != KeyState::Active
+                {
+                    // Only if it is still the one we looked at.
+                    scope
+                        .active
+                        .compare_and_swap(&Some(Arc::clone(&active)), None::<Arc<ActiveDek>>);
+                }
+            }
+        }
+    }
+
     fn scope_state(&self, scope: Scope) -> Arc<ScopeState> {
         let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(scopes.entry(scope.clone()).or_insert_with(|| {
@@ -203,6 +288,10 @@ struct ActiveDek {
     /// Coarse monotonic nanoseconds after which the fast path stops:
     /// the encrypt-until time or the next state re-check, whichever is first.
     deadline: AtomicU64,
+    /// The process that made this DEK. A child forked from it sees the
+    /// parent's `ActiveDek` in its copy of memory: it never seals under it
+    /// (its uses are the parent's to count), and makes its own.
+    pid: u32,
 }
 
 impl ActiveDek {
@@ -294,17 +383,34 @@ impl Panseal {
         {
             return None;
         }
+        // Drawing the nonce first tells which process this is (see
+        // `seal::fresh_nonce`): after a fork, the child's copy of the
+        // parent's DEK is not this process's to seal with.
+        let (nonce, pid) = seal::fresh_nonce();
+        if pid != active.pid {
+            return None;
+        }
         if active.uses.fetch_add(1, Ordering::Relaxed) >= active.max_uses {
             return None;
         }
         let cipher = active.entry.cipher.as_ref()?;
-        Some(seal::seal_raw(
-            cipher,
-            active.entry.id,
-            seal::fresh_nonce(),
-            pan,
-            context,
-        ))
+        Some(seal::seal_raw(cipher, active.entry.id, nonce, pan, context))
+    }
+
+    /// This instance's active DEK in this scope, if it was made in this
+    /// process; an inherited one (after `fork()`) is dropped, never
+    /// reported, retired or used.
+    fn own_active(&self) -> Option<Arc<ActiveDek>> {
+        let active = self.scope.active.load_full()?;
+        if active.pid == std::process::id() {
+            return Some(active);
+        }
+        self.scope.active.store(None);
+        tracing::info!(
+            key_id = %active.entry.id,
+            "forked process: the parent's active DEK is not used here; making a new one"
+        );
+        None
     }
 
     async fn seal_slow(&self, pan: &Pan, context: &Context) -> Result<SealedPan, Error> {
@@ -323,7 +429,7 @@ impl Panseal {
     /// state, and either renews its deadline or retires it and makes a new
     /// one.
     async fn refresh_active(&self) -> Result<(), Error> {
-        if let Some(active) = self.scope.active.load_full() {
+        if let Some(active) = self.own_active() {
             let entry = Arc::clone(&active.entry);
             let used = self.report(&active).await?;
             let max_uses = active.max_uses;
@@ -448,13 +554,19 @@ impl Panseal {
 
     async fn create_active(&self) -> Result<(), Error> {
         let (record, entry) = self.create_key(KeyPurpose::Data, None).await?;
-        self.shared.cache.insert(Arc::clone(&entry));
+        // A front end that cannot open (no audit sink) keeps only its
+        // active DEK; an instance that also opens caches it for its own
+        // reads.
+        if self.shared.audit.is_some() {
+            self.shared.cache.insert(Arc::clone(&entry));
+        }
         let active = ActiveDek {
             entry,
             uses: AtomicU64::new(0),
             reported: AtomicU64::new(0),
             max_uses: record.max_uses,
             deadline: AtomicU64::new(self.deadline_for(record.encrypt_until)),
+            pid: std::process::id(),
         };
         self.scope.active.store(Some(Arc::new(active)));
         Ok(())
@@ -469,6 +581,9 @@ impl Panseal {
     /// Key-store errors.
     pub async fn rotate_dek(&self) -> Result<Option<KeyId>, Error> {
         let _guard = self.scope.rotate_lock.lock().await;
+        if self.own_active().is_none() {
+            return Ok(None);
+        }
         let Some(active) = self.scope.active.swap(None) else {
             return Ok(None);
         };
@@ -499,7 +614,7 @@ impl Panseal {
     /// Key-store errors.
     pub async fn report_usage(&self) -> Result<(), Error> {
         let _guard = self.scope.rotate_lock.lock().await;
-        if let Some(active) = self.scope.active.load_full() {
+        if let Some(active) = self.own_active() {
             self.report(&active).await?;
         }
         Ok(())
@@ -591,7 +706,18 @@ impl Panseal {
         context: &Context,
         access: &Access,
     ) -> Result<Opened, Error> {
-        if let Some(result) = self.try_open_cached(sealed, context, access) {
+        self.open_for(sealed, context, access, OpenFor::Caller)
+            .await
+    }
+
+    async fn open_for(
+        &self,
+        sealed: &SealedPan,
+        context: &Context,
+        access: &Access,
+        why: OpenFor,
+    ) -> Result<Opened, Error> {
+        if let Some(result) = self.try_open_cached(sealed, context, access, why) {
             return result;
         }
         let sink = self.sink()?;
@@ -613,7 +739,7 @@ impl Panseal {
             )?;
             return Err(e);
         }
-        self.try_open_cached(sealed, context, access)
+        self.try_open_cached(sealed, context, access, why)
             .unwrap_or_else(|| Err(KeyError::UnknownKey(sealed.key_id()).into()))
     }
 
@@ -631,6 +757,7 @@ impl Panseal {
         sealed: &SealedPan,
         context: &Context,
         access: &Access,
+        why: OpenFor,
     ) -> Option<Result<Opened, Error>> {
         let sink = match self.sink() {
             Ok(s) => s,
@@ -640,7 +767,7 @@ impl Panseal {
         let id = sealed.key_id();
         self.shared.cache.with(id, now, |entry| {
             let now_unix = now / clock::NANOS_PER_SEC;
-            let result = self.open_with(entry, sealed, context, now_unix);
+            let result = self.open_with(entry, sealed, context, now_unix, why);
             let emitter = Emitter {
                 sink,
                 scope: &self.scope.scope,
@@ -668,6 +795,7 @@ impl Panseal {
         sealed: &SealedPan,
         context: &Context,
         now_unix: u64,
+        why: OpenFor,
     ) -> Result<Opened, Error> {
         if entry.purpose != KeyPurpose::Data {
             return Err(KeyError::Purpose(entry.id).into());
@@ -678,6 +806,9 @@ impl Panseal {
         let state = entry.state();
         if state == KeyState::Destroyed {
             return Err(KeyError::Destroyed(entry.id).into());
+        }
+        if state == KeyState::Compromised && why != OpenFor::Reseal {
+            return Err(KeyError::Compromised(entry.id).into());
         }
         if now_unix > entry.decrypt_until {
             return Err(KeyError::Expired(entry.id).into());
@@ -773,19 +904,26 @@ impl Panseal {
         Ok(())
     }
 
-    /// Opens and re-seals under the active DEK (for lazy migration off
-    /// retired or compromised keys). The PAN never leaves this call.
+    /// Opens and re-seals under the active DEK (for migration off retired
+    /// or compromised keys: the re-encryption path). The PAN never leaves
+    /// this call. This is the only call that opens under a compromised DEK
+    /// (PCI DSS 3.7.5); each such open is audited as an
+    /// [`Operation::Open`] naming the compromised key and `access`.
     ///
     /// # Errors
     ///
-    /// Those of [`Panseal::open_pan`] and [`Panseal::seal_pan`].
+    /// Those of [`Panseal::open_pan`] (except [`KeyError::Compromised`])
+    /// and [`Panseal::seal_pan`]. If sealing fails, the opened PAN is wiped
+    /// and nothing is returned.
     pub async fn reseal(
         &self,
         sealed: &SealedPan,
         context: &Context,
         access: &Access,
     ) -> Result<SealedPan, Error> {
-        let opened = self.open_pan(sealed, context, access).await?;
+        let opened = self
+            .open_for(sealed, context, access, OpenFor::Reseal)
+            .await?;
         self.seal_pan(&opened.pan, context).await
     }
 
@@ -914,6 +1052,7 @@ fn failure_kind(e: &Error) -> &'static str {
         Error::Key(KeyError::UnknownKey(_)) => "unknown key",
         Error::Key(KeyError::Destroyed(_)) => "key destroyed",
         Error::Key(KeyError::Expired(_)) => "key expired",
+        Error::Key(KeyError::Compromised(_)) => "key compromised",
         Error::Key(_) => "key refused",
         Error::KeyService(_) => "key service error",
         Error::KeyStore(_) => "key store error",
@@ -1074,6 +1213,83 @@ mod tests {
         for s in [s1, s2, s3] {
             assert_eq!(fresh.open_pan(&s, &ctx, &access).await.unwrap().pan, pan);
         }
+    }
+
+    /// Keys this process holds in the clear: cached DEKs and index keys.
+    fn keys_in_memory(ps: &Panseal) -> (usize, usize) {
+        let scopes = ps.shared.scopes.lock().unwrap();
+        let index = scopes
+            .values()
+            .filter_map(|s| s.index.read().unwrap().as_ref().map(|k| k.live.len()))
+            .sum();
+        (ps.shared.cache.len(), index)
+    }
+
+    /// Item 2 of issue 9: a process that stops calling must not keep
+    /// unwrapped keys past their TTL. No call is made after the wait (no
+    /// insert, no open): the sweep alone must wipe them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn expired_keys_leave_memory_without_any_new_call() {
+        let ttl = Duration::from_millis(300);
+        let store = MemoryKeyStore::new();
+        let ks = flaky(256);
+        let policy = Policy::default().cache_ttl(ttl).max_uses(2);
+        let ps = build(ks.clone(), store.clone(), policy.clone())
+            .await
+            .unwrap();
+        let reader = build(ks, store, policy).await.unwrap();
+        let access = Access::new("a", "b").unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        for scope in ["m", "m2", "m3"] {
+            let w = ps.with_scope(scope).unwrap();
+            let r = reader.with_scope(scope).unwrap();
+            for row in 0..5 {
+                let ctx = Context::new("cards", "pan", row.to_string()).unwrap();
+                let sealed = w.seal_pan(&pan, &ctx).await.unwrap();
+                r.open_pan(&sealed, &ctx, &access).await.unwrap();
+            }
+            r.blind_index(&pan).await.unwrap();
+        }
+        let (cached, index) = keys_in_memory(&reader);
+        assert!(cached >= 9 && index == 3, "{cached} {index}");
+        tokio::time::sleep(ttl + crate::keys::sweep_interval(ttl) + Duration::from_millis(200))
+            .await;
+        assert_eq!(keys_in_memory(&reader), (0, 0), "stale keys left in memory");
+        // The writer keeps at most its active DEK per scope, and nothing
+        // else.
+        assert_eq!(keys_in_memory(&ps), (0, 0));
+        let active = ps
+            .shared
+            .scopes
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.active.load().is_some())
+            .count();
+        assert!(active <= 3, "{active}");
+    }
+
+    /// A write-only front end (no audit sink: it cannot open) holds at most
+    /// its active DEK per scope, however often it rotates.
+    #[tokio::test]
+    async fn front_end_holds_only_its_active_dek() {
+        let ps = Panseal::builder()
+            .key_service(flaky(256))
+            .key_store(MemoryKeyStore::new())
+            .environment("test")
+            .scope("m")
+            .policy(Policy::default().max_uses(3))
+            .build()
+            .await
+            .unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let ctx = Context::new("cards", "pan", "1").unwrap();
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..20 {
+            ids.insert(ps.seal_pan(&pan, &ctx).await.unwrap().key_id());
+            assert_eq!(keys_in_memory(&ps), (0, 0));
+        }
+        assert!(ids.len() >= 6, "{}", ids.len());
     }
 
     async fn build_while_down(ks: &Flaky, store: &MemoryKeyStore) -> Panseal {

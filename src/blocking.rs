@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use crate::api::{Opened, PansealBuilder};
+use crate::api::{OpenFor, Opened, PansealBuilder};
 use crate::audit::Access;
 use crate::context::Context;
 use crate::error::{ConfigError, Error};
@@ -85,7 +85,10 @@ impl Panseal {
         context: &Context,
         access: &Access,
     ) -> Result<Opened, Error> {
-        if let Some(result) = self.inner.try_open_cached(sealed, context, access) {
+        if let Some(result) = self
+            .inner
+            .try_open_cached(sealed, context, access, OpenFor::Caller)
+        {
             return result;
         }
         self.runtime
@@ -103,8 +106,15 @@ impl Panseal {
         context: &Context,
         access: &Access,
     ) -> Result<SealedPan, Error> {
-        let opened = self.open_pan(sealed, context, access)?;
-        self.seal_pan(&opened.pan, context)
+        match self
+            .inner
+            .try_open_cached(sealed, context, access, OpenFor::Reseal)
+        {
+            Some(opened) => self.seal_pan(&opened?.pan, context),
+            None => self
+                .runtime
+                .block_on(self.inner.reseal(sealed, context, access)),
+        }
     }
 
     /// See [`crate::Panseal::blind_index`].

@@ -48,8 +48,9 @@ pub struct ClientConfig {
     pub policy: PolicyConfig,
 }
 
-/// Key service choice.
-#[derive(Debug, Clone, Deserialize)]
+/// Key service choice. Its `Debug` never prints key material (`kek_hex`
+/// shows as `..`).
+#[derive(Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum KeyServiceConfig {
@@ -88,8 +89,9 @@ pub enum KeyServiceConfig {
     },
 }
 
-/// Key store choice.
-#[derive(Debug, Clone, Deserialize)]
+/// Key store choice. Its `Debug` never prints a database password (the
+/// URL's password, a `password=` setting).
+#[derive(Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum KeyStoreConfig {
@@ -109,6 +111,151 @@ pub enum KeyStoreConfig {
         #[serde(default)]
         pool_size: Option<usize>,
     },
+}
+
+impl std::fmt::Debug for KeyServiceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyServiceConfig::Local => f.write_str("Local"),
+            #[cfg(feature = "hazmat-test-keys")]
+            KeyServiceConfig::InsecureLocal { .. } => f
+                .debug_struct("InsecureLocal")
+                .field("kek_hex", &format_args!(".."))
+                .finish(),
+            #[cfg(feature = "keyd-client")]
+            KeyServiceConfig::Keyd {
+                address,
+                server_name,
+                ca_file,
+                client_cert_file,
+                client_key_file,
+                request_timeout_ms,
+            } => f
+                .debug_struct("Keyd")
+                .field("address", address)
+                .field("server_name", server_name)
+                .field("ca_file", ca_file)
+                .field("client_cert_file", client_cert_file)
+                .field("client_key_file", client_key_file)
+                .field("request_timeout_ms", request_timeout_ms)
+                .finish(),
+        }
+    }
+}
+
+impl std::fmt::Debug for KeyStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyStoreConfig::Memory => f.write_str("Memory"),
+            KeyStoreConfig::File { path } => f.debug_struct("File").field("path", path).finish(),
+            #[cfg(feature = "postgres")]
+            KeyStoreConfig::Postgres { url, pool_size } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_password(url))
+                .field("pool_size", pool_size)
+                .finish(),
+        }
+    }
+}
+
+/// A `serde_json` message with the input it echoes withheld: "invalid type:
+/// integer `4111111111111111`, expected a string" would put a card number
+/// (or a password, or a key) from a misplaced value into a log. The parts
+/// that come from this crate (what was expected, the position) stay.
+fn withhold_input(message: &str) -> String {
+    const ECHOING: [&str; 4] = [
+        "invalid type",
+        "invalid value",
+        "unknown field",
+        "unknown variant",
+    ];
+    if !ECHOING.iter().any(|p| message.starts_with(p)) {
+        return message.to_owned();
+    }
+    let (input, ours) = message
+        .find(", expected")
+        .map_or((message, ""), |i| message.split_at(i));
+    let mut out = String::with_capacity(message.len());
+    let mut chars = input.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '`' | '"' => {
+                out.push(c);
+                out.push_str("(withheld)");
+                for d in chars.by_ref() {
+                    if d == c {
+                        break;
+                    }
+                }
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    out.push_str(ours);
+    out
+}
+
+/// A PostgreSQL connection string with every password replaced by `***`:
+/// the password of a URL's user information
+/// (`postgresql://user:secret@host/db`), and any `password=` setting, in a
+/// URL's query or a libpq `key=value` string (quoted or not).
+pub fn redact_password(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "***");
+            }
+        }
+    }
+    // `password=...` anywhere (query parameter or key=value pair).
+    let mut result = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    loop {
+        let lower = rest.to_ascii_lowercase();
+        let Some(i) = lower.find("password") else {
+            result.push_str(rest);
+            break;
+        };
+        let after = &rest[i + "password".len()..];
+        let trimmed = after.trim_start();
+        let Some(value) = trimmed.strip_prefix('=') else {
+            result.push_str(&rest[..i + "password".len()]);
+            rest = after;
+            continue;
+        };
+        result.push_str(&rest[..i]);
+        result.push_str("password=***");
+        let value = value.trim_start();
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            // libpq quoting: up to the next unescaped quote.
+            let mut end = None;
+            let mut escaped = false;
+            for (j, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = Some(j + 2);
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            end.unwrap_or(value.len())
+        } else {
+            value
+                .find(['&', ' ', '\t', '\n', '#'])
+                .unwrap_or(value.len())
+        };
+        rest = &value[end..];
+    }
+    result
 }
 
 /// Audit sink choice.
@@ -160,7 +307,8 @@ impl ClientConfig {
     /// [`ConfigError::Invalid`] naming what is wrong (never echoing values
     /// beyond the JSON position).
     pub fn from_json(text: &str) -> Result<Self, Error> {
-        serde_json::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()).into())
+        serde_json::from_str(text)
+            .map_err(|e| ConfigError::Invalid(withhold_input(&e.to_string())).into())
     }
 
     /// Reads and parses a JSON configuration file.
@@ -304,5 +452,85 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+        assert!(
+            e.to_string().contains("expected one of `environment`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn parse_errors_withhold_the_input() {
+        assert_eq!(
+            withhold_input("invalid type: string \"s3cret\", expected u64 at line 1 column 72"),
+            "invalid type: string \"(withheld)\", expected u64 at line 1 column 72"
+        );
+        assert_eq!(
+            withhold_input("unknown variant `4111111111111111`, expected `local`"),
+            "unknown variant `(withheld)`, expected `local`"
+        );
+        assert_eq!(
+            withhold_input("missing field `scope` at line 1 column 9"),
+            "missing field `scope` at line 1 column 9"
+        );
+    }
+
+    /// Issue 9, item 7: the configuration's `Debug` (what a `tracing`
+    /// field or a panic message would print) holds no password.
+    #[test]
+    fn debug_redacts_passwords() {
+        for (url, secret) in [
+            ("postgresql://app:Hunter2pw@127.0.0.1:5432/pay", "Hunter2pw"),
+            (
+                "postgres://app:p%40ss:w0rd@db/pay?sslmode=require",
+                "p%40ss:w0rd",
+            ),
+            (
+                "postgresql://app@db/pay?password=Qwerty99&sslmode=disable",
+                "Qwerty99",
+            ),
+            ("host=db user=app password=S3cretKV dbname=pay", "S3cretKV"),
+            (
+                "host=db user=app password = 'quo ted\\'pw' dbname=pay",
+                "quo ted",
+            ),
+            ("host=db PASSWORD=UpperCase1", "UpperCase1"),
+        ] {
+            let redacted = redact_password(url);
+            assert!(!redacted.contains(secret), "{url} -> {redacted}");
+            assert!(redacted.contains("***"), "{redacted}");
+            #[cfg(feature = "postgres")]
+            {
+                let c = ClientConfig::from_json(&format!(
+                    r#"{{"environment":"dev","scope":"m","key_service":{{"type":"local"}},
+                        "key_store":{{"type":"postgres","url":{}}}}}"#,
+                    serde_json::to_string(url).unwrap()
+                ))
+                .unwrap();
+                for text in [format!("{c:?}"), format!("{c:#?}")] {
+                    assert!(!text.contains(secret), "{text}");
+                }
+            }
+        }
+        // What is not a password stays readable.
+        assert_eq!(
+            redact_password("postgresql://app@127.0.0.1/pay"),
+            "postgresql://app@127.0.0.1/pay"
+        );
+        assert_eq!(
+            redact_password("postgresql://app:pw@h/db?sslmode=disable"),
+            "postgresql://app:***@h/db?sslmode=disable"
+        );
+    }
+
+    #[cfg(feature = "hazmat-test-keys")]
+    #[test]
+    fn debug_hides_an_insecure_kek() {
+        let kek = "ab".repeat(32);
+        let c = ClientConfig::from_json(&format!(
+            r#"{{"environment":"dev","scope":"m","key_service":{{"type":"insecure-local","kek_hex":"{kek}"}},
+                "key_store":{{"type":"memory"}}}}"#
+        ))
+        .unwrap();
+        assert!(!format!("{c:?}").contains(&kek));
     }
 }

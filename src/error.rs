@@ -166,6 +166,13 @@ pub enum KeyError {
     /// The key's recipient-usage period ended; it may no longer decrypt.
     #[error("key {0} is past its decrypt-until date")]
     Expired(KeyId),
+    /// The key is marked compromised (PCI DSS 3.7.5): data under it opens
+    /// only on the re-encryption path ([`crate::Panseal::reseal`], used by
+    /// [`crate::reencrypt`] jobs), which seals the PAN again under the
+    /// active key at once and never hands it out; every other open is
+    /// refused.
+    #[error("key {0} is compromised: it opens only to be re-sealed (reseal / reencrypt)")]
+    Compromised(KeyId),
     /// The key is in a state that forbids this operation.
     #[error("key {id} is {state:?}; operation not allowed")]
     State {

@@ -25,6 +25,29 @@ pub fn seal_with_nonce(
     crate::seal::seal_raw(&dek.cipher(), id, nonce, pan, context)
 }
 
+/// Seals 10 arbitrary plaintext bytes with a given DEK, id and nonce, as
+/// if they were a packed PAN: for fuzzing and testing what the open path
+/// does with a payload that authenticates but is not a conforming packed
+/// PAN (non-digit nibbles, bad padding, wrong lengths, Luhn failures).
+/// A conforming writer never produces such ciphertexts.
+pub fn seal_packed_with_nonce(
+    dek: &Dek,
+    id: KeyId,
+    nonce: [u8; 12],
+    packed: &[u8; 10],
+    context: &Context,
+) -> SealedPan {
+    crate::seal::seal_packed(&dek.cipher(), id, nonce, packed, context)
+}
+
+/// Packs a PAN as format v1 does (BCD, padded with `0xF` nibbles to 10
+/// bytes).
+pub fn pack_pan(pan: &Pan) -> [u8; 10] {
+    let mut out = [0u8; 10];
+    crate::format::write::pack_pan(pan, &mut out);
+    out
+}
+
 /// Opens with a given DEK (no key store, no audit).
 ///
 /// # Errors

@@ -1,6 +1,13 @@
 //! Re-sealing a table column off retired or compromised DEKs (feature
 //! `postgres`), as the `reencrypt` custodian tool does.
 //!
+//! This is the one path on which data under a **compromised** DEK still
+//! opens (PCI DSS 3.7.5): every field goes through
+//! [`Panseal::reseal`], which seals it again under the active DEK at once
+//! and never returns the PAN, and each open is audited under the job's
+//! principal. [`Panseal::open_pan`] refuses the same fields with
+//! [`crate::KeyError::Compromised`].
+//!
 //! Batches walk the table in primary-key order. Each batch is one
 //! transaction that writes the re-sealed values *and* the job's checkpoint,
 //! so a crash or `kill -9` at any moment leaves either the whole batch done

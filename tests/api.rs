@@ -174,6 +174,87 @@ fn retired_key_opens_but_never_seals_again() {
     assert_eq!(rec.state, KeyState::DecryptOnly);
 }
 
+/// Issue 9, item 10 (PCI DSS 3.7.5): a compromised DEK is used only to move
+/// data off it. The attacker holds an open credential and every sealed PAN
+/// under the compromised key, warm cache or cold: `open_pan` yields none of
+/// them; the re-encryption path (`reseal`, which never returns the PAN)
+/// moves all of them, each open audited.
+#[test]
+fn compromised_key_opens_only_to_be_resealed() {
+    let f = Fixture::new("test");
+    let ps = f.blocking(Policy::default());
+    let pans: Vec<Pan> = (0..25)
+        .map(|i| Pan::parse(&luhn_pan("4", 16, i)).unwrap())
+        .collect();
+    let sealed: Vec<SealedPan> = pans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ps.seal_pan(p, &ctx(&i.to_string())).unwrap())
+        .collect();
+    let bad = sealed[0].key_id();
+    assert!(sealed.iter().all(|s| s.key_id() == bad));
+    ps.set_key_state(bad, KeyState::Compromised).unwrap();
+
+    // Warm (this process cached the DEK) and cold (a fresh process).
+    let cold = f.blocking(Policy::default());
+    let mut opened_plain = 0;
+    for handle in [&ps, &cold] {
+        for (i, s) in sealed.iter().enumerate() {
+            match handle.open_pan(s, &ctx(&i.to_string()), &alice()) {
+                Ok(_) => opened_plain += 1,
+                Err(e) => {
+                    assert!(
+                        matches!(e, Error::Key(KeyError::Compromised(id)) if id == bad),
+                        "{e:?}"
+                    );
+                    assert!(!e.is_retryable());
+                }
+            }
+        }
+    }
+    assert_eq!(
+        opened_plain, 0,
+        "PANs opened through open_pan under a compromised key"
+    );
+
+    let reencryptor = Access::new("reencrypt-job", "re-encryption").unwrap();
+    let before = f.audit.events().len();
+    let mut moved = 0;
+    for (i, (s, pan)) in sealed.iter().zip(&pans).enumerate() {
+        let new = cold.reseal(s, &ctx(&i.to_string()), &reencryptor).unwrap();
+        assert_ne!(new.key_id(), bad);
+        assert_eq!(
+            &ps.open_pan(&new, &ctx(&i.to_string()), &alice())
+                .unwrap()
+                .pan,
+            pan
+        );
+        moved += 1;
+    }
+    assert_eq!(moved, sealed.len());
+    let audited = f.audit.events()[before..]
+        .iter()
+        .filter(|e| {
+            e.operation == Operation::Open
+                && e.outcome == Outcome::Success
+                && e.key_id == Some(bad)
+                && e.principal == "reencrypt-job"
+        })
+        .count();
+    assert_eq!(
+        audited,
+        sealed.len(),
+        "every open under the compromised key audited"
+    );
+    let refused = f
+        .audit
+        .events()
+        .iter()
+        .filter(|e| e.key_id == Some(bad) && e.failure.as_deref() == Some("key compromised"))
+        .count();
+    assert_eq!(refused, 2 * sealed.len(), "every refused open audited");
+}
+
 #[test]
 fn compromised_key_refuses_to_seal_and_destroyed_key_shreds_only_its_data() {
     let f = Fixture::new("test");
@@ -184,11 +265,10 @@ fn compromised_key_refuses_to_seal_and_destroyed_key_shreds_only_its_data() {
         .unwrap();
     let s2 = ps.seal_pan(&pan, &ctx("2")).unwrap();
     assert_ne!(s2.key_id(), s1.key_id(), "compromised DEK must not seal");
-    let opened = ps.open_pan(&s1, &ctx("1"), &alice()).unwrap();
-    assert!(
-        opened.needs_reseal,
-        "data under a compromised key must be re-sealed"
-    );
+    assert!(matches!(
+        ps.open_pan(&s1, &ctx("1"), &alice()).unwrap_err(),
+        Error::Key(KeyError::Compromised(_))
+    ));
     let moved = ps.reseal(&s1, &ctx("1"), &alice()).unwrap();
     assert_eq!(moved.key_id(), s2.key_id());
 

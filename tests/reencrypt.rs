@@ -191,3 +191,112 @@ fn reencrypt_survives_repeated_kill_9_and_live_writes() {
         assert!(!log.contains(digits.as_str()));
     }
 }
+
+/// Issue 9, item 10: rows under a compromised DEK do not open through
+/// `open_pan` (0 of N), and the `reencrypt` tool moves all N off it, each
+/// open audited under the custodian's principal.
+#[test]
+fn reencrypt_moves_every_row_off_a_compromised_key() {
+    let pg = PgServer::start();
+    let url = pg.create_db("pay");
+    pg.psql(
+        "pay",
+        "CREATE TABLE cards (id bigint PRIMARY KEY, pan varchar(64) NOT NULL)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kek: [u8; 32] = rand::random();
+    let config_path = dir.path().join("panseal.json");
+    let audit_path = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"{{"environment":"test","scope":"m",
+                "key_service":{{"type":"insecure-local","kek_hex":"{}"}},
+                "key_store":{{"type":"postgres","url":"{url}"}},
+                "audit":{{"type":"jsonl","path":"{}"}}}}"#,
+            hex::encode(kek),
+            audit_path.display()
+        ),
+    )
+    .unwrap();
+    let config = ClientConfig::from_file(&config_path).unwrap();
+    let app = blocking::Panseal::build(config.builder().unwrap()).unwrap();
+    const N: i64 = 300;
+    let mut expected = HashMap::new();
+    let mut sql = String::from("INSERT INTO cards VALUES ");
+    let mut bad = None;
+    for id in 0..N {
+        let digits = luhn_pan("4", 16, 50_000 + id as u64);
+        let s = app
+            .seal_pan(&Pan::parse(&digits).unwrap(), &ctx(id))
+            .unwrap();
+        bad = Some(s.key_id());
+        if id > 0 {
+            sql.push(',');
+        }
+        sql += &format!("({id}, '{}')", s.to_text());
+        expected.insert(id, digits);
+    }
+    pg.psql("pay", &sql);
+    let bad = bad.unwrap();
+    app.set_key_state(bad, panseal::KeyState::Compromised)
+        .unwrap();
+
+    // The attacker's view: an open credential and every row.
+    let reader = blocking::Panseal::build(config.builder().unwrap()).unwrap();
+    let access = Access::new("verifier", "test").unwrap();
+    let rows = |pg: &PgServer| -> Vec<(i64, SealedPan)> {
+        pg.psql("pay", "SELECT id || ' ' || pan FROM cards ORDER BY id")
+            .lines()
+            .map(|l| {
+                let (id, t) = l.split_once(' ').unwrap();
+                (id.parse().unwrap(), SealedPan::from_text(t).unwrap())
+            })
+            .collect()
+    };
+    let opened = rows(&pg)
+        .iter()
+        .filter(|(id, s)| reader.open_pan(s, &ctx(*id), &access).is_ok())
+        .count();
+    assert_eq!(
+        opened, 0,
+        "rows opened through open_pan under a compromised key"
+    );
+
+    let out = Command::new(example("reencrypt"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--table", "cards", "--column", "pan", "--batch", "50"])
+        .args(["--principal", "custodian-test", "--yes", "--quiet"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut moved = 0;
+    for (id, s) in rows(&pg) {
+        assert_ne!(s.key_id(), bad, "row {id} still under the compromised DEK");
+        let opened = reader.open_pan(&s, &ctx(id), &access).unwrap();
+        assert_eq!(opened.pan.expose_digits(), expected[&id]);
+        moved += 1;
+    }
+    assert_eq!(moved, N);
+    let bad_hex = bad.to_string();
+    let log = std::fs::read_to_string(&audit_path).unwrap();
+    let audited = log
+        .lines()
+        .filter(|l| {
+            l.contains("\"operation\":\"open\"")
+                && l.contains("\"outcome\":\"success\"")
+                && l.contains(&bad_hex)
+                && l.contains("custodian-test")
+        })
+        .count();
+    assert_eq!(
+        audited as i64, N,
+        "every open under the compromised key audited"
+    );
+}

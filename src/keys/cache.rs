@@ -16,6 +16,13 @@ use secrecy::SecretBox;
 
 use super::{KeyId, KeyPurpose, KeyState, Scope};
 
+/// How often expired keys are wiped: a quarter of the TTL, between 10 ms
+/// and 60 s. An unwrapped key stays in memory at most `ttl +
+/// sweep_interval(ttl)` after it was unwrapped.
+pub(crate) fn sweep_interval(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(60))
+}
+
 /// An unwrapped key, ready to use.
 pub(crate) struct CachedDek {
     pub(crate) id: KeyId,
@@ -47,7 +54,14 @@ impl CachedDek {
     ) -> Self {
         let (cipher, raw) = match purpose {
             KeyPurpose::Data => (Some(dek.cipher()), None),
-            KeyPurpose::Index => (None, Some(SecretBox::new(Box::new(*dek.expose_secret())))),
+            // Copied straight into its (wiping) box: no temporary on the
+            // stack.
+            KeyPurpose::Index => (
+                None,
+                Some(SecretBox::init_with_mut(|k: &mut [u8; 32]| {
+                    k.copy_from_slice(dek.expose_secret())
+                })),
+            ),
         };
         let loaded_at = crate::clock::unix_nanos();
         CachedDek {
@@ -102,21 +116,52 @@ type Map = HashMap<KeyId, Arc<CachedDek>, BuildHasherDefault<IdHasher>>;
 /// Bounded TTL cache of unwrapped keys. Reads are lock-free (an atomically
 /// swapped immutable map); writes, which happen only on a cache miss, copy
 /// the map under a mutex.
+///
+/// Expired entries are removed by time, not only when the cache is full:
+/// by [`DekCache::sweep`] (called every [`sweep_interval`] by the owner's
+/// sweeper thread) and, as a fallback where that thread does not run (a
+/// forked child), by the first lookup after each interval. A removed key is
+/// wiped when the last call still using it returns.
 pub(crate) struct DekCache {
     map: ArcSwap<Map>,
     write: Mutex<()>,
     capacity: usize,
     ttl: Duration,
+    /// Unix nanoseconds of the next lookup-triggered sweep.
+    next_sweep: AtomicU64,
+    sweep_every: u64,
 }
 
 impl DekCache {
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
+        let sweep_every = u64::try_from(sweep_interval(ttl).as_nanos()).unwrap_or(u64::MAX);
         DekCache {
             map: ArcSwap::from_pointee(Map::default()),
             write: Mutex::new(()),
             capacity,
             ttl,
+            next_sweep: AtomicU64::new(crate::clock::unix_nanos().saturating_add(sweep_every)),
+            sweep_every,
         }
+    }
+
+    /// Removes every expired entry; returns how many were removed. Copies
+    /// the map only if there is something to remove.
+    pub(crate) fn sweep(&self, now_unix_nanos: u64) -> usize {
+        self.next_sweep.store(
+            now_unix_nanos.saturating_add(self.sweep_every),
+            Ordering::Relaxed,
+        );
+        if self.map.load().values().all(|e| e.fresh(now_unix_nanos)) {
+            return 0;
+        }
+        let mut removed = 0;
+        self.update(|map| {
+            let before = map.len();
+            map.retain(|_, e| e.fresh(now_unix_nanos));
+            removed = before - map.len();
+        });
+        removed
     }
 
     /// Runs `f` on a fresh cached key without cloning it out of the map.
@@ -126,6 +171,9 @@ impl DekCache {
         now_unix_nanos: u64,
         f: impl FnOnce(&CachedDek) -> R,
     ) -> Option<R> {
+        if now_unix_nanos >= self.next_sweep.load(Ordering::Relaxed) {
+            self.sweep(now_unix_nanos);
+        }
         let map = self.map.load();
         let entry = map.get(&id)?;
         if !entry.fresh(now_unix_nanos) {
@@ -187,6 +235,7 @@ impl DekCache {
         });
     }
 
+    /// Entries held, fresh or not.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.load().len()
@@ -218,6 +267,23 @@ mod tests {
             assert!(c.len() <= 3);
         }
         assert!(c.get(KeyId::from_bytes([9; 8])).is_some());
+    }
+
+    #[test]
+    fn sweep_wipes_expired_entries_without_a_lookup() {
+        let ttl = Duration::from_millis(20);
+        let c = DekCache::new(100, ttl);
+        let e = entry(1);
+        let weak = Arc::downgrade(&e);
+        c.insert(e);
+        c.insert(entry(2));
+        assert_eq!(c.sweep(crate::clock::unix_nanos()), 0);
+        std::thread::sleep(ttl + Duration::from_millis(10));
+        assert_eq!(c.sweep(crate::clock::unix_nanos()), 2);
+        assert_eq!(c.len(), 0);
+        // No copy left: the cipher (and its key schedule) was dropped and
+        // wiped.
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]

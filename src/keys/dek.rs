@@ -25,8 +25,9 @@ impl Dek {
     /// For key-service implementations in this crate: a key from unwrapped
     /// bytes. The caller's copy must be wiped by the caller.
     pub(crate) fn from_unwrapped(bytes: &[u8; 32]) -> Self {
+        // Copied straight into the (wiping) box: no temporary on the stack.
         Dek {
-            key: SecretBox::new(Box::new(*bytes)),
+            key: SecretBox::init_with_mut(|k: &mut [u8; 32]| k.copy_from_slice(bytes)),
         }
     }
 
@@ -34,8 +35,10 @@ impl Dek {
     /// known-answer tests and test vectors; production keys must come from
     /// [`Dek::generate`] or a key service.
     #[cfg(feature = "hazmat-test-keys")]
-    pub fn from_bytes_insecure(bytes: [u8; 32]) -> Self {
-        Self::from_unwrapped(&bytes)
+    pub fn from_bytes_insecure(mut bytes: [u8; 32]) -> Self {
+        let dek = Self::from_unwrapped(&bytes);
+        zeroize::Zeroize::zeroize(&mut bytes);
+        dek
     }
 
     pub(crate) fn expose_secret(&self) -> &[u8; 32] {

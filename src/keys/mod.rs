@@ -13,7 +13,7 @@ mod dek;
 mod policy;
 pub(crate) mod record;
 
-pub(crate) use cache::{CachedDek, DekCache};
+pub(crate) use cache::{sweep_interval, CachedDek, DekCache};
 pub use dek::Dek;
 pub use policy::{Policy, MAX_CACHE_TTL, NONCE_LIMIT};
 

@@ -994,7 +994,9 @@ impl KeyService for Pkcs11KeyService {
     async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
         self.check_env(request)?;
         let request = request.clone();
-        let key = Zeroizing::new(*dek.expose_secret());
+        // Copied straight into a wiping buffer (no stack temporary).
+        let mut key = Zeroizing::new([0u8; DEK_LEN]);
+        key.copy_from_slice(dek.expose_secret());
         self.run(move |inner, session| inner.wrap_key(session, &request, &key))
             .await
     }
