@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"
 GENERATOR = VECTORS / "gen_vectors.py"
 FILES = ["ciphertext_v1.json", "wrap_v1.json", "record_v1.json", "blind_index_v1.json"]
+# keyd's state format v2 has its own independent generator.
+KEYD_GENERATOR = VECTORS / "gen_keyd_vectors.py"
+KEYD_FILES = ["keyd_state_v2.json"]
 
 
 def load_generator():
@@ -41,7 +44,17 @@ def generated(tmp_path_factory) -> Path:
 def test_generator_writes_exactly_the_committed_files(generated: Path) -> None:
     assert sorted(p.name for p in generated.iterdir()) == sorted(FILES)
     committed = sorted(p.name for p in VECTORS.glob("*.json"))
-    assert committed == sorted(FILES)
+    assert committed == sorted(FILES + KEYD_FILES)
+
+
+@pytest.mark.parametrize("name", KEYD_FILES)
+def test_keyd_vectors_are_reproduced_by_their_generator(tmp_path: Path, name: str) -> None:
+    subprocess.run([sys.executable, str(KEYD_GENERATOR), "--out", str(tmp_path)], check=True,
+                   capture_output=True, text=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(KEYD_FILES)
+    assert (tmp_path / name).read_bytes() == (VECTORS / name).read_bytes(), (
+        f"tests/vectors/{name} differs from what gen_keyd_vectors.py produces"
+    )
 
 
 @pytest.mark.parametrize("name", FILES)
