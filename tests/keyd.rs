@@ -1335,6 +1335,41 @@ async fn resharing_makes_old_shares_useless() {
         .any(|l| l.contains("\"operation\":\"reshare\"")));
 }
 
+#[tokio::test]
+async fn a_crash_between_a_reshares_state_and_its_anchor_still_unseals() {
+    let mut k = Keyd::ready().await;
+    let d = req("test", "rs-2", KeyPurpose::Data);
+    let (dek, w) = k.client("app").generate(&d).await.unwrap();
+    let new: Vec<String> = ["carol", "mallory"].map(String::from).to_vec();
+    for c in ["alice", "bob"] {
+        k.client(c).reshare(2, &new, k.share(c)).await.unwrap();
+    }
+    // The anchor under the old master key, as a crash after the new
+    // state.bin and before its anchor leaves it.
+    k.save(&["data/state.anchor"]);
+    let dir = k.path("new-shares");
+    std::fs::create_dir_all(&dir).unwrap();
+    for c in &new {
+        let f = dir.join(format!("{c}.share"));
+        let (ok, _, err) =
+            k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
+        assert!(ok, "{err}");
+    }
+    k.kill();
+    k.restore(&["data/state.anchor"]);
+    k.start();
+    for c in &new {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        let text = std::fs::read_to_string(dir.join(format!("{c}.share"))).unwrap();
+        cl.unseal(ShareText::new(text.trim().to_owned()))
+            .await
+            .unwrap();
+    }
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek_bytes(&dek));
+}
+
 // ---- item 9.6: resource limits ----------------------------------------------
 
 #[tokio::test]
@@ -1715,6 +1750,12 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
         kek: kek_ref,
         bytes,
     };
+    // A restart before the first unseal: still version 1, and nothing
+    // written meanwhile marks the directory as version 2.
+    k.start();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    k.kill();
+    assert!(!k.path("data/audit.anchor").exists());
     k.start();
     k.unseal().await;
     let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
