@@ -1297,9 +1297,19 @@ async fn resharing_makes_old_shares_useless() {
     std::fs::create_dir_all(&dir).unwrap();
     for c in &new {
         let f = dir.join(format!("{c}.share"));
-        let (ok, _, err) =
+        let (ok, out, err) =
             k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
         assert!(ok, "{err}");
+        // The fingerprint keyd authenticated, to check against keyd.toml.
+        let cert = k.path(&format!("certs/{c}.pem"));
+        let fpr = keyd_harness::run(&["fingerprint", cert.to_str().unwrap()]);
+        assert!(
+            out.contains(&format!(
+                "certificate SHA-256 {} as principal {c:?}",
+                fpr.trim()
+            )),
+            "{out}"
+        );
         let (ok, _, _) =
             k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
         assert!(!ok);

@@ -59,7 +59,7 @@ pub struct Keyd {
     child: Option<Child>,
 }
 
-fn run(args: &[&str]) -> String {
+pub fn run(args: &[&str]) -> String {
     let out = Command::new(BIN)
         .args(args)
         .output()
