@@ -1063,8 +1063,7 @@ async fn a_forged_lower_anchor_is_refused_at_unseal_and_the_restored_state_never
     );
     k.kill();
     let saved: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(k.path("data/state.anchor.saved")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(k.path("data/state.anchor.saved")).unwrap()).unwrap();
     let mut lower = saved.clone();
     lower["generation"] = (saved["generation"].as_u64().unwrap() - 1).into();
     let forged = [
@@ -1109,7 +1108,10 @@ async fn an_acknowledgement_planted_in_the_data_directory_does_not_open_the_gate
     for c in ["alice", "bob"] {
         accepted += u32::from(k.client(c).unseal(k.share(c)).await.is_ok());
     }
-    assert_eq!(accepted, 0, "a share passed the gate on a planted acknowledgement");
+    assert_eq!(
+        accepted, 0,
+        "a share passed the gate on a planted acknowledgement"
+    );
     assert!(k.client("alice").status().await.unwrap().sealed);
     // Acknowledged over mutual TLS, the same custodians unseal.
     k.unseal().await;

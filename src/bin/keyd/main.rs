@@ -627,7 +627,10 @@ fn open_audit(cfg: &Config, state: &StateStore) -> Result<(ChainedAuditLog, Stri
                 if let Some((g, head)) = state_commit(body) {
                     committed = committed.max(g);
                     commits += 1;
-                    if claim.as_ref().is_some_and(|(cg, ch)| *cg == g && *ch == head) {
+                    if claim
+                        .as_ref()
+                        .is_some_and(|(cg, ch)| *cg == g && *ch == head)
+                    {
                         vouched = true;
                     }
                 }

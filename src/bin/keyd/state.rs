@@ -459,8 +459,7 @@ impl StateStore {
             // authenticated state names).
             if let Some(a) = &un.anchor {
                 let older = a.generation < self.read().generation;
-                if a.verify(keys).is_err()
-                    && !(older && self.anchor_vouched.load(Ordering::SeqCst))
+                if a.verify(keys).is_err() && !(older && self.anchor_vouched.load(Ordering::SeqCst))
                 {
                     return Err(StateError::Unauthentic(format!(
                         "the anchor {} (generation {}) fails authentication under the master \
