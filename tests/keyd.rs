@@ -1043,6 +1043,98 @@ async fn an_altered_journal_or_anchor_is_refused_at_unseal() {
     assert!(k.client("alice").status().await.unwrap().sealed);
 }
 
+#[tokio::test]
+async fn a_forged_lower_anchor_is_refused_at_unseal_and_the_restored_state_never_serves() {
+    let mut k = Keyd::ready().await;
+    let scope = Scope::new("fa-1").unwrap();
+    let d = req("test", "fa-1", KeyPurpose::Data);
+    let (_, w) = k.client("app").generate(&d).await.unwrap();
+    k.client("alice").rotate(&scope).await.unwrap();
+    // The attacker copies the data directory (state, anchor, audit log).
+    k.save(&STATE_FILES);
+    k.save(&["data/audit.log", "data/audit.anchor"]);
+    k.client("alice").approve_destroy(&scope, 1).await.unwrap();
+    assert!(
+        k.client("bob")
+            .approve_destroy(&scope, 1)
+            .await
+            .unwrap()
+            .destroyed
+    );
+    k.kill();
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(k.path("data/state.anchor.saved")).unwrap()).unwrap();
+    let mut lower = saved.clone();
+    lower["generation"] = (saved["generation"].as_u64().unwrap() - 1).into();
+    let forged = [
+        serde_json::json!({"v": 2, "generation": 0, "head": "00".repeat(32), "mac": "00"}),
+        // Lower by one, the head and MAC of the real one: bad MAC.
+        lower,
+    ];
+    let (mut refused, mut succeeded) = (0, 0);
+    for a in forged {
+        // Everything back to before the destroy; the (newer) anchor
+        // replaced by a forged lower one.
+        k.restore(&STATE_FILES);
+        k.restore(&["data/audit.log", "data/audit.anchor"]);
+        std::fs::write(k.path("data/state.anchor"), serde_json::to_vec(&a).unwrap()).unwrap();
+        k.start();
+        for c in ["alice", "bob"] {
+            let cl = k.client(c);
+            cl.acknowledge(ACK).await.unwrap();
+            refused += u32::from(cl.unseal(k.share(c)).await.is_err());
+        }
+        succeeded += unwraps_that_succeed(&k, &d, &w).await;
+        k.kill();
+    }
+    assert_eq!(succeeded, 0, "a destroyed KEK version unwrapped");
+    assert_eq!(refused, 2, "the completing share must fail on the anchor");
+}
+
+#[tokio::test]
+async fn an_acknowledgement_planted_in_the_data_directory_does_not_open_the_gate() {
+    let mut k = Keyd::init();
+    let planted: Vec<serde_json::Value> = ["alice", "bob"]
+        .iter()
+        .map(|c| serde_json::json!({"custodian": c, "statement_sha256": "00".repeat(32), "at": 1}))
+        .collect();
+    std::fs::write(
+        k.path("data/acknowledgements.pending"),
+        serde_json::to_vec(&planted).unwrap(),
+    )
+    .unwrap();
+    k.start();
+    let mut accepted = 0;
+    for c in ["alice", "bob"] {
+        accepted += u32::from(k.client(c).unseal(k.share(c)).await.is_ok());
+    }
+    assert_eq!(
+        accepted, 0,
+        "a share passed the gate on a planted acknowledgement"
+    );
+    assert!(k.client("alice").status().await.unwrap().sealed);
+    // Acknowledged over mutual TLS, the same custodians unseal.
+    k.unseal().await;
+}
+
+#[tokio::test]
+async fn reshare_is_refused_while_sealed() {
+    let k = Keyd::ready().await;
+    k.client("alice").seal().await.unwrap();
+    let new: Vec<String> = ["bob", "carol", "mallory"].map(String::from).to_vec();
+    let (mut votes, mut handed_out) = (0, 0);
+    for c in ["alice", "bob"] {
+        match k.client(c).reshare(2, &new, k.share(c)).await {
+            Ok(v) => {
+                votes += 1;
+                handed_out += v.awaiting_collection.len();
+            }
+            Err(e) => assert!(e.to_string().contains("sealed"), "{e}"),
+        }
+    }
+    assert_eq!((votes, handed_out), (0, 0));
+}
+
 // ---- item 9.4: audit log cut, deleted, re-keyed -----------------------------
 
 #[tokio::test]
@@ -1207,9 +1299,19 @@ async fn resharing_makes_old_shares_useless() {
     std::fs::create_dir_all(&dir).unwrap();
     for c in &new {
         let f = dir.join(format!("{c}.share"));
-        let (ok, _, err) =
+        let (ok, out, err) =
             k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
         assert!(ok, "{err}");
+        // The fingerprint keyd authenticated, to check against keyd.toml.
+        let cert = k.path(&format!("certs/{c}.pem"));
+        let fpr = keyd_harness::run(&["fingerprint", cert.to_str().unwrap()]);
+        assert!(
+            out.contains(&format!(
+                "certificate SHA-256 {} as principal {c:?}",
+                fpr.trim()
+            )),
+            "{out}"
+        );
         let (ok, _, _) =
             k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
         assert!(!ok);
@@ -1243,6 +1345,41 @@ async fn resharing_makes_old_shares_useless() {
         .audit_lines()
         .iter()
         .any(|l| l.contains("\"operation\":\"reshare\"")));
+}
+
+#[tokio::test]
+async fn a_crash_between_a_reshares_state_and_its_anchor_still_unseals() {
+    let mut k = Keyd::ready().await;
+    let d = req("test", "rs-2", KeyPurpose::Data);
+    let (dek, w) = k.client("app").generate(&d).await.unwrap();
+    let new: Vec<String> = ["carol", "mallory"].map(String::from).to_vec();
+    for c in ["alice", "bob"] {
+        k.client(c).reshare(2, &new, k.share(c)).await.unwrap();
+    }
+    // The anchor under the old master key, as a crash after the new
+    // state.bin and before its anchor leaves it.
+    k.save(&["data/state.anchor"]);
+    let dir = k.path("new-shares");
+    std::fs::create_dir_all(&dir).unwrap();
+    for c in &new {
+        let f = dir.join(format!("{c}.share"));
+        let (ok, _, err) =
+            k.custodian_cli(c, "collect-share", &["--share-file", f.to_str().unwrap()]);
+        assert!(ok, "{err}");
+    }
+    k.kill();
+    k.restore(&["data/state.anchor"]);
+    k.start();
+    for c in &new {
+        let cl = k.client(c);
+        cl.acknowledge(ACK).await.unwrap();
+        let text = std::fs::read_to_string(dir.join(format!("{c}.share"))).unwrap();
+        cl.unseal(ShareText::new(text.trim().to_owned()))
+            .await
+            .unwrap();
+    }
+    let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
+    assert_eq!(dek_bytes(&got), dek_bytes(&dek));
 }
 
 // ---- item 9.6: resource limits ----------------------------------------------
@@ -1440,10 +1577,9 @@ async fn good_clients_are_served_while_a_bad_one_holds_and_trickles() {
 /// Writes a version 1 `state.bin` (FORMAT.md, "keyd state, version 1") for
 /// the master key rebuilt from two shares, holding one KEK for scope
 /// `v1-1`; returns that KEK.
-fn write_v1_state(k: &Keyd) -> [u8; 32] {
+fn write_v1_state(k: &Keyd) -> ([u8; 32], serde_json::Value) {
     use aes_gcm::aead::AeadInPlace;
     use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
-    use sha2::Digest;
     let share_bytes = |c: &str| {
         let t = k.share(c);
         let body = t.expose_secret().strip_prefix("pks1-").unwrap().to_owned();
@@ -1487,21 +1623,133 @@ fn write_v1_state(k: &Keyd) -> [u8; 32] {
         }],
         "generation": 7
     });
+    write_v1_file(k, &v1);
+    // A data directory from before version 2: no journal, no anchors.
+    let _ = std::fs::remove_file(k.path("data/state.journal"));
+    std::fs::remove_file(k.path("data/state.anchor")).unwrap();
+    std::fs::remove_file(k.path("data/audit.anchor")).unwrap();
+    (kek, v1)
+}
+
+/// Writes `v` as a version 1 `state.bin` (its SHA-256 recomputed: anyone
+/// can).
+fn write_v1_file(k: &Keyd, v: &serde_json::Value) {
+    use sha2::Digest;
     let mut file = b"PANSEALD\x01".to_vec();
-    file.extend_from_slice(&serde_json::to_vec(&v1).unwrap());
+    file.extend_from_slice(&serde_json::to_vec(v).unwrap());
     let sum = sha2::Sha256::digest(&file);
     file.extend_from_slice(&sum);
     std::fs::write(k.path("data/state.bin"), file).unwrap();
-    let _ = std::fs::remove_file(k.path("data/state.journal"));
+}
+
+/// Starts keyd on whatever the attacker left; if it starts, the custodians
+/// unseal (noting `expect`) and the app tries the destroyed version.
+/// Returns keyd's refusal, or how many unwraps succeeded.
+async fn forged_start_unwraps(
+    k: &mut Keyd,
+    expect: Option<u64>,
+    d: &KeyRequest,
+    w: &panseal::WrappedKey,
+) -> Result<String, u32> {
+    if let Err(e) = k.try_start() {
+        return Ok(e);
+    }
+    for c in ["alice", "bob"] {
+        let cl = k.client(c);
+        let _ = cl.acknowledge(ACK).await;
+        let _ = cl.unseal_expecting(k.share(c), expect).await;
+    }
+    let n = unwraps_that_succeed(k, d, w).await;
+    k.kill();
+    Err(n)
+}
+
+#[tokio::test]
+async fn a_version_1_backup_with_a_forged_generation_is_refused_and_destroyed_keks_stay_destroyed()
+{
+    use aes_gcm::{Aes256Gcm, KeyInit};
+    let mut k = Keyd::init();
+    let (kek, v1) = write_v1_state(&k);
+    let d = req("test", "v1-1", KeyPurpose::Data);
+    let dek: [u8; 32] = rand::random();
+    let kek_ref = panseal::KekRef {
+        id: "keyd/test/v1-1".into(),
+        version: 1,
+    };
+    let bytes = panseal::keyd::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
+    let w = panseal::WrappedKey {
+        kek: kek_ref,
+        bytes,
+    };
+    k.start();
+    k.unseal().await;
+    assert_eq!(unwraps_that_succeed(&k, &d, &w).await, 1);
+    // Migrated; now the version 1 KEK is destroyed.
+    let scope = Scope::new("v1-1").unwrap();
+    k.client("alice").rotate(&scope).await.unwrap();
+    k.client("alice").approve_destroy(&scope, 1).await.unwrap();
+    assert!(
+        k.client("bob")
+            .approve_destroy(&scope, 1)
+            .await
+            .unwrap()
+            .destroyed
+    );
+    let noted = k.client("alice").status().await.unwrap().state_generation;
+    assert_eq!(unwraps_that_succeed(&k, &d, &w).await, 0);
+    k.kill();
+    // Each attempt starts from this directory.
+    let all = [
+        "data/state.bin",
+        "data/state.journal",
+        "data/state.anchor",
+        "data/audit.log",
+        "data/audit.anchor",
+    ];
+    k.save(&all);
+    let mut succeeded = 0;
+    let forge = |k: &Keyd, generation: u64| {
+        let mut v = v1.clone();
+        v["generation"] = generation.into();
+        write_v1_file(k, &v);
+    };
+    // 1. The pre-upgrade backup, its generation above the anchor's and
+    //    every state-commit's.
+    k.restore(&all);
+    forge(&k, noted + 1000);
+    match forged_start_unwraps(&mut k, None, &d, &w).await {
+        Ok(e) => assert!(e.contains("rolled back"), "{e}"),
+        Err(n) => succeeded += n,
+    }
+    // 2. At the generation the custodians noted, the anchor deleted
+    //    (anchor_dir = data_dir): even --expect-generation would pass.
+    k.restore(&all);
+    forge(&k, noted);
     std::fs::remove_file(k.path("data/state.anchor")).unwrap();
-    kek
+    std::fs::remove_file(k.path("data/state.journal")).unwrap();
+    match forged_start_unwraps(&mut k, Some(noted), &d, &w).await {
+        Ok(e) => assert!(e.contains("rolled back"), "{e}"),
+        Err(n) => succeeded += n,
+    }
+    // 3. The audit anchor deleted too: the log's state-commit records
+    //    remain.
+    k.restore(&all);
+    forge(&k, noted);
+    for f in ["state.anchor", "audit.anchor", "state.journal"] {
+        std::fs::remove_file(k.path(&format!("data/{f}"))).unwrap();
+    }
+    match forged_start_unwraps(&mut k, Some(noted), &d, &w).await {
+        Ok(e) => assert!(e.contains("rolled back"), "{e}"),
+        Err(n) => succeeded += n,
+    }
+    assert_eq!(succeeded, 0, "a destroyed KEK version came back");
 }
 
 #[tokio::test]
 async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
     use aes_gcm::{Aes256Gcm, KeyInit};
     let mut k = Keyd::init();
-    let kek = write_v1_state(&k);
+    let (kek, _) = write_v1_state(&k);
     // A DEK wrapped by the version 1 KEK, as a v1 keyd answered it.
     let d = req("test", "v1-1", KeyPurpose::Data);
     let dek: [u8; 32] = rand::random();
@@ -1514,6 +1762,12 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
         kek: kek_ref,
         bytes,
     };
+    // A restart before the first unseal: still version 1, and nothing
+    // written meanwhile marks the directory as version 2.
+    k.start();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    k.kill();
+    assert!(!k.path("data/audit.anchor").exists());
     k.start();
     k.unseal().await;
     let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();

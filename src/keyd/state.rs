@@ -186,7 +186,9 @@ pub struct State {
     pub master_check: String,
     /// One entry per custodian holding a share.
     pub shares: Vec<CustodianShare>,
-    /// Counts re-sharings; shares of another epoch are refused.
+    /// Counts re-sharings. A record only, never compared: a share of an
+    /// earlier epoch is refused because it fails its check under the new
+    /// `share_salt`.
     pub share_epoch: u32,
     /// Acknowledgements by custodian.
     pub acknowledgements: BTreeMap<String, Acknowledgement>,
@@ -259,7 +261,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Checks the MAC of a version 2 snapshot (version 1 has none).
+    /// Checks the MAC of a version 2 snapshot. Version 1 has none and
+    /// passes: the server reads version 1 only where no version 2 state
+    /// ever was (FORMAT.md §13.5).
     ///
     /// # Errors
     ///

@@ -59,7 +59,7 @@ pub struct Keyd {
     child: Option<Child>,
 }
 
-fn run(args: &[&str]) -> String {
+pub fn run(args: &[&str]) -> String {
     let out = Command::new(BIN)
         .args(args)
         .output()
@@ -214,6 +214,45 @@ impl Keyd {
             .unwrap_or_else(|| panic!("keyd did not start: {line:?}"));
         self.addr = addr.to_owned();
         self.child = Some(child);
+    }
+
+    /// Starts the server if it will: `Err(stderr)` when it refuses (an
+    /// attacker's test must not hang when the old code lets it start).
+    pub fn try_start(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none());
+        let listen = if self.addr.is_empty() {
+            "127.0.0.1:0".to_owned()
+        } else {
+            self.addr.clone()
+        };
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", self.config_str(), "--listen", &listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        match line.split_whitespace().nth(3) {
+            Some(addr) => {
+                self.addr = addr.to_owned();
+                self.child = Some(child);
+                // Keep draining its stderr.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut err, &mut std::io::stderr());
+                });
+                Ok(())
+            }
+            None => {
+                let mut text = String::new();
+                let _ = std::io::Read::read_to_string(&mut err, &mut text);
+                let _ = child.wait();
+                Err(text)
+            }
+        }
     }
 
     /// Starts the server expecting it to refuse; returns its stderr.

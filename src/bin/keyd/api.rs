@@ -271,6 +271,11 @@ impl Server {
     }
 
     /// The configuration.
+    /// The state's format on disk (1 until the first unseal migrates it).
+    pub(crate) fn state_version(&self) -> u8 {
+        self.state.version()
+    }
+
     pub(crate) fn config(&self) -> &Config {
         &self.cfg
     }
@@ -482,7 +487,7 @@ impl Server {
         let r: AcknowledgeRequest = parse(body)?;
         let ack = acknowledgement(p, &r.statement)?;
         if self.is_sealed() {
-            self.state.acknowledge_sealed(ack)?;
+            self.state.acknowledge_sealed(ack);
         } else {
             self.state.mutate(&self.audit, |d| {
                 d.acknowledge(ack);
@@ -553,8 +558,10 @@ impl Server {
         self.status(p)
     }
 
-    /// Migrates a version 1 state, folds acknowledgements given while
-    /// sealed, and compacts the journal.
+    /// Migrates a version 1 state (one new snapshot) and folds
+    /// acknowledgements given while sealed into the journal. The journal
+    /// is not compacted here (only every `COMPACT_AFTER` entries and at a
+    /// re-share).
     fn after_unseal(&self) -> Result<(), Failure> {
         if self.state.version() == seal::V1 && self.state.read().audit_key_id.is_empty() {
             self.state.replace_with(
@@ -1268,6 +1275,15 @@ impl Server {
         };
         let share = check_share(&state, holder, r.share.expose_secret())?;
         let mut pending = self.reshare.lock().unwrap_or_else(|e| e.into_inner());
+        // Checked under the re-share lock: a seal clears the proposal
+        // under it, so no vote lands after a seal.
+        if self.is_sealed() {
+            return Err(Failure::new(
+                ErrorKind::Sealed,
+                "keyd is sealed: unseal it before re-sharing (the running master key must \
+                 re-seal every KEK)",
+            ));
+        }
         let proposal = (r.threshold, r.custodians.clone());
         let fresh = match pending.as_ref() {
             None => true,

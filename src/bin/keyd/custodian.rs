@@ -112,13 +112,21 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
                 let path = args.need("share-file")?;
                 // With --statement, the acknowledgement is recorded too.
                 let statement = args.one("statement");
+                // Who keyd takes this certificate for: a custodian checks
+                // this fingerprint against their entry in keyd.toml
+                // (README "Custodians").
+                let fingerprint = cert_fingerprint(&args.need("cert")?)?;
+                let known_as = client.status().await.map_err(err)?.principal;
                 let r = client
                     .collect_share(statement.as_deref())
                     .await
                     .map_err(err)?;
                 write_share(&path, r.share.expose_secret())?;
                 format!(
-                    "share written to {path} (keep it secret, apart from the other shares); \
+                    "keyd authenticated certificate SHA-256 {fingerprint} as principal \
+                     {known_as:?}: check that keyd.toml gives this principal exactly this \
+                     certificate (`panseal-keyd fingerprint`)\n\
+                     share written to {path} (keep it secret, apart from the other shares); \
                      still to collect: {}",
                     if r.awaiting_collection.is_empty() {
                         "nobody".to_owned()
@@ -162,6 +170,16 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
     })?;
     println!("{out}");
     Ok(())
+}
+
+/// SHA-256 of the first certificate in a PEM file, hex (as `panseal-keyd
+/// fingerprint` prints it).
+fn cert_fingerprint(path: &str) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use sha2::Digest;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    Ok(hex::encode(sha2::Sha256::digest(der.as_ref())))
 }
 
 fn write_share(path: &str, text: &str) -> Result<(), String> {

@@ -574,19 +574,25 @@ fn open_audit(cfg: &Config, state: &StateStore) -> Result<(ChainedAuditLog, Stri
     let key = AuditKey::load_file(&key_path)
         .map_err(|e| format!("audit key {}: {e}; refusing to start", key_path.display()))?;
     let key_id = key.key_id();
-    let (named, mut anchor, generation) = {
+    // Only a version 1 state (read only where no version 2 state ever
+    // was: `StateStore::open`) does not name its audit key.
+    let version1 = state.version() == seal::V1;
+    let (mut anchor, generation) = {
         let s = state.read();
-        if !s.audit_key_id.is_empty() && s.audit_key_id != key_id {
+        if s.audit_key_id.is_empty() && !version1 {
+            return Err(format!(
+                "state {} names no audit key (a version 2 state always does: altered); \
+                 refusing to start",
+                cfg.paths().state.display()
+            ));
+        }
+        if !version1 && s.audit_key_id != key_id {
             return Err(format!(
                 "audit key {} is not the key this keyd's state names (replaced?); refusing to start",
                 key_path.display()
             ));
         }
-        (
-            s.audit_key_id.is_empty(),
-            state.audit_anchor(),
-            s.generation,
-        )
+        (state.audit_anchor(), s.generation)
     };
     let anchor_path = cfg.audit_anchor_path();
     // Both are lower bounds on the same chain (the exported one is
@@ -595,7 +601,7 @@ fn open_audit(cfg: &Config, state: &StateStore) -> Result<(ChainedAuditLog, Stri
     match read_audit_anchor(&anchor_path, &key) {
         Ok(a) if a.records >= anchor.records => anchor = a,
         Ok(_) => {}
-        Err(AuditError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && named => {}
+        Err(AuditError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && version1 => {}
         Err(e) => {
             return Err(format!(
                 "audit anchor {}: {e}; refusing to start",
@@ -612,17 +618,40 @@ fn open_audit(cfg: &Config, state: &StateStore) -> Result<(ChainedAuditLog, Stri
         )
     };
     let mut committed = 0u64;
+    let mut commits = 0u64;
+    let claim = state.anchor_claim();
+    let mut vouched = false;
     match std::fs::read(&log_path) {
         Ok(bytes) => {
             panseal::keyd::verify_audit_bytes(&bytes, &key, &anchor, &mut |_, body| {
-                if let Some(g) = state_commit_generation(body) {
+                if let Some((g, head)) = state_commit(body) {
                     committed = committed.max(g);
+                    commits += 1;
+                    if claim
+                        .as_ref()
+                        .is_some_and(|(cg, ch)| *cg == g && *ch == head)
+                    {
+                        vouched = true;
+                    }
                 }
             })
             .map_err(refuse)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("audit log {}: {e}", log_path.display())),
+    }
+    if vouched {
+        state.vouch_anchor();
+    }
+    if version1 && commits > 0 {
+        return Err(state::StateError::Version1AfterVersion2 {
+            path: cfg.paths().state,
+            trace: format!(
+                "a state-commit record (generation {committed}) in the audit log {}",
+                log_path.display()
+            ),
+        }
+        .to_string());
     }
     if committed > generation {
         return Err(state::StateError::RolledBack {
@@ -638,8 +667,9 @@ fn open_audit(cfg: &Config, state: &StateStore) -> Result<(ChainedAuditLog, Stri
     Ok((log, key_id))
 }
 
-/// The generation of a `state-commit` audit record (body without its MAC).
-fn state_commit_generation(body: &[u8]) -> Option<u64> {
+/// The generation and head of a `state-commit` audit record (body without
+/// its MAC).
+fn state_commit(body: &[u8]) -> Option<(u64, String)> {
     const NEEDLE: &[u8] = b"\"operation\":\"state-commit\"";
     if !body.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
         return None;
@@ -647,7 +677,11 @@ fn state_commit_generation(body: &[u8]) -> Option<u64> {
     let mut json = body.to_vec();
     json.push(b'}');
     let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
-    v.get("event")?.get("state_generation")?.as_u64()
+    let event = v.get("event")?;
+    Some((
+        event.get("state_generation")?.as_u64()?,
+        event.get("state_head")?.as_str()?.to_owned(),
+    ))
 }
 
 fn serve(args: &Args) -> Result<(), String> {
@@ -697,12 +731,15 @@ fn serve(args: &Args) -> Result<(), String> {
         // Once a second: sync the log and export its anchor if it grew.
         let anchor_task = {
             let audit = audit.clone();
+            let server = Arc::clone(&server);
             async move {
                 let mut last = 0;
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     let n = audit.summary().records;
-                    if n != last {
+                    // Not while the state is version 1: an audit anchor
+                    // marks a data directory where version 2 ran.
+                    if n != last && server.state_version() != seal::V1 {
                         let (audit, path) = (audit.clone(), anchor_path.clone());
                         let r =
                             tokio::task::spawn_blocking(move || audit.write_anchor(&path)).await;
@@ -783,7 +820,9 @@ fn serve(args: &Args) -> Result<(), String> {
             () = anchor_task => Ok(()),
             _ = tokio::signal::ctrl_c() => {
                 let _ = audit.append(&api::system_record("stop", "stopping".into()));
-                let _ = audit.write_anchor(server.config().audit_anchor_path());
+                if server.state_version() != seal::V1 {
+                    let _ = audit.write_anchor(server.config().audit_anchor_path());
+                }
                 println!("panseal-keyd: stopping");
                 Ok(())
             }

@@ -7,23 +7,33 @@
 //! * `state.journal`: one authenticated, chained line per change since the
 //!   snapshot (a change rewrites only the records it touches, so its cost
 //!   does not grow with the number of scopes); folded into a new snapshot
-//!   every [`COMPACT_AFTER`] entries and at unseal.
+//!   every [`COMPACT_AFTER`] entries, at a re-share and at the version 1
+//!   migration (not at every unseal).
 //! * `state.anchor` (in `anchor_dir`, ideally another file system): the
 //!   newest generation and head MAC, rewritten after every change. Every
 //!   change is also recorded as a `state-commit` record in the audit log.
 //!   At start the state must be at least as new as both; otherwise it was
-//!   rolled back and keyd refuses to start.
-//! * `acknowledgements.pending`: acknowledgements given while sealed (no
-//!   key to authenticate them yet), folded into the journal at unseal.
+//!   rolled back and keyd refuses to start. At unseal the anchor's MAC
+//!   must verify (or, for an anchor older than the state, the audit log
+//!   must hold the `state-commit` record it repeats: a crash during a
+//!   re-share leaves an anchor under the old master key).
 //! * `keyd.lock`: held (`flock`, exclusive) while a keyd uses the folder.
 //!
-//! Version 1 (`PANSEALD | 0x01 | JSON | SHA-256`) is still read and is
-//! rewritten as version 2 at the first unseal.
+//! Acknowledgements given while sealed are held in memory only (nothing
+//! authenticates a file written while sealed) and folded into the journal
+//! at unseal; a restart while sealed drops them. A leftover
+//! `acknowledgements.pending` from an earlier build is ignored.
+//!
+//! Version 1 (`PANSEALD | 0x01 | JSON | SHA-256`, no MAC) is still read,
+//! only where no version 2 state ever was (no `state.anchor`,
+//! `audit.anchor`, `state.journal`, nor a `state-commit` audit record), and
+//! is rewritten as version 2 at the first unseal.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use panseal::keyd::state::{
@@ -53,6 +63,12 @@ pub(crate) enum StateError {
         anchored: u64,
         witness: String,
     },
+    #[error(
+        "state rolled back: {path} is version 1, but {trace} exists, so a version 2 state was \
+         written here; refusing to start (a pre-upgrade backup was restored). Restore the \
+         newest state"
+    )]
+    Version1AfterVersion2 { path: PathBuf, trace: String },
     #[error("{0}")]
     Unauthentic(String),
     #[error("another panseal-keyd holds {0} (one keyd per data directory); refusing to start")]
@@ -78,6 +94,8 @@ pub(crate) struct Paths {
     pub(crate) journal: PathBuf,
     pub(crate) anchor: PathBuf,
     pub(crate) audit_anchor: PathBuf,
+    /// Written by earlier builds; never read (unauthenticated), removed
+    /// at unseal.
     pub(crate) pending: PathBuf,
     pub(crate) lock: PathBuf,
 }
@@ -144,8 +162,13 @@ pub(crate) struct StateStore {
     paths: Paths,
     writer: Mutex<Writer>,
     live: RwLock<State>,
-    version: u8,
+    /// The format on disk: 1 until the migration writes version 2.
+    version: AtomicU8,
     unverified: Mutex<Option<Unverified>>,
+    /// Set at start when the audit log holds a `state-commit` record with
+    /// the anchor's generation and head.
+    anchor_vouched: AtomicBool,
+    /// Acknowledgements given over mutual TLS while sealed (memory only).
     pending: Mutex<BTreeMap<String, Acknowledgement>>,
     /// Set at unseal (authenticate); taken after the change lock, never
     /// held across it.
@@ -251,6 +274,25 @@ impl StateStore {
             read_optional(&paths.state)?.ok_or_else(|| StateError::Missing(paths.state.clone()))?;
         let snapshot =
             fmt::decode_snapshot(&bytes, now_secs()).map_err(|e| corrupt(&paths.state, e))?;
+        if snapshot.version == fmt::V1 {
+            // Version 1 has no MAC (its generation is anyone's to set): it
+            // is read only where version 2 never ran.
+            for trace in [&paths.anchor, &paths.audit_anchor, &paths.journal] {
+                let exists = std::fs::symlink_metadata(trace)
+                    .map(|_| true)
+                    .or_else(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => Ok(false),
+                        _ => Err(e),
+                    })
+                    .map_err(io(trace))?;
+                if exists {
+                    return Err(StateError::Version1AfterVersion2 {
+                        path: paths.state.clone(),
+                        trace: trace.display().to_string(),
+                    });
+                }
+            }
+        }
         let mut state = snapshot.state.clone();
         let mut head = snapshot.mac;
         let mut entries = Vec::new();
@@ -320,17 +362,6 @@ impl StateStore {
             }
             _ => {}
         }
-        let pending: BTreeMap<String, Acknowledgement> = match read_optional(&paths.pending)? {
-            Some(b) => serde_json::from_slice::<Vec<Acknowledgement>>(&b)
-                .map_err(|_| StateError::Corrupt {
-                    path: paths.pending.clone(),
-                    what: "does not parse".into(),
-                })?
-                .into_iter()
-                .map(|a| (a.custodian.clone(), a))
-                .collect(),
-            None => BTreeMap::new(),
-        };
         let n = entries.len();
         Ok(StateStore {
             paths: paths.clone(),
@@ -341,13 +372,14 @@ impl StateStore {
             }),
             keys: Mutex::new(None),
             live: RwLock::new(state),
-            version: snapshot.version,
+            version: AtomicU8::new(snapshot.version),
             unverified: Mutex::new(Some(Unverified {
                 snapshot,
                 entries,
                 anchor,
             })),
-            pending: Mutex::new(pending),
+            anchor_vouched: AtomicBool::new(false),
+            pending: Mutex::new(BTreeMap::new()),
             _lock: lock,
         })
     }
@@ -373,16 +405,33 @@ impl StateStore {
         .map_err(io(&paths.anchor))
     }
 
-    /// The format version read at start (1 needs migration).
+    /// The format version on disk (1 until migrated).
     pub(crate) fn version(&self) -> u8 {
-        self.version
+        self.version.load(Ordering::SeqCst)
+    }
+
+    /// The anchor read at start (generation, head), not yet authenticated.
+    pub(crate) fn anchor_claim(&self) -> Option<(u64, String)> {
+        let u = self.unverified.lock().unwrap_or_else(|p| p.into_inner());
+        u.as_ref()?
+            .anchor
+            .as_ref()
+            .map(|a| (a.generation, a.head.clone()))
+    }
+
+    /// The authenticated audit log holds a `state-commit` record with the
+    /// anchor's generation and head: the anchor repeats what keyd wrote.
+    pub(crate) fn vouch_anchor(&self) {
+        self.anchor_vouched.store(true, Ordering::SeqCst);
     }
 
     pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
         self.live.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether `custodian` acknowledged (on record or while sealed).
+    /// Whether `custodian` acknowledged: on record (authenticated at
+    /// unseal: a forged record fails the state's MAC), or over mutual TLS
+    /// while this process was sealed.
     pub(crate) fn acknowledged(&self, custodian: &str) -> bool {
         self.read().acknowledgements.contains_key(custodian)
             || self
@@ -402,12 +451,30 @@ impl StateStore {
             for e in &un.entries {
                 e.verify(keys).map_err(bad)?;
             }
-            // An anchor older than the state is a crash between writing
-            // the state and the anchor (it may predate a re-share's new
-            // keys); only an anchor at the state's generation must verify.
+            // Every anchor must verify. One older than the state is a
+            // crash between writing the state and the anchor; after a
+            // re-share it is under the old master key, so it may instead
+            // be vouched for by its `state-commit` audit record (written
+            // before it, authenticated under the audit key the now
+            // authenticated state names).
             if let Some(a) = &un.anchor {
-                if a.generation == self.read().generation {
-                    a.verify(keys).map_err(bad)?;
+                // Exactly the shape a re-share leaves: the state is a
+                // snapshot one generation past the anchor, written by a
+                // re-share (epoch > 0), with no journal entry after it.
+                let reshare_crash = a.generation + 1 == self.read().generation
+                    && un.entries.is_empty()
+                    && un.snapshot.state.share_epoch > 0;
+                if a.verify(keys).is_err()
+                    && !(reshare_crash && self.anchor_vouched.load(Ordering::SeqCst))
+                {
+                    return Err(StateError::Unauthentic(format!(
+                        "the anchor {} (generation {}) fails authentication under the master \
+                         key and no state-commit audit record vouches for it: forged; \
+                         refusing to unseal. Restore the anchor and state from the newest \
+                         backup",
+                        self.paths.anchor.display(),
+                        a.generation
+                    )));
                 }
             }
         }
@@ -422,18 +489,17 @@ impl StateStore {
         *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Records an acknowledgement given while sealed.
-    pub(crate) fn acknowledge_sealed(&self, a: Acknowledgement) -> Result<(), StateError> {
+    /// Records an acknowledgement given over mutual TLS while sealed (in
+    /// memory: no key authenticates a file yet).
+    pub(crate) fn acknowledge_sealed(&self, a: Acknowledgement) {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         p.insert(a.custodian.clone(), a);
-        let list: Vec<&Acknowledgement> = p.values().collect();
-        let bytes = serde_json::to_vec(&list).unwrap_or_default();
-        panseal::keyd::write_atomically(&self.paths.pending, &bytes)
-            .map_err(io(&self.paths.pending))
     }
 
-    /// Folds acknowledgements given while sealed into the journal.
+    /// Folds acknowledgements given while sealed into the journal (and
+    /// removes a leftover `acknowledgements.pending` of an earlier build).
     pub(crate) fn fold_pending(&self, audit: &ChainedAuditLog) -> Result<(), StateError> {
+        let _ = std::fs::remove_file(&self.paths.pending);
         let acks: Vec<Acknowledgement> = {
             let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             p.values().cloned().collect()
@@ -451,7 +517,6 @@ impl StateStore {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        let _ = std::fs::remove_file(&self.paths.pending);
         Ok(())
     }
 
@@ -611,6 +676,7 @@ impl StateStore {
         let (bytes, mac) = fmt::encode_snapshot(&next, &keys);
         panseal::keyd::write_atomically(&self.paths.state, &bytes)
             .map_err(io(&self.paths.state))?;
+        self.version.store(fmt::V2, Ordering::SeqCst);
         // Entries of the old journal are older than the snapshot: ignored
         // at load, then dropped here.
         w.journal = None;
