@@ -355,6 +355,34 @@ impl Panseal {
         &self.shared.environment
     }
 
+    /// Test introspection (`hazmat-test-keys`, not part of the API): the
+    /// ids of every unwrapped key this process holds for this handle's
+    /// instance (cache entries, every scope's active DEK and index keys),
+    /// and how many cache entries are past their TTL.
+    #[cfg(feature = "hazmat-test-keys")]
+    #[doc(hidden)]
+    pub fn held_keys_for_test(&self) -> (Vec<KeyId>, usize) {
+        let (mut ids, stale) = self.shared.cache.held(clock::unix_nanos());
+        let scopes: Vec<Arc<ScopeState>> = self
+            .shared
+            .scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for scope in scopes {
+            if let Some(active) = scope.active.load_full() {
+                ids.push(active.entry.id);
+            }
+            let index = scope.index.read().unwrap_or_else(|p| p.into_inner());
+            ids.extend(index.iter().flat_map(|k| k.live.iter().map(|(_, e)| e.id)));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        (ids, stale)
+    }
+
     // ----- seal -----------------------------------------------------------
 
     /// Seals `pan` bound to `context` under this instance's active DEK,

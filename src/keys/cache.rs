@@ -235,6 +235,14 @@ impl DekCache {
         });
     }
 
+    /// The ids of the entries held, and how many of them are stale.
+    #[cfg(feature = "hazmat-test-keys")]
+    pub(crate) fn held(&self, now_unix_nanos: u64) -> (Vec<KeyId>, usize) {
+        let map = self.map.load();
+        let stale = map.values().filter(|e| !e.fresh(now_unix_nanos)).count();
+        (map.keys().copied().collect(), stale)
+    }
+
     /// Entries held, fresh or not.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
