@@ -119,8 +119,9 @@ type Map = HashMap<KeyId, Arc<CachedDek>, BuildHasherDefault<IdHasher>>;
 ///
 /// Expired entries are removed by time, not only when the cache is full:
 /// by [`DekCache::sweep`] (called every [`sweep_interval`] by the owner's
-/// sweeper thread) and, as a fallback where that thread does not run (a
-/// forked child), by the first lookup after each interval. A removed key is
+/// sweeper thread) and, as a fallback where that thread does not run, by
+/// the first lookup after each interval (the owner also sweeps from its
+/// seal path, and clears the cache in a forked child). A removed key is
 /// wiped when the last call still using it returns.
 pub(crate) struct DekCache {
     map: ArcSwap<Map>,
@@ -226,6 +227,17 @@ impl DekCache {
                 .store(entry.loaded_at.saturating_add(ttl), Ordering::Relaxed);
             map.insert(entry.id, entry);
         });
+    }
+
+    /// Drops every key (each is wiped once no call still uses it); returns
+    /// how many were held.
+    pub(crate) fn clear(&self) -> usize {
+        let mut removed = 0;
+        self.update(|map| {
+            removed = map.len();
+            map.clear();
+        });
+        removed
     }
 
     /// Drops one key from the cache (it is wiped once no call still uses it).
