@@ -203,50 +203,57 @@ fn sealing_child_drops_inherited_and_expired_keys(dir: &Path) {
     let (inherited, _) = ps.as_async().held_keys_for_test();
     assert!(inherited.len() >= 8, "parent holds {}", inherited.len());
 
-    let out = dir.join("sealer.txt");
-    // SAFETY: as in `main` (the sweeper thread only sleeps or sweeps).
-    match unsafe { fork() }.expect("fork") {
-        ForkResult::Child => {
-            nix::unistd::alarm::set(60);
-            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let start = Instant::now();
-                let mut n = 0u64;
-                while start.elapsed() < TTL + SWEEP + Duration::from_millis(300) {
-                    let ctx = Context::new("cards", "pan", n.to_string()).expect("context");
-                    ps.seal_pan(&pan, &ctx).expect("seal");
-                    n += 1;
-                }
-                let (held, stale) = ps.as_async().held_keys_for_test();
-                let ids: Vec<String> = held.iter().map(|id| hex(id.as_bytes())).collect();
-                std::fs::write(&out, format!("{stale} {n}\n{}", ids.join("\n"))).expect("report");
-            }))
-            .is_ok();
-            std::process::exit(if ok { 0 } else { 1 });
+    // One child seals in a scope where the parent had an active DEK (its
+    // first seal notices the fork), one in a scope new to it (only the
+    // overdue sweep on its seal path notices).
+    for (i, scope) in ["merchant-1", "merchant-new"].into_iter().enumerate() {
+        let out = dir.join(format!("sealer-{i}.txt"));
+        // SAFETY: as in `main` (the sweeper thread only sleeps or sweeps).
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                nix::unistd::alarm::set(60);
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let h = ps.with_scope(scope).expect("scope");
+                    let start = Instant::now();
+                    let mut n = 0u64;
+                    while start.elapsed() < TTL + SWEEP + Duration::from_millis(300) {
+                        let ctx = Context::new("cards", "pan", n.to_string()).expect("context");
+                        h.seal_pan(&pan, &ctx).expect("seal");
+                        n += 1;
+                    }
+                    let (held, stale) = ps.as_async().held_keys_for_test();
+                    let ids: Vec<String> = held.iter().map(|id| hex(id.as_bytes())).collect();
+                    std::fs::write(&out, format!("{stale} {n}\n{}", ids.join("\n")))
+                        .expect("report");
+                }))
+                .is_ok();
+                std::process::exit(if ok { 0 } else { 1 });
+            }
+            ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
+                WaitStatus::Exited(_, 0) => {}
+                other => panic!("sealing child failed: {other:?}"),
+            },
         }
-        ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
-            WaitStatus::Exited(_, 0) => {}
-            other => panic!("sealing child failed: {other:?}"),
-        },
+        let report = std::fs::read_to_string(&out).expect("child report");
+        let mut lines = report.lines();
+        let mut first = lines.next().expect("counts").split(' ');
+        let stale: usize = first.next().and_then(|s| s.parse().ok()).expect("stale");
+        let seals: u64 = first.next().and_then(|s| s.parse().ok()).expect("seals");
+        let held: HashSet<String> = lines.map(str::to_owned).collect();
+        let still_inherited = inherited
+            .iter()
+            .filter(|id| held.contains(&hex(id.as_bytes())))
+            .count();
+        println!(
+            "fork (worker sealing in {scope}): parent held {} unwrapped keys at fork; child \
+             sealed {seals} times over TTL + sweep + 300 ms; child holds {} keys: {stale} stale \
+             cache entries, {still_inherited} inherited from the parent",
+            inherited.len(),
+            held.len()
+        );
+        assert_eq!(stale, 0, "stale cache entries in a sealing child");
+        assert_eq!(still_inherited, 0, "parent's keys kept by a sealing child");
     }
-    let report = std::fs::read_to_string(&out).expect("child report");
-    let mut lines = report.lines();
-    let mut first = lines.next().expect("counts").split(' ');
-    let stale: usize = first.next().and_then(|s| s.parse().ok()).expect("stale");
-    let seals: u64 = first.next().and_then(|s| s.parse().ok()).expect("seals");
-    let held: HashSet<String> = lines.map(str::to_owned).collect();
-    let still_inherited = inherited
-        .iter()
-        .filter(|id| held.contains(&hex(id.as_bytes())))
-        .count();
-    println!(
-        "fork (sealing worker): parent held {} unwrapped keys at fork; child sealed {seals} \
-         times over TTL + sweep + 300 ms; child holds {} keys: {stale} stale cache entries, \
-         {still_inherited} inherited from the parent",
-        inherited.len(),
-        held.len()
-    );
-    assert_eq!(stale, 0, "stale cache entries in a sealing child");
-    assert_eq!(still_inherited, 0, "parent's keys kept by a sealing child");
 }
 
 #[cfg(feature = "hazmat-test-keys")]
