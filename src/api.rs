@@ -287,7 +287,7 @@ fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Rece
             shared.sweep();
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at lookups only");
+        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at seals and opens only");
     }
 }
 
@@ -879,10 +879,12 @@ impl Panseal {
             Ok(s) => s,
             Err(e) => return Some(Err(e)),
         };
-        if clock::mono_nanos() >= self.shared.sweep_due.load(Ordering::Relaxed) {
+        let now = clock::unix_nanos();
+        // Where no sweeper runs (a forked child that has not noticed the
+        // fork yet): same clock read, one load.
+        if self.shared.cache.sweep_due(now) {
             sweep_now(&self.shared);
         }
-        let now = clock::unix_nanos();
         let id = sealed.key_id();
         self.shared.cache.with(id, now, |entry| {
             let now_unix = now / clock::NANOS_PER_SEC;
