@@ -191,10 +191,11 @@ struct Shared {
     pid: AtomicU32,
     /// Nanoseconds between two sweeps.
     sweep_every: u64,
-    /// Coarse monotonic nanoseconds after which a seal or an open sweeps
+    /// Coarse monotonic nanoseconds after which the seal slow path sweeps
     /// itself: two intervals after the last sweep, so only a process whose
     /// sweeper thread does not run (a forked child that has not noticed the
-    /// fork yet, a failed thread spawn) ever does.
+    /// fork yet, a failed thread spawn) ever does. (Opens use the cache's
+    /// own timer, on the clock they read anyway.)
     sweep_due: AtomicU64,
     /// Dropped with the last handle: stops the sweeper thread (replaced in
     /// a forked child, which starts its own).
@@ -206,9 +207,9 @@ fn sweep_due(now_mono_nanos: u64, sweep_every: u64) -> u64 {
     now_mono_nanos.saturating_add(sweep_every.saturating_mul(2))
 }
 
-/// The seal/open paths' sweep, run at most once per sweep interval where
-/// the sweeper thread does not (it renews `sweep_due` before it passes).
-/// Notices a fork first (one `getpid` per interval).
+/// The sweep of the seal slow path and the open path, where the sweeper
+/// thread does not run (it renews the due times before they pass), and at
+/// a forked child's first seal. Notices a fork first (one `getpid`).
 #[cold]
 #[inline(never)]
 fn sweep_now(shared: &Arc<Shared>) {
@@ -218,8 +219,8 @@ fn sweep_now(shared: &Arc<Shared>) {
     shared.sweep();
 }
 
-/// In a forked child, the first time it notices the fork (its first seal,
-/// or its first seal or open after a sweep interval): wipes every key
+/// In a forked child, the first time it notices the fork (its first seal
+/// in any scope, or its first open once a sweep is overdue): wipes every key
 /// inherited from the parent — cached DEKs, every scope's active DEK and
 /// index keys — and starts the child's own sweeper thread (the parent's
 /// does not exist here). The child re-unwraps what it opens (audited as its
@@ -263,9 +264,9 @@ fn after_fork(shared: &Arc<Shared>) {
 
 /// Starts the thread that wipes expired keys every
 /// [`crate::keys::sweep_interval`] of the cache TTL, so that a process that
-/// stops calling does not keep them (seals and opens sweep too where this
-/// thread does not run, see [`sweep_now`]; a forked child starts its own,
-/// see [`after_fork`]). It holds no strong reference between
+/// stops calling does not keep them (the seal slow path and opens sweep
+/// too where this thread does not run, see [`sweep_now`]; a forked child
+/// starts its own, see [`after_fork`]). It holds no strong reference between
 /// sweeps and ends when the last handle is dropped.
 fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Receiver<()>) {
     let Some(every) = shared
@@ -287,7 +288,7 @@ fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Rece
             shared.sweep();
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at seals and opens only");
+        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at opens and DEK rotations only");
     }
 }
 
@@ -486,13 +487,9 @@ impl Panseal {
     /// The synchronous fast path: seals with the cached active DEK if it is
     /// still within its limits. `None` means the slow path must run.
     pub(crate) fn try_seal_cached(&self, pan: &Pan, context: &Context) -> Option<SealedPan> {
-        let now = clock::mono_nanos();
-        if now >= self.shared.sweep_due.load(Ordering::Relaxed) {
-            sweep_now(&self.shared);
-        }
         let guard = self.scope.active.load();
         let active = guard.as_ref()?;
-        if now >= active.deadline.load(Ordering::Relaxed)
+        if clock::mono_nanos() >= active.deadline.load(Ordering::Relaxed)
             || active.entry.state() != KeyState::Active
         {
             return None;
@@ -530,6 +527,14 @@ impl Panseal {
     }
 
     async fn seal_slow(&self, pan: &Pan, context: &Context) -> Result<SealedPan, Error> {
+        // A forked child's first seal in any scope comes here (the parent's
+        // active DEK is refused above, or there is none): it notices the
+        // fork here, and so does any process whose sweeper is overdue.
+        if self.shared.pid.load(Ordering::Relaxed) != std::process::id()
+            || clock::mono_nanos() >= self.shared.sweep_due.load(Ordering::Relaxed)
+        {
+            sweep_now(&self.shared);
+        }
         let _guard = self.scope.rotate_lock.lock().await;
         // Another task may have rotated while we waited.
         if let Some(sealed) = self.try_seal_cached(pan, context) {
