@@ -1,7 +1,7 @@
 //! The async API: [`Panseal`] and its builder.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -156,15 +156,21 @@ impl PansealBuilder {
             .into());
         }
         let (stop, stopped) = std::sync::mpsc::channel();
+        let sweep_every =
+            u64::try_from(crate::keys::sweep_interval(self.policy.cache_ttl).as_nanos())
+                .unwrap_or(u64::MAX);
         let shared = Arc::new(Shared {
             cache: DekCache::new(self.policy.cache_capacity, self.policy.cache_ttl),
+            pid: AtomicU32::new(std::process::id()),
+            sweep_every,
+            sweep_due: AtomicU64::new(sweep_due(clock::mono_nanos(), sweep_every)),
             key_service,
             key_store,
             audit: self.audit,
             policy: self.policy,
             environment,
             scopes: Mutex::new(HashMap::new()),
-            _sweeper: stop,
+            sweeper: Mutex::new(stop),
         });
         spawn_sweeper(Arc::downgrade(&shared), stopped);
         let scope = shared.scope_state(scope);
@@ -180,14 +186,87 @@ struct Shared {
     environment: Environment,
     cache: DekCache,
     scopes: Mutex<HashMap<Scope, Arc<ScopeState>>>,
-    /// Dropped with the last handle: stops the sweeper thread.
-    _sweeper: std::sync::mpsc::Sender<()>,
+    /// The process whose keys these are: the one that built the instance,
+    /// or a forked child once it noticed the fork (see [`after_fork`]).
+    pid: AtomicU32,
+    /// Nanoseconds between two sweeps.
+    sweep_every: u64,
+    /// Coarse monotonic nanoseconds after which the seal slow path sweeps
+    /// itself: two intervals after the last sweep, so only a process whose
+    /// sweeper thread does not run (a forked child that has not noticed the
+    /// fork yet, a failed thread spawn) ever does. (Opens use the cache's
+    /// own timer, on the clock they read anyway.)
+    sweep_due: AtomicU64,
+    /// Dropped with the last handle: stops the sweeper thread (replaced in
+    /// a forked child, which starts its own).
+    sweeper: Mutex<std::sync::mpsc::Sender<()>>,
+}
+
+/// When a sweep is next due on the seal/open paths, after one at `now`.
+fn sweep_due(now_mono_nanos: u64, sweep_every: u64) -> u64 {
+    now_mono_nanos.saturating_add(sweep_every.saturating_mul(2))
+}
+
+/// The sweep of the seal slow path and the open path, where the sweeper
+/// thread does not run (it renews the due times before they pass), and at
+/// a forked child's first seal. Notices a fork first (one `getpid`).
+#[cold]
+#[inline(never)]
+fn sweep_now(shared: &Arc<Shared>) {
+    if shared.pid.load(Ordering::Relaxed) != std::process::id() {
+        after_fork(shared);
+    }
+    shared.sweep();
+}
+
+/// In a forked child, the first time it notices the fork (its first seal
+/// in any scope, or its first open once a sweep is overdue): wipes every key
+/// inherited from the parent — cached DEKs, every scope's active DEK and
+/// index keys — and starts the child's own sweeper thread (the parent's
+/// does not exist here). The child re-unwraps what it opens (audited as its
+/// own unwraps) and makes its own DEKs to seal.
+fn after_fork(shared: &Arc<Shared>) {
+    let pid = std::process::id();
+    if shared.pid.swap(pid, Ordering::AcqRel) == pid {
+        // Another thread of this process got here first.
+        return;
+    }
+    let cached = shared.cache.clear();
+    let scopes: Vec<Arc<ScopeState>> = shared
+        .scopes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let mut active = 0usize;
+    for scope in scopes {
+        if scope.active.load().as_ref().is_some_and(|a| a.pid != pid) {
+            scope.active.store(None);
+            active += 1;
+        }
+        *scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+    let (stop, stopped) = std::sync::mpsc::channel();
+    // Drops the parent's sender (its sweeper does not exist here).
+    *shared.sweeper.lock().unwrap_or_else(|p| p.into_inner()) = stop;
+    shared.sweep_due.store(
+        sweep_due(clock::mono_nanos(), shared.sweep_every),
+        Ordering::Relaxed,
+    );
+    spawn_sweeper(Arc::downgrade(shared), stopped);
+    tracing::info!(
+        cached,
+        active,
+        "forked process: keys inherited from the parent wiped; starting this process's sweeper"
+    );
 }
 
 /// Starts the thread that wipes expired keys every
 /// [`crate::keys::sweep_interval`] of the cache TTL, so that a process that
-/// stops calling does not keep them (lookups also sweep, for a forked child
-/// where this thread does not exist). It holds no strong reference between
+/// stops calling does not keep them (the seal slow path and opens sweep
+/// too where this thread does not run, see [`sweep_now`]; a forked child
+/// starts its own, see [`after_fork`]). It holds no strong reference between
 /// sweeps and ends when the last handle is dropped.
 fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Receiver<()>) {
     let Some(every) = shared
@@ -209,7 +288,7 @@ fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Rece
             shared.sweep();
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at lookups only");
+        tracing::warn!(error = %e, "cannot start the key sweeper; expired keys are wiped at opens and DEK rotations only");
     }
 }
 
@@ -218,6 +297,10 @@ impl Shared {
     /// their re-read time, and active DEKs that can no longer seal (past
     /// their encrypt period, or retired or compromised).
     fn sweep(&self) {
+        self.sweep_due.store(
+            sweep_due(clock::mono_nanos(), self.sweep_every),
+            Ordering::Relaxed,
+        );
         let now = clock::unix_nanos();
         self.cache.sweep(now);
         let scopes: Vec<Arc<ScopeState>> = self
@@ -355,6 +438,34 @@ impl Panseal {
         &self.shared.environment
     }
 
+    /// Test introspection (`hazmat-test-keys`, not part of the API): the
+    /// ids of every unwrapped key this process holds for this handle's
+    /// instance (cache entries, every scope's active DEK and index keys),
+    /// and how many cache entries are past their TTL.
+    #[cfg(feature = "hazmat-test-keys")]
+    #[doc(hidden)]
+    pub fn held_keys_for_test(&self) -> (Vec<KeyId>, usize) {
+        let (mut ids, stale) = self.shared.cache.held(clock::unix_nanos());
+        let scopes: Vec<Arc<ScopeState>> = self
+            .shared
+            .scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for scope in scopes {
+            if let Some(active) = scope.active.load_full() {
+                ids.push(active.entry.id);
+            }
+            let index = scope.index.read().unwrap_or_else(|p| p.into_inner());
+            ids.extend(index.iter().flat_map(|k| k.live.iter().map(|(_, e)| e.id)));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        (ids, stale)
+    }
+
     // ----- seal -----------------------------------------------------------
 
     /// Seals `pan` bound to `context` under this instance's active DEK,
@@ -399,12 +510,14 @@ impl Panseal {
 
     /// This instance's active DEK in this scope, if it was made in this
     /// process; an inherited one (after `fork()`) is dropped, never
-    /// reported, retired or used.
+    /// reported, retired or used, and with it every key inherited from the
+    /// parent ([`after_fork`]).
     fn own_active(&self) -> Option<Arc<ActiveDek>> {
         let active = self.scope.active.load_full()?;
         if active.pid == std::process::id() {
             return Some(active);
         }
+        after_fork(&self.shared);
         self.scope.active.store(None);
         tracing::info!(
             key_id = %active.entry.id,
@@ -414,6 +527,14 @@ impl Panseal {
     }
 
     async fn seal_slow(&self, pan: &Pan, context: &Context) -> Result<SealedPan, Error> {
+        // A forked child's first seal in any scope comes here (the parent's
+        // active DEK is refused above, or there is none): it notices the
+        // fork here, and so does any process whose sweeper is overdue.
+        if self.shared.pid.load(Ordering::Relaxed) != std::process::id()
+            || clock::mono_nanos() >= self.shared.sweep_due.load(Ordering::Relaxed)
+        {
+            sweep_now(&self.shared);
+        }
         let _guard = self.scope.rotate_lock.lock().await;
         // Another task may have rotated while we waited.
         if let Some(sealed) = self.try_seal_cached(pan, context) {
@@ -764,6 +885,11 @@ impl Panseal {
             Err(e) => return Some(Err(e)),
         };
         let now = clock::unix_nanos();
+        // Where no sweeper runs (a forked child that has not noticed the
+        // fork yet): same clock read, one load.
+        if self.shared.cache.sweep_due(now) {
+            sweep_now(&self.shared);
+        }
         let id = sealed.key_id();
         self.shared.cache.with(id, now, |entry| {
             let now_unix = now / clock::NANOS_PER_SEC;

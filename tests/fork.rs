@@ -5,6 +5,13 @@
 //! GHASH key of a DEK); it must be 0, and no child may seal under the
 //! parent's DEK (its use budget would be counted twice).
 //!
+//! A second scenario (with `hazmat-test-keys`, which `scripts/test.sh`
+//! enables) plays a pre-fork worker that only seals: the parent has
+//! unwrapped and cached several DEKs (with a short TTL) when it forks; the
+//! child seals for longer than TTL + sweep interval and then counts the
+//! unwrapped keys it still holds: stale cache entries and keys inherited
+//! from the parent must both be 0.
+//!
 //! Runs as its own binary (`harness = false` in `Cargo.toml`): forking
 //! inside libtest's thread pool would copy a process in the middle of other
 //! tests.
@@ -156,5 +163,100 @@ fn main() {
         "a child sealed under the parent's DEK"
     );
     assert_eq!(shared_keys, 0, "processes share a DEK");
+
+    #[cfg(feature = "hazmat-test-keys")]
+    {
+        sealing_child_drops_inherited_and_expired_keys(dir.path());
+        println!("test result: ok. 2 passed; 0 failed");
+    }
+    #[cfg(not(feature = "hazmat-test-keys"))]
     println!("test result: ok. 1 passed; 0 failed");
+}
+
+/// The parent caches DEKs in several scopes plus index keys (TTL 400 ms),
+/// forks; the child only seals, for TTL + sweep interval + margin, then
+/// writes the ids of the keys it holds and its count of stale cache entries.
+#[cfg(feature = "hazmat-test-keys")]
+fn sealing_child_drops_inherited_and_expired_keys(dir: &Path) {
+    use std::time::{Duration, Instant};
+    const TTL: Duration = Duration::from_millis(400);
+    // `sweep_interval(TTL)` is TTL / 4.
+    const SWEEP: Duration = Duration::from_millis(100);
+
+    let ps = blocking::Panseal::build(
+        Panseal::builder()
+            .key_service(LocalKeyService::new(Environment::new("test").expect("env")))
+            .key_store(MemoryKeyStore::new())
+            .audit(MemoryAuditSink::new())
+            .policy(panseal::Policy::default().cache_ttl(TTL))
+            .environment("test")
+            .scope("merchant-1"),
+    )
+    .expect("build");
+    let pan = Pan::parse("4111111111111111").expect("test PAN");
+    for scope in ["merchant-1", "merchant-2", "merchant-3", "merchant-4"] {
+        let h = ps.with_scope(scope).expect("scope");
+        let ctx = Context::new("cards", "pan", "0").expect("context");
+        h.seal_pan(&pan, &ctx).expect("seal");
+        h.blind_index(&pan).expect("index");
+    }
+    let (inherited, _) = ps.as_async().held_keys_for_test();
+    assert!(inherited.len() >= 8, "parent holds {}", inherited.len());
+
+    // One child seals in a scope where the parent had an active DEK (its
+    // first seal notices the fork), one in a scope new to it (only the
+    // overdue sweep on its seal path notices).
+    for (i, scope) in ["merchant-1", "merchant-new"].into_iter().enumerate() {
+        let out = dir.join(format!("sealer-{i}.txt"));
+        // SAFETY: as in `main` (the sweeper thread only sleeps or sweeps).
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                nix::unistd::alarm::set(60);
+                let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let h = ps.with_scope(scope).expect("scope");
+                    let start = Instant::now();
+                    let mut n = 0u64;
+                    while start.elapsed() < TTL + SWEEP + Duration::from_millis(300) {
+                        let ctx = Context::new("cards", "pan", n.to_string()).expect("context");
+                        h.seal_pan(&pan, &ctx).expect("seal");
+                        n += 1;
+                    }
+                    let (held, stale) = ps.as_async().held_keys_for_test();
+                    let ids: Vec<String> = held.iter().map(|id| hex(id.as_bytes())).collect();
+                    std::fs::write(&out, format!("{stale} {n}\n{}", ids.join("\n")))
+                        .expect("report");
+                }))
+                .is_ok();
+                std::process::exit(if ok { 0 } else { 1 });
+            }
+            ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
+                WaitStatus::Exited(_, 0) => {}
+                other => panic!("sealing child failed: {other:?}"),
+            },
+        }
+        let report = std::fs::read_to_string(&out).expect("child report");
+        let mut lines = report.lines();
+        let mut first = lines.next().expect("counts").split(' ');
+        let stale: usize = first.next().and_then(|s| s.parse().ok()).expect("stale");
+        let seals: u64 = first.next().and_then(|s| s.parse().ok()).expect("seals");
+        let held: HashSet<String> = lines.map(str::to_owned).collect();
+        let still_inherited = inherited
+            .iter()
+            .filter(|id| held.contains(&hex(id.as_bytes())))
+            .count();
+        println!(
+            "fork (worker sealing in {scope}): parent held {} unwrapped keys at fork; child \
+             sealed {seals} times over TTL + sweep + 300 ms; child holds {} keys: {stale} stale \
+             cache entries, {still_inherited} inherited from the parent",
+            inherited.len(),
+            held.len()
+        );
+        assert_eq!(stale, 0, "stale cache entries in a sealing child");
+        assert_eq!(still_inherited, 0, "parent's keys kept by a sealing child");
+    }
+}
+
+#[cfg(feature = "hazmat-test-keys")]
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -119,15 +119,18 @@ type Map = HashMap<KeyId, Arc<CachedDek>, BuildHasherDefault<IdHasher>>;
 ///
 /// Expired entries are removed by time, not only when the cache is full:
 /// by [`DekCache::sweep`] (called every [`sweep_interval`] by the owner's
-/// sweeper thread) and, as a fallback where that thread does not run (a
-/// forked child), by the first lookup after each interval. A removed key is
+/// sweeper thread) and, as a fallback where that thread does not run, by
+/// the owner's seal and open paths once a sweep is overdue
+/// ([`DekCache::sweep_due`]; the owner also clears the cache in a forked
+/// child). A removed key is
 /// wiped when the last call still using it returns.
 pub(crate) struct DekCache {
     map: ArcSwap<Map>,
     write: Mutex<()>,
     capacity: usize,
     ttl: Duration,
-    /// Unix nanoseconds of the next lookup-triggered sweep.
+    /// Unix nanoseconds after which a sweep is overdue: two intervals after
+    /// the last one (the sweeper thread sweeps before).
     next_sweep: AtomicU64,
     sweep_every: u64,
 }
@@ -140,7 +143,9 @@ impl DekCache {
             write: Mutex::new(()),
             capacity,
             ttl,
-            next_sweep: AtomicU64::new(crate::clock::unix_nanos().saturating_add(sweep_every)),
+            next_sweep: AtomicU64::new(
+                crate::clock::unix_nanos().saturating_add(sweep_every.saturating_mul(2)),
+            ),
             sweep_every,
         }
     }
@@ -149,7 +154,7 @@ impl DekCache {
     /// the map only if there is something to remove.
     pub(crate) fn sweep(&self, now_unix_nanos: u64) -> usize {
         self.next_sweep.store(
-            now_unix_nanos.saturating_add(self.sweep_every),
+            now_unix_nanos.saturating_add(self.sweep_every.saturating_mul(2)),
             Ordering::Relaxed,
         );
         if self.map.load().values().all(|e| e.fresh(now_unix_nanos)) {
@@ -164,6 +169,13 @@ impl DekCache {
         removed
     }
 
+    /// Whether a sweep is overdue (no sweep for two intervals: the owner's
+    /// sweeper thread does not run in this process).
+    #[inline]
+    pub(crate) fn sweep_due(&self, now_unix_nanos: u64) -> bool {
+        now_unix_nanos >= self.next_sweep.load(Ordering::Relaxed)
+    }
+
     /// Runs `f` on a fresh cached key without cloning it out of the map.
     pub(crate) fn with<R>(
         &self,
@@ -171,9 +183,6 @@ impl DekCache {
         now_unix_nanos: u64,
         f: impl FnOnce(&CachedDek) -> R,
     ) -> Option<R> {
-        if now_unix_nanos >= self.next_sweep.load(Ordering::Relaxed) {
-            self.sweep(now_unix_nanos);
-        }
         let map = self.map.load();
         let entry = map.get(&id)?;
         if !entry.fresh(now_unix_nanos) {
@@ -228,11 +237,30 @@ impl DekCache {
         });
     }
 
+    /// Drops every key (each is wiped once no call still uses it); returns
+    /// how many were held.
+    pub(crate) fn clear(&self) -> usize {
+        let mut removed = 0;
+        self.update(|map| {
+            removed = map.len();
+            map.clear();
+        });
+        removed
+    }
+
     /// Drops one key from the cache (it is wiped once no call still uses it).
     pub(crate) fn remove(&self, id: KeyId) {
         self.update(|map| {
             map.remove(&id);
         });
+    }
+
+    /// The ids of the entries held, and how many of them are stale.
+    #[cfg(feature = "hazmat-test-keys")]
+    pub(crate) fn held(&self, now_unix_nanos: u64) -> (Vec<KeyId>, usize) {
+        let map = self.map.load();
+        let stale = map.values().filter(|e| !e.fresh(now_unix_nanos)).count();
+        (map.keys().copied().collect(), stale)
     }
 
     /// Entries held, fresh or not.
