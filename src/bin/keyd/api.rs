@@ -1070,6 +1070,29 @@ impl Server {
         approvals.retain(|a| a.at.saturating_add(ttl) > now);
     }
 
+    /// Records `custodian`'s approval among the unexpired ones (dual
+    /// control: a custodian counts once) and says whether the approvals
+    /// now suffice to destroy.
+    fn approve(
+        &self,
+        approvals: &mut Vec<Approval>,
+        custodian: &str,
+        now: u64,
+    ) -> Result<bool, Failure> {
+        self.live_approvals(approvals, now);
+        if approvals.iter().any(|a| a.custodian == custodian) {
+            return Err(Failure::new(
+                ErrorKind::Conflict,
+                "this custodian already approved; a second, different custodian must approve (dual control)",
+            ));
+        }
+        approvals.push(Approval {
+            custodian: custodian.to_owned(),
+            at: now,
+        });
+        Ok(approvals.len() >= DESTROY_APPROVALS)
+    }
+
     fn destroy(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
         let t = self.custodian_version_target(p, body, rec)?;
         let key = slot(t.environment.as_str(), t.scope.as_str());
@@ -1098,18 +1121,7 @@ impl Server {
             if k.state == KeyState::Destroyed {
                 return Err(Failure::new(ErrorKind::KekDestroyed, "already destroyed"));
             }
-            self.live_approvals(&mut k.destroy_approvals, now);
-            if k.destroy_approvals.iter().any(|a| a.custodian == p.name) {
-                return Err(Failure::new(
-                    ErrorKind::Conflict,
-                    "this custodian already approved; a second, different custodian must approve (dual control)",
-                ));
-            }
-            k.destroy_approvals.push(Approval {
-                custodian: p.name.clone(),
-                at: now,
-            });
-            let done = k.destroy_approvals.len() >= DESTROY_APPROVALS;
+            let done = self.approve(&mut k.destroy_approvals, &p.name, now)?;
             if done {
                 k.state = KeyState::Destroyed;
                 k.sealed = None;
@@ -1166,18 +1178,7 @@ impl Server {
             if r.destroyed_at.is_some() {
                 return Err(Failure::new(ErrorKind::KeyDestroyed, "already destroyed"));
             }
-            self.live_approvals(&mut r.approvals, now);
-            if r.approvals.iter().any(|a| a.custodian == p.name) {
-                return Err(Failure::new(
-                    ErrorKind::Conflict,
-                    "this custodian already approved; a second, different custodian must approve (dual control)",
-                ));
-            }
-            r.approvals.push(Approval {
-                custodian: p.name.clone(),
-                at: now,
-            });
-            let done = r.approvals.len() >= DESTROY_APPROVALS;
+            let done = self.approve(&mut r.approvals, &p.name, now)?;
             let approvals: Vec<String> = r.approvals.iter().map(|a| a.custodian.clone()).collect();
             let expires_at = r.approvals.iter().map(|a| a.at + ttl).min();
             if done {
