@@ -232,13 +232,7 @@ fn after_fork(shared: &Arc<Shared>) {
         return;
     }
     let cached = shared.cache.clear();
-    let scopes: Vec<Arc<ScopeState>> = shared
-        .scopes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect();
+    let scopes: Vec<Arc<ScopeState>> = shared.scope_states();
     let mut active = 0usize;
     for scope in scopes {
         if scope.active.load().as_ref().is_some_and(|a| a.pid != pid) {
@@ -293,6 +287,16 @@ fn spawn_sweeper(shared: std::sync::Weak<Shared>, stopped: std::sync::mpsc::Rece
 }
 
 impl Shared {
+    /// Every scope's state, copied out of the lock.
+    fn scope_states(&self) -> Vec<Arc<ScopeState>> {
+        self.scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Wipes what expired: cached keys past their TTL, index keys past
     /// their re-read time, and active DEKs that can no longer seal (past
     /// their encrypt period, or retired or compromised).
@@ -303,13 +307,7 @@ impl Shared {
         );
         let now = clock::unix_nanos();
         self.cache.sweep(now);
-        let scopes: Vec<Arc<ScopeState>> = self
-            .scopes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let scopes: Vec<Arc<ScopeState>> = self.scope_states();
         let index_fresh = self.policy.recheck_interval.min(self.policy.cache_ttl);
         let now_unix = now / clock::NANOS_PER_SEC;
         for scope in scopes {
@@ -446,14 +444,7 @@ impl Panseal {
     #[doc(hidden)]
     pub fn held_keys_for_test(&self) -> (Vec<KeyId>, usize) {
         let (mut ids, stale) = self.shared.cache.held(clock::unix_nanos());
-        let scopes: Vec<Arc<ScopeState>> = self
-            .shared
-            .scopes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let scopes: Vec<Arc<ScopeState>> = self.shared.scope_states();
         for scope in scopes {
             if let Some(active) = scope.active.load_full() {
                 ids.push(active.entry.id);
