@@ -642,6 +642,8 @@ impl Panseal {
                     u64::MAX
                 },
                 uses: 0,
+                sequence: 0,
+                tag: None,
             };
             match self.shared.key_store.insert(&record).await {
                 Ok(()) => {

@@ -249,6 +249,44 @@ pub enum KeyServiceError {
     /// records, or rolled back. No further detail.
     #[error("wrapped key failed to unwrap")]
     UnwrapFailed,
+    /// The service does not offer this operation (e.g. `reveal` on a
+    /// service that hands DEKs to its callers).
+    #[error("key service does not support {0}")]
+    Unsupported(&'static str),
+    /// The index-key version is not live in this scope (never created,
+    /// or destroyed).
+    #[error("unknown index key version {version} in scope {scope}")]
+    UnknownIndexKey {
+        /// The scope.
+        scope: String,
+        /// The version asked for.
+        version: u32,
+    },
+    /// One item of a batch was refused; nothing in the batch was computed.
+    /// Names its position, never its content.
+    #[error("batch item {index} refused: {reason}")]
+    BatchItem {
+        /// Position in the batch, from 0.
+        index: usize,
+        /// Why (no PAN digits).
+        reason: String,
+    },
+    /// A key-store record's MAC does not verify: a lifecycle field (state,
+    /// dates, use count, version, purpose) was edited outside the library.
+    #[error("key record {0} failed authentication (edited outside panseal)")]
+    RecordTampered(String),
+    /// A key-store record is older than one the service has already signed
+    /// for the same key (a rollback of the row).
+    #[error("key record {0} was rolled back to an older version")]
+    RecordStale(String),
+    /// The change asked to sign is not one the key lifecycle allows
+    /// (reactivation, an extended date, a lowered use count, a relabel).
+    #[error("key record change refused: {0}")]
+    RecordTransition(String),
+    /// The service could not open the sealed record: altered, sealed under
+    /// another key or bound to another context. No further detail.
+    #[error("sealed record failed to open")]
+    OpenFailed,
     /// Any other failure reported by the service.
     #[error("{0}")]
     Other(String),

@@ -88,12 +88,14 @@ pub use error::{
 pub use format::{SealedPan, V1_LEN, V1_TEXT_LEN};
 pub use index::BlindIndex;
 pub use keys::{
-    Dek, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Policy, Scope, WrappedDek,
-    WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT,
+    Dek, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Policy, RecordTag, Scope,
+    WrappedDek, WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT, RECORD_CLOCK_SKEW,
 };
 #[cfg(feature = "aws-kms")]
 pub use keyservice::{AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService};
-pub use keyservice::{KekInfo, KeyService, LocalKeyService, Permissions};
+pub use keyservice::{
+    IndexKeyInfo, KekInfo, KeyService, LocalKeyService, Permissions, RevealRequest,
+};
 #[cfg(feature = "pkcs11")]
 pub use keyservice::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
 #[cfg(feature = "keyd-client")]

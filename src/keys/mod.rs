@@ -350,6 +350,32 @@ pub struct WrappedDek {
     pub max_uses: u64,
     /// Seals reported so far (may lag the live count of a running writer).
     pub uses: u64,
+    /// Record version 2: incremented at every change the key service signs,
+    /// so a service that remembers the newest one refuses a rolled-back row.
+    pub sequence: u64,
+    /// Record version 2: the key service's MAC over the record's lifecycle
+    /// fields ([`crate::KeyService::authenticate_record`]); `None` for a
+    /// version-1 record written before records were authenticated.
+    pub tag: Option<RecordTag>,
+}
+
+/// The key service's MAC over a key-store record's canonical encoding
+/// (`FORMAT.md`, "Key-store record, version 2"). Not secret, but compared
+/// in constant time.
+#[derive(Clone, Copy, Eq)]
+pub struct RecordTag(pub [u8; 32]);
+
+impl PartialEq for RecordTag {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl fmt::Debug for RecordTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecordTag({})", hex::encode(&self.0[..8]))
+    }
 }
 
 impl WrappedDek {
@@ -383,4 +409,106 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Longest a new record's `created_at` may be from the signer's clock, in
+/// seconds ([`WrappedDek::check_transition`]).
+pub const RECORD_CLOCK_SKEW: u64 = 300;
+
+impl WrappedDek {
+    /// Whether a key service may sign `next` as the successor of
+    /// `previous` (`None`: a record the service has not signed before) for a
+    /// credential with `signer`'s permissions, at Unix time `now`. Every
+    /// backend's [`crate::KeyService::authenticate_record`] applies this
+    /// rule before it signs, so a database writer holding a `wrap`
+    /// credential still cannot reactivate, extend, reset or relabel a key:
+    ///
+    /// * a new record (`previous` `None`) signed with `wrap`: active, no
+    ///   uses, sequence 0, created within [`RECORD_CLOCK_SKEW`] of `now`,
+    ///   `created_at ≤ encrypt_until ≤ decrypt_until`; any other unsigned
+    ///   record (the version-1 upgrade) needs `custodian`;
+    /// * a successor: same id, purpose, version, scope, environment and
+    ///   creation time; sequence exactly one more; state unchanged or
+    ///   forward ([`KeyState::can_become`]); dates and `max_uses` never
+    ///   raised; `uses` never lowered; the wrapped key unchanged unless the
+    ///   signer has `rewrap` or `custodian` (a rewrap), and empty once
+    ///   destroyed;
+    /// * with only `wrap`, the one state change allowed is active →
+    ///   decrypt-only (retiring); compromise and destruction need `custodian`.
+    ///
+    /// # Errors
+    ///
+    /// A reason (never key material) for the refusal.
+    pub fn check_transition(
+        previous: Option<&WrappedDek>,
+        next: &WrappedDek,
+        signer: &crate::Permissions,
+        now: u64,
+    ) -> Result<(), String> {
+        let Some(p) = previous else {
+            let fresh = next.state == KeyState::Active
+                && next.uses == 0
+                && next.sequence == 0
+                && next.created_at.abs_diff(now) <= RECORD_CLOCK_SKEW
+                && next.created_at <= next.encrypt_until
+                && next.encrypt_until <= next.decrypt_until
+                && !next.wrapped.bytes.is_empty();
+            return if fresh && (signer.wrap || signer.custodian) {
+                Ok(())
+            } else if signer.custodian {
+                // Upgrading a version-1 record as it stands.
+                if next.sequence == 0 {
+                    Ok(())
+                } else {
+                    Err("an upgraded record starts at sequence 0".into())
+                }
+            } else {
+                Err("a new record must be active, unused, sequence 0 and created now".into())
+            };
+        };
+        if p.id != next.id
+            || p.purpose != next.purpose
+            || p.version != next.version
+            || p.scope != next.scope
+            || p.environment != next.environment
+            || p.created_at != next.created_at
+        {
+            return Err("identity fields may not change".into());
+        }
+        if next.sequence != p.sequence.wrapping_add(1) || next.sequence == 0 {
+            return Err("sequence must be the previous one plus one".into());
+        }
+        if next.state != p.state && !p.state.can_become(next.state) {
+            return Err(format!(
+                "state may only move forward ({:?} -> {:?} refused)",
+                p.state, next.state
+            ));
+        }
+        if next.encrypt_until > p.encrypt_until
+            || next.decrypt_until > p.decrypt_until
+            || next.max_uses > p.max_uses
+        {
+            return Err("dates and use budget may not be extended".into());
+        }
+        if next.uses < p.uses {
+            return Err("use count may not go down".into());
+        }
+        if next.state == KeyState::Destroyed {
+            if !next.wrapped.bytes.is_empty() {
+                return Err("a destroyed record keeps no wrapped key".into());
+            }
+        } else if next.wrapped != p.wrapped && !(signer.rewrap || signer.custodian) {
+            return Err("only a rewrap may replace the wrapped key".into());
+        }
+        let state_ok = next.state == p.state
+            || signer.custodian
+            || (signer.wrap && p.state == KeyState::Active && next.state == KeyState::DecryptOnly);
+        if !state_ok {
+            return Err("this state change needs a custodian".into());
+        }
+        if !(signer.wrap || signer.rewrap || signer.custodian) {
+            return Err("signing a record needs wrap, rewrap or custodian".into());
+        }
+        Ok(())
+    }
 }

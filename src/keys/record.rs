@@ -139,6 +139,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<WrappedDek, FormatError> {
         decrypt_until,
         max_uses,
         uses,
+        sequence: 0,
+        tag: None,
     })
 }
 
@@ -166,6 +168,8 @@ mod tests {
             decrypt_until: 1_797_200_000,
             max_uses: 1 << 24,
             uses: 17,
+            sequence: 0,
+            tag: None,
         }
     }
 

@@ -98,6 +98,7 @@ impl LocalKeyService {
                 wrap: p.wrap && permissions.wrap,
                 unwrap: p.unwrap && permissions.unwrap,
                 index: p.index && permissions.index,
+                reveal: p.reveal && permissions.reveal,
                 rewrap: p.rewrap && permissions.rewrap,
                 custodian: p.custodian && permissions.custodian,
             },

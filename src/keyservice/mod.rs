@@ -12,8 +12,12 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::Access;
+use crate::context::Context;
 use crate::error::KeyServiceError;
-use crate::keys::{Dek, KeyRequest, KeyState, WrappedKey};
+use crate::format::SealedPan;
+use crate::keys::{Dek, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey};
+use crate::pan::Pan;
+use crate::Opened;
 
 #[cfg(feature = "aws-kms")]
 mod aws_kms;
@@ -45,8 +49,13 @@ pub struct Permissions {
     pub wrap: bool,
     /// Unwrap data keys (decrypt PANs).
     pub unwrap: bool,
-    /// Unwrap blind-index keys (compute lookup hashes; no PAN decryption).
+    /// Ask the service for blind-index values (keyed hashes of PANs,
+    /// computed inside the service); the index key itself never leaves it.
     pub index: bool,
+    /// Ask the service to open one sealed record and return its PAN
+    /// (per-record, counted in distinct records per window); never
+    /// receives a DEK.
+    pub reveal: bool,
     /// Rewrap under the newest KEK version (the key never leaves the service).
     pub rewrap: bool,
     /// KEK lifecycle: rotate, retire, destroy.
@@ -60,6 +69,7 @@ impl Permissions {
             wrap: true,
             unwrap: true,
             index: true,
+            reveal: true,
             rewrap: true,
             custodian: true,
         }
@@ -72,6 +82,7 @@ impl Permissions {
             wrap: true,
             unwrap: false,
             index: true,
+            reveal: false,
             rewrap: false,
             custodian: false,
         }
@@ -83,6 +94,7 @@ impl Permissions {
             wrap: true,
             unwrap: true,
             index: true,
+            reveal: false,
             rewrap: false,
             custodian: false,
         }
@@ -93,9 +105,40 @@ impl Permissions {
         (self.wrap || !other.wrap)
             && (self.unwrap || !other.unwrap)
             && (self.index || !other.index)
+            && (self.reveal || !other.reveal)
             && (self.rewrap || !other.rewrap)
             && (self.custodian || !other.custodian)
     }
+}
+
+/// One version of a scope's blind-index key. The key lives inside the key
+/// service (keyd state, an HSM object, a KMS key); only these facts leave it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexKeyInfo {
+    /// The scope the key serves.
+    pub scope: Scope,
+    /// Version 1, 2, … within the scope.
+    pub version: u32,
+    /// [`KeyState::Active`]: computes the values new rows store;
+    /// [`KeyState::DecryptOnly`]: lookup only (kept while a re-index job
+    /// moves rows to a newer version); destroyed versions are not listed.
+    pub state: KeyState,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+}
+
+/// A request to open one sealed record inside the key service
+/// ([`KeyService::reveal`]): the ciphertext, its context and the
+/// authenticated key-store record of its DEK. The service unwraps the DEK
+/// into its own memory, opens, and returns only the PAN.
+#[derive(Clone, Copy)]
+pub struct RevealRequest<'a> {
+    /// The DEK's key-store record (with its [`RecordTag`]).
+    pub record: &'a WrappedDek,
+    /// The sealed PAN.
+    pub sealed: &'a SealedPan,
+    /// The context it was sealed under.
+    pub context: &'a Context,
 }
 
 /// Non-secret facts about a key service's current KEK.
@@ -161,4 +204,125 @@ pub trait KeyService: sealed::Sealed + Send + Sync {
     /// Creates a new KEK version that wraps from now on; older versions keep
     /// unwrapping. Needs `custodian`.
     async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError>;
+
+    /// What this service's credential may do. `Panseal::open_pan` uses it to
+    /// choose between unwrapping a DEK (`unwrap`) and asking the service to
+    /// open the one record (`reveal` without `unwrap`).
+    async fn permissions(&self) -> Result<Permissions, KeyServiceError> {
+        Ok(Permissions {
+            reveal: false,
+            ..Permissions::all()
+        })
+    }
+
+    // ----- blind index: keyed hashes computed inside the service -------------
+
+    /// The live index-key versions of `scope`, newest first (at most one
+    /// [`KeyState::Active`]). Empty if a custodian has not created one yet.
+    /// Needs `index`.
+    async fn index_keys(&self, scope: &Scope) -> Result<Vec<IndexKeyInfo>, KeyServiceError> {
+        let _ = scope;
+        Err(KeyServiceError::Unsupported("index_keys"))
+    }
+
+    /// HMAC-SHA-256 of each PAN's ASCII digits under each of `versions` of
+    /// `scope`'s index key, computed inside the service: the result holds
+    /// `pans.len() * versions.len()` values, PAN-major (`pans[i]` under
+    /// `versions[j]` at `i * versions.len() + j`). One request, one quota
+    /// charge of `pans.len() * versions.len()` hashes, one audit record
+    /// (count only, never a PAN). Needs `index`.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyServiceError::UnknownIndexKey`] for a version that is not live,
+    /// [`KeyServiceError::BatchItem`] naming the position of a PAN the
+    /// service refuses (never echoing it), quota, permission and outage
+    /// errors. Nothing is computed for a refused batch.
+    async fn blind_index(
+        &self,
+        scope: &Scope,
+        versions: &[u32],
+        pans: &[&Pan],
+        access: &Access,
+    ) -> Result<Vec<[u8; 32]>, KeyServiceError> {
+        let _ = (scope, versions, pans, access);
+        Err(KeyServiceError::Unsupported("blind_index"))
+    }
+
+    /// Creates the next index-key version of `scope` inside the service; it
+    /// becomes active and the previous active version becomes lookup-only.
+    /// Needs `custodian`: nothing outside the service (a key-store row, a
+    /// `wrap` credential) can choose which key hashes.
+    async fn create_index_key(&self, scope: &Scope) -> Result<IndexKeyInfo, KeyServiceError> {
+        let _ = scope;
+        Err(KeyServiceError::Unsupported("create_index_key"))
+    }
+
+    /// Moves an index-key version forward along the lifecycle
+    /// ([`KeyState::DecryptOnly`] = lookup only, [`KeyState::Destroyed`]
+    /// after a re-index job moved every row off it). Needs `custodian`.
+    async fn set_index_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        let _ = (scope, version, state);
+        Err(KeyServiceError::Unsupported("set_index_key_state"))
+    }
+
+    // ----- authenticated key-store records -----------------------------------
+
+    /// The service's MAC over `record`'s canonical encoding
+    /// (`FORMAT.md`, "Key-store record, version 2"), under a record key that
+    /// never leaves the service. `previous` is the stored record it replaces
+    /// (with its tag), `None` for a new record; the service checks the
+    /// change is one the lifecycle allows (`keys::check_transition`: state
+    /// only forward, dates never extended, use count never lowered, identity
+    /// fields and sequence unchanged/incremented) before it signs. Needs
+    /// `wrap` (a new active record, a use-count report, retiring one's own
+    /// key) or `custodian` (any other transition).
+    async fn authenticate_record(
+        &self,
+        previous: Option<&WrappedDek>,
+        record: &WrappedDek,
+    ) -> Result<RecordTag, KeyServiceError> {
+        let _ = (previous, record);
+        Err(KeyServiceError::Unsupported("authenticate_record"))
+    }
+
+    /// Checks `record`'s tag. Services that remember the newest sequence
+    /// they signed per record (keyd) also refuse an older, once-valid
+    /// record (a rollback).
+    ///
+    /// # Errors
+    ///
+    /// [`KeyServiceError::RecordTampered`] or [`KeyServiceError::RecordStale`].
+    async fn verify_record(&self, record: &WrappedDek) -> Result<(), KeyServiceError> {
+        let _ = record;
+        Err(KeyServiceError::Unsupported("verify_record"))
+    }
+
+    // ----- per-record reveal -------------------------------------------------
+
+    /// Opens one sealed record inside the service on behalf of `access` and
+    /// returns only its PAN. Counted per distinct record (context +
+    /// ciphertext) per principal per window; one audit record per reveal
+    /// (principal, on-behalf-of, purpose, context; never the PAN). Needs
+    /// `reveal`. Services that hand DEKs to their callers (local, PKCS#11,
+    /// KMS) do not offer it.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyServiceError::OpenFailed`] (opaque) for an altered ciphertext
+    /// or a wrong context, [`KeyServiceError::RecordTampered`], quota,
+    /// permission and outage errors.
+    async fn reveal(
+        &self,
+        request: &RevealRequest<'_>,
+        access: &Access,
+    ) -> Result<Opened, KeyServiceError> {
+        let _ = (request, access);
+        Err(KeyServiceError::Unsupported("reveal"))
+    }
 }
