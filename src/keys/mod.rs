@@ -389,9 +389,17 @@ impl WrappedDek {
         }
     }
 
-    /// Encodes the record (`FORMAT.md`, "Key-store record").
+    /// Encodes the record (`FORMAT.md`, "Key-store record"): version 2
+    /// when it carries a [`RecordTag`], version 1 otherwise.
     pub fn to_bytes(&self) -> Vec<u8> {
         record::encode(self)
+    }
+
+    /// The bytes a key service signs to make this record's [`RecordTag`]
+    /// (`"panseal-record-v2" || record_v2 without the tag`; the current
+    /// `tag` is ignored).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        record::signed_bytes(self)
     }
 
     /// Decodes a record; strict (no trailing bytes, every field checked).

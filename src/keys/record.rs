@@ -5,16 +5,41 @@
 use super::{Environment, KekRef, KeyId, KeyPurpose, KeyState, Scope, WrappedDek, WrappedKey};
 use crate::error::FormatError;
 
-/// Record encoding version.
+/// Record encoding version 1 (unauthenticated lifecycle fields).
 pub(crate) const RECORD_V1: u8 = 1;
+/// Record encoding version 2: version 1's fields, a sequence number and the
+/// key service's 32-byte MAC ([`super::RecordTag`]).
+pub(crate) const RECORD_V2: u8 = 2;
+/// Domain label prefixed to the bytes a key service signs.
+pub(crate) const RECORD_MAC_LABEL: &[u8] = b"panseal-record-v2";
 /// Longest KEK id, in bytes.
 pub(crate) const MAX_KEK_ID_LEN: usize = 1024;
 /// Longest wrapped key, in bytes.
 pub(crate) const MAX_WRAPPED_LEN: usize = 4096;
 
+/// Version 1 if the record has no tag, else version 2.
 pub(crate) fn encode(r: &WrappedDek) -> Vec<u8> {
-    let mut out = Vec::with_capacity(96 + r.wrapped.kek.id.len() + r.wrapped.bytes.len());
-    out.push(RECORD_V1);
+    match &r.tag {
+        None => encode_body(r, RECORD_V1),
+        Some(tag) => {
+            let mut out = encode_body(r, RECORD_V2);
+            out.extend_from_slice(&tag.0);
+            out
+        }
+    }
+}
+
+/// What a key service's MAC covers (`FORMAT.md`, "Key-store record v2"):
+/// `"panseal-record-v2" || record_v2 without its tag`.
+pub(crate) fn signed_bytes(r: &WrappedDek) -> Vec<u8> {
+    let mut out = RECORD_MAC_LABEL.to_vec();
+    out.extend_from_slice(&encode_body(r, RECORD_V2));
+    out
+}
+
+fn encode_body(r: &WrappedDek, version: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(136 + r.wrapped.kek.id.len() + r.wrapped.bytes.len());
+    out.push(version);
     out.push(r.purpose as u8);
     out.extend_from_slice(r.id.as_bytes());
     out.extend_from_slice(&r.version.to_be_bytes());
@@ -32,6 +57,9 @@ pub(crate) fn encode(r: &WrappedDek) -> Vec<u8> {
         r.uses,
     ] {
         out.extend_from_slice(&v.to_be_bytes());
+    }
+    if version == RECORD_V2 {
+        out.extend_from_slice(&r.sequence.to_be_bytes());
     }
     out.extend_from_slice(&(r.wrapped.bytes.len() as u16).to_be_bytes());
     out.extend_from_slice(&r.wrapped.bytes);
@@ -81,7 +109,8 @@ impl<'a> Reader<'a> {
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<WrappedDek, FormatError> {
     let mut r = Reader { b: bytes };
-    if r.u8("version")? != RECORD_V1 {
+    let format = r.u8("version")?;
+    if format != RECORD_V1 && format != RECORD_V2 {
         return Err(FormatError::Record("version"));
     }
     let purpose = KeyPurpose::from_u8(r.u8("purpose")?).ok_or(FormatError::Record("purpose"))?;
@@ -105,11 +134,23 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<WrappedDek, FormatError> {
     let decrypt_until = r.u64("decrypt_until")?;
     let max_uses = r.u64("max_uses")?;
     let uses = r.u64("uses")?;
+    let sequence = if format == RECORD_V2 {
+        r.u64("sequence")?
+    } else {
+        0
+    };
     let n = usize::from(r.u16("wrapped")?);
     if n > MAX_WRAPPED_LEN {
         return Err(FormatError::Record("wrapped"));
     }
     let wrapped = r.take(n, "wrapped")?.to_vec();
+    let tag = if format == RECORD_V2 {
+        let mut t = [0u8; 32];
+        t.copy_from_slice(r.take(32, "tag")?);
+        Some(super::RecordTag(t))
+    } else {
+        None
+    };
     if !r.b.is_empty() {
         return Err(FormatError::Record("trailing bytes"));
     }
@@ -139,8 +180,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<WrappedDek, FormatError> {
         decrypt_until,
         max_uses,
         uses,
-        sequence: 0,
-        tag: None,
+        sequence,
+        tag,
     })
 }
 
@@ -177,6 +218,22 @@ mod tests {
     fn round_trip() {
         let r = sample();
         assert_eq!(decode(&encode(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn v2_round_trip_and_signed_bytes() {
+        let mut r = sample();
+        r.sequence = 5;
+        r.tag = Some(super::super::RecordTag([7; 32]));
+        let b = encode(&r);
+        assert_eq!(b[0], RECORD_V2);
+        assert_eq!(decode(&b).unwrap(), r);
+        let signed = signed_bytes(&r);
+        assert_eq!(&signed[..RECORD_MAC_LABEL.len()], RECORD_MAC_LABEL);
+        assert_eq!(&signed[RECORD_MAC_LABEL.len()..], &b[..b.len() - 32]);
+        for n in 0..b.len() {
+            assert!(decode(&b[..n]).is_err(), "prefix {n}");
+        }
     }
 
     #[test]
