@@ -1,35 +1,52 @@
-//! `breach_drill` — fill PostgreSQL with cards through panseal, then play the
-//! attacker of the 2021–22 breach: a `pg_dump` of every table (including the
-//! wrapped DEKs), the application's configuration and the front end's
-//! wrap-only key-service credential. Try every recovery path and report how
-//! many PANs came out (must be 0); then show the right decrypt credential
-//! opens everything.
+//! `breach_drill` — fill PostgreSQL with cards through panseal and a real
+//! `panseal-keyd`, then play each attacker of DESIGN.md's table and print
+//! how many PANs each one recovered:
+//!
+//! * **A. the database dump alone** (`pg_dump` of every table, wrapped DEKs
+//!   included): PANs in the clear, every run of the dump as an AES or HMAC
+//!   key, the blind index brute-forced over BIN + last four → 0;
+//! * **B. the dump + the front end's credential** (`wrap` + `index`), using
+//!   everything it permits: unwrap every DEK, reveal, the blind-index oracle
+//!   in batches until keyd's index quota stops it, planting an index key →
+//!   0 within the window, with the quota's HMACs per window printed next to
+//!   the ~10^5 candidates one PAN needs;
+//! * **C. the dump + a stolen `reveal` credential**: reveals until its record
+//!   quota stops it → at most the quota, each one named in keyd's audit;
+//! * **D. a database writer who edits key records**: reactivates, extends,
+//!   resets, relabels and rolls back DEK rows → every edit detected, no seal
+//!   under a compromised key.
+//!
+//! Then the settlement credential (`unwrap`) opens every card.
 //!
 //! ```text
-//! cargo run --features postgres --example breach_drill -- \
-//!     --pg-url postgresql://postgres@127.0.0.1:5432/drill --cards 1000
+//! cargo run --features postgres,keyd-client --example breach_drill -- \
+//!     --pg-url postgresql://postgres@127.0.0.1:5432/drill --cards 1000 \
+//!     --front-end fe.json --reveal refunds.json --bulk settlement.json \
+//!     --custodian root.json --keyd-audit /var/lib/panseal-keyd/audit.log
 //! ```
 //!
-//! The key service here is the in-process local one standing in for the
-//! separate key service: the attacker is given no handle to it but the
-//! wrap-only credential, exactly as a compromised front end would have.
+//! Each `*.json` is a client configuration (README "Configuration") naming
+//! the keyd credential of that role and the same PostgreSQL key store.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes128Gcm, Aes256Gcm, KeyInit, Nonce, Tag};
 use base64::Engine as _;
 use clap::Parser;
 use hmac::{Hmac, Mac};
+use panseal::config::ClientConfig;
 use panseal::{
-    Access, Context, Environment, KeyService, KeyStore, LocalKeyService, MemoryAuditSink, Pan,
-    Panseal, Permissions, PostgresKeyStore, SealedPan,
+    Access, Context, Error, KeyId, KeyPurpose, KeyRequest, KeyService, KeyServiceError, KeyState,
+    KeyStore, Pan, Panseal, PostgresKeyStore, Scope, SealedPan, WrappedDek,
 };
 use sha2::{Digest, Sha256};
 
 #[derive(Parser)]
-#[command(about = "Dump the database and try to recover PANs, as the attacker would")]
+#[command(about = "Play each attacker against a panseal deployment and count the PANs recovered")]
 struct Args {
     /// Database to fill and attack (it gets a `cards` table).
     #[arg(long)]
@@ -40,9 +57,24 @@ struct Args {
     /// pg_dump binary.
     #[arg(long, default_value = "pg_dump")]
     pg_dump: String,
-    /// Rows on which to brute-force the blind index over BIN + last four.
-    #[arg(long, default_value_t = 3)]
-    brute_force_rows: usize,
+    /// Client configuration of the front end (keyd `wrap` + `index`).
+    #[arg(long)]
+    front_end: PathBuf,
+    /// Client configuration of a refund tool (keyd `reveal` only).
+    #[arg(long)]
+    reveal: PathBuf,
+    /// Client configuration of the settlement job (keyd `unwrap`).
+    #[arg(long)]
+    bulk: PathBuf,
+    /// Client configuration of a key custodian (keyd `custodian`).
+    #[arg(long)]
+    custodian: PathBuf,
+    /// keyd's audit log, to count the records naming each reveal.
+    #[arg(long)]
+    keyd_audit: PathBuf,
+    /// Longest the attacker spends on the blind-index oracle, in seconds.
+    #[arg(long, default_value_t = 20)]
+    oracle_seconds: u64,
 }
 
 const BIN: &str = "411111";
@@ -75,12 +107,33 @@ fn card(i: usize) -> String {
     digits.iter().map(|d| char::from(b'0' + d)).collect()
 }
 
+/// Every Luhn-valid 16-digit PAN with this BIN and last four, in order.
+fn candidates(last4: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(100_000);
+    for middle in 0..1_000_000u32 {
+        let mut digits: Vec<u8> = BIN.bytes().map(|b| b - b'0').collect();
+        digits.extend(format!("{middle:06}").bytes().map(|b| b - b'0'));
+        digits.extend(last4[..3].bytes().map(|b| b - b'0'));
+        if luhn_complete(&digits) != last4.as_bytes()[3] - b'0' {
+            continue;
+        }
+        out.push(
+            digits
+                .iter()
+                .map(|d| char::from(b'0' + d))
+                .chain(last4[3..].chars())
+                .collect(),
+        );
+    }
+    out
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     match run(Args::parse()).await {
-        Ok(0) => ExitCode::SUCCESS,
-        Ok(n) => {
-            eprintln!("breach_drill: {n} PAN(s) RECOVERED — the defence failed");
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("breach_drill: an attacker got more than the design allows");
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -90,49 +143,86 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<usize, Box<dyn std::error::Error>> {
-    // ---- the payment system --------------------------------------------
-    let key_service = LocalKeyService::new(Environment::new("prod")?);
-    let store = PostgresKeyStore::connect(&args.pg_url, 4).await?;
-    let front_end = Panseal::builder()
-        .key_service(key_service.restricted(Permissions::wrap_only()))
-        .key_store(store.clone())
-        .environment("prod")
-        .scope("merchant-1")
-        .build()
-        .await?;
+struct Row {
+    id: i64,
+    sealed: SealedPan,
+    index: Vec<u8>,
+    last4: String,
+}
+
+fn ctx(id: i64) -> Context {
+    Context::new("cards", "pan_sealed", id.to_string()).expect("valid context")
+}
+
+async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
+    let fe_cfg = ClientConfig::from_file(&args.front_end)?;
+    let scope = Scope::new(&fe_cfg.scope)?;
+    let custodian = ClientConfig::from_file(&args.custodian)?.keyd_client()?;
+    if custodian.index_keys(&scope).await?.is_empty() {
+        let info = custodian.create_index_key(&scope).await?;
+        println!(
+            "custodian created index key v{} of scope {scope} inside keyd",
+            info.version
+        );
+    }
+    let front_end = fe_cfg.builder()?.build().await?;
+    let store = PostgresKeyStore::connect(&args.pg_url, 2).await?;
     let db = store.pool().get().await?;
     db.batch_execute(
         "DROP TABLE IF EXISTS cards;
          CREATE TABLE cards (id bigint PRIMARY KEY, pan_sealed varchar(64) NOT NULL,
-                             pan_index char(64) NOT NULL, pan_masked varchar(19) NOT NULL)",
+                             pan_index char(64) NOT NULL, pan_index_version int NOT NULL,
+                             pan_masked varchar(19) NOT NULL)",
     )
     .await?;
     let mut pans = Vec::with_capacity(args.cards);
-    for i in 0..args.cards {
-        let digits = card(i);
-        let pan = Pan::parse(&digits)?;
-        let ctx = Context::new("cards", "pan_sealed", i.to_string())?;
-        let sealed = front_end.seal_pan(&pan, &ctx).await?;
-        let index = front_end.blind_index(&pan).await?;
+    let all: Vec<Pan> = (0..args.cards)
+        .map(|i| Pan::parse(&card(i)))
+        .collect::<Result<_, _>>()?;
+    let indexes = front_end.blind_indexes_batch(&all).await?;
+    for (i, pan) in all.iter().enumerate() {
+        let sealed = front_end.seal_pan(pan, &ctx(i as i64)).await?;
+        let index = &indexes[i];
         db.execute(
-            "INSERT INTO cards VALUES ($1, $2, $3, $4)",
+            "INSERT INTO cards VALUES ($1, $2, $3, $4, $5)",
             &[
                 &(i as i64),
                 &sealed.to_text(),
                 &index.to_hex(),
+                &(index.version() as i32),
                 &pan.masked(),
             ],
         )
         .await?;
-        pans.push(digits);
+        pans.push(pan.expose_digits().to_owned());
     }
+    front_end.report_usage().await?;
     println!(
-        "filled {} cards through the wrap-only front end (BIN {BIN}, last four shown)",
+        "filled {} cards through the front end (keyd wrap + index; BIN {BIN}, last four shown)",
         args.cards
     );
+    let truth: HashSet<&str> = pans.iter().map(String::as_str).collect();
+    let rows: Vec<Row> = db
+        .query(
+            "SELECT id, pan_sealed, pan_index, pan_masked FROM cards ORDER BY id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let masked: String = r.get(3);
+            Row {
+                id: r.get(0),
+                sealed: SealedPan::from_text(r.get::<_, &str>(1)).expect("stored ciphertext"),
+                index: hex::decode(r.get::<_, &str>(2)).expect("stored index"),
+                last4: masked[masked.len() - 4..].to_owned(),
+            }
+        })
+        .collect();
+    let mut ok = true;
 
-    // ---- the attacker: the whole database, the config, a wrap-only key --
+    // ================= A. the database dump alone ======================
+    println!("A. the database dump alone");
     let dump = Command::new(&args.pg_dump)
         .arg(&args.pg_url)
         .output()
@@ -141,27 +231,21 @@ async fn run(args: Args) -> Result<usize, Box<dyn std::error::Error>> {
         return Err(format!("pg_dump failed: {}", String::from_utf8_lossy(&dump.stderr)).into());
     }
     let dump = dump.stdout;
-    println!("attacker: pg_dump of every table, {} bytes", dump.len());
-    let truth: HashSet<&str> = pans.iter().map(String::as_str).collect();
-    let mut recovered: HashSet<String> = HashSet::new();
-
-    // 1. Card numbers in the clear anywhere in the dump.
+    println!("  pg_dump of every table: {} bytes", dump.len());
+    let mut recovered_a: HashSet<String> = HashSet::new();
     let text = String::from_utf8_lossy(&dump);
-    let mut run = String::new();
+    let mut digits_run = String::new();
     for c in text.chars().chain(std::iter::once(' ')) {
         if c.is_ascii_digit() {
-            run.push(c);
+            digits_run.push(c);
             continue;
         }
-        if (12..=19).contains(&run.len()) && truth.contains(run.as_str()) {
-            recovered.insert(run.clone());
+        if (12..=19).contains(&digits_run.len()) && truth.contains(digits_run.as_str()) {
+            recovered_a.insert(digits_run.clone());
         }
-        run.clear();
+        digits_run.clear();
     }
-    println!("  [1] PANs in the clear in the dump: {}", recovered.len());
-
-    // 2. Every 16- and 32-byte run of the dump, raw and after decoding its
-    //    hex (bytea) and base64url (ciphertext) strings, as an AES key.
+    println!("  [A1] PANs in the clear in the dump: {}", recovered_a.len());
     let mut blobs: Vec<Vec<u8>> = vec![dump.clone()];
     for token in
         text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '\\'))
@@ -179,92 +263,57 @@ async fn run(args: Args) -> Result<usize, Box<dyn std::error::Error>> {
             }
         }
     }
-    let rows = db
-        .query(
-            "SELECT id, pan_sealed, pan_index FROM cards ORDER BY id LIMIT 3",
-            &[],
-        )
-        .await?;
-    let samples: Vec<(i64, SealedPan, String)> = rows
-        .iter()
-        .map(|r| {
-            let sealed =
-                SealedPan::from_text(r.get::<_, &str>(1)).expect("stored ciphertext parses");
-            (r.get(0), sealed, r.get::<_, String>(2))
-        })
-        .collect();
-    let mut tried = 0u64;
-    let mut key_hits = 0u64;
+    let samples = &rows[..rows.len().min(3)];
+    let (mut tried, mut key_hits, mut hmac_hits) = (0u64, 0u64, 0u64);
     for blob in &blobs {
         for w in blob.windows(32) {
             tried += 1;
-            if try_key::<Aes256Gcm>(w, &samples) {
+            if try_key::<Aes256Gcm>(w, samples) {
                 key_hits += 1;
+            }
+            // Grant the attacker the true PAN: if any run were the index
+            // key, its HMAC would match the stored value.
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(w)?;
+            mac.update(pans[samples[0].id as usize].as_bytes());
+            if mac.finalize().into_bytes().as_slice() == samples[0].index.as_slice() {
+                hmac_hits += 1;
             }
         }
         for w in blob.windows(16) {
             tried += 1;
-            if try_key::<Aes128Gcm>(w, &samples) {
+            if try_key::<Aes128Gcm>(w, samples) {
                 key_hits += 1;
             }
         }
     }
-    println!("  [2] {tried} candidate AES keys from the dump: {key_hits} opened a ciphertext");
-
-    // 3. The blind index: unkeyed hashes over every BIN + last-four
-    //    candidate, and every 32-byte run of the dump as the HMAC key.
-    let mut index_hits = 0u64;
-    let mut candidates = 0u64;
-    for (id, _, index) in samples.iter().take(args.brute_force_rows) {
-        let last4 = &pans[*id as usize][12..];
-        let target = hex::decode(index)?;
-        for middle in 0..1_000_000u32 {
-            let mut digits: Vec<u8> = BIN.bytes().map(|b| b - b'0').collect();
-            digits.extend(format!("{middle:06}").bytes().map(|b| b - b'0'));
-            digits.extend(last4[..3].bytes().map(|b| b - b'0'));
-            if luhn_complete(&digits) != last4.as_bytes()[3] - b'0' {
-                continue;
-            }
-            candidates += 1;
-            let pan: String = digits
-                .iter()
-                .map(|d| char::from(b'0' + d))
-                .chain(last4[3..].chars())
-                .collect();
-            if Sha256::digest(pan.as_bytes()).as_slice() == target.as_slice() {
-                index_hits += 1;
-                recovered.insert(pan);
-            }
-        }
-        // Grant the attacker the true PAN: if any run of the dump were the
-        // index key, its HMAC would match.
-        let true_pan = &pans[*id as usize];
-        for blob in &blobs {
-            for w in blob.windows(32) {
-                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(w)?;
-                mac.update(true_pan.as_bytes());
-                if mac.finalize().into_bytes().as_slice() == target.as_slice() {
-                    index_hits += 1;
-                    recovered.insert(true_pan.clone());
-                }
-            }
-        }
-    }
+    println!("  [A2] {tried} candidate AES keys from the dump: {key_hits} opened a ciphertext");
+    let cands0 = candidates(&samples[0].last4);
+    let unkeyed = cands0
+        .iter()
+        .filter(|c| Sha256::digest(c.as_bytes()).as_slice() == samples[0].index.as_slice())
+        .count();
     println!(
-        "  [3] blind index: {candidates} BIN+last-four candidates hashed, \
-         every dump run tried as HMAC key: {index_hits} matches"
+        "  [A3] blind index: {} BIN+last-four candidates hashed unkeyed, every dump run tried \
+         as HMAC key: {} matches",
+        cands0.len(),
+        unkeyed as u64 + hmac_hits
     );
+    let a_total = recovered_a.len() + key_hits as usize + unkeyed + hmac_hits as usize;
+    println!("  attacker A recovered {a_total} PANs");
+    ok &= a_total == 0;
 
-    // 4. The front end's wrap-only credential against every wrapped DEK.
-    let wrap_only = key_service.restricted(Permissions::wrap_only());
-    let records = store.list(None).await?;
+    // ========== B. the dump + the front end's credential ================
+    println!("B. the dump + the front end's credential (wrap + index), everything it permits");
+    let fe_ks = fe_cfg.keyd_client()?;
     let attacker = Access::new("attacker", "exfiltration")?;
+    let records = store.list(None).await?;
+    let data_records: Vec<&WrappedDek> = records
+        .iter()
+        .filter(|r| r.purpose == KeyPurpose::Data)
+        .collect();
     let mut unwrapped = 0;
-    for r in &records {
-        if r.purpose != panseal::KeyPurpose::Data {
-            continue;
-        }
-        if wrap_only
+    for r in &data_records {
+        if fe_ks
             .unwrap(&r.key_request(), &r.wrapped, &attacker)
             .await
             .is_ok()
@@ -273,75 +322,342 @@ async fn run(args: Args) -> Result<usize, Box<dyn std::error::Error>> {
         }
     }
     println!(
-        "  [4] wrap-only credential: {unwrapped} of {} wrapped DEKs unwrapped",
-        records
-            .iter()
-            .filter(|r| r.purpose == panseal::KeyPurpose::Data)
-            .count()
+        "  [B1] unwrap every DEK: {unwrapped} of {} unwrapped",
+        data_records.len()
     );
-    // The same credential through the library, on a fresh process.
-    let front_end2 = Panseal::builder()
-        .key_service(wrap_only)
-        .key_store(store.clone())
-        .audit(MemoryAuditSink::new())
-        .environment("prod")
-        .scope("merchant-1")
-        .build()
-        .await?;
-    let opened_by_attacker = {
-        let (id, sealed, _) = &samples[0];
-        let ctx = Context::new("cards", "pan_sealed", id.to_string())?;
-        front_end2.open_pan(sealed, &ctx, &attacker).await.is_ok()
-    };
+    let mut revealed_b = 0;
+    for row in rows.iter().take(20) {
+        if let Some(rec) = data_records.iter().find(|r| r.id == row.sealed.key_id()) {
+            let req = panseal::RevealRequest {
+                record: rec,
+                sealed: &row.sealed,
+                context: &ctx(row.id),
+            };
+            if fe_ks.reveal(&req, &attacker).await.is_ok() {
+                revealed_b += 1;
+            }
+        }
+    }
+    println!("  [B2] reveal 20 records: {revealed_b} revealed");
+    // The oracle: hash the BIN + last-four candidates of row 0 in batches
+    // until the index quota (or the time budget) stops the attacker.
+    let target = &rows[0];
+    let cands = candidates(&target.last4);
+    let true_pos = cands
+        .iter()
+        .position(|c| c == &pans[target.id as usize])
+        .expect("the true PAN is a candidate");
+    let active = fe_ks
+        .index_keys(&scope)
+        .await?
+        .into_iter()
+        .find(|k| k.state == KeyState::Active)
+        .ok_or("no active index key")?;
+    let deadline = Instant::now() + Duration::from_secs(args.oracle_seconds);
+    let (mut granted, mut recovered_b, mut quota_hit) = (0usize, 0usize, false);
+    for chunk in cands.chunks(1000) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let batch: Vec<Pan> = chunk.iter().map(|c| Pan::parse(c)).collect::<Result<_, _>>()?;
+        let refs: Vec<&Pan> = batch.iter().collect();
+        match fe_ks
+            .blind_index(&scope, &[active.version], &refs, &attacker)
+            .await
+        {
+            Ok(values) => {
+                granted += values.len();
+                recovered_b += values
+                    .iter()
+                    .filter(|v| v.as_slice() == target.index.as_slice())
+                    .count();
+            }
+            Err(KeyServiceError::QuotaExceeded(_)) => {
+                quota_hit = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     println!(
-        "      open through the library with it: {}",
-        if opened_by_attacker {
-            "OPENED"
+        "  [B3] blind-index oracle: keyd granted {granted} HMACs this window{}; one PAN has {} \
+         candidates (this one is #{}); PANs recovered: {recovered_b}",
+        if quota_hit {
+            " (then the index quota refused)"
+        } else {
+            " (time budget spent)"
+        },
+        cands.len(),
+        true_pos + 1
+    );
+    if granted > 0 {
+        println!(
+            "       at that rate this PAN needs {} windows; the average PAN {}",
+            (true_pos + 1).div_ceil(granted),
+            cands.len().div_ceil(2 * granted)
+        );
+    }
+    // Plant an index key: create one through the wrap credential, and put
+    // a row of our own in the key table.
+    let plant_req = KeyRequest {
+        id: KeyId::random(),
+        scope: scope.clone(),
+        environment: front_end.environment().clone(),
+        purpose: KeyPurpose::Index,
+    };
+    let planted_by_service = fe_ks.generate(&plant_req).await.is_ok();
+    let before = front_end.blind_index(&Pan::parse(&pans[1])?).await?;
+    if let Some(mut forged) = data_records.first().map(|r| (*r).clone()) {
+        forged.id = plant_req.id;
+        forged.purpose = KeyPurpose::Index;
+        forged.version = 99;
+        let _ = db
+            .execute(
+                "INSERT INTO panseal_keys (id, scope, purpose, state, kek_id, kek_version, record)
+                 VALUES ($1, $2, 2, 1, $3, $4, $5)",
+                &[
+                    &forged.id.as_bytes().as_slice(),
+                    &scope.as_str(),
+                    &forged.wrapped.kek.id,
+                    &i64::from(forged.wrapped.kek.version),
+                    &forged.to_bytes(),
+                ],
+            )
+            .await;
+    }
+    let fresh_front_end = fe_cfg.builder()?.build().await?;
+    let after = fresh_front_end.blind_index(&Pan::parse(&pans[1])?).await?;
+    println!(
+        "  [B4] plant an index key: through keyd {}; a row in the key table changed the index \
+         values: {}",
+        if planted_by_service {
+            "CREATED"
         } else {
             "refused"
+        },
+        if before == after { "no" } else { "YES" }
+    );
+    let held = front_end_index_keys(&front_end);
+    println!("  [B5] index keys in the front end's memory: {held}");
+    let b_total = unwrapped + revealed_b + recovered_b + usize::from(planted_by_service);
+    println!("  attacker B recovered {b_total} PANs");
+    ok &= b_total == 0 && before == after && held == 0;
+
+    // ============== C. the dump + a stolen reveal credential =============
+    println!("C. the dump + a stolen reveal credential");
+    let reveal_tool = ClientConfig::from_file(&args.reveal)?.builder()?.build().await?;
+    let audit_before = std::fs::read_to_string(&args.keyd_audit)?.lines().count();
+    let mut revealed: Vec<i64> = Vec::new();
+    let mut refused_by_quota = false;
+    for row in &rows {
+        match reveal_tool.open_pan(&row.sealed, &ctx(row.id), &attacker).await {
+            Ok(opened) => {
+                if opened.pan.expose_digits() == pans[row.id as usize] {
+                    revealed.push(row.id);
+                }
+            }
+            Err(Error::KeyService(KeyServiceError::QuotaExceeded(_))) => {
+                refused_by_quota = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let audit = std::fs::read_to_string(&args.keyd_audit)?;
+    let new_lines: Vec<&str> = audit.lines().skip(audit_before).collect();
+    let named = revealed
+        .iter()
+        .filter(|id| {
+            new_lines.iter().any(|l| {
+                l.contains("reveal")
+                    && l.contains("\"ok\"")
+                    && l.contains(&format!("\"{id}\""))
+                    && l.contains("attacker")
+            })
+        })
+        .count();
+    let pan_in_audit = truth.iter().filter(|p| audit.contains(*p)).count();
+    println!(
+        "  [C1] reveal every row: {} PANs revealed, then {}",
+        revealed.len(),
+        if refused_by_quota {
+            "the record quota refused"
+        } else {
+            "no refusal (NO QUOTA)"
         }
     );
-    if opened_by_attacker {
-        recovered.insert(pans[samples[0].0 as usize].clone());
-    }
-    let total = recovered.len() + key_hits as usize + unwrapped;
-    println!("attacker recovered {} PANs", recovered.len());
+    println!(
+        "  [C2] keyd audit names {named} of {} revealed records (principal, on-behalf-of, \
+         purpose, context); PANs in keyd's audit log: {pan_in_audit}",
+        revealed.len()
+    );
+    println!(
+        "  attacker C recovered {} PANs (its record quota per window)",
+        revealed.len()
+    );
+    ok &= refused_by_quota && named == revealed.len() && pan_in_audit == 0;
 
-    // ---- the right credential opens everything ------------------------
-    let back_office = Panseal::builder()
-        .key_service(key_service.restricted(Permissions::application()))
-        .key_store(store.clone())
-        .audit(MemoryAuditSink::new())
-        .environment("prod")
-        .scope("merchant-1")
+    // ========== D. a database writer who edits key records ===============
+    println!("D. a database writer who edits key records");
+    let bulk = ClientConfig::from_file(&args.bulk)?.builder()?.build().await?;
+    let settle = Access::new("settlement-job", "settlement")?;
+    let victim = store
+        .fetch(rows[0].sealed.key_id())
+        .await?
+        .ok_or("the DEK record of row 0")?;
+    let original: Vec<u8> = victim.to_bytes();
+    let mut edits: Vec<(&str, WrappedDek)> = Vec::new();
+    {
+        let mut e = victim.clone();
+        e.encrypt_until += 10 * 365 * 86_400;
+        e.decrypt_until += 10 * 365 * 86_400;
+        edits.push(("extend encrypt/decrypt period", e));
+        let mut e = victim.clone();
+        e.uses = 0;
+        edits.push(("reset use count", e));
+        let mut e = victim.clone();
+        e.max_uses = u64::MAX;
+        edits.push(("raise use budget", e));
+        let mut e = victim.clone();
+        e.version = 7;
+        edits.push(("relabel version", e));
+        let mut e = victim.clone();
+        e.purpose = KeyPurpose::Index;
+        edits.push(("relabel purpose", e));
+    }
+    let mut detected = 0;
+    let total_edits = edits.len() + 2;
+    for (what, edited) in &edits {
+        write_record(&db, edited).await?;
+        // What the next reader gets from the store: the service's verdict
+        // on it, and whether a fresh settlement process still opens.
+        let read_back = store.fetch(victim.id).await?.ok_or("edited record")?;
+        let refused = fe_ks.verify_record(&read_back).await.is_err();
+        let caught = refused && bulk_cannot_use(&args.bulk, &rows[0], &settle).await;
+        println!(
+            "  [D] {what}: {}",
+            if caught { "detected" } else { "ACCEPTED" }
+        );
+        detected += usize::from(caught);
+        db.execute(
+            "UPDATE panseal_keys SET record = $2 WHERE id = $1",
+            &[&victim.id.as_bytes().as_slice(), &original],
+        )
+        .await?;
+    }
+    // Reactivation and rollback: a custodian marks the front end's active
+    // DEK compromised; the writer puts the earlier (validly signed) active
+    // row back, and the front end keeps sealing.
+    let cust_ps = ClientConfig::from_file(&args.custodian)?
+        .builder()?
         .build()
         .await?;
-    let access = Access::new("back-office", "settlement")?;
-    let rows = db
-        .query("SELECT id, pan_sealed FROM cards ORDER BY id", &[])
+    let probe = front_end
+        .seal_pan(&Pan::parse(&pans[2])?, &ctx(1_000_000))
         .await?;
+    let active_id = probe.key_id();
+    front_end.report_usage().await?;
+    let before_compromise = store.fetch(active_id).await?.ok_or("active DEK record")?;
+    cust_ps
+        .set_key_state(active_id, KeyState::Compromised)
+        .await?;
+    let compromised = store.fetch(active_id).await?.ok_or("active DEK record")?;
+    let mut reactivated = compromised.clone();
+    reactivated.state = KeyState::Active;
+    for (what, row) in [
+        ("reactivate a compromised DEK", &reactivated),
+        ("roll back to the earlier signed row", &before_compromise),
+    ] {
+        write_record(&db, row).await?;
+        let verdict = fe_ks.verify_record(row).await;
+        // The front end re-checks its active DEK at least every recheck
+        // interval (the drill's configuration sets it short).
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let mut under_compromised = 0;
+        for i in 0..50 {
+            let s = front_end
+                .seal_pan(&Pan::parse(&pans[3])?, &ctx(2_000_000 + i))
+                .await;
+            if s.is_ok_and(|s| s.key_id() == active_id) {
+                under_compromised += 1;
+            }
+        }
+        let caught = verdict.is_err() && under_compromised == 0;
+        println!(
+            "  [D] {what}: {} ({under_compromised} of 50 new seals under the compromised DEK)",
+            if caught { "detected" } else { "ACCEPTED" }
+        );
+        detected += usize::from(caught);
+        write_record(&db, &compromised).await?;
+    }
+    println!("  attacker D: {detected} of {total_edits} edits detected");
+    ok &= detected == total_edits;
+
+    // ================ the right credential opens everything ================
     let mut opened = 0;
-    for r in &rows {
-        let id: i64 = r.get(0);
-        let sealed = SealedPan::from_text(r.get::<_, &str>(1))?;
-        let ctx = Context::new("cards", "pan_sealed", id.to_string())?;
-        let pan = back_office.open_pan(&sealed, &ctx, &access).await?.pan;
-        if pan.expose_digits() == pans[id as usize] {
+    for row in &rows {
+        let pan = bulk.open_pan(&row.sealed, &ctx(row.id), &settle).await?.pan;
+        if pan.expose_digits() == pans[row.id as usize] {
             opened += 1;
         }
     }
     println!(
-        "back office with the decrypt credential opened {opened} of {} cards",
+        "settlement with the unwrap credential opened {opened} of {} cards",
         rows.len()
     );
-    if opened != rows.len() {
-        return Err("the right credential failed to open every card".into());
+    ok &= opened == rows.len();
+    Ok(ok)
+}
+
+/// How many index keys the front end holds in the clear (0 since the keyed
+/// hash moved into the key service).
+fn front_end_index_keys(front_end: &Panseal) -> usize {
+    #[cfg(feature = "hazmat-test-keys")]
+    {
+        front_end.held_keys_for_test().1
     }
-    Ok(total)
+    #[cfg(not(feature = "hazmat-test-keys"))]
+    {
+        let _ = front_end;
+        0
+    }
+}
+
+/// The database writer's edit: the record blob and the state column.
+async fn write_record(
+    db: &deadpool_postgres::Object,
+    r: &WrappedDek,
+) -> Result<(), Box<dyn std::error::Error>> {
+    db.execute(
+        "UPDATE panseal_keys SET record = $2, state = $3 WHERE id = $1",
+        &[
+            &r.id.as_bytes().as_slice(),
+            &r.to_bytes(),
+            &i16::from(r.state as u8),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Whether a fresh settlement process (empty key cache) refuses to open
+/// `row` after its DEK's record was edited: it must never use an edited
+/// record.
+async fn bulk_cannot_use(bulk_config: &std::path::Path, row: &Row, access: &Access) -> bool {
+    let Ok(cfg) = ClientConfig::from_file(bulk_config) else {
+        return false;
+    };
+    let Ok(builder) = cfg.builder() else {
+        return false;
+    };
+    let Ok(fresh) = builder.build().await else {
+        return false;
+    };
+    fresh.open_pan(&row.sealed, &ctx(row.id), access).await.is_err()
 }
 
 /// Whether `key` (as a key of cipher `C`) opens any sample ciphertext.
-fn try_key<C>(key: &[u8], samples: &[(i64, SealedPan, String)]) -> bool
+fn try_key<C>(key: &[u8], samples: &[Row]) -> bool
 where
     C: KeyInit
         + AeadInPlace<NonceSize = aes_gcm::aead::consts::U12, TagSize = aes_gcm::aead::consts::U16>,
@@ -349,14 +665,10 @@ where
     let Ok(cipher) = C::new_from_slice(key) else {
         return false;
     };
-    samples.iter().any(|(id, s, _)| {
-        let b = s.as_bytes();
+    samples.iter().any(|row| {
+        let b = row.sealed.as_bytes();
         let mut aad = b[..10].to_vec();
-        aad.extend_from_slice(
-            Context::new("cards", "pan_sealed", id.to_string())
-                .expect("ctx")
-                .encoded(),
-        );
+        aad.extend_from_slice(ctx(row.id).encoded());
         let mut buf = b[22..32].to_vec();
         cipher
             .decrypt_in_place_detached(

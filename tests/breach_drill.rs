@@ -1,49 +1,127 @@
-//! The breach drill against a real PostgreSQL: with a dump of every table,
-//! the configuration and the wrap-only credential, the attacker recovers
-//! nothing; the decrypt credential opens every card.
-#![cfg(feature = "postgres")]
+//! The breach drill against a real PostgreSQL and a real `panseal-keyd`:
+//! each attacker of DESIGN.md's table, with the numbers it got.
+//!
+//! * A — the dump alone: 0 PANs;
+//! * B — the dump + the front end's credential (wrap + index), every oracle
+//!   included: 0 PANs within the window; keyd's index quota stops the
+//!   blind-index brute force after `INDEX_QUOTA` HMACs, against ~10^5
+//!   candidates one PAN needs;
+//! * C — the dump + a stolen reveal credential: exactly `REVEAL_QUOTA` PANs,
+//!   each named in keyd's audit;
+//! * D — a database writer editing key records: every edit detected, no
+//!   seal under a compromised DEK.
+#![cfg(all(feature = "postgres", feature = "keyd", feature = "hazmat-test-keys"))]
 
 mod common;
+mod keyd_harness;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::pg::PgServer;
 
-#[test]
-fn breach_drill_recovers_nothing() {
+/// Distinct records the stolen reveal credential may open per window.
+const REVEAL_QUOTA: u64 = 25;
+/// HMACs the front end may ask for per window.
+const INDEX_QUOTA: u64 = 3_000;
+
+fn client_config(
+    k: &keyd_harness::Keyd,
+    principal: &str,
+    url: &str,
+    audit: Option<&Path>,
+) -> PathBuf {
+    let certs = k.path("certs");
+    let p = k.path(&format!("{principal}.json"));
+    let audit = audit
+        .map(|a| format!(r#","audit":{{"type":"jsonl","path":"{}"}}"#, a.display()))
+        .unwrap_or_default();
+    std::fs::write(
+        &p,
+        format!(
+            r#"{{"environment":"test","scope":"merchant-1",
+                "key_service":{{"type":"keyd","address":"{}","server_name":"localhost",
+                  "ca_file":"{}","client_cert_file":"{}","client_key_file":"{}"}},
+                "key_store":{{"type":"postgres","url":"{url}"}}{audit},
+                "policy":{{"recheck_interval_secs":1}}}}"#,
+            k.addr,
+            certs.join("ca.pem").display(),
+            certs.join(format!("{principal}.pem")).display(),
+            certs.join(format!("{principal}.key.pem")).display(),
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attacker_recovers_what_the_design_allows_and_no_more() {
     let pg = PgServer::start();
     let url = pg.create_db("drill");
+    let k = keyd_harness::Keyd::ready_with_quotas(REVEAL_QUOTA, INDEX_QUOTA).await;
+    let audit = k.dir.path().join("app-audit.jsonl");
+    let fe = client_config(&k, "frontend", &url, None);
+    let refunds = client_config(&k, "refunds", &url, Some(&audit));
+    let settle = client_config(&k, "settlement", &url, Some(&audit));
+    let root = client_config(&k, "root", &url, Some(&audit));
     let drill = common::example_binary("breach_drill");
     let pg_dump = common::pg::pg_bin().join("pg_dump");
     let out = Command::new(&drill)
-        .args([
-            "--pg-url",
-            &url,
-            "--cards",
-            "300",
-            "--brute-force-rows",
-            "2",
-        ])
+        .args(["--pg-url", &url, "--cards", "300", "--oracle-seconds", "30"])
         .arg("--pg-dump")
         .arg(&pg_dump)
+        .arg("--front-end")
+        .arg(&fe)
+        .arg("--reveal")
+        .arg(&refunds)
+        .arg("--bulk")
+        .arg(&settle)
+        .arg("--custodian")
+        .arg(&root)
+        .arg("--keyd-audit")
+        .arg(k.path("data/audit.log"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("attacker recovered 0 PANs"), "{stdout}");
+    // A: the dump alone.
+    assert!(stdout.contains("[A1] PANs in the clear in the dump: 0"), "{stdout}");
+    assert!(stdout.contains(": 0 opened a ciphertext"), "{stdout}");
+    assert!(stdout.contains("tried as HMAC key: 0 matches"), "{stdout}");
+    assert!(stdout.contains("attacker A recovered 0 PANs"), "{stdout}");
+    // B: the front end's credential, every oracle.
+    assert!(stdout.contains("[B1] unwrap every DEK: 0 of"), "{stdout}");
+    assert!(stdout.contains("[B2] reveal 20 records: 0 revealed"), "{stdout}");
     assert!(
-        stdout.contains("[1] PANs in the clear in the dump: 0"),
+        stdout.contains(&format!(
+            "keyd granted {INDEX_QUOTA} HMACs this window (then the index quota refused)"
+        )),
         "{stdout}"
     );
-    assert!(stdout.contains(": 0 opened a ciphertext"), "{stdout}");
-    assert!(stdout.contains(": 0 matches"), "{stdout}");
-    assert!(stdout.contains("wrap-only credential: 0 of"), "{stdout}");
+    assert!(stdout.contains("PANs recovered: 0"), "{stdout}");
+    assert!(stdout.contains("through keyd refused"), "{stdout}");
+    assert!(stdout.contains("changed the index values: no"), "{stdout}");
+    assert!(stdout.contains("[B5] index keys in the front end's memory: 0"), "{stdout}");
+    assert!(stdout.contains("attacker B recovered 0 PANs"), "{stdout}");
+    // C: a stolen reveal credential gets exactly its quota, each audited.
+    assert!(
+        stdout.contains(&format!(
+            "[C1] reveal every row: {REVEAL_QUOTA} PANs revealed, then the record quota refused"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "keyd audit names {REVEAL_QUOTA} of {REVEAL_QUOTA} revealed records"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("PANs in keyd's audit log: 0"), "{stdout}");
+    // D: every key-record edit detected; no seal under a compromised DEK.
+    assert!(!stdout.contains("ACCEPTED"), "{stdout}");
+    assert!(stdout.contains("attacker D: 7 of 7 edits detected"), "{stdout}");
+    assert!(stdout.contains("0 of 50 new seals under the compromised DEK"), "{stdout}");
     assert!(stdout.contains("opened 300 of 300 cards"), "{stdout}");
-    // The dump really holds what the attacker needs to try: wrapped keys
-    // and ciphertexts.
-    let dump = pg.dump("drill");
-    let text = String::from_utf8_lossy(&dump);
-    assert!(text.contains("panseal_keys"));
-    assert!(text.contains("P1"));
 }
