@@ -611,6 +611,7 @@ impl Panseal {
     /// [`KeyError::UnknownKey`], [`KeyError::RecordTampered`],
     /// [`KeyError::RecordStale`], [`KeyError::Untagged`], key-service and
     /// key-store errors.
+    #[allow(dead_code)] // for the reveal path (the record sent to the key service)
     pub(crate) async fn fetch_verified(&self, id: KeyId) -> Result<WrappedDek, Error> {
         let record = self
             .shared
@@ -1041,8 +1042,21 @@ impl Panseal {
         purpose: KeyPurpose,
         access: &Access,
     ) -> Result<Arc<CachedDek>, Error> {
-        let record = self.fetch_verified(id).await?;
+        let record = self
+            .shared
+            .key_store
+            .fetch(id)
+            .await?
+            .ok_or(KeyError::UnknownKey(id))?;
+        // Environment, scope and purpose first (a record of another
+        // environment carries another service's tag), then the signature.
         self.check_record(&record, purpose)?;
+        verify(
+            self.shared.key_service.as_ref(),
+            &record,
+            self.shared.policy.require_signed_records,
+        )
+        .await?;
         let unwrapped = self
             .shared
             .key_service

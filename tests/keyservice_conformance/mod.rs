@@ -441,12 +441,8 @@ pub async fn end_to_end(ks: Arc<dyn KeyService>, environment: &str) {
     // fresh instance and new DEKs are wrapped under the new version.
     let rotated = ks.rotate_kek().await.unwrap();
     for r in store.list(None).await.unwrap() {
-        let new = ks.rewrap(&r.key_request(), &r.wrapped).await.unwrap();
-        assert_eq!(new.kek.version, rotated.version);
-        store
-            .replace_wrap(r.id, &r.wrapped.kek, &new)
-            .await
-            .unwrap();
+        let new = panseal::rewrap_record(ks, &store, r.id).await.unwrap();
+        assert_eq!(new.wrapped.kek.version, rotated.version);
     }
     let fresh = panseal(ks.clone(), &store, &audit, environment, Policy::default())
         .await
