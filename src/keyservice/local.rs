@@ -770,6 +770,15 @@ impl KeyService for LocalKeyService {
     }
 
     async fn verify_record(&self, record: &WrappedDek) -> Result<(), KeyServiceError> {
+        if record.tag.is_none() {
+            // An unsigned (version-1) record for a key this service has
+            // signed a record of is a downgrade: the tag was stripped.
+            let records = self.inner.records.lock().unwrap_or_else(|p| p.into_inner());
+            if records.newest.contains_key(&record.id) {
+                return Err(KeyServiceError::RecordStale(record.id.to_string()));
+            }
+            return Err(KeyServiceError::RecordTampered(record.id.to_string()));
+        }
         self.tag_ok(record)?;
         let mut records = self.inner.records.lock().unwrap_or_else(|p| p.into_inner());
         let newest = records.newest.entry(record.id).or_insert(record.sequence);

@@ -130,10 +130,15 @@ pub(crate) async fn verify(
     require_tag: bool,
 ) -> Result<(), Error> {
     if record.tag.is_none() {
-        return if require_tag {
-            Err(KeyError::Untagged(record.id).into())
-        } else {
-            Ok(())
+        if require_tag {
+            return Err(KeyError::Untagged(record.id).into());
+        }
+        // A service that remembers signing this id calls an unsigned
+        // record of it stale (a stripped tag: a downgrade); any other
+        // answer leaves a genuine version-1 record usable for opening.
+        return match key_service.verify_record(record).await {
+            Err(KeyServiceError::RecordStale(_)) => Err(KeyError::RecordStale(record.id).into()),
+            _ => Ok(()),
         };
     }
     match key_service.verify_record(record).await {

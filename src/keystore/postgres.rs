@@ -330,6 +330,7 @@ impl PostgresKeyStore {
         Ok(Inventory {
             columns: registered,
             keys,
+            index_references: index_refs,
         })
     }
 }
@@ -368,8 +369,13 @@ pub enum RegisteredColumn {
 pub struct Inventory {
     /// The registered columns that were counted.
     pub columns: Vec<String>,
-    /// Every key record.
+    /// Every key record (DEKs, and legacy in-database index keys).
     pub keys: Vec<InventoryEntry>,
+    /// Stored blind-index values per index-key version, over the
+    /// registered index columns. Index keys live in the key service (its
+    /// `index_keys` lists them), not in the key store; a version whose
+    /// count reaches zero after the re-index job can be destroyed there.
+    pub index_references: BTreeMap<u32, u64>,
 }
 
 /// One key in the inventory. No key material.
