@@ -1048,15 +1048,19 @@ impl Panseal {
             .fetch(id)
             .await?
             .ok_or(KeyError::UnknownKey(id))?;
-        // Environment, scope and purpose first (a record of another
-        // environment carries another service's tag), then the signature.
-        self.check_record(&record, purpose)?;
+        // The environment first (a record of another environment carries
+        // another service's tag), then the signature, then the fields it
+        // covers.
+        if record.environment != self.shared.environment {
+            self.check_record(&record, purpose)?;
+        }
         verify(
             self.shared.key_service.as_ref(),
             &record,
             self.shared.policy.require_signed_records,
         )
         .await?;
+        self.check_record(&record, purpose)?;
         let unwrapped = self
             .shared
             .key_service

@@ -765,7 +765,13 @@ impl KeyService for LocalKeyService {
                 records.pending.remove(&record.id);
             }
         }
-        records.newest.insert(record.id, record.sequence);
+        // Remember the record it replaces, not the new one: a successor
+        // that never reaches the store (a killed writer, a lost swap) must
+        // not make the stored record look rolled back. Verifying the new
+        // record after it is written moves this forward.
+        let seen = previous.map(|p| p.sequence).unwrap_or(0);
+        let newest = records.newest.entry(record.id).or_insert(seen);
+        *newest = (*newest).max(seen);
         Ok(record_tag(&self.inner.record_key, record))
     }
 

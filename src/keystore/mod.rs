@@ -277,9 +277,11 @@ pub async fn rewrap_record(
         let wrapped = key_service
             .rewrap(&stored.key_request(), &stored.wrapped)
             .await?;
-        let expected = stored.clone();
+        let expected = stored.wrapped.clone();
         let result = change_record(key_service, store, id, false, |current| {
-            if current.to_bytes() != expected.to_bytes() {
+            // Other changes (a use-count report) may land meanwhile; only
+            // a change of the wrap itself makes this rewrap obsolete.
+            if current.wrapped != expected {
                 return Err(KeyStoreError::Conflict.into());
             }
             let mut next = current.clone();
