@@ -800,3 +800,48 @@ fn builder_refuses_incomplete_or_out_of_range_configuration() {
     let e = futures_lite(f.builder("test", "bad scope").build()).unwrap_err();
     assert!(matches!(e, Error::Config(ConfigError::Name(_))));
 }
+
+/// Issue 10, item 1: the index key stays in the key service. A process that
+/// computes blind indexes holds no index key, a batch is one request, and
+/// rotation keeps values under the old version findable.
+#[test]
+fn blind_index_keys_stay_in_the_key_service() {
+    let f = Fixture::new("test");
+    let ps = f.blocking(Policy::default());
+    let pans: Vec<Pan> = (0..50)
+        .map(|i| Pan::parse(&common::luhn_pan("411111", 16, i)).unwrap())
+        .collect();
+    let singles: Vec<_> = pans.iter().map(|p| ps.blind_index(p).unwrap()).collect();
+    let batch = ps.blind_index_batch(&pans).unwrap();
+    assert_eq!(batch, singles);
+    // No index key in this process: only version numbers are cached.
+    let (held, _) = ps.as_async().held_keys_for_test();
+    let data_keys: Vec<_> = f
+        .store_records()
+        .iter()
+        .filter(|r| r.purpose == panseal::KeyPurpose::Data)
+        .map(|r| r.id)
+        .collect();
+    let index_keys_held = held.iter().filter(|id| !data_keys.contains(id)).count();
+    assert_eq!(index_keys_held, 0, "index keys in memory");
+    // ...and none in the key store either.
+    let in_store = f
+        .store_records()
+        .iter()
+        .filter(|r| r.purpose == panseal::KeyPurpose::Index)
+        .count();
+    assert_eq!(in_store, 0);
+    // Rotation: new values under v2; the old ones are still found.
+    assert_eq!(ps.rotate_index_key().unwrap(), 2);
+    let all = ps.blind_indexes_batch(&pans).unwrap();
+    let mut found_old = 0;
+    for (old, now) in singles.iter().zip(&all) {
+        assert_eq!(now.len(), 2);
+        assert_eq!(now[0].version(), 2);
+        if now.contains(old) {
+            found_old += 1;
+        }
+    }
+    assert_eq!(found_old, 50);
+    assert_eq!(ps.blind_index(&pans[0]).unwrap(), all[0][0]);
+}
