@@ -1324,7 +1324,7 @@ impl Panseal {
             infos = ks.index_keys(&self.scope.scope).await?;
         }
         let live = order_index_versions(infos);
-        if live.first().is_none() {
+        if live.is_empty() {
             return Err(KeyError::NoIndexKey(self.scope.scope.to_string()).into());
         }
         *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = Some(IndexKeys {
