@@ -5,7 +5,12 @@
 //! ```text
 //! cargo run --features postgres --example inventory -- --config panseal.json \
 //!     [--register sealed-text:cards.pan] [--register index:cards.pan_index:pan_index_version] [--json]
+//!     [--upgrade-records]
 //! ```
+//!
+//! `--upgrade-records` (a custodian's configuration) first has the key
+//! service sign every version-1 (unsigned) key record as it stands, the
+//! documented upgrade step to record version 2 (`FORMAT.md` §9.1).
 
 #[path = "common/tool.rs"]
 #[allow(dead_code)]
@@ -29,6 +34,10 @@ struct Args {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Sign every version-1 key record first (needs a custodian
+    /// credential in the configuration's key service).
+    #[arg(long)]
+    upgrade_records: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -66,7 +75,12 @@ fn parse_register(s: &str) -> Result<RegisteredColumn, Box<dyn std::error::Error
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let (_, store) = tool::load(&args.config)?;
+    let (config, store) = tool::load(&args.config)?;
+    if args.upgrade_records {
+        let panseal = config.builder()?.build().await?;
+        let n = panseal.upgrade_records().await?;
+        eprintln!("signed {n} version-1 key record(s); records are now version 2");
+    }
     for r in &args.register {
         store.register_column(parse_register(r)?).await?;
     }

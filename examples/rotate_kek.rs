@@ -125,11 +125,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             skipped += 1;
             continue;
         }
-        let new = rewrapper.rewrap(&r.key_request(), &r.wrapped).await?;
-        match store.replace_wrap(r.id, &r.wrapped.kek, &new).await {
-            Ok(()) => rewrapped += 1,
+        // Read, verify, rewrap inside keyd, sign the successor, swap.
+        match panseal::rewrap_record(&rewrapper, &store, r.id).await {
+            Ok(new) if new.wrapped.kek.version == target => rewrapped += 1,
             // Changed meanwhile (rewrapped by another run, or destroyed).
-            Err(KeyStoreError::Conflict) => skipped += 1,
+            Ok(_) | Err(panseal::Error::KeyStore(KeyStoreError::Conflict)) => skipped += 1,
             Err(e) => return Err(e.into()),
         }
     }

@@ -17,8 +17,10 @@ use crate::keys::{
     unix_now, CachedDek, DekCache, Environment, KeyId, KeyPurpose, KeyRequest, KeyState, Policy,
     Scope, WrappedDek, DEK_STRENGTH_BITS,
 };
+use crate::keyservice::IndexKeyInfo;
 use crate::keyservice::KeyService;
 use crate::keystore::KeyStore;
+use crate::keystore::{change_record, verify};
 use crate::pan::Pan;
 use crate::seal;
 
@@ -381,9 +383,10 @@ impl ActiveDek {
     }
 }
 
-/// The scope's live index keys, newest first.
+/// The scope's live index-key versions as the key service listed them,
+/// active first then newest first. No key: the keys stay in the service.
 struct IndexKeys {
-    live: Vec<(u32, Arc<CachedDek>)>,
+    live: Vec<u32>,
     loaded: Instant,
 }
 
@@ -438,8 +441,9 @@ impl Panseal {
 
     /// Test introspection (`hazmat-test-keys`, not part of the API): the
     /// ids of every unwrapped key this process holds for this handle's
-    /// instance (cache entries, every scope's active DEK and index keys),
-    /// and how many cache entries are past their TTL.
+    /// instance (cache entries and every scope's active DEK; index keys
+    /// are never here: they stay in the key service), and how many cache
+    /// entries are past their TTL.
     #[cfg(feature = "hazmat-test-keys")]
     #[doc(hidden)]
     pub fn held_keys_for_test(&self) -> (Vec<KeyId>, usize) {
@@ -449,8 +453,6 @@ impl Panseal {
             if let Some(active) = scope.active.load_full() {
                 ids.push(active.entry.id);
             }
-            let index = scope.index.read().unwrap_or_else(|p| p.into_inner());
-            ids.extend(index.iter().flat_map(|k| k.live.iter().map(|(_, e)| e.id)));
         }
         ids.sort_unstable();
         ids.dedup();
@@ -538,32 +540,109 @@ impl Panseal {
     }
 
     /// With `rotate_lock` held: reports use counts, re-reads the active DEK's
-    /// state, and either renews its deadline or retires it and makes a new
-    /// one.
+    /// record (verified by the key service), and either renews its deadline
+    /// or retires it and makes a new one. A record that fails verification
+    /// (edited or rolled back in the store) is audited and abandoned: this
+    /// instance never seals with it again and makes a fresh DEK.
     async fn refresh_active(&self) -> Result<(), Error> {
         if let Some(active) = self.own_active() {
             let entry = Arc::clone(&active.entry);
-            let used = self.report(&active).await?;
-            let max_uses = active.max_uses;
-            let record = self
-                .shared
-                .key_store
-                .fetch(entry.id)
-                .await?
-                .ok_or(KeyError::UnknownKey(entry.id))?;
-            let now = unix_now();
-            entry.set_state(record.state);
-            if record.state == KeyState::Active && now < record.encrypt_until && used < max_uses {
-                active
-                    .deadline
-                    .store(self.deadline_for(record.encrypt_until), Ordering::Relaxed);
-                return Ok(());
-            }
-            if record.state == KeyState::Active {
-                self.retire(entry.id).await;
+            match self.report(&active).await {
+                Ok((used, record)) => {
+                    let max_uses = active.max_uses;
+                    let now = unix_now();
+                    entry.set_state(record.state);
+                    if record.state == KeyState::Active
+                        && now < record.encrypt_until
+                        && used < max_uses
+                    {
+                        active
+                            .deadline
+                            .store(self.deadline_for(record.encrypt_until), Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    if record.state == KeyState::Active {
+                        self.retire(entry.id).await;
+                    }
+                }
+                Err(e) if is_record_refusal(&e) => self.abandon(&active, &e),
+                Err(e) => return Err(e),
             }
         }
         self.create_active().await
+    }
+
+    /// Stops using this instance's active DEK whose record failed
+    /// verification: no more seals, its cache entry wiped (opens under it
+    /// re-read the record and are refused), one audit event.
+    fn abandon(&self, active: &Arc<ActiveDek>, why: &Error) {
+        let id = active.entry.id;
+        self.scope
+            .active
+            .compare_and_swap(&Some(Arc::clone(active)), None::<Arc<ActiveDek>>);
+        self.shared.cache.remove(id);
+        tracing::error!(key_id = %id, error = %why, "key record failed verification; DEK abandoned");
+        if let Some(sink) = self.shared.audit.as_deref() {
+            let emitter = Emitter {
+                sink,
+                scope: &self.scope.scope,
+            };
+            let access = Access::system("key-lifecycle");
+            if let Err(e) = emitter.emit(
+                SystemTime::now(),
+                Operation::KeyStateChanged,
+                Err(failure_kind(why)),
+                &access,
+                Some(id),
+                None,
+            ) {
+                tracing::warn!(key_id = %id, error = %e, "audit sink refused a lifecycle event");
+            }
+        }
+    }
+
+    /// Reads record `id` from the key store and has the key service verify
+    /// it ([`KeyService::verify_record`]); version-1 records pass unless
+    /// the policy requires signed records. For every read of a record that
+    /// is then used (opening, the active DEK's re-check, reveal).
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::UnknownKey`], [`KeyError::RecordTampered`],
+    /// [`KeyError::RecordStale`], [`KeyError::Untagged`], key-service and
+    /// key-store errors.
+    #[allow(dead_code)] // for the reveal path (the record sent to the key service)
+    pub(crate) async fn fetch_verified(&self, id: KeyId) -> Result<WrappedDek, Error> {
+        let record = self
+            .shared
+            .key_store
+            .fetch(id)
+            .await?
+            .ok_or(KeyError::UnknownKey(id))?;
+        verify(
+            self.shared.key_service.as_ref(),
+            &record,
+            self.shared.policy.require_signed_records,
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// Changes record `id` through the key service's signature and a
+    /// compare-and-swap (see [`change_record`]).
+    async fn change(
+        &self,
+        id: KeyId,
+        change: impl FnMut(&WrappedDek) -> Result<Option<WrappedDek>, Error> + Send,
+    ) -> Result<WrappedDek, Error> {
+        change_record(
+            self.shared.key_service.as_ref(),
+            self.shared.key_store.as_ref(),
+            id,
+            self.shared.policy.require_signed_records,
+            change,
+        )
+        .await
     }
 
     fn deadline_for(&self, encrypt_until: u64) -> u64 {
@@ -574,12 +653,7 @@ impl Panseal {
     }
 
     async fn retire(&self, id: KeyId) {
-        match self
-            .shared
-            .key_store
-            .set_state(id, KeyState::DecryptOnly)
-            .await
-        {
+        match self.change(id, to_state(KeyState::DecryptOnly)).await {
             Ok(_) => {
                 if let Some(entry) = self.shared.cache.peek(id) {
                     entry.set_state(KeyState::DecryptOnly);
@@ -604,17 +678,13 @@ impl Panseal {
         }
     }
 
-    /// Creates, wraps and stores a fresh key of `purpose`; for index keys
-    /// `fixed` gives the deterministic id and version.
-    async fn create_key(
-        &self,
-        purpose: KeyPurpose,
-        fixed: Option<(KeyId, u32)>,
-    ) -> Result<(WrappedDek, Arc<CachedDek>), Error> {
+    /// Creates, wraps, signs ([`KeyService::authenticate_record`]) and
+    /// stores a fresh DEK.
+    async fn create_key(&self) -> Result<(WrappedDek, Arc<CachedDek>), Error> {
         let policy = &self.shared.policy;
-        let attempts = if fixed.is_some() { 1 } else { ID_ATTEMPTS };
-        for _ in 0..attempts {
-            let (id, version) = fixed.unwrap_or_else(|| (KeyId::random(), 0));
+        let purpose = KeyPurpose::Data;
+        for _ in 0..ID_ATTEMPTS {
+            let id = KeyId::random();
             let request = KeyRequest {
                 id,
                 scope: self.scope.scope.clone(),
@@ -625,10 +695,10 @@ impl Panseal {
             let now = unix_now();
             let encrypt_until = now.saturating_add(policy.encrypt_period.as_secs());
             let decrypt_until = encrypt_until.saturating_add(policy.decrypt_period.as_secs());
-            let record = WrappedDek {
+            let mut record = WrappedDek {
                 id,
                 purpose,
-                version,
+                version: 0,
                 scope: self.scope.scope.clone(),
                 environment: self.shared.environment.clone(),
                 state: KeyState::Active,
@@ -636,15 +706,18 @@ impl Panseal {
                 created_at: now,
                 encrypt_until,
                 decrypt_until,
-                max_uses: if purpose == KeyPurpose::Data {
-                    policy.max_uses
-                } else {
-                    u64::MAX
-                },
+                max_uses: policy.max_uses,
                 uses: 0,
                 sequence: 0,
                 tag: None,
             };
+            record.tag = crate::keystore::sign(
+                self.shared.key_service.as_ref(),
+                None,
+                &record,
+                policy.require_signed_records,
+            )
+            .await?;
             match self.shared.key_store.insert(&record).await {
                 Ok(()) => {
                     let entry = Arc::new(CachedDek::new(
@@ -667,7 +740,7 @@ impl Panseal {
     }
 
     async fn create_active(&self) -> Result<(), Error> {
-        let (record, entry) = self.create_key(KeyPurpose::Data, None).await?;
+        let (record, entry) = self.create_key().await?;
         // A front end that cannot open (no audit sink) keeps only its
         // active DEK; an instance that also opens caches it for its own
         // reads.
@@ -702,18 +775,30 @@ impl Panseal {
             return Ok(None);
         };
         if let Err(e) = self.report(&active).await {
+            if is_record_refusal(&e) {
+                self.abandon(&active, &e);
+                return Err(e);
+            }
             // Keep it active rather than lose its count.
             self.scope.active.store(Some(active));
             return Err(e);
         }
-        let record = self
-            .shared
-            .key_store
-            .set_state(active.entry.id, KeyState::DecryptOnly)
+        let retired = self
+            .change(active.entry.id, |r| {
+                // Already retired (or further) by a custodian: nothing to do.
+                Ok((r.state == KeyState::Active).then(|| {
+                    let mut next = r.clone();
+                    next.state = KeyState::DecryptOnly;
+                    next
+                }))
+            })
             .await;
-        match record {
-            Ok(_) | Err(KeyStoreError::Transition { .. }) => {}
-            Err(e) => return Err(e.into()),
+        if let Err(e) = retired {
+            if is_record_refusal(&e) {
+                self.abandon(&active, &e);
+                return Ok(Some(active.entry.id));
+            }
+            return Err(e);
         }
         active.entry.set_state(KeyState::DecryptOnly);
         self.lifecycle_event(Operation::KeyStateChanged, active.entry.id);
@@ -729,23 +814,35 @@ impl Panseal {
     pub async fn report_usage(&self) -> Result<(), Error> {
         let _guard = self.scope.rotate_lock.lock().await;
         if let Some(active) = self.own_active() {
-            self.report(&active).await?;
+            if let Err(e) = self.report(&active).await {
+                if is_record_refusal(&e) {
+                    self.abandon(&active, &e);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Adds the uses not yet reported to the store; returns the uses so far.
-    async fn report(&self, active: &ActiveDek) -> Result<u64, Error> {
+    /// Adds the uses not yet reported to the store's record (a signed
+    /// successor, written by compare-and-swap: a lost swap re-reads and
+    /// adds again, so no count is lost); returns the uses so far and the
+    /// verified record as stored.
+    async fn report(&self, active: &ActiveDek) -> Result<(u64, WrappedDek), Error> {
         let used = active.used();
         let reported = active.reported.load(Ordering::Relaxed);
-        if used > reported {
-            self.shared
-                .key_store
-                .add_uses(active.entry.id, used - reported)
-                .await?;
-            active.reported.store(used, Ordering::Relaxed);
-        }
-        Ok(used)
+        let delta = used.saturating_sub(reported);
+        let record = self
+            .change(active.entry.id, |r| {
+                Ok((delta > 0).then(|| {
+                    let mut next = r.clone();
+                    next.uses = r.uses.saturating_add(delta);
+                    next
+                }))
+            })
+            .await?;
+        active.reported.store(used.max(reported), Ordering::Relaxed);
+        Ok((used, record))
     }
 
     /// Moves a key to a new lifecycle state in the key store and in this
@@ -774,15 +871,13 @@ impl Panseal {
         state: KeyState,
         access: &Access,
     ) -> Result<(), Error> {
-        self.shared.key_store.set_state(id, state).await?;
+        self.change(id, to_state(state)).await?;
         if let Some(entry) = self.shared.cache.peek(id) {
             entry.set_state(state);
         }
         if state == KeyState::Destroyed {
             self.shared.cache.remove(id);
         }
-        // Index keys are re-read at next use.
-        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
         if let Some(sink) = self.shared.audit.as_deref() {
             let emitter = Emitter {
                 sink,
@@ -953,6 +1048,18 @@ impl Panseal {
             .fetch(id)
             .await?
             .ok_or(KeyError::UnknownKey(id))?;
+        // The environment first (a record of another environment carries
+        // another service's tag), then the signature, then the fields it
+        // covers.
+        if record.environment != self.shared.environment {
+            self.check_record(&record, purpose)?;
+        }
+        verify(
+            self.shared.key_service.as_ref(),
+            &record,
+            self.shared.policy.require_signed_records,
+        )
+        .await?;
         self.check_record(&record, purpose)?;
         let unwrapped = self
             .shared
@@ -1047,120 +1154,255 @@ impl Panseal {
     }
 
     // ----- blind index ----------------------------------------------------
+    //
+    // Computed inside the key service (`KeyService::blind_index`): this
+    // process never holds an index key. Which versions are live comes from
+    // the key service (`KeyService::index_keys`, re-read every
+    // `Policy::recheck_interval`), never from the key store, so nothing in
+    // the database chooses which key hashes.
 
     /// The blind index of `pan` under the scope's active index key, to store
-    /// beside the sealed PAN. Creates the scope's first index key if there is
-    /// none.
+    /// beside the sealed PAN: HMAC-SHA-256 computed inside the key service.
+    /// If the scope has no index key yet, a credential with `custodian`
+    /// (e.g. a [`crate::LocalKeyService`] with every permission) creates
+    /// the first one; any other credential gets [`KeyError::NoIndexKey`].
     ///
     /// # Errors
     ///
-    /// Key-service (needs the `index` permission) or key-store errors.
+    /// [`KeyError::NoIndexKey`]; key-service errors (needs the `index`
+    /// permission; quota errors are retryable).
     pub async fn blind_index(&self, pan: &Pan) -> Result<BlindIndex, Error> {
-        let keys = self.index_keys().await?;
-        let (version, key) = keys.first().ok_or(KeyStoreError::Conflict)?;
-        index::compute(key, *version, pan).ok_or_else(|| KeyError::Purpose(key.id).into())
+        let mut out = self.blind_index_batch(std::slice::from_ref(pan)).await?;
+        out.pop()
+            .ok_or_else(|| KeyError::NoIndexKey(self.scope.scope.to_string()).into())
+    }
+
+    /// The blind index of every PAN under the scope's active index key, in
+    /// one key-service request (one quota charge, one audit record there).
+    ///
+    /// # Errors
+    ///
+    /// As [`Panseal::blind_index`]; a PAN the service refuses is named by
+    /// its position ([`KeyServiceError::BatchItem`]) and nothing is
+    /// returned.
+    pub async fn blind_index_batch(&self, pans: &[Pan]) -> Result<Vec<BlindIndex>, Error> {
+        let versions = self.index_versions().await?;
+        let active = versions[..1].to_vec();
+        Ok(self
+            .compute_indexes(&active, pans)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// The blind index of `pan` under every live index key of the scope,
-    /// newest first: look up with all of them while an index-key rotation is
-    /// in progress.
+    /// active first: look up with all of them while an index-key rotation
+    /// (and the re-index job) is in progress.
     ///
     /// # Errors
     ///
     /// As [`Panseal::blind_index`].
     pub async fn blind_indexes(&self, pan: &Pan) -> Result<Vec<BlindIndex>, Error> {
-        let keys = self.index_keys().await?;
-        Ok(keys
-            .iter()
-            .filter_map(|(v, k)| index::compute(k, *v, pan))
-            .collect())
+        Ok(self
+            .blind_indexes_batch(std::slice::from_ref(pan))
+            .await?
+            .pop()
+            .unwrap_or_default())
     }
 
-    /// Creates a new index-key version for the scope; older versions stay
-    /// live (decrypt-only: lookup, no new index values) until a custodian
-    /// destroys them after re-indexing.
+    /// [`Panseal::blind_indexes`] for many PANs in one key-service request:
+    /// `result[i]` holds `pans[i]`'s values under every live version,
+    /// active first.
     ///
     /// # Errors
     ///
-    /// Key-service or key-store errors.
-    pub async fn rotate_index_key(&self) -> Result<u32, Error> {
-        let _guard = self.scope.index_lock.lock().await;
-        let records = self.index_records().await?;
-        let next = records.iter().map(|r| r.version).max().unwrap_or(0) + 1;
-        let id = index::index_key_id(&self.shared.environment, &self.scope.scope, next);
-        self.create_key(KeyPurpose::Index, Some((id, next))).await?;
-        for r in records.iter().filter(|r| r.state == KeyState::Active) {
-            self.shared
-                .key_store
-                .set_state(r.id, KeyState::DecryptOnly)
-                .await?;
-        }
-        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
-        Ok(next)
+    /// As [`Panseal::blind_index_batch`].
+    pub async fn blind_indexes_batch(&self, pans: &[Pan]) -> Result<Vec<Vec<BlindIndex>>, Error> {
+        let versions = self.index_versions().await?;
+        self.compute_indexes(&versions, pans).await
     }
 
-    async fn index_records(&self) -> Result<Vec<WrappedDek>, Error> {
-        Ok(self
+    async fn compute_indexes(
+        &self,
+        versions: &[u32],
+        pans: &[Pan],
+    ) -> Result<Vec<Vec<BlindIndex>>, Error> {
+        if pans.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<&Pan> = pans.iter().collect();
+        let access = Access::system("blind-index");
+        let result = self
             .shared
-            .key_store
-            .list(Some(&self.scope.scope))
-            .await?
-            .into_iter()
-            .filter(|r| r.purpose == KeyPurpose::Index && r.environment == self.shared.environment)
+            .key_service
+            .blind_index(&self.scope.scope, versions, &refs, &access)
+            .await;
+        let values = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(e, KeyServiceError::UnknownIndexKey { .. }) {
+                    // A version went away: list again next time.
+                    *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                return Err(e.into());
+            }
+        };
+        if values.len() != pans.len() * versions.len() {
+            return Err(KeyServiceError::Other(format!(
+                "key service returned {} index values for {} PANs x {} versions",
+                values.len(),
+                pans.len(),
+                versions.len()
+            ))
+            .into());
+        }
+        let ids: Vec<KeyId> = versions
+            .iter()
+            .map(|v| index::service_index_key_id(&self.shared.environment, &self.scope.scope, *v))
+            .collect();
+        Ok(values
+            .chunks_exact(versions.len())
+            .map(|row| {
+                row.iter()
+                    .zip(versions.iter().zip(&ids))
+                    .map(|(value, (version, id))| BlindIndex::new(*id, *version, *value))
+                    .collect()
+            })
             .collect())
     }
 
-    async fn index_keys(&self) -> Result<Vec<(u32, Arc<CachedDek>)>, Error> {
-        if let Some(keys) = self.cached_index_keys() {
-            return Ok(keys);
-        }
+    /// Creates a new index-key version for the scope inside the key service
+    /// ([`KeyService::create_index_key`], needs `custodian`); the previous
+    /// active version becomes lookup-only until the re-index job has moved
+    /// stored values off it and a custodian destroys it. Returns the new
+    /// version.
+    ///
+    /// # Errors
+    ///
+    /// Key-service errors (permission).
+    pub async fn rotate_index_key(&self) -> Result<u32, Error> {
         let _guard = self.scope.index_lock.lock().await;
-        if let Some(keys) = self.cached_index_keys() {
-            return Ok(keys);
-        }
-        let access = Access::system("blind-index");
-        let mut records = self.index_records().await?;
-        if !records.iter().any(|r| r.state == KeyState::Active) {
-            let next = records.iter().map(|r| r.version).max().unwrap_or(0) + 1;
-            let id = index::index_key_id(&self.shared.environment, &self.scope.scope, next);
-            match self.create_key(KeyPurpose::Index, Some((id, next))).await {
-                // Another instance made it first: use theirs.
-                Ok(_) | Err(Error::KeyStore(KeyStoreError::Conflict)) => {}
-                Err(e) => return Err(e),
-            }
-            records = self.index_records().await?;
-        }
-        records.retain(|r| r.state != KeyState::Destroyed && unix_now() <= r.decrypt_until);
-        records.sort_by_key(|r| std::cmp::Reverse(r.version));
-        // The newest active key goes first.
-        if let Some(pos) = records.iter().position(|r| r.state == KeyState::Active) {
-            let active = records.remove(pos);
-            records.insert(0, active);
-        }
-        let mut live = Vec::with_capacity(records.len());
-        for r in &records {
-            let entry = self.load_key(r.id, KeyPurpose::Index, &access).await?;
-            live.push((r.version, entry));
-        }
-        let out = live.clone();
-        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = Some(IndexKeys {
-            live,
-            loaded: Instant::now(),
-        });
-        Ok(out)
+        let info = self
+            .shared
+            .key_service
+            .create_index_key(&self.scope.scope)
+            .await?;
+        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.lifecycle_event(
+            Operation::KeyCreated,
+            index::service_index_key_id(&self.shared.environment, &self.scope.scope, info.version),
+        );
+        Ok(info.version)
     }
 
-    fn cached_index_keys(&self) -> Option<Vec<(u32, Arc<CachedDek>)>> {
+    /// The scope's live index-key versions from the key service: the
+    /// active one first, then the others newest first. Never empty.
+    async fn index_versions(&self) -> Result<Vec<u32>, Error> {
+        if let Some(v) = self.cached_index_versions() {
+            return Ok(v);
+        }
+        let _guard = self.scope.index_lock.lock().await;
+        if let Some(v) = self.cached_index_versions() {
+            return Ok(v);
+        }
+        let ks = &self.shared.key_service;
+        let mut infos = ks.index_keys(&self.scope.scope).await?;
+        if !infos.iter().any(|k| k.state == KeyState::Active) {
+            if !ks.permissions().await?.custodian {
+                return Err(KeyError::NoIndexKey(self.scope.scope.to_string()).into());
+            }
+            let info = ks.create_index_key(&self.scope.scope).await?;
+            self.lifecycle_event(
+                Operation::KeyCreated,
+                index::service_index_key_id(
+                    &self.shared.environment,
+                    &self.scope.scope,
+                    info.version,
+                ),
+            );
+            infos = ks.index_keys(&self.scope.scope).await?;
+        }
+        let live = order_index_versions(infos);
+        if live.is_empty() {
+            return Err(KeyError::NoIndexKey(self.scope.scope.to_string()).into());
+        }
+        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = Some(IndexKeys {
+            live: live.clone(),
+            loaded: Instant::now(),
+        });
+        Ok(live)
+    }
+
+    fn cached_index_versions(&self) -> Option<Vec<u32>> {
         let guard = self.scope.index.read().unwrap_or_else(|p| p.into_inner());
         let keys = guard.as_ref()?;
-        let fresh = keys.loaded.elapsed()
-            < self
-                .shared
-                .policy
-                .recheck_interval
-                .min(self.shared.policy.cache_ttl);
+        let fresh = keys.loaded.elapsed() < self.shared.policy.recheck_interval;
         (fresh && !keys.live.is_empty()).then(|| keys.live.clone())
     }
+
+    // ----- authenticated records --------------------------------------------
+
+    /// The record upgrade step (`FORMAT.md` §9): has the key service sign
+    /// every version-1 (unsigned) record of this environment as it stands,
+    /// so it becomes a version-2 record. Needs a `custodian` credential.
+    /// Repeatable; returns how many records it signed. Then
+    /// [`Policy::require_signed_records`] can refuse unsigned records.
+    ///
+    /// # Errors
+    ///
+    /// Key-service (permission) and key-store errors.
+    pub async fn upgrade_records(&self) -> Result<u64, Error> {
+        crate::keystore::upgrade_records(
+            self.shared.key_service.as_ref(),
+            self.shared.key_store.as_ref(),
+            &self.shared.environment,
+        )
+        .await
+    }
+}
+
+/// Active version first, then the rest newest first.
+fn order_index_versions(mut infos: Vec<IndexKeyInfo>) -> Vec<u32> {
+    infos.retain(|k| k.state != KeyState::Destroyed);
+    infos.sort_by_key(|k| (k.state != KeyState::Active, std::cmp::Reverse(k.version)));
+    infos.into_iter().map(|k| k.version).collect()
+}
+
+/// A record change to `state` along the lifecycle: none if it is already
+/// there; destroying erases the wrapped key.
+fn to_state(
+    state: KeyState,
+) -> impl FnMut(&WrappedDek) -> Result<Option<WrappedDek>, Error> + Send {
+    move |r| {
+        if r.state == state {
+            return Ok(None);
+        }
+        if !r.state.can_become(state) {
+            return Err(KeyStoreError::Transition {
+                id: r.id,
+                from: r.state,
+                to: state,
+            }
+            .into());
+        }
+        let mut next = r.clone();
+        next.state = state;
+        if state == KeyState::Destroyed {
+            // Crypto-shredding: the wrapped key leaves the store.
+            zeroize::Zeroize::zeroize(&mut next.wrapped.bytes);
+            next.wrapped.bytes = Vec::new();
+        }
+        Ok(Some(next))
+    }
+}
+
+/// A record the key service refused to vouch for.
+fn is_record_refusal(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Key(KeyError::RecordTampered(_) | KeyError::RecordStale(_) | KeyError::Untagged(_))
+    )
 }
 
 /// A short, PAN-free description of an error for audit events.
@@ -1172,6 +1414,9 @@ fn failure_kind(e: &Error) -> &'static str {
         Error::Key(KeyError::Destroyed(_)) => "key destroyed",
         Error::Key(KeyError::Expired(_)) => "key expired",
         Error::Key(KeyError::Compromised(_)) => "key compromised",
+        Error::Key(KeyError::RecordTampered(_)) => "key record tampered",
+        Error::Key(KeyError::RecordStale(_)) => "key record rolled back",
+        Error::Key(KeyError::Untagged(_)) => "key record unsigned",
         Error::Key(_) => "key refused",
         Error::KeyService(_) => "key service error",
         Error::KeyStore(_) => "key store error",
@@ -1249,6 +1494,40 @@ mod tests {
         async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
             self.check()?;
             self.inner.rotate_kek().await
+        }
+        async fn permissions(&self) -> Result<crate::Permissions, KeyServiceError> {
+            self.check()?;
+            KeyService::permissions(&self.inner).await
+        }
+        async fn index_keys(&self, s: &Scope) -> Result<Vec<IndexKeyInfo>, KeyServiceError> {
+            self.check()?;
+            self.inner.index_keys(s).await
+        }
+        async fn blind_index(
+            &self,
+            s: &Scope,
+            v: &[u32],
+            p: &[&Pan],
+            a: &Access,
+        ) -> Result<Vec<[u8; 32]>, KeyServiceError> {
+            self.check()?;
+            self.inner.blind_index(s, v, p, a).await
+        }
+        async fn create_index_key(&self, s: &Scope) -> Result<IndexKeyInfo, KeyServiceError> {
+            self.check()?;
+            self.inner.create_index_key(s).await
+        }
+        async fn authenticate_record(
+            &self,
+            p: Option<&WrappedDek>,
+            r: &WrappedDek,
+        ) -> Result<crate::keys::RecordTag, KeyServiceError> {
+            self.check()?;
+            self.inner.authenticate_record(p, r).await
+        }
+        async fn verify_record(&self, r: &WrappedDek) -> Result<(), KeyServiceError> {
+            self.check()?;
+            self.inner.verify_record(r).await
         }
     }
 
@@ -1334,14 +1613,11 @@ mod tests {
         }
     }
 
-    /// Keys this process holds in the clear: cached DEKs and index keys.
+    /// Keys this process holds in the clear: cached DEKs and index keys
+    /// (always 0: index keys stay in the key service; `IndexKeys` holds
+    /// version numbers only).
     fn keys_in_memory(ps: &Panseal) -> (usize, usize) {
-        let scopes = ps.shared.scopes.lock().unwrap();
-        let index = scopes
-            .values()
-            .filter_map(|s| s.index.read().unwrap().as_ref().map(|k| k.live.len()))
-            .sum();
-        (ps.shared.cache.len(), index)
+        (ps.shared.cache.len(), 0)
     }
 
     /// Item 2 of issue 9: a process that stops calling must not keep
@@ -1370,7 +1646,7 @@ mod tests {
             r.blind_index(&pan).await.unwrap();
         }
         let (cached, index) = keys_in_memory(&reader);
-        assert!(cached >= 9 && index == 3, "{cached} {index}");
+        assert!(cached >= 9 && index == 0, "{cached} {index}");
         tokio::time::sleep(ttl + crate::keys::sweep_interval(ttl) + Duration::from_millis(200))
             .await;
         assert_eq!(keys_in_memory(&reader), (0, 0), "stale keys left in memory");

@@ -135,6 +135,33 @@ impl Panseal {
         self.runtime.block_on(self.inner.blind_indexes(pan))
     }
 
+    /// See [`crate::Panseal::blind_index_batch`]: one key-service request.
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::blind_index_batch`].
+    pub fn blind_index_batch(&self, pans: &[Pan]) -> Result<Vec<BlindIndex>, Error> {
+        self.runtime.block_on(self.inner.blind_index_batch(pans))
+    }
+
+    /// See [`crate::Panseal::blind_indexes_batch`]: one key-service request.
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::blind_indexes_batch`].
+    pub fn blind_indexes_batch(&self, pans: &[Pan]) -> Result<Vec<Vec<BlindIndex>>, Error> {
+        self.runtime.block_on(self.inner.blind_indexes_batch(pans))
+    }
+
+    /// See [`crate::Panseal::upgrade_records`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::upgrade_records`].
+    pub fn upgrade_records(&self) -> Result<u64, Error> {
+        self.runtime.block_on(self.inner.upgrade_records())
+    }
+
     /// See [`crate::Panseal::rotate_dek`].
     ///
     /// # Errors

@@ -197,6 +197,25 @@ pub enum KeyError {
     /// The key was made for another purpose (data vs blind index).
     #[error("key {0} has the wrong purpose for this operation")]
     Purpose(KeyId),
+    /// The key's record failed the key service's authentication: a
+    /// lifecycle field (state, dates, use count, version, purpose, wrapped
+    /// key) was edited outside panseal. Never sealed with; opens refused.
+    #[error("key record {0} failed authentication (edited outside panseal)")]
+    RecordTampered(KeyId),
+    /// The key's record is older than one the key service already saw for
+    /// the same key (a rolled-back row). Never sealed with; opens refused.
+    #[error("key record {0} was rolled back to an older version")]
+    RecordStale(KeyId),
+    /// The key's record is an unauthenticated version-1 record and the
+    /// policy refuses those ([`crate::Policy::require_signed_records`]);
+    /// run the upgrade step ([`crate::Panseal::upgrade_records`]).
+    #[error("key record {0} is unsigned (version 1); run the record upgrade")]
+    Untagged(KeyId),
+    /// The scope has no blind-index key in the key service yet, and this
+    /// credential may not create one: a custodian creates it
+    /// ([`crate::Panseal::rotate_index_key`] or the key service's tools).
+    #[error("scope {0} has no index key; a custodian must create one (rotate_index_key)")]
+    NoIndexKey(String),
 }
 
 /// Failures of a key service.

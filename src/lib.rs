@@ -13,7 +13,11 @@
 //! * DEKs are stored only wrapped by a key-encryption key that stays in a
 //!   [`KeyService`]; records live in a [`KeyStore`].
 //! * [`Panseal::blind_index`]: HMAC-SHA-256 of the PAN under a separate,
-//!   rotatable index key, for lookup (PCI DSS 3.5.1.1).
+//!   rotatable index key that stays in the key service and is used there
+//!   (PCI DSS 3.5.1.1).
+//! * Key-store records are signed by the key service and verified at every
+//!   read for use: an edited or rolled-back record is refused
+//!   ([`KeyError::RecordTampered`], [`KeyError::RecordStale`]).
 //! * Every open is audited to an [`AuditSink`]; opening fails closed without
 //!   one (PCI DSS 10.2).
 //!
@@ -102,7 +106,7 @@ pub use keyservice::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats}
 pub use keyservice::{RemoteKeyService, RemoteKeyServiceBuilder};
 #[cfg(feature = "postgres")]
 pub use keystore::postgres::{Inventory, InventoryEntry, PostgresKeyStore, RegisteredColumn};
-pub use keystore::{FileKeyStore, KeyStore, MemoryKeyStore};
+pub use keystore::{rewrap_record, FileKeyStore, KeyStore, MemoryKeyStore};
 pub use pan::{
     Cvv, MaskStyle, Pan, PanRules, ABSOLUTE_MIN_PAN_DIGITS, DEFAULT_MIN_PAN_DIGITS, MAX_PAN_DIGITS,
 };

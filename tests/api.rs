@@ -488,6 +488,16 @@ fn wrap_only_front_end_seals_and_indexes_but_cannot_open() {
     .unwrap();
     let pan = Pan::parse("4111111111111111").unwrap();
     let sealed = front.seal_pan(&pan, &ctx("1")).unwrap();
+    // A front end cannot create the scope's index key: a custodian does.
+    assert!(matches!(
+        front.blind_index(&pan).unwrap_err(),
+        Error::Key(KeyError::NoIndexKey(_))
+    ));
+    futures_lite(panseal::KeyService::create_index_key(
+        &f.ks,
+        &panseal::Scope::new("merchant-1").unwrap(),
+    ))
+    .unwrap();
     front.blind_index(&pan).unwrap();
     // Its own fresh DEK is cached (it made it), but a fresh front-end
     // process cannot unwrap anything.
@@ -559,12 +569,10 @@ fn kek_rotation_and_rewrap_keep_every_dek() {
         assert_eq!(info.version, 2);
         for r in f.store.list(None).await.unwrap() {
             if r.wrapped.kek.version == 1 {
-                let new = f.ks.rewrap(&r.key_request(), &r.wrapped).await.unwrap();
-                assert_eq!(new.kek.version, 2);
-                f.store
-                    .replace_wrap(r.id, &r.wrapped.kek, &new)
-                    .await
-                    .unwrap();
+                let new = panseal::rewrap_record(&f.ks, &f.store, r.id).await.unwrap();
+                assert_eq!(new.wrapped.kek.version, 2);
+                assert_eq!(new.sequence, r.sequence + 1);
+                assert!(new.tag.is_some());
             }
         }
     });
@@ -601,8 +609,21 @@ fn destroyed_kek_refuses_records_not_yet_rewrapped() {
     );
 }
 
+/// A database writer's edit of a record row: the stored bytes change, the
+/// tag stays as it was.
+async fn db_edit(
+    store: &panseal::MemoryKeyStore,
+    id: panseal::KeyId,
+    f: impl FnOnce(&mut panseal::WrappedDek),
+) {
+    let old = store.fetch(id).await.unwrap().unwrap();
+    let mut new = old.clone();
+    f(&mut new);
+    store.update(&old, &new).await.unwrap();
+}
+
 #[test]
-fn swapped_or_rolled_back_wrapped_keys_fail_to_unwrap() {
+fn swapped_or_rolled_back_wrapped_keys_are_refused() {
     let f = Fixture::new("test");
     let ps = f.blocking(Policy::default().max_uses(1));
     let pan = Pan::parse("4111111111111111").unwrap();
@@ -613,15 +634,14 @@ fn swapped_or_rolled_back_wrapped_keys_fail_to_unwrap() {
         let a = f.store.fetch(sa.key_id()).await.unwrap().unwrap();
         let b = f.store.fetch(sb.key_id()).await.unwrap().unwrap();
         // Put A's wrapped DEK into B's record (same KEK version).
-        f.store
-            .replace_wrap(b.id, &b.wrapped.kek, &a.wrapped)
-            .await
-            .unwrap();
+        db_edit(&f.store, b.id, |r| r.wrapped = a.wrapped.clone()).await;
     });
     let fresh = f.blocking(Policy::default());
     let err = fresh.open_pan(&sb, &ctx("b"), &alice()).unwrap_err();
+    // Refused by the record's signature before any unwrap (the wrap's
+    // own binding would refuse it too).
     assert!(
-        matches!(err, Error::KeyService(KeyServiceError::UnwrapFailed)),
+        matches!(err, Error::Key(panseal::KeyError::RecordTampered(id)) if id == sb.key_id()),
         "{err:?}"
     );
     // Rolled back to another KEK version: also refused.
@@ -629,17 +649,12 @@ fn swapped_or_rolled_back_wrapped_keys_fail_to_unwrap() {
         use panseal::KeyService;
         f.ks.rotate_kek().await.unwrap();
         let a = f.store.fetch(sa.key_id()).await.unwrap().unwrap();
-        let mut forged = a.wrapped.clone();
-        forged.kek.version = 2;
-        f.store
-            .replace_wrap(a.id, &a.wrapped.kek, &forged)
-            .await
-            .unwrap();
+        db_edit(&f.store, a.id, |r| r.wrapped.kek.version = 2).await;
     });
     let fresh = f.blocking(Policy::default());
     let err = fresh.open_pan(&sa, &ctx("a"), &alice()).unwrap_err();
     assert!(
-        matches!(err, Error::KeyService(KeyServiceError::UnwrapFailed)),
+        matches!(err, Error::Key(panseal::KeyError::RecordTampered(_))),
         "{err:?}"
     );
 }
@@ -784,4 +799,49 @@ fn builder_refuses_incomplete_or_out_of_range_configuration() {
     }
     let e = futures_lite(f.builder("test", "bad scope").build()).unwrap_err();
     assert!(matches!(e, Error::Config(ConfigError::Name(_))));
+}
+
+/// Issue 10, item 1: the index key stays in the key service. A process that
+/// computes blind indexes holds no index key, a batch is one request, and
+/// rotation keeps values under the old version findable.
+#[test]
+fn blind_index_keys_stay_in_the_key_service() {
+    let f = Fixture::new("test");
+    let ps = f.blocking(Policy::default());
+    let pans: Vec<Pan> = (0..50)
+        .map(|i| Pan::parse(&common::luhn_pan("411111", 16, i)).unwrap())
+        .collect();
+    let singles: Vec<_> = pans.iter().map(|p| ps.blind_index(p).unwrap()).collect();
+    let batch = ps.blind_index_batch(&pans).unwrap();
+    assert_eq!(batch, singles);
+    // No index key in this process: only version numbers are cached.
+    let (held, _) = ps.as_async().held_keys_for_test();
+    let data_keys: Vec<_> = f
+        .store_records()
+        .iter()
+        .filter(|r| r.purpose == panseal::KeyPurpose::Data)
+        .map(|r| r.id)
+        .collect();
+    let index_keys_held = held.iter().filter(|id| !data_keys.contains(id)).count();
+    assert_eq!(index_keys_held, 0, "index keys in memory");
+    // ...and none in the key store either.
+    let in_store = f
+        .store_records()
+        .iter()
+        .filter(|r| r.purpose == panseal::KeyPurpose::Index)
+        .count();
+    assert_eq!(in_store, 0);
+    // Rotation: new values under v2; the old ones are still found.
+    assert_eq!(ps.rotate_index_key().unwrap(), 2);
+    let all = ps.blind_indexes_batch(&pans).unwrap();
+    let mut found_old = 0;
+    for (old, now) in singles.iter().zip(&all) {
+        assert_eq!(now.len(), 2);
+        assert_eq!(now[0].version(), 2);
+        if now.contains(old) {
+            found_old += 1;
+        }
+    }
+    assert_eq!(found_old, 50);
+    assert_eq!(ps.blind_index(&pans[0]).unwrap(), all[0][0]);
 }

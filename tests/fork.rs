@@ -201,7 +201,8 @@ fn sealing_child_drops_inherited_and_expired_keys(dir: &Path) {
         h.blind_index(&pan).expect("index");
     }
     let (inherited, _) = ps.as_async().held_keys_for_test();
-    assert!(inherited.len() >= 8, "parent holds {}", inherited.len());
+    // Four active DEKs; index keys stay in the key service (issue 10).
+    assert!(inherited.len() >= 4, "parent holds {}", inherited.len());
 
     // One child seals in a scope where the parent had an active DEK (its
     // first seal notices the fork), one in a scope new to it (only the

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::futures_lite;
-use common::store_conformance::{conformance, record};
+use common::store_conformance::{conformance, record, successor};
 use panseal::{
     Environment, FileKeyStore, KeyPurpose, KeyState, KeyStore, KeyStoreError, MemoryKeyStore,
     WrappedDek,
@@ -88,7 +88,8 @@ fn file_store_is_safe_for_many_threads() {
                 for i in 0..25 {
                     let r = record(t * 1000 + i, "m");
                     futures_lite(store.insert(&r)).unwrap();
-                    futures_lite(store.add_uses(r.id, 1)).unwrap();
+                    let next = successor(&r, |n| n.uses += 1);
+                    futures_lite(store.update(&r, &next)).unwrap();
                 }
             })
         })
@@ -125,7 +126,8 @@ fn crash_child_writer() {
         futures_lite(store.insert(&r)).unwrap();
         println!("ACK {} 1", r.id);
         if i % 2 == 0 {
-            futures_lite(store.set_state(r.id, KeyState::DecryptOnly)).unwrap();
+            let next = successor(&r, |n| n.state = KeyState::DecryptOnly);
+            futures_lite(store.update(&r, &next)).unwrap();
             println!("ACK {} 2", r.id);
         }
     }

@@ -137,3 +137,37 @@ proptest! {
         prop_assert_eq!(format!("{pan}"), pan.mask(MaskStyle::LastFour));
     }
 }
+
+/// One signed record from a real seal, with the fixture that signed it.
+fn signed_record() -> (Fixture, panseal::WrappedDek) {
+    let f = Fixture::new("test");
+    let ps = f.blocking(Policy::default());
+    let pan = Pan::parse("4111111111111111").unwrap();
+    ps.seal_pan(&pan, &Context::new("t", "c", "r").unwrap())
+        .unwrap();
+    ps.report_usage().unwrap();
+    let r = f.store_records().remove(0);
+    (f, r)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any single-bit change of a stored version-2 record either fails to
+    /// decode or fails the key service's verification: forged records
+    /// accepted = 0.
+    #[test]
+    fn any_bit_flip_of_a_signed_record_is_refused(bit in 0usize..(185 * 8)) {
+        use panseal::KeyService;
+        static SIGNED: std::sync::OnceLock<(Fixture, panseal::WrappedDek)> =
+            std::sync::OnceLock::new();
+        let (f, r) = SIGNED.get_or_init(|| std::thread::spawn(signed_record).join().unwrap());
+        let mut bytes = r.to_bytes();
+        let bit = bit % (bytes.len() * 8);
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        if let Ok(edited) = panseal::WrappedDek::from_bytes(&bytes) {
+            let verdict = common::futures_lite(f.ks.verify_record(&edited));
+            prop_assert!(verdict.is_err(), "bit {bit} accepted");
+        }
+    }
+}

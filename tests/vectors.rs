@@ -141,7 +141,8 @@ fn wrap_v1_vectors() {
         let back = hazmat::unwrap_with_kek(&kek, &kref, &req, &wrapped).unwrap();
         assert_eq!(hazmat::dek_bytes(&back), hex32(&v["dek_hex"]), "{name}");
         // The local key service (whose KEK v1 is this key) unwraps it too.
-        if kref.id == "local" && kref.version == 1 {
+        // (Index keys are never unwrapped to a caller since issue 10.)
+        if kref.id == "local" && kref.version == 1 && req.purpose == KeyPurpose::Data {
             let ks = LocalKeyService::from_kek_bytes_insecure(req.environment.clone(), kek);
             let access = panseal::Access::new("vectors", "test").unwrap();
             let w = panseal::WrappedKey {
@@ -251,4 +252,108 @@ fn blind_index_v1_vectors() {
         .unwrap();
         assert_eq!(hex::encode(id.as_bytes()), v["id_hex"].as_str().unwrap());
     }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn record_v2_vectors() {
+    use panseal::KeyService;
+    let doc = load("record_v2.json");
+    let env = Environment::new(doc["environment"].as_str().unwrap()).unwrap();
+    let ks = LocalKeyService::from_kek_bytes_insecure(env, hex32(&doc["kek_hex"]));
+    let rt = rt();
+    let mut accepted = 0;
+    for v in doc["vectors"].as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        let raw = bytes(&v["record_hex"]);
+        let r = WrappedDek::from_bytes(&raw).unwrap();
+        assert_eq!(r.to_bytes(), raw, "{name}");
+        assert_eq!(raw[0], 2, "{name}");
+        assert_eq!(r.sequence, v["sequence"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            hex::encode(r.signed_bytes()),
+            v["signed_hex"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            hex::encode(r.tag.unwrap().0),
+            v["tag_hex"].as_str().unwrap(),
+            "{name}"
+        );
+        rt.block_on(ks.verify_record(&r)).unwrap();
+        accepted += 1;
+    }
+    assert_eq!(accepted, 4);
+    let mut refused = 0;
+    let negatives = doc["negative"].as_array().unwrap();
+    for v in negatives {
+        let name = v["name"].as_str().unwrap();
+        let r = WrappedDek::from_bytes(&bytes(&v["record_hex"])).unwrap();
+        match rt.block_on(ks.verify_record(&r)) {
+            Err(KeyServiceError::RecordTampered(_)) => refused += 1,
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert_eq!(refused, negatives.len());
+    assert!(refused >= 15);
+}
+
+#[test]
+fn blind_index_v2_vectors_through_the_key_service() {
+    use panseal::KeyService;
+    let doc = load("blind_index_v2.json");
+    let env = Environment::new(doc["environment"].as_str().unwrap()).unwrap();
+    let ks = LocalKeyService::from_kek_bytes_insecure(env, hex32(&doc["kek_hex"]));
+    let rt = rt();
+    let access = panseal::Access::new("vectors", "test").unwrap();
+    let mut created = std::collections::HashSet::new();
+    let keys = doc["index_keys"].as_array().unwrap();
+    for k in keys {
+        let scope = Scope::new(k["scope"].as_str().unwrap()).unwrap();
+        if created.insert(scope.clone()) {
+            for _ in 0..2 {
+                rt.block_on(ks.create_index_key(&scope)).unwrap();
+            }
+        }
+    }
+    let mut matched = 0;
+    for v in doc["vectors"].as_array().unwrap() {
+        let scope = Scope::new(v["scope"].as_str().unwrap()).unwrap();
+        let version = v["version"].as_u64().unwrap() as u32;
+        let pan = Pan::parse(v["pan"].as_str().unwrap()).unwrap();
+        let got = rt
+            .block_on(ks.blind_index(&scope, &[version], &[&pan], &access))
+            .unwrap();
+        assert_eq!(hex::encode(got[0]), v["index_hex"].as_str().unwrap());
+        // And through Panseal, with the service-held key id.
+        let ps = rt
+            .block_on(
+                panseal::Panseal::builder()
+                    .key_service(ks.clone())
+                    .key_store(panseal::MemoryKeyStore::new())
+                    .environment("test")
+                    .scope(scope.as_str())
+                    .build(),
+            )
+            .unwrap();
+        let all = rt.block_on(ps.blind_indexes(&pan)).unwrap();
+        let hit = all.iter().find(|b| b.version() == version).unwrap();
+        assert_eq!(hit.to_hex(), v["index_hex"].as_str().unwrap());
+        let key = keys
+            .iter()
+            .find(|k| k["scope"] == v["scope"] && k["version"] == v["version"])
+            .unwrap();
+        assert_eq!(
+            hex::encode(hit.key_id().as_bytes()),
+            key["key_id_hex"].as_str().unwrap()
+        );
+        matched += 1;
+    }
+    assert_eq!(matched, 16);
 }

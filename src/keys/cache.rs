@@ -12,7 +12,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use aes_gcm::Aes256Gcm;
-use secrecy::SecretBox;
 
 use super::{KeyId, KeyPurpose, KeyState, Scope};
 
@@ -30,9 +29,6 @@ pub(crate) struct CachedDek {
     pub(crate) scope: Scope,
     /// AES-GCM with the expanded key (data keys).
     pub(crate) cipher: Option<Aes256Gcm>,
-    /// Raw key (index keys: HMAC keys are built per call so no HMAC state
-    /// that cannot be wiped outlives the call).
-    pub(crate) raw: Option<SecretBox<[u8; 32]>>,
     state: AtomicU8,
     pub(crate) encrypt_until: u64,
     pub(crate) decrypt_until: u64,
@@ -52,16 +48,10 @@ impl CachedDek {
         encrypt_until: u64,
         decrypt_until: u64,
     ) -> Self {
-        let (cipher, raw) = match purpose {
-            KeyPurpose::Data => (Some(dek.cipher()), None),
-            // Copied straight into its (wiping) box: no temporary on the
-            // stack.
-            KeyPurpose::Index => (
-                None,
-                Some(SecretBox::init_with_mut(|k: &mut [u8; 32]| {
-                    k.copy_from_slice(dek.expose_secret())
-                })),
-            ),
+        // Index keys are never held here (they stay in the key service).
+        let cipher = match purpose {
+            KeyPurpose::Data => Some(dek.cipher()),
+            KeyPurpose::Index => None,
         };
         let loaded_at = crate::clock::unix_nanos();
         CachedDek {
@@ -69,7 +59,6 @@ impl CachedDek {
             purpose,
             scope: scope.clone(),
             cipher,
-            raw,
             state: AtomicU8::new(state as u8),
             encrypt_until,
             decrypt_until,

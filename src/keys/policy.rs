@@ -23,6 +23,7 @@ pub struct Policy {
     pub(crate) cache_capacity: usize,
     pub(crate) cache_ttl: Duration,
     pub(crate) recheck_interval: Duration,
+    pub(crate) require_signed_records: bool,
 }
 
 impl Default for Policy {
@@ -34,6 +35,7 @@ impl Default for Policy {
             cache_capacity: 1024,
             cache_ttl: Duration::from_secs(300),
             recheck_interval: Duration::from_secs(60),
+            require_signed_records: false,
         }
     }
 }
@@ -73,6 +75,16 @@ impl Policy {
     /// How often a writer re-reads its active DEK's state from the store.
     pub fn recheck_interval(mut self, d: Duration) -> Self {
         self.recheck_interval = d;
+        self
+    }
+
+    /// Refuse unsigned (version-1) key records: opening under one fails
+    /// with [`crate::KeyError::Untagged`]. Turn on once
+    /// [`crate::Panseal::upgrade_records`] has signed the old records
+    /// (`FORMAT.md` §9). Default off: version-1 records still open (they
+    /// are never sealed with).
+    pub fn require_signed_records(mut self, on: bool) -> Self {
+        self.require_signed_records = on;
         self
     }
 

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::{KeyStore, Records};
 use crate::error::KeyStoreError;
-use crate::keys::{KekRef, KeyId, KeyState, Scope, WrappedDek, WrappedKey};
+use crate::keys::{KeyId, Scope, WrappedDek};
 
 /// File magic: "PANSEAL" + "K" (key store).
 pub(crate) const MAGIC: &[u8; 8] = b"PANSEALK";
@@ -209,20 +209,7 @@ impl KeyStore for FileKeyStore {
         Ok(live.list(scope))
     }
 
-    async fn set_state(&self, id: KeyId, state: KeyState) -> Result<WrappedDek, KeyStoreError> {
-        self.mutate(|r| r.set_state(id, state))
-    }
-
-    async fn replace_wrap(
-        &self,
-        id: KeyId,
-        expected: &KekRef,
-        wrapped: &WrappedKey,
-    ) -> Result<(), KeyStoreError> {
-        self.mutate(|r| r.replace_wrap(id, expected, wrapped).map(|()| ((), true)))
-    }
-
-    async fn add_uses(&self, id: KeyId, n: u64) -> Result<(), KeyStoreError> {
-        self.mutate(|r| r.add_uses(id, n).map(|()| ((), n > 0)))
+    async fn update(&self, previous: &WrappedDek, next: &WrappedDek) -> Result<(), KeyStoreError> {
+        self.mutate(|r| r.update(previous, next).map(|()| ((), true)))
     }
 }

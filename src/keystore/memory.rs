@@ -4,7 +4,7 @@ use async_trait::async_trait;
 
 use super::{KeyStore, Records};
 use crate::error::KeyStoreError;
-use crate::keys::{KekRef, KeyId, KeyState, Scope, WrappedDek, WrappedKey};
+use crate::keys::{KeyId, Scope, WrappedDek};
 
 /// A key store in process memory, lost at exit. For tests, examples and
 /// benchmarks. Cheap to clone; clones share the records.
@@ -44,20 +44,7 @@ impl KeyStore for MemoryKeyStore {
         Ok(self.lock().list(scope))
     }
 
-    async fn set_state(&self, id: KeyId, state: KeyState) -> Result<WrappedDek, KeyStoreError> {
-        Ok(self.lock().set_state(id, state)?.0)
-    }
-
-    async fn replace_wrap(
-        &self,
-        id: KeyId,
-        expected: &KekRef,
-        wrapped: &WrappedKey,
-    ) -> Result<(), KeyStoreError> {
-        self.lock().replace_wrap(id, expected, wrapped)
-    }
-
-    async fn add_uses(&self, id: KeyId, n: u64) -> Result<(), KeyStoreError> {
-        self.lock().add_uses(id, n)
+    async fn update(&self, previous: &WrappedDek, next: &WrappedDek) -> Result<(), KeyStoreError> {
+        self.lock().update(previous, next)
     }
 }

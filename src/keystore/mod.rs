@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 
-use crate::error::KeyStoreError;
-use crate::keys::{KekRef, KeyId, KeyState, Scope, WrappedDek, WrappedKey};
+use crate::error::{Error, KeyError, KeyServiceError, KeyStoreError};
+use crate::keys::{KeyId, KeyState, Scope, WrappedDek};
+use crate::keyservice::KeyService;
 
 pub(crate) mod file;
 mod memory;
@@ -49,37 +50,20 @@ pub trait KeyStore: Send + Sync {
     /// A storage error.
     async fn list(&self, scope: Option<&Scope>) -> Result<Vec<WrappedDek>, KeyStoreError>;
 
-    /// Moves a record to a new state along the lifecycle
-    /// ([`KeyState::can_become`]); moving to [`KeyState::Destroyed`] erases
-    /// the wrapped key. Setting the state it already has is a no-op. Returns
-    /// the updated record.
+    /// Replaces `previous` by `next` (the same id) if the stored record is
+    /// still exactly `previous`, byte for byte (compare-and-swap on the
+    /// record's sequence and tag). Every change of a record goes through
+    /// here: the library reads the record, has the key service verify it,
+    /// builds and signs the successor (sequence + 1), and writes it with
+    /// this call. A store does not judge the change (the key service's
+    /// signature does); it only refuses to lose a concurrent one.
     ///
     /// # Errors
     ///
-    /// [`KeyStoreError::NotFound`], [`KeyStoreError::Transition`], or a
+    /// [`KeyStoreError::Conflict`] if the stored record is no longer
+    /// `previous` (re-read and retry), [`KeyStoreError::NotFound`], or a
     /// storage error.
-    async fn set_state(&self, id: KeyId, state: KeyState) -> Result<WrappedDek, KeyStoreError>;
-
-    /// Replaces the wrapped key after a rewrap, if the record is still wrapped
-    /// under `expected` (compare-and-set).
-    ///
-    /// # Errors
-    ///
-    /// [`KeyStoreError::Conflict`] if the record's KEK is no longer
-    /// `expected`, [`KeyStoreError::NotFound`], or a storage error.
-    async fn replace_wrap(
-        &self,
-        id: KeyId,
-        expected: &KekRef,
-        wrapped: &WrappedKey,
-    ) -> Result<(), KeyStoreError>;
-
-    /// Adds `n` to the record's reported use count.
-    ///
-    /// # Errors
-    ///
-    /// [`KeyStoreError::NotFound`] or a storage error.
-    async fn add_uses(&self, id: KeyId, n: u64) -> Result<(), KeyStoreError>;
+    async fn update(&self, previous: &WrappedDek, next: &WrappedDek) -> Result<(), KeyStoreError>;
 }
 
 /// The record set both in-crate stores keep in memory; each mutation is
@@ -106,49 +90,248 @@ impl Records {
             .collect()
     }
 
-    /// Returns the updated record and whether anything changed.
-    pub(crate) fn set_state(
+    /// The compare-and-swap of [`KeyStore::update`].
+    pub(crate) fn update(
         &mut self,
-        id: KeyId,
-        state: KeyState,
-    ) -> Result<(WrappedDek, bool), KeyStoreError> {
-        let r = self.map.get_mut(&id).ok_or(KeyStoreError::NotFound(id))?;
-        if r.state == state {
-            return Ok((r.clone(), false));
-        }
-        if !r.state.can_become(state) {
-            return Err(KeyStoreError::Transition {
-                id,
-                from: r.state,
-                to: state,
-            });
-        }
-        r.state = state;
-        if state == KeyState::Destroyed {
-            // Crypto-shredding: the wrapped key is gone from the store.
-            zeroize::Zeroize::zeroize(&mut r.wrapped.bytes);
-            r.wrapped.bytes = Vec::new();
-        }
-        Ok((r.clone(), true))
-    }
-
-    pub(crate) fn replace_wrap(
-        &mut self,
-        id: KeyId,
-        expected: &KekRef,
-        wrapped: &WrappedKey,
+        previous: &WrappedDek,
+        next: &WrappedDek,
     ) -> Result<(), KeyStoreError> {
-        let r = self.map.get_mut(&id).ok_or(KeyStoreError::NotFound(id))?;
-        if &r.wrapped.kek != expected || r.state == KeyState::Destroyed {
+        if previous.id != next.id {
+            return Err(KeyStoreError::Backend(
+                "an update must keep the record's id".into(),
+            ));
+        }
+        let r = self
+            .map
+            .get_mut(&previous.id)
+            .ok_or(KeyStoreError::NotFound(previous.id))?;
+        if r.to_bytes() != previous.to_bytes() {
             return Err(KeyStoreError::Conflict);
         }
-        r.wrapped = wrapped.clone();
+        *r = next.clone();
         Ok(())
     }
+}
 
-    pub(crate) fn add_uses(&mut self, id: KeyId, n: u64) -> Result<(), KeyStoreError> {
-        let r = self.map.get_mut(&id).ok_or(KeyStoreError::NotFound(id))?;
-        r.uses = r.uses.saturating_add(n);
-        Ok(())
+/// How often a record change is retried after losing a compare-and-swap.
+const CAS_ATTEMPTS: usize = 16;
+
+/// Checks a record read for use with the key service
+/// ([`KeyService::verify_record`]). Untagged (version-1) records pass
+/// unless `require_tag`; the caller never seals with one.
+///
+/// # Errors
+///
+/// [`KeyError::RecordTampered`], [`KeyError::RecordStale`],
+/// [`KeyError::Untagged`] (with `require_tag`), or the service's error.
+pub(crate) async fn verify(
+    key_service: &dyn KeyService,
+    record: &WrappedDek,
+    require_tag: bool,
+) -> Result<(), Error> {
+    if record.tag.is_none() {
+        if require_tag {
+            return Err(KeyError::Untagged(record.id).into());
+        }
+        // A service that remembers signing this id calls an unsigned
+        // record of it stale (a stripped tag: a downgrade); any other
+        // answer leaves a genuine version-1 record usable for opening.
+        return match key_service.verify_record(record).await {
+            Err(KeyServiceError::RecordStale(_)) => Err(KeyError::RecordStale(record.id).into()),
+            _ => Ok(()),
+        };
     }
+    match key_service.verify_record(record).await {
+        Ok(()) => Ok(()),
+        // A service that signs and verifies nothing (none in this crate
+        // once every backend implements issue 10) cannot refuse either.
+        Err(KeyServiceError::Unsupported(_)) if !require_tag => {
+            tracing::warn!(key_id = %record.id, "key service does not verify key records");
+            Ok(())
+        }
+        Err(e) => Err(record_error(record.id, e)),
+    }
+}
+
+/// Has the key service sign `next` as the successor of `previous`.
+/// `Ok(None)` only for a service that does not sign records at all
+/// ([`KeyServiceError::Unsupported`]) when the policy allows unsigned
+/// records: the record is then written as version 1, as before issue 10.
+pub(crate) async fn sign(
+    key_service: &dyn KeyService,
+    previous: Option<&WrappedDek>,
+    next: &WrappedDek,
+    require_tag: bool,
+) -> Result<Option<crate::keys::RecordTag>, Error> {
+    match key_service.authenticate_record(previous, next).await {
+        Ok(tag) => Ok(Some(tag)),
+        Err(KeyServiceError::Unsupported(_)) if !require_tag => {
+            tracing::warn!(key_id = %next.id, "key service does not sign key records; writing an unsigned (version 1) record");
+            Ok(None)
+        }
+        Err(e) => Err(record_error(next.id, e)),
+    }
+}
+
+fn record_error(id: KeyId, e: KeyServiceError) -> Error {
+    match e {
+        KeyServiceError::RecordTampered(_) => KeyError::RecordTampered(id).into(),
+        KeyServiceError::RecordStale(_) => KeyError::RecordStale(id).into(),
+        other => other.into(),
+    }
+}
+
+/// Changes the record `id`: reads it, has the key service verify it,
+/// builds the successor with `change` (given the verified record; `None`
+/// = nothing to change), sets its sequence to one more, has the service
+/// sign it ([`KeyService::authenticate_record`], which applies
+/// [`WrappedDek::check_transition`]) and writes it with a
+/// compare-and-swap ([`KeyStore::update`]); a lost swap re-reads and
+/// starts again, so no concurrent change (a use count) is lost. A
+/// version-1 record is signed as it stands first (needs `custodian`), in
+/// the same write. After the write the service verifies the new record,
+/// which moves its rollback memory forward. Returns the record as stored.
+///
+/// # Errors
+///
+/// [`KeyError::UnknownKey`], the verification errors of a tampered or
+/// rolled-back record, [`KeyServiceError::RecordTransition`] for a change
+/// the lifecycle forbids, errors of `change`, key-service and key-store
+/// errors.
+pub(crate) async fn change_record(
+    key_service: &dyn KeyService,
+    store: &dyn KeyStore,
+    id: KeyId,
+    require_tag: bool,
+    mut change: impl FnMut(&WrappedDek) -> Result<Option<WrappedDek>, Error> + Send,
+) -> Result<WrappedDek, Error> {
+    for _ in 0..CAS_ATTEMPTS {
+        let stored = store.fetch(id).await?.ok_or(KeyError::UnknownKey(id))?;
+        verify(key_service, &stored, require_tag).await?;
+        let Some(mut next) = change(&stored)? else {
+            return Ok(stored);
+        };
+        let previous = if stored.tag.is_some() {
+            Some(stored.clone())
+        } else {
+            let mut upgraded = stored.clone();
+            upgraded.sequence = 0;
+            upgraded.tag = sign(key_service, None, &upgraded, require_tag).await?;
+            upgraded.tag.is_some().then_some(upgraded)
+        };
+        next.id = id;
+        next.tag = None;
+        match &previous {
+            Some(p) => {
+                next.sequence = p.sequence.wrapping_add(1);
+                next.tag = sign(key_service, Some(p), &next, require_tag).await?;
+            }
+            // A service that signs nothing: the version-1 successor.
+            None => next.sequence = 0,
+        }
+        match store.update(&stored, &next).await {
+            Ok(()) if next.tag.is_none() => return Ok(next),
+            Ok(()) => {
+                // Moves the service's rollback memory to the new record
+                // (it may refuse nothing here: the record was just signed).
+                if let Err(e) = key_service.verify_record(&next).await {
+                    tracing::warn!(key_id = %id, error = %e, "key service did not confirm a record it signed");
+                }
+                return Ok(next);
+            }
+            Err(KeyStoreError::Conflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(KeyStoreError::Conflict.into())
+}
+
+/// Rewraps the record `id` under the key service's newest KEK version
+/// without the key leaving the service, and stores the signed successor
+/// (compare-and-swap; see the key-rotation tool). A record already under
+/// the newest version, or destroyed, is left as it is. Returns the record
+/// as stored.
+///
+/// # Errors
+///
+/// As [`KeyStore::update`] after a verified read: a tampered or
+/// rolled-back record ([`KeyError::RecordTampered`],
+/// [`KeyError::RecordStale`]), key-service errors (needs `rewrap`), and
+/// key-store errors.
+pub async fn rewrap_record(
+    key_service: &dyn KeyService,
+    store: &dyn KeyStore,
+    id: KeyId,
+) -> Result<WrappedDek, Error> {
+    let newest = key_service.kek_info().await?;
+    // The rewrap itself is asynchronous: read, verify and rewrap first,
+    // then change the record (retrying from the top on a lost swap).
+    for _ in 0..CAS_ATTEMPTS {
+        let stored = store.fetch(id).await?.ok_or(KeyError::UnknownKey(id))?;
+        if stored.state == KeyState::Destroyed
+            || (stored.wrapped.kek.id == newest.id && stored.wrapped.kek.version == newest.version)
+        {
+            return Ok(stored);
+        }
+        verify(key_service, &stored, false).await?;
+        let wrapped = key_service
+            .rewrap(&stored.key_request(), &stored.wrapped)
+            .await?;
+        let expected = stored.wrapped.clone();
+        let result = change_record(key_service, store, id, false, |current| {
+            // Other changes (a use-count report) may land meanwhile; only
+            // a change of the wrap itself makes this rewrap obsolete.
+            if current.wrapped != expected {
+                return Err(KeyStoreError::Conflict.into());
+            }
+            let mut next = current.clone();
+            next.wrapped = wrapped.clone();
+            Ok(Some(next))
+        })
+        .await;
+        match result {
+            Err(Error::KeyStore(KeyStoreError::Conflict)) => continue,
+            other => return other,
+        }
+    }
+    Err(KeyStoreError::Conflict.into())
+}
+
+/// Signs every version-1 (untagged) record of `environment` in `store` as it
+/// stands (the documented upgrade step, `FORMAT.md` §9): each becomes a
+/// version-2 record with sequence 0. Needs a `custodian` credential.
+/// Returns how many were upgraded; records already signed are left alone,
+/// so the step can be repeated after an interruption.
+///
+/// # Errors
+///
+/// Key-service errors (a credential without `custodian` is refused with
+/// [`KeyServiceError::RecordTransition`] or `PermissionDenied`), key-store
+/// errors.
+pub(crate) async fn upgrade_records(
+    key_service: &dyn KeyService,
+    store: &dyn KeyStore,
+    environment: &crate::keys::Environment,
+) -> Result<u64, Error> {
+    let mut upgraded = 0;
+    for record in store.list(None).await? {
+        if record.tag.is_some() || &record.environment != environment {
+            continue;
+        }
+        let mut next = record.clone();
+        next.sequence = 0;
+        next.tag = Some(
+            key_service
+                .authenticate_record(None, &next)
+                .await
+                .map_err(|e| record_error(record.id, e))?,
+        );
+        match store.update(&record, &next).await {
+            Ok(()) => upgraded += 1,
+            // Changed meanwhile (another upgrader): leave it.
+            Err(KeyStoreError::Conflict) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(upgraded)
 }

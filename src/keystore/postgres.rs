@@ -3,9 +3,11 @@
 //! One row per wrapped-key record. The row's `record` column holds the
 //! record in its specified binary encoding (`FORMAT.md`, "Key-store
 //! record"); `scope`, `purpose`, `state` and the KEK reference are copied
-//! into columns for queries. Every change runs in a transaction that locks
-//! the row (`SELECT … FOR UPDATE`), so any number of application instances
-//! can share the store: two instances never lose each other's updates, and
+//! into columns for queries (the library reads only `record`: its lifecycle
+//! fields are signed by the key service, the copies are not). Every change
+//! is one compare-and-swap `UPDATE … WHERE record = <previous>`, so any
+//! number of application instances can share the store: two instances
+//! never lose each other's updates, and
 //! the primary key makes a duplicate id (including the deterministic
 //! index-key ids) fail for the second inserter.
 //!
@@ -25,9 +27,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::Serialize;
 use tokio_postgres::NoTls;
 
-use super::{KeyStore, Records};
+use super::KeyStore;
 use crate::error::KeyStoreError;
-use crate::keys::{KekRef, KeyId, KeyState, Scope, WrappedDek, WrappedKey};
+use crate::keys::{KeyId, KeyState, Scope, WrappedDek};
 
 /// Schema migrations, applied in order; each entry is one version.
 const MIGRATIONS: &[&str] = &[
@@ -214,45 +216,6 @@ impl PostgresKeyStore {
         tx.commit().await.map_err(db)
     }
 
-    /// Locks one record, applies `change` to it, and writes it back, in one
-    /// transaction.
-    async fn mutate<R>(
-        &self,
-        id: KeyId,
-        change: impl FnOnce(&mut Records) -> Result<R, KeyStoreError>,
-    ) -> Result<R, KeyStoreError> {
-        let mut c = self.conn().await?;
-        let tx = c.transaction().await.map_err(db)?;
-        let row = tx
-            .query_opt(
-                "SELECT record FROM panseal_keys WHERE id = $1 FOR UPDATE",
-                &[&id.as_bytes().as_slice()],
-            )
-            .await
-            .map_err(db)?
-            .ok_or(KeyStoreError::NotFound(id))?;
-        let record = decode_row(row.get(0))?;
-        let mut one = Records::default();
-        one.map.insert(id, record);
-        let result = change(&mut one)?;
-        let updated = one.map.get(&id).ok_or(KeyStoreError::NotFound(id))?;
-        tx.execute(
-            "UPDATE panseal_keys SET state = $2, kek_id = $3, kek_version = $4, record = $5,
-                 updated_at = now() WHERE id = $1",
-            &[
-                &id.as_bytes().as_slice(),
-                &i16::from(updated.state as u8),
-                &updated.wrapped.kek.id,
-                &i64::from(updated.wrapped.kek.version),
-                &updated.to_bytes(),
-            ],
-        )
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        Ok(result)
-    }
-
     /// Registers a column of `table` that holds sealed PANs (text or binary
     /// form), or blind-index values with their index-key version in
     /// `version_column`, for the [`Inventory`].
@@ -367,6 +330,7 @@ impl PostgresKeyStore {
         Ok(Inventory {
             columns: registered,
             keys,
+            index_references: index_refs,
         })
     }
 }
@@ -405,8 +369,13 @@ pub enum RegisteredColumn {
 pub struct Inventory {
     /// The registered columns that were counted.
     pub columns: Vec<String>,
-    /// Every key record.
+    /// Every key record (DEKs, and legacy in-database index keys).
     pub keys: Vec<InventoryEntry>,
+    /// Stored blind-index values per index-key version, over the
+    /// registered index columns. Index keys live in the key service (its
+    /// `index_keys` lists them), not in the key store; a version whose
+    /// count reaches zero after the re-index job can be destroyed there.
+    pub index_references: BTreeMap<u32, u64>,
 }
 
 /// One key in the inventory. No key material.
@@ -547,22 +516,36 @@ impl KeyStore for PostgresKeyStore {
         rows.into_iter().map(|r| decode_row(r.get(0))).collect()
     }
 
-    async fn set_state(&self, id: KeyId, state: KeyState) -> Result<WrappedDek, KeyStoreError> {
-        self.mutate(id, |r| r.set_state(id, state).map(|(rec, _)| rec))
+    async fn update(&self, previous: &WrappedDek, next: &WrappedDek) -> Result<(), KeyStoreError> {
+        if previous.id != next.id {
+            return Err(KeyStoreError::Backend(
+                "an update must keep the record's id".into(),
+            ));
+        }
+        let c = self.conn().await?;
+        // One statement: the row changes only if it still holds exactly
+        // `previous` (compare-and-swap; no lock held across round trips).
+        let n = c
+            .execute(
+                "UPDATE panseal_keys SET state = $2, kek_id = $3, kek_version = $4, record = $5,
+                     updated_at = now() WHERE id = $1 AND record = $6",
+                &[
+                    &next.id.as_bytes().as_slice(),
+                    &i16::from(next.state as u8),
+                    &next.wrapped.kek.id,
+                    &i64::from(next.wrapped.kek.version),
+                    &next.to_bytes(),
+                    &previous.to_bytes(),
+                ],
+            )
             .await
-    }
-
-    async fn replace_wrap(
-        &self,
-        id: KeyId,
-        expected: &KekRef,
-        wrapped: &WrappedKey,
-    ) -> Result<(), KeyStoreError> {
-        self.mutate(id, |r| r.replace_wrap(id, expected, wrapped))
-            .await
-    }
-
-    async fn add_uses(&self, id: KeyId, n: u64) -> Result<(), KeyStoreError> {
-        self.mutate(id, |r| r.add_uses(id, n)).await
+            .map_err(db)?;
+        if n == 1 {
+            return Ok(());
+        }
+        match self.fetch(next.id).await? {
+            None => Err(KeyStoreError::NotFound(next.id)),
+            Some(_) => Err(KeyStoreError::Conflict),
+        }
     }
 }

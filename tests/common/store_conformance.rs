@@ -52,22 +52,31 @@ pub async fn conformance(store: &dyn KeyStore, base: u64) {
     let only_a = store.list(Some(&a.scope)).await.unwrap();
     assert_eq!(only_a, vec![a.clone()]);
 
-    // Lifecycle: forward only; the same state again is a no-op.
-    let r = store.set_state(a.id, KeyState::DecryptOnly).await.unwrap();
-    assert_eq!(r.state, KeyState::DecryptOnly);
-    store.set_state(a.id, KeyState::DecryptOnly).await.unwrap();
+    // Every change is a compare-and-swap on the whole stored record. (The
+    // store does not judge the change: the key service's signature does.)
+    let a2 = successor(&a, |r| r.state = KeyState::DecryptOnly);
+    store.update(&a, &a2).await.unwrap();
+    assert_eq!(store.fetch(a.id).await.unwrap().as_ref(), Some(&a2));
+    // The old record no longer matches: a lost race, nothing written.
+    let a2_other = successor(&a, |r| r.uses += 1);
     assert!(matches!(
-        store.set_state(a.id, KeyState::Active).await,
-        Err(KeyStoreError::Transition { .. })
+        store.update(&a, &a2_other).await,
+        Err(KeyStoreError::Conflict)
     ));
+    assert_eq!(store.fetch(a.id).await.unwrap().as_ref(), Some(&a2));
+    let mut missing = a.clone();
+    missing.id = KeyId::from_bytes([9; 8]);
     assert!(matches!(
-        store
-            .set_state(KeyId::from_bytes([9; 8]), KeyState::Destroyed)
-            .await,
+        store.update(&missing, &successor(&missing, |_| {})).await,
         Err(KeyStoreError::NotFound(_))
     ));
+    // An update may not move a record to another id.
+    let mut moved = successor(&a2, |_| {});
+    moved.id = b.id;
+    assert!(store.update(&a2, &moved).await.is_err());
+    assert_eq!(store.fetch(b.id).await.unwrap().as_ref(), Some(&b));
 
-    // Rewrap is compare-and-set on the KEK reference.
+    // A rewrap: the wrapped key changes.
     let new = WrappedKey {
         kek: KekRef {
             id: a.wrapped.kek.id.clone(),
@@ -75,23 +84,25 @@ pub async fn conformance(store: &dyn KeyStore, base: u64) {
         },
         bytes: vec![7; 60],
     };
-    store
-        .replace_wrap(a.id, &a.wrapped.kek, &new)
-        .await
-        .unwrap();
-    assert!(matches!(
-        store.replace_wrap(a.id, &a.wrapped.kek, &new).await,
-        Err(KeyStoreError::Conflict)
-    ));
+    let a3 = successor(&a2, |r| r.wrapped = new.clone());
+    store.update(&a2, &a3).await.unwrap();
     assert_eq!(store.fetch(a.id).await.unwrap().unwrap().wrapped, new);
 
-    store.add_uses(b.id, 5).await.unwrap();
-    store.add_uses(b.id, 2).await.unwrap();
+    // Use counts from several successive swaps all land.
+    let mut cur = b.clone();
+    for n in [5, 2] {
+        let next = successor(&cur, |r| r.uses += n);
+        store.update(&cur, &next).await.unwrap();
+        cur = next;
+    }
     assert_eq!(store.fetch(b.id).await.unwrap().unwrap().uses, b.uses + 7);
 
-    // Destroy erases the wrapped key and is final.
-    let d = store.set_state(a.id, KeyState::Destroyed).await.unwrap();
-    assert!(d.wrapped.bytes.is_empty());
+    // Destroyed: the wrapped key is gone from the store.
+    let d = successor(&a3, |r| {
+        r.state = KeyState::Destroyed;
+        r.wrapped.bytes.clear();
+    });
+    store.update(&a3, &d).await.unwrap();
     assert!(store
         .fetch(a.id)
         .await
@@ -101,18 +112,19 @@ pub async fn conformance(store: &dyn KeyStore, base: u64) {
         .bytes
         .is_empty());
     assert!(matches!(
-        store.replace_wrap(a.id, &new.kek, &new).await,
+        store.update(&a3, &successor(&a3, |_| {})).await,
         Err(KeyStoreError::Conflict)
     ));
-    for s in [
-        KeyState::Active,
-        KeyState::DecryptOnly,
-        KeyState::Compromised,
-    ] {
-        assert!(store.set_state(a.id, s).await.is_err());
-    }
-    // The other record is untouched.
+    // The other record is untouched by all of this.
     let b_now = store.fetch(b.id).await.unwrap().unwrap();
     assert_eq!(b_now.state, KeyState::Active);
     assert_eq!(b_now.wrapped, b.wrapped);
+}
+
+/// `r` changed by `f`, with the next sequence number.
+pub fn successor(r: &WrappedDek, f: impl FnOnce(&mut WrappedDek)) -> WrappedDek {
+    let mut next = r.clone();
+    f(&mut next);
+    next.sequence = r.sequence + 1;
+    next
 }

@@ -147,7 +147,17 @@ pub async fn kek_info_is_truthful(ks: &dyn KeyService, environment: &str) {
 pub async fn round_trip(ks: &dyn KeyService, environment: &str) {
     let info = ks.kek_info().await.unwrap();
     let mut seen = Vec::new();
-    for purpose in [KeyPurpose::Data, KeyPurpose::Index] {
+    // Issue 10: no index key is wrapped for, or unwrapped to, a caller.
+    let index_request = request(environment, "merchant-1", KeyPurpose::Index);
+    assert!(
+        ks.generate(&index_request).await.is_err(),
+        "an index key was generated for the caller"
+    );
+    assert!(
+        ks.wrap(&index_request, &Dek::generate()).await.is_err(),
+        "an index key was wrapped for the caller"
+    );
+    for purpose in [KeyPurpose::Data, KeyPurpose::Data] {
         let r = request(environment, "merchant-1", purpose);
         let (dek, w) = ks.generate(&r).await.unwrap();
         assert_eq!(w.kek.id, info.id);
@@ -187,7 +197,8 @@ pub async fn binding(ks: &dyn KeyService, environment: &str) {
 
     let mut other = r.clone();
     other.purpose = KeyPurpose::Index;
-    assert_unwrap_failed(unwrap(ks, &other, &w).await, "another purpose");
+    // Another purpose: refused (index keys never unwrap to a caller).
+    assert!(unwrap(ks, &other, &w).await.is_err(), "another purpose");
 
     // Another environment: refused before or by authentication.
     let mut other = r.clone();
@@ -320,7 +331,7 @@ fn assert_kek_gone(r: Result<impl std::fmt::Debug, KeyServiceError>, what: &str)
 
 pub async fn destroyed_kek_refuses(ks: &dyn KeyService, backend: &dyn Backend, environment: &str) {
     let r_moved = request(environment, "merchant-1", KeyPurpose::Data);
-    let r_left = request(environment, "merchant-1", KeyPurpose::Index);
+    let r_left = request(environment, "merchant-1", KeyPurpose::Data);
     let (dek_moved, w_moved) = ks.generate(&r_moved).await.unwrap();
     let (_dek_left, w_left) = ks.generate(&r_left).await.unwrap();
     let doomed = w_moved.kek.version;
@@ -441,12 +452,10 @@ pub async fn end_to_end(ks: Arc<dyn KeyService>, environment: &str) {
     // fresh instance and new DEKs are wrapped under the new version.
     let rotated = ks.rotate_kek().await.unwrap();
     for r in store.list(None).await.unwrap() {
-        let new = ks.rewrap(&r.key_request(), &r.wrapped).await.unwrap();
-        assert_eq!(new.kek.version, rotated.version);
-        store
-            .replace_wrap(r.id, &r.wrapped.kek, &new)
+        let new = panseal::rewrap_record(ks.as_ref(), &store, r.id)
             .await
             .unwrap();
+        assert_eq!(new.wrapped.kek.version, rotated.version);
     }
     let fresh = panseal(ks.clone(), &store, &audit, environment, Policy::default())
         .await

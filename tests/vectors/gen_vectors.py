@@ -33,6 +33,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 # ---------------------------------------------------------------------------
 # Errors: the classes FORMAT.md names.
@@ -967,6 +968,145 @@ def build_blind_index() -> dict:
 
 
 # ---------------------------------------------------------------------------
+# Issue 10: key-store record version 2 (FORMAT.md §9) and blind-index values
+# computed inside the key service (FORMAT.md §11), under the keys
+# LocalKeyService::from_kek_bytes_insecure derives from its KEK bytes.
+# ---------------------------------------------------------------------------
+
+RECORD_V2 = 2
+RECORD_MAC_LABEL = b"panseal-record-v2"
+SERVICE_KEK = fixed("local service kek", 32)
+
+
+def hkdf32(ikm: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(ikm)
+
+
+def local_record_key(kek: bytes) -> bytes:
+    return hkdf32(kek, b"panseal-local-record-key-v1")
+
+
+def local_index_key(kek: bytes, environment: str, scope: str, version: int) -> bytes:
+    e, sc = environment.encode("ascii"), scope.encode("ascii")
+    return hkdf32(kek, b"panseal-local-index-key-v1" + u8(len(e)) + e + u8(len(sc)) + sc
+                  + u32(version))
+
+
+def service_index_key_id(environment: str, scope: str, version: int) -> bytes:
+    return sha256(b"panseal-index-key-id-v2" + environment.encode("ascii") + b"\x00"
+                  + scope.encode("ascii") + b"\x00" + u32(version))[:8]
+
+
+def record_v2_body(f: dict, sequence: int) -> bytes:
+    """Version 2 without the tag: version 1's fields with version byte 2 and
+    the sequence (u64) between `uses` and the wrapped key."""
+    v1 = encode_record(dict(f, record_version=RECORD_V2))
+    wrapped = bytes.fromhex(f["wrapped_hex"])
+    tail = u16(len(wrapped)) + wrapped
+    assert v1.endswith(tail)
+    return v1[: len(v1) - len(tail)] + u64(sequence) + tail
+
+
+def record_tag(record_key: bytes, body: bytes) -> bytes:
+    h = hmac.HMAC(record_key, hashes.SHA256())
+    h.update(RECORD_MAC_LABEL + body)
+    return h.finalize()
+
+
+def build_record_v2(record_doc: dict) -> dict:
+    rk = local_record_key(SERVICE_KEK)
+    base = next(v for v in record_doc["records"] if v["name"] == "active data key")["fields"]
+    assert base["environment"] == "test"
+    positives = [
+        ("active, sequence 0", dict(base, uses=0), 0),
+        ("use count reported, sequence 1", dict(base, uses=4096), 1),
+        ("retired, sequence 7", dict(base, state="decrypt-only", uses=70000), 7),
+        ("destroyed, sequence 8", dict(base, state="destroyed", uses=70000, wrapped_hex=""), 8),
+    ]
+    vectors = []
+    for name, f, seq in positives:
+        body = record_v2_body(f, seq)
+        tag = record_tag(rk, body)
+        vectors.append({"name": name, "fields": f, "sequence": seq,
+                        "signed_hex": (RECORD_MAC_LABEL + body).hex(),
+                        "tag_hex": tag.hex(), "record_hex": (body + tag).hex()})
+    # Negative: a database writer edits one field of the signed record and
+    # keeps the tag. Each still decodes; each fails verification.
+    signed_f, signed_seq = positives[2][1], positives[2][2]
+    tag = record_tag(rk, record_v2_body(signed_f, signed_seq))
+    edits = [
+        ("state decrypt-only -> active", {"state": "active"}, None),
+        ("state -> compromised", {"state": "compromised"}, None),
+        ("encrypt_until extended", {"encrypt_until": signed_f["encrypt_until"] + 86_400}, None),
+        ("decrypt_until extended", {"decrypt_until": signed_f["decrypt_until"] + 86_400}, None),
+        ("uses reset", {"uses": 0}, None),
+        ("max_uses raised", {"max_uses": signed_f["max_uses"] * 2}, None),
+        ("version relabel", {"version": 1}, None),
+        ("purpose relabel", {"purpose": "index"}, None),
+        ("scope relabel", {"scope": "merchant-43"}, None),
+        ("created_at moved", {"created_at": signed_f["created_at"] - 1}, None),
+        ("kek version relabel", {"kek_version": 2}, None),
+        ("wrapped key swapped", {"wrapped_hex": "00" * 60}, None),
+        ("sequence rolled back", {}, signed_seq - 1),
+        ("sequence bumped", {}, signed_seq + 1),
+    ]
+    negative = []
+    for name, change, seq in edits:
+        body = record_v2_body(dict(signed_f, **change), signed_seq if seq is None else seq)
+        assert record_tag(rk, body) != tag
+        negative.append({"name": name, "record_hex": (body + tag).hex()})
+    flipped = bytearray(tag)
+    flipped[31] ^= 1
+    negative.append({"name": "tag bit flipped",
+                     "record_hex": (record_v2_body(signed_f, signed_seq) + bytes(flipped)).hex()})
+    return {"format": "panseal key-store record v2", "kek_hex": SERVICE_KEK.hex(),
+            "environment": "test", "record_key_hex": rk.hex(), "vectors": vectors,
+            "negative": negative}
+
+
+def verify_record_v2(doc: dict) -> None:
+    rk = local_record_key(bytes.fromhex(doc["kek_hex"]))
+    assert rk.hex() == doc["record_key_hex"]
+    for v in doc["vectors"]:
+        body = record_v2_body(v["fields"], v["sequence"])
+        assert (RECORD_MAC_LABEL + body).hex() == v["signed_hex"], v["name"]
+        assert record_tag(rk, body).hex() == v["tag_hex"], v["name"]
+    for v in doc["negative"]:
+        raw = bytes.fromhex(v["record_hex"])
+        assert record_tag(rk, raw[:-32]) != raw[-32:], v["name"]
+
+
+def build_blind_index_v2() -> dict:
+    env, scopes = "test", ["merchant-42", "tenant:eu.west_1"]
+    pans = ["4111111111111111", "5555555555554444", "378282246310005", "4571234567890123450"]
+    keys, vectors = [], []
+    for scope in scopes:
+        for version in (1, 2):
+            k = local_index_key(SERVICE_KEK, env, scope, version)
+            keys.append({"scope": scope, "version": version, "index_key_hex": k.hex(),
+                         "key_id_hex": service_index_key_id(env, scope, version).hex(),
+                         "legacy_key_id_hex": index_key_id(env, scope, version).hex()})
+            for pan in pans:
+                vectors.append({"scope": scope, "version": version, "pan": pan,
+                                "index_hex": blind_index(k, pan).hex()})
+    return {"format": "panseal blind index v2 (computed in the key service)",
+            "kek_hex": SERVICE_KEK.hex(), "environment": env, "index_keys": keys,
+            "vectors": vectors}
+
+
+def verify_blind_index_v2(doc: dict) -> None:
+    kek = bytes.fromhex(doc["kek_hex"])
+    for k in doc["index_keys"]:
+        key = local_index_key(kek, doc["environment"], k["scope"], k["version"])
+        assert key.hex() == k["index_key_hex"]
+        assert k["key_id_hex"] != k["legacy_key_id_hex"]
+    by = {(k["scope"], k["version"]): bytes.fromhex(k["index_key_hex"]) for k in doc["index_keys"]}
+    for v in doc["vectors"]:
+        assert blind_index(by[(v["scope"], v["version"])], v["pan"]).hex() == v["index_hex"]
+
+
+
+# ---------------------------------------------------------------------------
 # Verification: runs on the JSON documents (generated or committed).
 # ---------------------------------------------------------------------------
 
@@ -1090,6 +1230,8 @@ VERIFIERS = {
     "wrap_v1.json": verify_wrap,
     "record_v1.json": verify_record,
     "blind_index_v1.json": verify_blind_index,
+    "record_v2.json": verify_record_v2,
+    "blind_index_v2.json": verify_blind_index_v2,
 }
 
 
@@ -1101,11 +1243,14 @@ def verify_all(docs: dict) -> None:
 
 def build_all() -> dict:
     wrap_doc = build_wrap()
+    record_doc = build_record(wrap_doc)
     return {
         "ciphertext_v1.json": build_ciphertext(),
         "wrap_v1.json": wrap_doc,
-        "record_v1.json": build_record(wrap_doc),
+        "record_v1.json": record_doc,
         "blind_index_v1.json": build_blind_index(),
+        "record_v2.json": build_record_v2(record_doc),
+        "blind_index_v2.json": build_blind_index_v2(),
     }
 
 
