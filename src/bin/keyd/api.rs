@@ -35,6 +35,9 @@ use crate::config::{Config, Principal};
 use crate::seal::{self, MasterKey};
 use crate::state::{StateError, StateStore};
 
+#[path = "reveal.rs"]
+mod reveal;
+
 /// Approvals needed to destroy a KEK version (dual control).
 const DESTROY_APPROVALS: usize = 2;
 
@@ -65,6 +68,9 @@ struct AuditRecord {
     error: Option<ErrorKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+    /// `reveal`: where the revealed record lives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<reveal::AuditContext>,
 }
 
 struct Failure(ErrorBody);
@@ -151,6 +157,10 @@ pub(crate) struct Server {
     audit_key_id: String,
     windows: Mutex<HashMap<String, Window>>,
     reshare: Mutex<Option<Reshare>>,
+    /// keyd's own DEK cache for `reveal` (never returned).
+    reveal_cache: reveal::RevealCache,
+    /// Durable `reveal` and `index` quota counters.
+    quotas: crate::quota::QuotaStore,
 }
 
 fn slot(environment: &str, scope: &str) -> String {
@@ -257,7 +267,21 @@ impl Server {
         audit: std::sync::Arc<ChainedAuditLog>,
         audit_key_id: String,
     ) -> Self {
+        let lockout = cfg
+            .principals
+            .iter()
+            .flat_map(|p| [p.reveal_quota.window_seconds, p.index_quota.window_seconds])
+            .chain([
+                cfg.default_quotas.reveal.window_seconds,
+                cfg.default_quotas.index.window_seconds,
+            ])
+            .max()
+            .unwrap_or(crate::quota::DEFAULT_REVEAL_WINDOW);
+        let quotas =
+            crate::quota::QuotaStore::new(&cfg.data_dir, std::time::Duration::from_secs(lockout));
         Server {
+            reveal_cache: reveal::RevealCache::new(),
+            quotas,
             cfg,
             state,
             vault: RwLock::new(Vault::Sealed {
@@ -387,6 +411,7 @@ impl Server {
             proto::STATUS => self.status(p),
             proto::ACKNOWLEDGE => self.acknowledge(p, &body),
             proto::UNSEAL => self.unseal(p, &body),
+            proto::WHOAMI => self.whoami(p),
             _ if self.is_sealed() => Err(Failure::new(
                 ErrorKind::Sealed,
                 "keyd is sealed: custodians must submit their shares",
@@ -405,6 +430,7 @@ impl Server {
             proto::APPROVAL_WITHDRAW => self.withdraw(p, &body, rec),
             proto::RESHARE => self.reshare(p, &body),
             proto::SHARE_COLLECT => self.collect(p, &body),
+            proto::REVEAL => self.reveal(p, &body, rec),
             _ => Err(Failure::new(ErrorKind::BadRequest, "unknown path")),
         }
     }
@@ -620,6 +646,7 @@ impl Server {
             };
             // The state and KEK-sealing subkeys go too.
             self.state.forget_keys();
+            self.reveal_cache.clear();
         });
         *self.reshare.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.status(p)
@@ -636,6 +663,7 @@ impl Server {
             Permission::Index,
             Permission::Rewrap,
             Permission::Custodian,
+            Permission::Reveal,
         ]
         .iter()
         .any(|&x| p.may(x))
@@ -1578,6 +1606,8 @@ fn operation_name(path: &str) -> &'static str {
         proto::APPROVAL_WITHDRAW => "approval-withdraw",
         proto::RESHARE => "reshare-vote",
         proto::SHARE_COLLECT => "share-collect",
+        proto::REVEAL => "reveal",
+        proto::WHOAMI => "whoami",
         _ => "unknown",
     }
 }
