@@ -158,6 +158,23 @@ async fn stolen_reveal_credential_with_a_dump_of_5000_reveals_exactly_its_quota(
         .filter(|(_, _, d)| audit.contains(d.as_str()) || quota.contains(d.as_str()))
         .count();
     assert_eq!(leaked, 0, "PANs in keyd's audit log or quota file");
+
+    // kill -9 and a restart give the stolen credential no new record.
+    let mut k = k;
+    k.kill();
+    k.start();
+    k.unseal().await;
+    let stolen = k.client("revealer");
+    let mut new_after_restart = 0;
+    for (sealed, c, _) in &rows[..300] {
+        let record = record_of(&store, sealed).await;
+        if reveal(&stolen, &record, sealed, c).await.is_ok()
+            && !recovered.contains(&c.row_key().to_vec())
+        {
+            new_after_restart += 1;
+        }
+    }
+    assert_eq!(new_after_restart, 0, "new records revealed after kill -9");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -222,7 +239,16 @@ async fn kill_9_restart_and_unseal_do_not_reset_the_counters() {
     k.kill();
     let path = k.path("data/quota.state");
     let text = std::fs::read_to_string(&path).unwrap();
-    let edited = text.replace("\"requests\":4", "\"requests\":0");
+    // Lower every count to 0 (the MAC line is left as it was).
+    let mut edited = String::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("\"requests\":") {
+        let (head, tail) = rest.split_at(i + "\"requests\":".len());
+        edited.push_str(head);
+        edited.push('0');
+        rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    edited.push_str(rest);
     assert_ne!(text, edited);
     std::fs::write(&path, edited).unwrap();
     k.start();

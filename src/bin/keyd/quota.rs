@@ -14,11 +14,14 @@
 //! | reveal | 3600 s | 100 distinct records, 1,000 requests | an admin screen or refund clerk reads tens of cards an hour; a stolen credential reads at most 2,400 a day, each one named in the audit |
 //! | index | 60 s | 1,000 HMACs | a checkout front end hashes one PAN per card stored (16 a second is a busy shop); a masked PAN (BIN + last four) leaves ~10^5 Luhn-valid candidates, so a stolen index credential confirms at most one PAN per ~100 minutes |
 //!
-//! **Durability (write-ahead).** Every charge is written to
-//! `data_dir/quota.state` (temporary file, fsync, rename, directory fsync)
-//! before the answer is given; concurrent charges share one write (group
-//! commit). A `kill -9` at any point leaves the old or the new counters, and
-//! a charge whose write did not complete was never answered. The file is
+//! **Durability (write-ahead).** Before a charge is answered, a ceiling
+//! at or above it is in `data_dir/quota.state` (temporary file, fsync,
+//! rename, directory fsync); concurrent charges share one write (group
+//! commit). A write reserves the next 2% of the limit (at least one slot),
+//! so a principal near its limit writes at every charge and a busy one
+//! every 50th; after a `kill -9` keyd counts every reserved slot as used:
+//! a crash may cost a principal up to 2% of its window, and never grants
+//! one slot more than the window allows. The file is
 //! authenticated with HMAC-SHA-256 under a key derived from keyd's state
 //! authentication subkey, so it is read only once keyd is unsealed; a file
 //! that fails authentication makes every `reveal` and `index` charge fail
@@ -137,20 +140,44 @@ pub(crate) enum Refusal {
     NotDurable(String),
 }
 
+/// A reveal window as written: `requests` and `distinct_records` are
+/// ceilings (at least what was used; after a crash, taken as used).
 #[derive(Clone, Serialize, Deserialize, Default)]
 struct RevealWindow {
     started: u64,
     window_seconds: u64,
     requests: u64,
-    /// Hex SHA-256 of each distinct record revealed in the window.
+    distinct_records: u64,
+    /// Hex SHA-256 of distinct records revealed in the window (those known
+    /// at the last write; re-revealing one costs no record slot).
     records: BTreeSet<String>,
 }
 
+/// An index window as written: `hashes` is a ceiling.
 #[derive(Clone, Serialize, Deserialize, Default)]
 struct IndexWindow {
     started: u64,
     window_seconds: u64,
     hashes: u64,
+}
+
+/// What a principal used in its current reveal window (memory only).
+#[derive(Default)]
+struct Live {
+    requests: u64,
+    records: u64,
+    seen: HashSet<[u8; 32]>,
+}
+
+/// Slots reserved per write: 2% of the limit (at least 1). A crash loses
+/// at most this many slots minus one, and never grants one.
+fn chunk(limit: u64) -> u64 {
+    limit.div_ceil(50).max(1)
+}
+
+/// The ceiling to write for `used` of `limit`.
+fn ceiling(used: u64, limit: u64) -> u64 {
+    used.saturating_add(chunk(limit) - 1).min(limit).max(used)
 }
 
 /// The file's JSON body.
@@ -164,8 +191,10 @@ struct Snapshot {
 
 struct Counters {
     snapshot: Snapshot,
-    /// `records` of each reveal window as raw digests, for the hot path.
-    seen: HashMap<String, HashSet<[u8; 32]>>,
+    /// Each principal's use of its reveal window.
+    live: HashMap<String, Live>,
+    /// Each principal's use of its index window.
+    index_used: HashMap<String, u64>,
     loaded: bool,
     /// Unix seconds until which every charge is refused (a file that
     /// failed authentication).
@@ -257,7 +286,8 @@ impl QuotaStore {
             path: data_dir.join("quota.state"),
             counters: Mutex::new(Counters {
                 snapshot: Snapshot::default(),
-                seen: HashMap::new(),
+                live: HashMap::new(),
+                index_used: HashMap::new(),
                 loaded: false,
                 refuse_until: 0,
             }),
@@ -275,11 +305,12 @@ impl QuotaStore {
         match std::fs::read(&self.path) {
             Ok(bytes) => match decode(key, &bytes) {
                 Ok(s) => {
-                    c.seen = s
+                    // After a crash, every reserved slot counts as used.
+                    c.live = s
                         .reveal
                         .iter()
                         .map(|(p, w)| {
-                            let set = w
+                            let seen: HashSet<[u8; 32]> = w
                                 .records
                                 .iter()
                                 .filter_map(|h| {
@@ -287,9 +318,15 @@ impl QuotaStore {
                                     hex::decode_to_slice(h, &mut d).ok().map(|_| d)
                                 })
                                 .collect();
-                            (p.clone(), set)
+                            let live = Live {
+                                requests: w.requests,
+                                records: w.distinct_records.max(seen.len() as u64),
+                                seen,
+                            };
+                            (p.clone(), live)
                         })
                         .collect();
+                    c.index_used = s.index.iter().map(|(p, w)| (p.clone(), w.hashes)).collect();
                     self.generation.store(s.generation, Ordering::SeqCst);
                     c.snapshot = s;
                 }
@@ -340,7 +377,7 @@ impl QuotaStore {
             Self::locked(&c, now)?;
             let c = &mut *c;
             let w = c.snapshot.reveal.entry(principal.to_owned()).or_default();
-            let seen = c.seen.entry(principal.to_owned()).or_default();
+            let live = c.live.entry(principal.to_owned()).or_default();
             // A window ends after its own length, or sooner if the
             // configured window was shortened.
             let len = w.window_seconds.min(limit.window_seconds);
@@ -350,27 +387,36 @@ impl QuotaStore {
                     window_seconds: limit.window_seconds,
                     ..RevealWindow::default()
                 };
-                seen.clear();
+                *live = Live::default();
             }
             let retry = retry_in(w.started, w.window_seconds, now);
-            if w.requests >= limit.requests {
+            if live.requests >= limit.requests {
                 return Err(Refusal::Exceeded(format!(
                     "principal {principal:?} reached {} reveal requests per {} s; retry in {retry} s",
                     limit.requests, limit.window_seconds
                 )));
             }
-            let new = !seen.contains(&record);
-            if new && seen.len() as u64 >= limit.distinct_records {
+            let new = !live.seen.contains(&record);
+            if new && live.records >= limit.distinct_records {
                 return Err(Refusal::Exceeded(format!(
                     "principal {principal:?} reached {} distinct records per {} s; retry in {retry} s",
                     limit.distinct_records, limit.window_seconds
                 )));
             }
-            w.requests += 1;
+            live.requests += 1;
             if new {
-                seen.insert(record);
+                live.records += 1;
+                live.seen.insert(record);
                 w.records.insert(hex::encode(record));
             }
+            if live.requests <= w.requests && live.records <= w.distinct_records {
+                // Within the slots already reserved on disk.
+                return Ok(());
+            }
+            w.requests = w.requests.max(ceiling(live.requests, limit.requests));
+            w.distinct_records = w
+                .distinct_records
+                .max(ceiling(live.records, limit.distinct_records));
             self.generation.fetch_add(1, Ordering::SeqCst) + 1
         };
         self.persist(key, generation)
@@ -390,7 +436,9 @@ impl QuotaStore {
             let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
             self.load(&mut c, key);
             Self::locked(&c, now)?;
+            let c = &mut *c;
             let w = c.snapshot.index.entry(principal.to_owned()).or_default();
+            let used = c.index_used.entry(principal.to_owned()).or_default();
             let len = w.window_seconds.min(limit.window_seconds);
             if w.started == 0 || now >= w.started.saturating_add(len) {
                 *w = IndexWindow {
@@ -398,16 +446,21 @@ impl QuotaStore {
                     window_seconds: limit.window_seconds,
                     hashes: 0,
                 };
+                *used = 0;
             }
-            if w.hashes.saturating_add(n) > limit.hashes {
+            if used.saturating_add(n) > limit.hashes {
                 let retry = retry_in(w.started, w.window_seconds, now);
                 return Err(Refusal::Exceeded(format!(
                     "principal {principal:?} would pass {} hashes per {} s ({} used, {n} asked); \
                      retry in {retry} s",
-                    limit.hashes, limit.window_seconds, w.hashes
+                    limit.hashes, limit.window_seconds, *used
                 )));
             }
-            w.hashes += n;
+            *used += n;
+            if *used <= w.hashes {
+                return Ok(());
+            }
+            w.hashes = ceiling(*used, limit.hashes);
             self.generation.fetch_add(1, Ordering::SeqCst) + 1
         };
         self.persist(key, generation)
@@ -415,6 +468,13 @@ impl QuotaStore {
 
     /// Returns once the counters of `generation` (or newer) are on disk.
     fn persist(&self, key: &[u8; 32], generation: u64) -> Result<(), Refusal> {
+        // The write waits for the disk: let the runtime move other
+        // connections to another worker meanwhile, so their charges share
+        // the next write.
+        tokio::task::block_in_place(|| self.persist_now(key, generation))
+    }
+
+    fn persist_now(&self, key: &[u8; 32], generation: u64) -> Result<(), Refusal> {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         if *written >= generation {
             // Another charge's write covered this one (group commit).
@@ -427,11 +487,12 @@ impl QuotaStore {
             c.snapshot
                 .reveal
                 .retain(|_, w| now < w.started.saturating_add(w.window_seconds));
-            let live: HashSet<String> = c.snapshot.reveal.keys().cloned().collect();
-            c.seen.retain(|p, _| live.contains(p));
+            let c = &mut *c;
+            c.live.retain(|p, _| c.snapshot.reveal.contains_key(p));
             c.snapshot
                 .index
                 .retain(|_, w| now < w.started.saturating_add(w.window_seconds));
+            c.index_used.retain(|p, _| c.snapshot.index.contains_key(p));
             let at = self.generation.load(Ordering::SeqCst);
             c.snapshot.generation = at;
             c.snapshot.written_at = now;
@@ -464,6 +525,7 @@ mod tests {
                 started: 100,
                 window_seconds: 3600,
                 requests: 5,
+                distinct_records: 1,
                 records: [hex::encode([1u8; 32])].into_iter().collect(),
             },
         );
