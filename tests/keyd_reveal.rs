@@ -446,3 +446,65 @@ async fn keyd_down_is_unavailable() {
         other => panic!("{:?}", other.map(|o| o.needs_reseal)),
     }
 }
+
+/// The path the C ABI and Python take (`ClientConfig` JSON → builder →
+/// blocking facade): a `reveal`-only keyd credential in a configuration
+/// opens without any change to the FFI.
+#[tokio::test(flavor = "multi_thread")]
+async fn configuration_based_client_of_the_c_abi_opens_via_reveal() {
+    let k = Keyd::ready().await;
+    let store_path = k.path("keys.pks");
+    let store = panseal::FileKeyStore::open(&store_path).unwrap();
+    let writer = Panseal::builder()
+        .key_service(k.client_with("app", |b| b.scope("merchant-1")))
+        .key_store(store)
+        .audit(MemoryAuditSink::new())
+        .environment("test")
+        .scope("merchant-1")
+        .build()
+        .await
+        .unwrap();
+    let digits = pan_number(42);
+    let c = ctx(42);
+    let sealed = writer
+        .seal_pan(&Pan::parse(&digits).unwrap(), &c)
+        .await
+        .unwrap();
+    drop(writer);
+    let certs = k.path("certs");
+    let config = serde_json::json!({
+        "environment": "test",
+        "scope": "merchant-1",
+        "key_service": {
+            "type": "keyd",
+            "address": k.addr,
+            "server_name": "localhost",
+            "ca_file": certs.join("ca.pem"),
+            "client_cert_file": certs.join("revealer.pem"),
+            "client_key_file": certs.join("revealer.key.pem"),
+        },
+        "key_store": {"type": "file", "path": store_path},
+        "audit": {"type": "memory"},
+    })
+    .to_string();
+    let text = sealed.to_text();
+    let got = tokio::task::spawn_blocking(move || {
+        let builder = panseal::config::ClientConfig::from_json(&config)
+            .unwrap()
+            .builder()
+            .unwrap();
+        let client = panseal::blocking::Panseal::build(builder).unwrap();
+        let s = SealedPan::from_text(&text).unwrap();
+        let o = client.open_pan(&s, &ctx(42), &access()).unwrap();
+        let wrong = client.open_pan(&s, &ctx(43), &access());
+        (o.pan.expose_digits().to_owned(), wrong.is_err())
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, (digits, true));
+    assert_eq!(
+        success(&reveal_lines(&k)),
+        1,
+        "one reveal in keyd's audit, one open-failed"
+    );
+}
