@@ -146,10 +146,12 @@ async fn stolen_reveal_credential_with_a_dump_of_5000_reveals_exactly_its_quota(
             1,
             "{name}"
         );
-        assert!(lines.iter().any(|l| l.contains("\"principal\":\"revealer\"")
-            && l.contains("\"on_behalf_of\":\"clerk-7\"")
-            && l.contains("\"purpose\":\"refund 123\"")
-            && l.contains("\"table\":\"cards\"")));
+        assert!(lines
+            .iter()
+            .any(|l| l.contains("\"principal\":\"revealer\"")
+                && l.contains("\"on_behalf_of\":\"clerk-7\"")
+                && l.contains("\"purpose\":\"refund 123\"")
+                && l.contains("\"table\":\"cards\"")));
     }
     let audit = std::fs::read_to_string(k.path("data/audit.log")).unwrap();
     let quota = std::fs::read_to_string(k.path("data/quota.state")).unwrap();
@@ -185,7 +187,7 @@ async fn re_revealing_a_record_costs_a_request_not_a_record_slot() {
     let rec = record_of(&store, &rows[0].0).await;
     let r = |i: usize| {
         let (s, c, _) = &rows[i];
-        (s.clone(), c.clone())
+        (*s, c.clone())
     };
     let mut ok = 0;
     for i in [0, 0, 1, 2] {
@@ -371,7 +373,8 @@ async fn open_pan_with_an_unwrap_less_credential_goes_through_reveal() {
     assert_eq!(
         events
             .iter()
-            .filter(|e| e.operation == panseal::Operation::Open && e.outcome == panseal::Outcome::Success)
+            .filter(|e| e.operation == panseal::Operation::Open
+                && e.outcome == panseal::Outcome::Success)
             .count(),
         10
     );

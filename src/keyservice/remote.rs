@@ -55,9 +55,9 @@ use crate::keyd::protocol::{
 use crate::keyd::protocol::{
     Permission, RevealRequest as WireReveal, RevealResponse, WhoamiResponse, WireContext,
 };
+use crate::keys::{Dek, Environment, KeyRequest, KeyState, Scope, WrappedKey};
 use crate::pan::{Pan, PanRules};
 use crate::Opened;
-use crate::keys::{Dek, Environment, KeyRequest, KeyState, Scope, WrappedKey};
 
 /// Whether a request may be sent again after it may have reached the
 /// server.
@@ -1009,8 +1009,8 @@ impl KeyService for RemoteKeyService {
         };
         let a: RevealResponse = self.call(proto::REVEAL, &r, Repeat::OnlyIfUnsent).await?;
         // Any PAN length the library seals (8 to 19 digits) comes back.
-        let rules = PanRules::with_min_digits(8)
-            .map_err(|_| KeyServiceError::Other("PAN rules".into()))?;
+        let rules =
+            PanRules::with_min_digits(8).map_err(|_| KeyServiceError::Other("PAN rules".into()))?;
         let pan = Pan::parse_with(a.pan.expose_secret(), &rules)
             .map_err(|_| KeyServiceError::Other("keyd answered a malformed PAN".into()))?;
         Ok(Opened {

@@ -517,8 +517,10 @@ mod tests {
     #[test]
     fn file_round_trips_and_refuses_an_edit() {
         let key = [7u8; 32];
-        let mut s = Snapshot::default();
-        s.generation = 3;
+        let mut s = Snapshot {
+            generation: 3,
+            ..Snapshot::default()
+        };
         s.reveal.insert(
             "refunds".into(),
             RevealWindow {

@@ -18,7 +18,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::{json, now_secs, parse, require, slot, truncate, Answer, AuditRecord, Failure, Server, Vault};
+use super::{
+    json, now_secs, parse, require, slot, truncate, Answer, AuditRecord, Failure, Server, Vault,
+};
 use crate::config::Principal;
 use crate::quota::Refusal;
 use panseal::keyd::protocol::{ErrorKind, Permission};
@@ -177,9 +179,7 @@ impl Server {
     #[allow(dead_code)]
     pub(super) fn charge_index(&self, p: &Principal, n: u64) -> Result<(), Failure> {
         let key = self.quota_key()?;
-        Ok(self
-            .quotas
-            .charge_index(&key, &p.name, &p.index_quota, n)?)
+        Ok(self.quotas.charge_index(&key, &p.name, &p.index_quota, n)?)
     }
 
     /// `POST /v1/whoami`.
@@ -294,7 +294,8 @@ impl Server {
             return Err(open_failed());
         }
         let dek = self.reveal_key(&record)?;
-        let pan = panseal::keyd::open_with_key(&dek, &sealed, &context).map_err(|_| open_failed())?;
+        let pan =
+            panseal::keyd::open_with_key(&dek, &sealed, &context).map_err(|_| open_failed())?;
         json(&RevealResponse {
             pan: PanDigits::new(pan.expose_digits().to_owned()),
             needs_reseal: record.state != KeyState::Active || now >= record.encrypt_until,
