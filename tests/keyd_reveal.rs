@@ -511,3 +511,52 @@ async fn configuration_based_client_of_the_c_abi_opens_via_reveal() {
         "one reveal in keyd's audit, one open-failed"
     );
 }
+
+/// The `unwrap` quota (requests and distinct keys per window) is kept in
+/// the same durable file: a restart does not reset it either.
+#[tokio::test(flavor = "multi_thread")]
+async fn unwrap_quota_survives_kill_9_too() {
+    let mut k = Keyd::ready().await;
+    let limited = k.client("limited"); // 6 unwraps, 3 distinct keys per hour
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        let r = panseal::KeyRequest {
+            id: panseal::KeyId::random(),
+            scope: panseal::Scope::new("m-q").unwrap(),
+            environment: panseal::Environment::new("test").unwrap(),
+            purpose: panseal::KeyPurpose::Data,
+        };
+        let (_, w) = limited.generate(&r).await.unwrap();
+        keys.push((r, w));
+    }
+    for (r, w) in &keys[..3] {
+        limited.unwrap(r, w, &access()).await.unwrap();
+    }
+    k.kill();
+    k.start();
+    k.unseal().await;
+    let limited = k.client("limited");
+    let mut new_keys_after_restart = 0;
+    for (r, w) in &keys[3..] {
+        match limited.unwrap(r, w, &access()).await {
+            Ok(_) => new_keys_after_restart += 1,
+            Err(e) => assert!(e.to_string().contains("distinct keys"), "{e}"),
+        }
+    }
+    assert_eq!(
+        new_keys_after_restart, 0,
+        "distinct keys unwrapped after kill -9"
+    );
+    // Keys already counted still unwrap (requests 4..6 of 6), then none.
+    let mut ok = 0;
+    for _ in 0..4 {
+        if limited
+            .unwrap(&keys[0].0, &keys[0].1, &access())
+            .await
+            .is_ok()
+        {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3);
+}

@@ -1,10 +1,10 @@
 //! Request handling: identity, policy, quotas, KEK operations, unsealing,
 //! and one audit record per request.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use aes_gcm::{Aes256Gcm, KeyInit};
 use bytes::Bytes;
@@ -127,12 +127,6 @@ enum Vault {
     },
 }
 
-struct Window {
-    started: Instant,
-    requests: u64,
-    keys: HashSet<KeyId>,
-}
-
 /// New shares waiting to be collected, one per new custodian.
 struct NewShares {
     master: Zeroizing<[u8; 32]>,
@@ -155,7 +149,6 @@ pub(crate) struct Server {
     vault: RwLock<Vault>,
     audit: std::sync::Arc<ChainedAuditLog>,
     audit_key_id: String,
-    windows: Mutex<HashMap<String, Window>>,
     reshare: Mutex<Option<Reshare>>,
     /// keyd's own DEK cache for `reveal` (never returned).
     reveal_cache: reveal::RevealCache,
@@ -289,7 +282,6 @@ impl Server {
             }),
             audit,
             audit_key_id,
-            windows: Mutex::new(HashMap::new()),
             reshare: Mutex::new(None),
         }
     }
@@ -966,50 +958,11 @@ impl Server {
 
     fn charge_quota(&self, p: &Principal, key: KeyId) -> Result<(), Failure> {
         let Some(q) = p.quota else { return Ok(()) };
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let w = windows.entry(p.name.clone()).or_insert_with(|| Window {
-            started: now,
-            requests: 0,
-            keys: HashSet::new(),
-        });
-        if now.duration_since(w.started) >= q.window {
-            *w = Window {
-                started: now,
-                requests: 0,
-                keys: HashSet::new(),
-            };
-        }
-        let retry = q
-            .window
-            .saturating_sub(now.duration_since(w.started))
-            .as_secs()
-            + 1;
-        if w.requests >= q.requests {
-            return Err(Failure::new(
-                ErrorKind::QuotaExceeded,
-                format!(
-                    "principal {:?} reached {} unwraps per {} s; retry in {retry} s",
-                    p.name,
-                    q.requests,
-                    q.window.as_secs()
-                ),
-            ));
-        }
-        if !w.keys.contains(&key) && w.keys.len() as u64 >= q.distinct_keys {
-            return Err(Failure::new(
-                ErrorKind::QuotaExceeded,
-                format!(
-                    "principal {:?} reached {} distinct keys per {} s; retry in {retry} s",
-                    p.name,
-                    q.distinct_keys,
-                    q.window.as_secs()
-                ),
-            ));
-        }
-        w.requests += 1;
-        w.keys.insert(key);
-        Ok(())
+        // Durable across restarts, like the reveal and index quotas.
+        let mac = self.quota_key()?;
+        Ok(self
+            .quotas
+            .charge_unwrap(&mac, &p.name, &q, key.as_bytes())?)
     }
 
     // ---- KEK lifecycle -------------------------------------------------

@@ -5,6 +5,8 @@
 //!   by the sealed bytes) and requests per window. Revealing the same record
 //!   again costs a request, not a record slot.
 //! * `index`: keyed hashes (HMACs) per window.
+//! * `unwrap`: the configured `quota` (unwrap requests and distinct keys
+//!   per window) of principals that have one, kept the same way.
 //!
 //! A principal without a configured quota gets [`Defaults`] (overridable
 //! in the `[default_quotas]` table of the configuration):
@@ -187,6 +189,17 @@ struct Snapshot {
     written_at: u64,
     reveal: BTreeMap<String, RevealWindow>,
     index: BTreeMap<String, IndexWindow>,
+    /// `unwrap` windows: `requests` unwraps, `distinct_records` distinct
+    /// keys, `records` SHA-256 of the key ids.
+    #[serde(default)]
+    unwrap: BTreeMap<String, RevealWindow>,
+}
+
+/// Which distinct-item quota a charge is for.
+#[derive(Clone, Copy)]
+enum Kind {
+    Reveal,
+    Unwrap,
 }
 
 struct Counters {
@@ -195,6 +208,8 @@ struct Counters {
     live: HashMap<String, Live>,
     /// Each principal's use of its index window.
     index_used: HashMap<String, u64>,
+    /// Each principal's use of its unwrap window.
+    unwrap_live: HashMap<String, Live>,
     loaded: bool,
     /// Unix seconds until which every charge is refused (a file that
     /// failed authentication).
@@ -288,6 +303,7 @@ impl QuotaStore {
                 snapshot: Snapshot::default(),
                 live: HashMap::new(),
                 index_used: HashMap::new(),
+                unwrap_live: HashMap::new(),
                 loaded: false,
                 refuse_until: 0,
             }),
@@ -306,26 +322,30 @@ impl QuotaStore {
             Ok(bytes) => match decode(key, &bytes) {
                 Ok(s) => {
                     // After a crash, every reserved slot counts as used.
-                    c.live = s
-                        .reveal
-                        .iter()
-                        .map(|(p, w)| {
-                            let seen: HashSet<[u8; 32]> = w
-                                .records
+                    let restore =
+                        |windows: &BTreeMap<String, RevealWindow>| -> HashMap<String, Live> {
+                            windows
                                 .iter()
-                                .filter_map(|h| {
-                                    let mut d = [0u8; 32];
-                                    hex::decode_to_slice(h, &mut d).ok().map(|_| d)
+                                .map(|(p, w)| {
+                                    let seen: HashSet<[u8; 32]> = w
+                                        .records
+                                        .iter()
+                                        .filter_map(|h| {
+                                            let mut d = [0u8; 32];
+                                            hex::decode_to_slice(h, &mut d).ok().map(|_| d)
+                                        })
+                                        .collect();
+                                    let live = Live {
+                                        requests: w.requests,
+                                        records: w.distinct_records.max(seen.len() as u64),
+                                        seen,
+                                    };
+                                    (p.clone(), live)
                                 })
-                                .collect();
-                            let live = Live {
-                                requests: w.requests,
-                                records: w.distinct_records.max(seen.len() as u64),
-                                seen,
-                            };
-                            (p.clone(), live)
-                        })
-                        .collect();
+                                .collect()
+                        };
+                    c.live = restore(&s.reveal);
+                    c.unwrap_live = restore(&s.unwrap);
                     c.index_used = s.index.iter().map(|(p, w)| (p.clone(), w.hashes)).collect();
                     self.generation.store(s.generation, Ordering::SeqCst);
                     c.snapshot = s;
@@ -370,14 +390,54 @@ impl QuotaStore {
         limit: &RevealLimit,
         record: [u8; 32],
     ) -> Result<(), Refusal> {
+        self.charge_distinct(key, Kind::Reveal, principal, limit, record)
+    }
+
+    /// Charges one unwrap of key `key_id` to `principal` (its configured
+    /// `quota`: requests and distinct keys per window), durably, or refuses.
+    pub(crate) fn charge_unwrap(
+        &self,
+        key: &[u8; 32],
+        principal: &str,
+        quota: &crate::config::Quota,
+        key_id: &[u8; 8],
+    ) -> Result<(), Refusal> {
+        let limit = RevealLimit {
+            window_seconds: quota.window.as_secs().max(1),
+            distinct_records: quota.distinct_keys,
+            requests: quota.requests,
+        };
+        let mut h = <Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut h, b"panseal-keyd unwrap key id");
+        sha2::Digest::update(&mut h, key_id);
+        let item: [u8; 32] = sha2::Digest::finalize(h).into();
+        self.charge_distinct(key, Kind::Unwrap, principal, &limit, item)
+    }
+
+    fn charge_distinct(
+        &self,
+        key: &[u8; 32],
+        kind: Kind,
+        principal: &str,
+        limit: &RevealLimit,
+        record: [u8; 32],
+    ) -> Result<(), Refusal> {
+        let (what, items) = match kind {
+            Kind::Reveal => ("reveal requests", "distinct records"),
+            Kind::Unwrap => ("unwraps", "distinct keys"),
+        };
         let now = now_secs();
         let generation = {
             let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
             self.load(&mut c, key);
             Self::locked(&c, now)?;
             let c = &mut *c;
-            let w = c.snapshot.reveal.entry(principal.to_owned()).or_default();
-            let live = c.live.entry(principal.to_owned()).or_default();
+            let (windows, lives) = match kind {
+                Kind::Reveal => (&mut c.snapshot.reveal, &mut c.live),
+                Kind::Unwrap => (&mut c.snapshot.unwrap, &mut c.unwrap_live),
+            };
+            let w = windows.entry(principal.to_owned()).or_default();
+            let live = lives.entry(principal.to_owned()).or_default();
             // A window ends after its own length, or sooner if the
             // configured window was shortened.
             let len = w.window_seconds.min(limit.window_seconds);
@@ -392,14 +452,14 @@ impl QuotaStore {
             let retry = retry_in(w.started, w.window_seconds, now);
             if live.requests >= limit.requests {
                 return Err(Refusal::Exceeded(format!(
-                    "principal {principal:?} reached {} reveal requests per {} s; retry in {retry} s",
+                    "principal {principal:?} reached {} {what} per {} s; retry in {retry} s",
                     limit.requests, limit.window_seconds
                 )));
             }
             let new = !live.seen.contains(&record);
             if new && live.records >= limit.distinct_records {
                 return Err(Refusal::Exceeded(format!(
-                    "principal {principal:?} reached {} distinct records per {} s; retry in {retry} s",
+                    "principal {principal:?} reached {} {items} per {} s; retry in {retry} s",
                     limit.distinct_records, limit.window_seconds
                 )));
             }
@@ -489,6 +549,11 @@ impl QuotaStore {
                 .retain(|_, w| now < w.started.saturating_add(w.window_seconds));
             let c = &mut *c;
             c.live.retain(|p, _| c.snapshot.reveal.contains_key(p));
+            c.snapshot
+                .unwrap
+                .retain(|_, w| now < w.started.saturating_add(w.window_seconds));
+            c.unwrap_live
+                .retain(|p, _| c.snapshot.unwrap.contains_key(p));
             c.snapshot
                 .index
                 .retain(|_, w| now < w.started.saturating_add(w.window_seconds));

@@ -165,7 +165,7 @@ impl Server {
 
     /// The quota file's key, derived from the state authentication subkey
     /// (keyd must be unsealed).
-    fn quota_key(&self) -> Result<Zeroizing<[u8; 32]>, Failure> {
+    pub(super) fn quota_key(&self) -> Result<Zeroizing<[u8; 32]>, Failure> {
         let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
         let Vault::Open { master, .. } = &*vault else {
             return Err(Failure::new(ErrorKind::Sealed, "keyd is sealed"));
