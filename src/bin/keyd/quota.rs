@@ -579,6 +579,48 @@ impl QuotaStore {
 mod tests {
     use super::*;
 
+    /// The independent generator's file (tests/vectors/gen_quota_vectors.py)
+    /// authenticates, decodes, and encodes back to the same bytes.
+    #[test]
+    fn python_vector_decodes_and_encodes_to_the_same_bytes() {
+        let doc: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/vectors/keyd_quota/quota_state_v1.json"
+        ))
+        .unwrap();
+        let q = &doc["quota_state"];
+        let mut state_mac = [0u8; 32];
+        hex::decode_to_slice(q["state_mac_hex"].as_str().unwrap(), &mut state_mac).unwrap();
+        let key = derive_key(&state_mac);
+        assert_eq!(hex::encode(&key[..]), q["quota_key_hex"].as_str().unwrap());
+        let file = q["file"].as_str().unwrap();
+        let s = decode(&key, file.as_bytes()).unwrap();
+        let w = &s.reveal[q["reveal_principal"].as_str().unwrap()];
+        assert_eq!(w.requests, q["requests"].as_u64().unwrap());
+        assert_eq!(w.distinct_records, q["distinct_records"].as_u64().unwrap());
+        assert_eq!(w.records.len(), 3);
+        assert_eq!(
+            s.index[q["index_principal"].as_str().unwrap()].hashes,
+            q["hashes"].as_u64().unwrap()
+        );
+        assert_eq!(encode(&key, &s), file.as_bytes());
+        assert!(decode(&[0u8; 32], file.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_crash_never_grants_a_slot() {
+        // Ceilings: never below what was used, never above the limit.
+        for limit in [1u64, 3, 5, 100, 1000, 100_000] {
+            for used in 0..=limit.min(300) {
+                let c = ceiling(used, limit);
+                assert!(c >= used && c <= limit);
+                assert!(c - used < chunk(limit));
+            }
+        }
+        assert_eq!(chunk(100), 2);
+        assert_eq!(chunk(1000), 20);
+        assert_eq!(chunk(3), 1);
+    }
+
     #[test]
     fn file_round_trips_and_refuses_an_edit() {
         let key = [7u8; 32];
