@@ -41,9 +41,13 @@
 //!       "lookups_per_window": 0 } ] }
 //! ```
 //!
-//! The limits here are per process; with several instances, or to bound
-//! what a stolen credential reads across the fleet, put reveal inside the
-//! key service (panseal-keyd's per-principal record quotas).
+//! The limits here are per process. To bound what a stolen credential
+//! reads across the fleet, give the reveal role its own configuration,
+//! `--reveal-config reveal.json`, naming a panseal-keyd credential with the
+//! `reveal` permission and without `unwrap`: this process then never holds
+//! a DEK for reveals; keyd opens each record, counts distinct records per
+//! principal per window (durably) and audits each one. keyd's
+//! `quota-exceeded` answers 429 here.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -95,6 +99,11 @@ struct Args {
     /// The service's own audit log (JSON lines) for lookups and refusals.
     #[arg(long)]
     app_audit: PathBuf,
+    /// Client configuration for the reveal role: a panseal-keyd `reveal`
+    /// credential (without `unwrap`), so reveals open inside keyd under its
+    /// record quotas. Default: `--config`.
+    #[arg(long)]
+    reveal_config: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------- callers
@@ -397,6 +406,9 @@ impl From<Error> for ApiError {
             Error::Pan(_) | Error::Context(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Decryption | Error::Format(_) => StatusCode::CONFLICT,
             Error::Key(_) => StatusCode::GONE,
+            Error::KeyService(panseal::KeyServiceError::QuotaExceeded(_)) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -455,6 +467,8 @@ fn card_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError
 
 struct App {
     panseal: Panseal,
+    /// Opens for the reveal role (`--reveal-config`, else `panseal`).
+    revealer: Panseal,
     db: PostgresKeyStore,
     reveals: Limiter,
     lookups: Limiter,
@@ -585,7 +599,7 @@ async fn reveal(
     let sealed = SealedPan::from_text(&stored)?;
     let context = ctx(&id)?;
     // Audited by panseal (principal, purpose, record), fail closed.
-    let opened = app.panseal.open_pan(&sealed, &context, &access).await?;
+    let opened = app.revealer.open_pan(&sealed, &context, &access).await?;
     let mut resealed = false;
     if opened.needs_reseal {
         // Lazy migration off a retired DEK; compare-and-set so a concurrent
@@ -695,6 +709,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
     let panseal = config.builder()?.build().await?;
+    let revealer = match &args.reveal_config {
+        Some(path) => ClientConfig::from_file(path)?.builder()?.build().await?,
+        None => panseal.clone(),
+    };
     let audit = AppAudit(Mutex::new(
         std::fs::OpenOptions::new()
             .create(true)
@@ -703,6 +721,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ));
     let app = Arc::new(App {
         panseal,
+        revealer,
         db,
         reveals: Limiter::new(callers.window),
         lookups: Limiter::new(callers.window),

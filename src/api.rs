@@ -157,6 +157,7 @@ impl PansealBuilder {
             }
             .into());
         }
+        let reveal_only = reveal_only(key_service.as_ref()).await?;
         let (stop, stopped) = std::sync::mpsc::channel();
         let sweep_every =
             u64::try_from(crate::keys::sweep_interval(self.policy.cache_ttl).as_nanos())
@@ -173,6 +174,7 @@ impl PansealBuilder {
             environment,
             scopes: Mutex::new(HashMap::new()),
             sweeper: Mutex::new(stop),
+            reveal_only,
         });
         spawn_sweeper(Arc::downgrade(&shared), stopped);
         let scope = shared.scope_state(scope);
@@ -202,6 +204,21 @@ struct Shared {
     /// Dropped with the last handle: stops the sweeper thread (replaced in
     /// a forked child, which starts its own).
     sweeper: Mutex<std::sync::mpsc::Sender<()>>,
+    /// The credential may `reveal` but not `unwrap` (asked once, at build):
+    /// opens go through [`KeyService::reveal`] and no DEK enters this
+    /// process.
+    reveal_only: bool,
+}
+
+/// Whether `ks`'s credential reveals but does not unwrap. A service that
+/// cannot say (an older keyd) is taken to unwrap, as before; an outage
+/// fails the build.
+async fn reveal_only(ks: &dyn KeyService) -> Result<bool, Error> {
+    match ks.permissions().await {
+        Ok(p) => Ok(p.reveal && !p.unwrap),
+        Err(e) if e.is_retryable() || matches!(e, KeyServiceError::Sealed) => Err(e.into()),
+        Err(_) => Ok(false),
+    }
 }
 
 /// When a sweep is next due on the seal/open paths, after one at `now`.
@@ -929,6 +946,9 @@ impl Panseal {
         if let Some(result) = self.try_open_cached(sealed, context, access, why) {
             return result;
         }
+        if self.shared.reveal_only {
+            return self.open_by_reveal(sealed, context, access, why).await;
+        }
         let sink = self.sink()?;
         if let Err(e) = self
             .load_key(sealed.key_id(), KeyPurpose::Data, access)
@@ -950,6 +970,64 @@ impl Panseal {
         }
         self.try_open_cached(sealed, context, access, why)
             .unwrap_or_else(|| Err(KeyError::UnknownKey(sealed.key_id()).into()))
+    }
+
+    /// Opens inside the key service ([`KeyService::reveal`]): the DEK never
+    /// enters this process. One [`Operation::Open`] event, as on the
+    /// unwrap path.
+    async fn open_by_reveal(
+        &self,
+        sealed: &SealedPan,
+        context: &Context,
+        access: &Access,
+        why: OpenFor,
+    ) -> Result<Opened, Error> {
+        let sink = self.sink()?;
+        let id = sealed.key_id();
+        let result = async {
+            let record = self
+                .shared
+                .key_store
+                .fetch(id)
+                .await?
+                .ok_or(KeyError::UnknownKey(id))?;
+            self.check_record(&record, KeyPurpose::Data)?;
+            if record.state == KeyState::Compromised && why != OpenFor::Reseal {
+                return Err(KeyError::Compromised(id).into());
+            }
+            let request = crate::keyservice::RevealRequest {
+                record: &record,
+                sealed,
+                context,
+            };
+            self.shared
+                .key_service
+                .reveal(&request, access)
+                .await
+                .map_err(|e| match e {
+                    KeyServiceError::OpenFailed => Error::Decryption,
+                    e => Error::from(e),
+                })
+        }
+        .await;
+        let emitter = Emitter {
+            sink,
+            scope: &self.scope.scope,
+        };
+        let outcome = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(failure_kind(e)),
+        };
+        // On an audit failure `result` (and the PAN in it) is dropped.
+        emitter.emit(
+            SystemTime::now(),
+            Operation::Open,
+            outcome,
+            access,
+            Some(id),
+            Some(context),
+        )?;
+        result
     }
 
     fn sink(&self) -> Result<&dyn AuditSink, Error> {

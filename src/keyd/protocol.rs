@@ -20,6 +20,8 @@
 //! | `/v1/approval/withdraw` | [`WithdrawRequest`] | [`WithdrawResponse`] | `custodian` (own approval) |
 //! | `/v1/reshare` | [`ReshareRequest`] | [`ReshareResponse`] | `custodian` with a current share, k of them |
 //! | `/v1/share/collect` | [`CollectRequest`] | [`CollectResponse`] | `custodian` named in an `init` or re-share, once |
+//! | `/v1/reveal` | [`RevealRequest`] | [`RevealResponse`] | `reveal` (counted per distinct record) |
+//! | `/v1/whoami` | none | [`WhoamiResponse`] | any principal (also while sealed) |
 //!
 //! Every failure is an HTTP error status with an [`ErrorBody`]. Key bytes
 //! travel base64-encoded in [`KeyMaterial`], which wipes its buffer.
@@ -112,6 +114,10 @@ pub const APPROVAL_WITHDRAW: &str = "/v1/approval/withdraw";
 pub const RESHARE: &str = "/v1/reshare";
 /// `POST /v1/share/collect`.
 pub const SHARE_COLLECT: &str = "/v1/share/collect";
+/// `POST /v1/reveal`.
+pub const REVEAL: &str = "/v1/reveal";
+/// `POST /v1/whoami`.
+pub const WHOAMI: &str = "/v1/whoami";
 
 /// A permission a principal may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -129,6 +135,9 @@ pub enum Permission {
     Custodian,
     /// Read the audit log.
     AuditRead,
+    /// Ask keyd to open one sealed record and return its PAN (counted per
+    /// distinct record); never receives a DEK.
+    Reveal,
 }
 
 impl Permission {
@@ -141,6 +150,7 @@ impl Permission {
             Permission::Rewrap => "rewrap",
             Permission::Custodian => "custodian",
             Permission::AuditRead => "audit-read",
+            Permission::Reveal => "reveal",
         }
     }
 }
@@ -589,6 +599,87 @@ pub struct AuditReadResponse {
     pub records: Vec<String>,
 }
 
+/// The context a sealed PAN is bound to, on the wire (`FORMAT.md`,
+/// "Context encoding", field by field).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireContext {
+    /// Table name.
+    pub table: String,
+    /// Column name.
+    pub column: String,
+    /// Row key bytes, base64.
+    #[serde(with = "b64")]
+    pub row_key: Vec<u8>,
+}
+
+/// `POST /v1/reveal`: open one sealed record inside keyd.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevealRequest {
+    /// The DEK's key-store record (`FORMAT.md`, "Key-store record"), base64.
+    #[serde(with = "b64")]
+    pub record: Vec<u8>,
+    /// The sealed PAN in its binary form, base64.
+    #[serde(with = "b64")]
+    pub sealed: Vec<u8>,
+    /// The context it was sealed under.
+    pub context: WireContext,
+    /// The user or service the caller acts for (audited).
+    pub on_behalf_of: String,
+    /// Why (audited).
+    pub purpose: String,
+}
+
+/// A PAN's ASCII digits in the clear (the one answer that carries a PAN).
+/// Wiped on drop; `Debug` prints `PanDigits(..)`.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PanDigits(String);
+
+impl PanDigits {
+    /// Wraps digits.
+    pub fn new(digits: String) -> Self {
+        PanDigits(digits)
+    }
+
+    /// The digits.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for PanDigits {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for PanDigits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PanDigits(..)")
+    }
+}
+
+/// Answer to [`RevealRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RevealResponse {
+    /// The PAN's digits.
+    pub pan: PanDigits,
+    /// The DEK is no longer active or past its encrypt period: re-seal.
+    pub needs_reseal: bool,
+}
+
+/// Answer to `POST /v1/whoami`: the caller's identity and rights.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhoamiResponse {
+    /// The caller's principal.
+    pub principal: String,
+    /// The caller's environment tag.
+    pub environment: Environment,
+    /// The caller's permissions.
+    pub permissions: Vec<Permission>,
+}
+
 /// What went wrong, in a form each side maps to the same
 /// [`KeyServiceError`] variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -626,18 +717,31 @@ pub enum ErrorKind {
     Unavailable,
     /// The server failed (e.g. its audit log or state could not be written).
     Internal,
+    /// A sealed record failed to open inside keyd: altered, another key or
+    /// another context (no detail).
+    OpenFailed,
+    /// The DEK record is marked compromised: keyd does not reveal under it.
+    KeyCompromised,
+    /// The DEK record is past its decrypt-until date.
+    KeyExpired,
 }
 
 impl ErrorKind {
     /// The HTTP status for this kind.
     pub fn status(self) -> u16 {
         match self {
-            ErrorKind::BadRequest | ErrorKind::UnwrapFailed | ErrorKind::ShareRefused => 400,
+            ErrorKind::BadRequest
+            | ErrorKind::UnwrapFailed
+            | ErrorKind::ShareRefused
+            | ErrorKind::OpenFailed => 400,
             ErrorKind::Unauthenticated => 401,
             ErrorKind::PermissionDenied | ErrorKind::Environment => 403,
             ErrorKind::UnknownKek => 404,
             ErrorKind::Conflict | ErrorKind::KekRetired => 409,
-            ErrorKind::KekDestroyed | ErrorKind::KeyDestroyed => 410,
+            ErrorKind::KekDestroyed
+            | ErrorKind::KeyDestroyed
+            | ErrorKind::KeyCompromised
+            | ErrorKind::KeyExpired => 410,
             ErrorKind::QuotaExceeded => 429,
             ErrorKind::Internal => 500,
             ErrorKind::Sealed | ErrorKind::Unavailable => 503,
@@ -690,6 +794,10 @@ impl ErrorBody {
             },
             ErrorKind::UnwrapFailed => KeyServiceError::UnwrapFailed,
             ErrorKind::Unavailable => KeyServiceError::Unavailable(self.message),
+            ErrorKind::OpenFailed => KeyServiceError::OpenFailed,
+            ErrorKind::KeyCompromised | ErrorKind::KeyExpired => {
+                KeyServiceError::PermissionDenied(self.message)
+            }
             ErrorKind::ShareRefused
             | ErrorKind::BadRequest
             | ErrorKind::Conflict

@@ -52,3 +52,21 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     crate::keystore::file::write_atomically(path, bytes, n | (1 << 63))
 }
+
+/// Opens `sealed` (bound to `context`) with the raw DEK `key`: the same
+/// code as [`crate::Panseal::open_pan`]'s, for keyd's `reveal`.
+///
+/// # Errors
+///
+/// [`crate::Error::Decryption`] (opaque) for an altered ciphertext, another
+/// key or another context; [`crate::FormatError::Payload`] if what
+/// authenticates is not a packed PAN.
+#[doc(hidden)]
+pub fn open_with_key(
+    key: &[u8; 32],
+    sealed: &crate::SealedPan,
+    context: &crate::Context,
+) -> Result<crate::Pan, crate::Error> {
+    let dek = crate::keys::Dek::from_unwrapped(key);
+    crate::seal::open_raw(&dek.cipher(), sealed, context)
+}

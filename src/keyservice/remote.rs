@@ -42,7 +42,7 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use super::{sealed, KekInfo, KeyService};
+use super::{sealed, KekInfo, KeyService, Permissions, RevealRequest};
 use crate::audit::Access;
 use crate::error::{ConfigError, Error, KeyServiceError};
 use crate::keyd::protocol::{
@@ -52,7 +52,12 @@ use crate::keyd::protocol::{
     ReshareResponse, RewrapRequest, ShareText, StatusResponse, UnsealRequest, UnwrapRequest,
     UnwrapResponse, WithdrawRequest, WithdrawResponse, WrapRequest, WrappedResponse,
 };
+use crate::keyd::protocol::{
+    Permission, RevealRequest as WireReveal, RevealResponse, WhoamiResponse, WireContext,
+};
 use crate::keys::{Dek, Environment, KeyRequest, KeyState, Scope, WrappedKey};
+use crate::pan::{Pan, PanRules};
+use crate::Opened;
 
 /// Whether a request may be sent again after it may have reached the
 /// server.
@@ -965,6 +970,53 @@ impl KeyService for RemoteKeyService {
     async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
         let scope = self.default_scope()?.clone();
         Ok(self.info_from(self.rotate(&scope).await?))
+    }
+
+    /// `POST /v1/whoami`, mapped to the library's [`Permissions`].
+    async fn permissions(&self) -> Result<Permissions, KeyServiceError> {
+        let a: WhoamiResponse = self
+            .call(proto::WHOAMI, &serde_json::json!({}), Repeat::Safe)
+            .await?;
+        let has = |p: Permission| a.permissions.contains(&p);
+        Ok(Permissions {
+            wrap: has(Permission::Wrap),
+            unwrap: has(Permission::Unwrap),
+            index: has(Permission::Index),
+            reveal: has(Permission::Reveal),
+            rewrap: has(Permission::Rewrap),
+            custodian: has(Permission::Custodian),
+        })
+    }
+
+    /// `POST /v1/reveal`: keyd opens the record and answers its digits.
+    /// Sent again only if it never reached keyd (a repeat would be counted
+    /// and audited twice).
+    async fn reveal(
+        &self,
+        request: &RevealRequest<'_>,
+        access: &Access,
+    ) -> Result<Opened, KeyServiceError> {
+        let r = WireReveal {
+            record: request.record.to_bytes(),
+            sealed: request.sealed.as_bytes().to_vec(),
+            context: WireContext {
+                table: request.context.table().to_owned(),
+                column: request.context.column().to_owned(),
+                row_key: request.context.row_key().to_vec(),
+            },
+            on_behalf_of: access.principal().to_owned(),
+            purpose: access.purpose().to_owned(),
+        };
+        let a: RevealResponse = self.call(proto::REVEAL, &r, Repeat::OnlyIfUnsent).await?;
+        // Any PAN length the library seals (8 to 19 digits) comes back.
+        let rules =
+            PanRules::with_min_digits(8).map_err(|_| KeyServiceError::Other("PAN rules".into()))?;
+        let pan = Pan::parse_with(a.pan.expose_secret(), &rules)
+            .map_err(|_| KeyServiceError::Other("keyd answered a malformed PAN".into()))?;
+        Ok(Opened {
+            pan,
+            needs_reseal: a.needs_reseal,
+        })
     }
 }
 

@@ -47,6 +47,24 @@ const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
     ("bob", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
     ("carol", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
     ("mallory", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
+    // Reveal only, under the default reveal quota (100 records / 1,000
+    // requests per hour).
+    ("revealer", "test", r#"["*"]"#, r#"["reveal"]"#, ""),
+    (
+        "clerk",
+        "test",
+        r#"["*"]"#,
+        r#"["reveal"]"#,
+        "reveal_quota = { window_seconds = 3600, distinct_records = 3, requests = 5 }",
+    ),
+    // benches/reveal.rs: a quota the benchmark does not reach.
+    (
+        "bench-reveal",
+        "test",
+        r#"["*"]"#,
+        r#"["reveal"]"#,
+        "reveal_quota = { window_seconds = 3600, distinct_records = 100000, requests = 100000000 }",
+    ),
 ];
 
 pub const CUSTODIANS: [&str; 3] = ["alice", "bob", "carol"];

@@ -1,10 +1,10 @@
 //! Request handling: identity, policy, quotas, KEK operations, unsealing,
 //! and one audit record per request.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use aes_gcm::{Aes256Gcm, KeyInit};
 use bytes::Bytes;
@@ -34,6 +34,9 @@ use zeroize::Zeroizing;
 use crate::config::{Config, Principal};
 use crate::seal::{self, MasterKey};
 use crate::state::{StateError, StateStore};
+
+#[path = "reveal.rs"]
+mod reveal;
 
 /// Approvals needed to destroy a KEK version (dual control).
 const DESTROY_APPROVALS: usize = 2;
@@ -65,6 +68,9 @@ struct AuditRecord {
     error: Option<ErrorKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<String>,
+    /// `reveal`: where the revealed record lives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<reveal::AuditContext>,
 }
 
 struct Failure(ErrorBody);
@@ -121,12 +127,6 @@ enum Vault {
     },
 }
 
-struct Window {
-    started: Instant,
-    requests: u64,
-    keys: HashSet<KeyId>,
-}
-
 /// New shares waiting to be collected, one per new custodian.
 struct NewShares {
     master: Zeroizing<[u8; 32]>,
@@ -149,8 +149,11 @@ pub(crate) struct Server {
     vault: RwLock<Vault>,
     audit: std::sync::Arc<ChainedAuditLog>,
     audit_key_id: String,
-    windows: Mutex<HashMap<String, Window>>,
     reshare: Mutex<Option<Reshare>>,
+    /// keyd's own DEK cache for `reveal` (never returned).
+    reveal_cache: reveal::RevealCache,
+    /// Durable `reveal` and `index` quota counters.
+    quotas: crate::quota::QuotaStore,
 }
 
 fn slot(environment: &str, scope: &str) -> String {
@@ -257,7 +260,21 @@ impl Server {
         audit: std::sync::Arc<ChainedAuditLog>,
         audit_key_id: String,
     ) -> Self {
+        let lockout = cfg
+            .principals
+            .iter()
+            .flat_map(|p| [p.reveal_quota.window_seconds, p.index_quota.window_seconds])
+            .chain([
+                cfg.default_quotas.reveal.window_seconds,
+                cfg.default_quotas.index.window_seconds,
+            ])
+            .max()
+            .unwrap_or(crate::quota::DEFAULT_REVEAL_WINDOW);
+        let quotas =
+            crate::quota::QuotaStore::new(&cfg.data_dir, std::time::Duration::from_secs(lockout));
         Server {
+            reveal_cache: reveal::RevealCache::new(),
+            quotas,
             cfg,
             state,
             vault: RwLock::new(Vault::Sealed {
@@ -265,7 +282,6 @@ impl Server {
             }),
             audit,
             audit_key_id,
-            windows: Mutex::new(HashMap::new()),
             reshare: Mutex::new(None),
         }
     }
@@ -387,6 +403,7 @@ impl Server {
             proto::STATUS => self.status(p),
             proto::ACKNOWLEDGE => self.acknowledge(p, &body),
             proto::UNSEAL => self.unseal(p, &body),
+            proto::WHOAMI => self.whoami(p),
             _ if self.is_sealed() => Err(Failure::new(
                 ErrorKind::Sealed,
                 "keyd is sealed: custodians must submit their shares",
@@ -405,6 +422,7 @@ impl Server {
             proto::APPROVAL_WITHDRAW => self.withdraw(p, &body, rec),
             proto::RESHARE => self.reshare(p, &body),
             proto::SHARE_COLLECT => self.collect(p, &body),
+            proto::REVEAL => self.reveal(p, &body, rec),
             _ => Err(Failure::new(ErrorKind::BadRequest, "unknown path")),
         }
     }
@@ -620,6 +638,7 @@ impl Server {
             };
             // The state and KEK-sealing subkeys go too.
             self.state.forget_keys();
+            self.reveal_cache.clear();
         });
         *self.reshare.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.status(p)
@@ -636,6 +655,7 @@ impl Server {
             Permission::Index,
             Permission::Rewrap,
             Permission::Custodian,
+            Permission::Reveal,
         ]
         .iter()
         .any(|&x| p.may(x))
@@ -938,50 +958,11 @@ impl Server {
 
     fn charge_quota(&self, p: &Principal, key: KeyId) -> Result<(), Failure> {
         let Some(q) = p.quota else { return Ok(()) };
-        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let w = windows.entry(p.name.clone()).or_insert_with(|| Window {
-            started: now,
-            requests: 0,
-            keys: HashSet::new(),
-        });
-        if now.duration_since(w.started) >= q.window {
-            *w = Window {
-                started: now,
-                requests: 0,
-                keys: HashSet::new(),
-            };
-        }
-        let retry = q
-            .window
-            .saturating_sub(now.duration_since(w.started))
-            .as_secs()
-            + 1;
-        if w.requests >= q.requests {
-            return Err(Failure::new(
-                ErrorKind::QuotaExceeded,
-                format!(
-                    "principal {:?} reached {} unwraps per {} s; retry in {retry} s",
-                    p.name,
-                    q.requests,
-                    q.window.as_secs()
-                ),
-            ));
-        }
-        if !w.keys.contains(&key) && w.keys.len() as u64 >= q.distinct_keys {
-            return Err(Failure::new(
-                ErrorKind::QuotaExceeded,
-                format!(
-                    "principal {:?} reached {} distinct keys per {} s; retry in {retry} s",
-                    p.name,
-                    q.distinct_keys,
-                    q.window.as_secs()
-                ),
-            ));
-        }
-        w.requests += 1;
-        w.keys.insert(key);
-        Ok(())
+        // Durable across restarts, like the reveal and index quotas.
+        let mac = self.quota_key()?;
+        Ok(self
+            .quotas
+            .charge_unwrap(&mac, &p.name, &q, key.as_bytes())?)
     }
 
     // ---- KEK lifecycle -------------------------------------------------
@@ -1578,6 +1559,8 @@ fn operation_name(path: &str) -> &'static str {
         proto::APPROVAL_WITHDRAW => "approval-withdraw",
         proto::RESHARE => "reshare-vote",
         proto::SHARE_COLLECT => "share-collect",
+        proto::REVEAL => "reveal",
+        proto::WHOAMI => "whoami",
         _ => "unknown",
     }
 }

@@ -32,7 +32,22 @@
 //! scopes = ["*"]
 //! permissions = ["wrap", "unwrap", "index"]
 //! quota = { window_seconds = 60, unwrap_requests = 600, distinct_keys = 50 }
+//!
+//! [[principal]]
+//! name = "admin-screen"               # reads one card at a time, inside keyd
+//! cert = "certs/admin.pem"
+//! environment = "prod"
+//! scopes = ["*"]
+//! permissions = ["reveal"]
+//! reveal_quota = { window_seconds = 3600, distinct_records = 20, requests = 200 }
+//!
+//! [default_quotas]                    # principals without their own (these are the defaults)
+//! reveal = { window_seconds = 3600, distinct_records = 100, requests = 1000 }
+//! index = { window_seconds = 60, hashes = 1000 }
 //! ```
+//!
+//! `reveal` and `index` quotas are always on (see `quota.rs`); a
+//! principal's `reveal_quota` / `index_quota` replaces the default.
 //!
 //! Relative paths are resolved against the configuration file's folder.
 
@@ -92,6 +107,8 @@ struct RawConfig {
     max_connections_per_client: usize,
     #[serde(default, rename = "principal")]
     principals: Vec<RawPrincipal>,
+    #[serde(default)]
+    default_quotas: crate::quota::Defaults,
 }
 
 fn default_listen() -> String {
@@ -139,6 +156,10 @@ struct RawPrincipal {
     permissions: Vec<Permission>,
     #[serde(default)]
     quota: Option<RawQuota>,
+    #[serde(default)]
+    reveal_quota: Option<crate::quota::RevealLimit>,
+    #[serde(default)]
+    index_quota: Option<crate::quota::IndexLimit>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -181,6 +202,10 @@ pub(crate) struct Principal {
     pub(crate) scopes: Scopes,
     pub(crate) permissions: BTreeSet<Permission>,
     pub(crate) quota: Option<Quota>,
+    /// `reveal` limits (configured or the default).
+    pub(crate) reveal_quota: crate::quota::RevealLimit,
+    /// `index` limits (configured or the default).
+    pub(crate) index_quota: crate::quota::IndexLimit,
 }
 
 impl Principal {
@@ -215,6 +240,8 @@ pub(crate) struct Config {
     pub(crate) by_cert: HashMap<[u8; 32], usize>,
     /// SHA-256 of a bearer token → index into `principals`.
     pub(crate) by_token: HashMap<[u8; 32], usize>,
+    /// `[default_quotas]`.
+    pub(crate) default_quotas: crate::quota::Defaults,
 }
 
 impl Config {
@@ -315,7 +342,11 @@ impl Config {
             principals: Vec::new(),
             by_cert: HashMap::new(),
             by_token: HashMap::new(),
+            default_quotas: raw.default_quotas,
         };
+        crate::quota::check_reveal(&cfg.default_quotas.reveal)
+            .and_then(|_| crate::quota::check_index(&cfg.default_quotas.index))
+            .map_err(|m| invalid(format!("default_quotas: {m}")))?;
         for (i, p) in raw.principals.into_iter().enumerate() {
             let who = format!("principal {:?}", p.name);
             if p.name.is_empty()
@@ -395,12 +426,19 @@ impl Config {
                 }
                 None => None,
             };
+            let reveal_quota = p.reveal_quota.unwrap_or(cfg.default_quotas.reveal);
+            let index_quota = p.index_quota.unwrap_or(cfg.default_quotas.index);
+            crate::quota::check_reveal(&reveal_quota)
+                .and_then(|_| crate::quota::check_index(&index_quota))
+                .map_err(|m| invalid(format!("{who}: {m}")))?;
             cfg.principals.push(Principal {
                 name: p.name,
                 environment,
                 scopes,
                 permissions: p.permissions.into_iter().collect(),
                 quota,
+                reveal_quota,
+                index_quota,
             });
         }
         Ok(cfg)

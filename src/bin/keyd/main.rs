@@ -27,6 +27,7 @@ mod api;
 mod certs;
 mod config;
 mod custodian;
+mod quota;
 mod seal;
 mod state;
 

@@ -1,0 +1,18 @@
+"""tests/vectors/keyd_quota/ is reproduced by its independent generator
+(FORMAT.md section 16); the Rust side decodes it (src/bin/keyd/quota.rs and
+reveal.rs unit tests)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+VECTORS = ROOT / "tests" / "vectors"
+
+
+def test_quota_vectors_are_reproduced_by_their_generator(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(VECTORS / "gen_quota_vectors.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, text=True)
+    name = "quota_state_v1.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    assert (tmp_path / name).read_bytes() == (VECTORS / "keyd_quota" / name).read_bytes()
