@@ -32,6 +32,12 @@
 //! scopes = ["*"]
 //! permissions = ["wrap", "unwrap", "index"]
 //! quota = { window_seconds = 60, unwrap_requests = 600, distinct_keys = 50 }
+//!
+//! [[record_cap]]                      # caps on new key-store records keyd signs
+//! scopes = ["merchant-*"]             # patterns as in auto_create_scopes
+//! max_uses = 1000000                  # per-DEK budget (records one DEK covers)
+//! max_encrypt_period_seconds = 7776000
+//! max_decrypt_period_seconds = 63072000
 //! ```
 //!
 //! Relative paths are resolved against the configuration file's folder.
@@ -92,6 +98,32 @@ struct RawConfig {
     max_connections_per_client: usize,
     #[serde(default, rename = "principal")]
     principals: Vec<RawPrincipal>,
+    #[serde(default, rename = "record_cap")]
+    record_caps: Vec<RecordCap>,
+}
+
+/// Caps on new key-store records keyd signs for matching scopes.
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RecordCap {
+    /// Scope patterns (a name, or a prefix followed by one `*`).
+    pub(crate) scopes: Vec<String>,
+    /// Largest `max_uses` of a new record.
+    #[serde(default)]
+    pub(crate) max_uses: Option<u64>,
+    /// Longest `encrypt_until - created_at`, seconds.
+    #[serde(default)]
+    pub(crate) max_encrypt_period_seconds: Option<u64>,
+    /// Longest `decrypt_until - created_at`, seconds.
+    #[serde(default)]
+    pub(crate) max_decrypt_period_seconds: Option<u64>,
+}
+
+fn pattern_matches(p: &str, scope: &str) -> bool {
+    match p.strip_suffix('*') {
+        Some(prefix) => scope.starts_with(prefix),
+        None => p == scope,
+    }
 }
 
 fn default_listen() -> String {
@@ -215,6 +247,8 @@ pub(crate) struct Config {
     pub(crate) by_cert: HashMap<[u8; 32], usize>,
     /// SHA-256 of a bearer token → index into `principals`.
     pub(crate) by_token: HashMap<[u8; 32], usize>,
+    /// Caps on new key-store records, first match wins.
+    pub(crate) record_caps: Vec<RecordCap>,
 }
 
 impl Config {
@@ -239,6 +273,13 @@ impl Config {
                 None => p == scope,
             })
     }
+    /// The record caps of `scope` (the first `[[record_cap]]` matching it).
+    pub(crate) fn record_cap(&self, scope: &str) -> Option<&RecordCap> {
+        self.record_caps
+            .iter()
+            .find(|c| c.scopes.iter().any(|p| pattern_matches(p, scope)))
+    }
+
     pub(crate) fn principal(&self, name: &str) -> Option<&Principal> {
         self.principals.iter().find(|p| p.name == name)
     }
@@ -282,6 +323,16 @@ impl Config {
                 )));
             }
         }
+        for c in &raw.record_caps {
+            for p in &c.scopes {
+                let body = p.strip_suffix('*').unwrap_or(p);
+                if body.contains('*') || (body.is_empty() && p != "*") {
+                    return Err(invalid(format!(
+                        "record_cap scopes {p:?}: a scope name, or a prefix followed by one `*`"
+                    )));
+                }
+            }
+        }
         if raw.max_connections == 0 || raw.request_timeout_seconds == 0 {
             return Err(invalid(
                 "max_connections and request_timeout_seconds must be > 0".into(),
@@ -315,6 +366,7 @@ impl Config {
             principals: Vec::new(),
             by_cert: HashMap::new(),
             by_token: HashMap::new(),
+            record_caps: raw.record_caps,
         };
         for (i, p) in raw.principals.into_iter().enumerate() {
             let who = format!("principal {:?}", p.name);
