@@ -599,6 +599,39 @@ impl RemoteKeyService {
         })
     }
 
+    /// Test only (`hazmat-test-keys`): sends `body` to `path` as this
+    /// client's principal and returns the raw answer body (success or
+    /// error), so a test can play a caller that bypasses this client's
+    /// checks and scan every byte keyd answers.
+    ///
+    /// # Errors
+    ///
+    /// Transport errors only.
+    #[cfg(feature = "hazmat-test-keys")]
+    #[doc(hidden)]
+    pub async fn raw_call(
+        &self,
+        path: &'static str,
+        body: &serde_json::Value,
+    ) -> Result<Result<Vec<u8>, KeyServiceError>, KeyServiceError> {
+        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        let inner = Arc::clone(&self.inner);
+        let rt = self
+            .runtime
+            .0
+            .as_ref()
+            .ok_or_else(|| KeyServiceError::Unavailable("client is shut down".into()))?;
+        let r = rt
+            .spawn(async move { inner.attempt(path, &body).await })
+            .await
+            .map_err(|_| KeyServiceError::Unavailable("client task failed".into()))?;
+        match r {
+            Ok(Ok(b)) => Ok(Ok(b.to_vec())),
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(t) => Err(KeyServiceError::Unavailable(t.message)),
+        }
+    }
+
     /// The environment this client works in.
     pub fn environment(&self) -> &Environment {
         &self.inner.environment
