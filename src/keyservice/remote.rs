@@ -1093,9 +1093,13 @@ impl KeyService for RemoteKeyService {
         previous: Option<&WrappedDek>,
         record: &WrappedDek,
     ) -> Result<RecordTag, KeyServiceError> {
+        // Version 2 encoding (it carries the sequence); the tag field of
+        // the record to sign is ignored by keyd (zeros here).
+        let mut next = record.clone();
+        next.tag = Some(next.tag.unwrap_or(RecordTag([0; 32])));
         let r = proto::RecordSignRequest {
             previous: previous.map(WrappedDek::to_bytes),
-            record: record.to_bytes(),
+            record: next.to_bytes(),
         };
         // Not repeated once sent: a second sign of the same change is
         // refused as stale (the first took).
