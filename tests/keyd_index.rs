@@ -635,3 +635,96 @@ async fn a_version_2_data_directory_opens_and_migrates_to_version_3() {
     assert_eq!(migrations, 1);
     assert_eq!(k.client("frontend").index_keys(&scope("mig-1")).await.unwrap().len(), 1);
 }
+
+#[test]
+fn keyd_state_v3_vectors_from_an_independent_implementation() {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/vectors/keyd_state_v3.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let hx = |x: &serde_json::Value| hex::decode(x.as_str().unwrap()).unwrap();
+    let master: [u8; 32] = hx(&v["master_key"]).try_into().unwrap();
+    let keys = StateKeys::derive(&master);
+    assert_eq!(hex::encode(&keys.index_seal[..]), v["subkeys"]["index_seal"].as_str().unwrap());
+    assert_eq!(hex::encode(&keys.record_seal[..]), v["subkeys"]["record_seal"].as_str().unwrap());
+    // Snapshot and journal: positive.
+    let snap = st::decode_snapshot(&hx(&v["state_bin"]), 0).unwrap();
+    assert_eq!(snap.version, st::V3);
+    snap.verify(&keys).unwrap();
+    assert_eq!(hex::encode(snap.mac), v["snapshot_mac"].as_str().unwrap());
+    let (entries, _) = st::parse_journal(v["state_journal"].as_str().unwrap().as_bytes()).unwrap();
+    entries[0].verify(&keys).unwrap();
+    assert!(entries[0].header.changes[0].is_v3());
+    let mut s = snap.state.clone();
+    for c in entries[0].header.changes.clone() {
+        s.apply(c);
+    }
+    assert_eq!(s.registry["test/m-1/0102030405060708"].sequence, 4);
+    // Sealed keys open to the vector's plaintext; moved ones do not.
+    let ik = &v["index_key"];
+    let sealed = snap.state.index_keys["test/m-1"].versions[0].sealed.clone().unwrap();
+    assert_eq!(sealed, ik["sealed"].as_str().unwrap());
+    let key = st::open_secret(&keys.index_seal, &st::index_key_aad("test", "m-1", 1), &sealed)
+        .unwrap();
+    assert_eq!(hex::encode(&key[..]), ik["key"].as_str().unwrap());
+    let mut refused = 0;
+    for (aad, sealed) in [
+        (st::index_key_aad("test", "m-1", 1), ik["sealed_for_m_2"].as_str().unwrap()),
+        (st::index_key_aad("test", "m-1", 2), sealed.as_str()),
+        (st::index_key_aad("prod", "m-1", 1), sealed.as_str()),
+    ] {
+        if st::open_secret(&keys.index_seal, &aad, sealed).is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3);
+    let rk = st::open_secret(
+        &keys.record_seal,
+        &st::record_key_aad("test"),
+        &snap.state.record_keys["test"].sealed,
+    )
+    .unwrap();
+    assert_eq!(hex::encode(&rk[..]), v["record_key"]["key"].as_str().unwrap());
+    // Keyed hash: standard HMAC-SHA-256 of the ASCII digits.
+    let pan = Pan::parse(v["blind_index"]["pan"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        hex::encode(hmac_of(&key, &pan)),
+        v["blind_index"]["hmac"].as_str().unwrap()
+    );
+    // Record tag over signed_bytes, and an edited record fails it.
+    let r = WrappedDek::from_bytes(&hx(&v["record"]["record_hex"])).unwrap();
+    assert_eq!(r.sequence, 3);
+    assert_eq!(hex::encode(r.signed_bytes()), v["record"]["signed_bytes_hex"].as_str().unwrap());
+    let tag_ok = |r: &WrappedDek| {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&rk[..]).unwrap();
+        m.update(&r.signed_bytes());
+        m.verify_slice(&r.tag.unwrap().0).is_ok()
+    };
+    assert!(tag_ok(&r));
+    assert_eq!(
+        hex::encode(r.tag.unwrap().0),
+        snap.state.registry["test/m-1/0102030405060708"].tag
+    );
+    let edited = WrappedDek::from_bytes(&hx(&v["record"]["edited_uses_0_hex"])).unwrap();
+    assert!(!tag_ok(&edited));
+    // Negative snapshots.
+    let mut negatives = 0;
+    for n in v["negative"].as_array().unwrap() {
+        let bytes = hx(&n["state_bin"]);
+        let outcome = match st::decode_snapshot(&bytes, 0) {
+            Err(st::FormatError::Corrupt(_)) => "corrupt",
+            Err(st::FormatError::Unauthentic(_)) => "unauthentic",
+            Ok(s) => match s.verify(&keys) {
+                Err(_) => "unauthentic",
+                Ok(()) => "accepted",
+            },
+        };
+        assert_eq!(outcome, n["expect"].as_str().unwrap(), "{}", n["name"]);
+        negatives += 1;
+    }
+    assert_eq!(negatives, 3);
+}
