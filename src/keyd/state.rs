@@ -868,4 +868,52 @@ mod tests {
         back.verify(&keys).unwrap();
         assert!(back.verify(&other).is_err());
     }
+
+    #[test]
+    fn version_3_round_trips_and_sealed_keys_are_bound() {
+        let keys = StateKeys::derive(&[7; 32]);
+        let mut st = sample();
+        let aad = index_key_aad("test", "m-1", 1);
+        let sealed = seal_secret(&keys.index_seal, [1; 12], &aad, &[9; 32]);
+        st.index_keys.insert(
+            "test/m-1".into(),
+            IndexScopeRecord {
+                environment: "test".into(),
+                scope: "m-1".into(),
+                versions: vec![IndexKeyRecord {
+                    version: 1,
+                    state: KeyState::Active,
+                    created_at: 1,
+                    created_by: "alice".into(),
+                    sealed: Some(sealed.clone()),
+                }],
+            },
+        );
+        let (bytes, _) = encode_snapshot(&st, &keys);
+        assert_eq!(bytes[8], V3);
+        let s = decode_snapshot(&bytes, 0).unwrap();
+        s.verify(&keys).unwrap();
+        assert_eq!(s.state, st);
+        assert_eq!(*open_secret(&keys.index_seal, &aad, &sealed).unwrap(), [9; 32]);
+        // Another scope, version, subkey or a flipped bit: refused.
+        assert!(open_secret(&keys.index_seal, &index_key_aad("test", "m-2", 1), &sealed).is_err());
+        assert!(open_secret(&keys.index_seal, &index_key_aad("test", "m-1", 2), &sealed).is_err());
+        assert!(open_secret(&keys.record_seal, &aad, &sealed).is_err());
+        let mut flipped = hex::decode(&sealed).unwrap();
+        flipped[20] ^= 1;
+        assert!(open_secret(&keys.index_seal, &aad, &hex::encode(flipped)).is_err());
+        assert!(open_secret(&keys.index_seal, &aad, "zz").is_err());
+        // Version 3 fields in a version 2 file: refused.
+        let mut v2 = bytes[..bytes.len() - 64].to_vec();
+        v2[8] = V2;
+        v2.extend_from_slice(&[0; 32]); // any MAC: refused before it is checked
+        let d = Sha256::digest(&v2);
+        v2.extend_from_slice(&d);
+        assert!(matches!(decode_snapshot(&v2, 0), Err(FormatError::Corrupt(_))));
+        assert!(Change::IndexScope {
+            key: "k".into(),
+            value: st.index_keys["test/m-1"].clone()
+        }
+        .is_v3());
+    }
 }
