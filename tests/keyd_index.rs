@@ -11,8 +11,8 @@ use keyd_harness::Keyd;
 use panseal::keyd::protocol as proto;
 use panseal::keyd::state::{self as st, State, StateKeys};
 use panseal::{
-    Access, Dek, Environment, KeyId, KeyPurpose, KeyRequest, KeyService, KeyServiceError,
-    KeyState, Pan, Scope, WrappedDek,
+    Access, Dek, Environment, KeyId, KeyPurpose, KeyRequest, KeyService, KeyServiceError, KeyState,
+    Pan, Scope, WrappedDek,
 };
 use serde_json::json;
 use sha2::Sha256;
@@ -159,21 +159,48 @@ async fn a_wrap_and_index_credential_obtains_zero_bytes_of_the_index_key() {
         "bytes": base64::engine::general_purpose::STANDARD.encode([0u8; 60])});
     let requests: Vec<(&'static str, serde_json::Value)> = vec![
         (proto::STATUS, json!({})),
-        (proto::KEK_INFO, json!({"environment": "test", "scope": "ix-1"})),
-        (proto::INDEX_KEYS, json!({"environment": "test", "scope": "ix-1"})),
-        (proto::INDEX_HASH, json!({"environment": "test", "scope": "ix-1", "versions": [1],
-            "pans": [ps[0].expose_digits(), ps[1].expose_digits()]})),
+        (
+            proto::KEK_INFO,
+            json!({"environment": "test", "scope": "ix-1"}),
+        ),
+        (
+            proto::INDEX_KEYS,
+            json!({"environment": "test", "scope": "ix-1"}),
+        ),
+        (
+            proto::INDEX_HASH,
+            json!({"environment": "test", "scope": "ix-1", "versions": [1],
+            "pans": [ps[0].expose_digits(), ps[1].expose_digits()]}),
+        ),
         (proto::GENERATE, json!({"key": wire_key("index")})),
-        (proto::WRAP, json!({"key": wire_key("index"),
-            "dek": base64::engine::general_purpose::STANDARD.encode([7u8; 32])})),
-        (proto::UNWRAP, json!({"key": wire_key("index"), "wrapped": fake_wrap.clone(),
-            "on_behalf_of": "x", "purpose": "y"})),
-        (proto::UNWRAP, json!({"key": wire_key("data"), "wrapped": fake_wrap.clone(),
-            "on_behalf_of": "x", "purpose": "y"})),
-        (proto::REWRAP, json!({"key": wire_key("index"), "wrapped": fake_wrap})),
-        (proto::INDEX_CREATE, json!({"environment": "test", "scope": "ix-1"})),
-        (proto::INDEX_STATE, json!({"environment": "test", "scope": "ix-1", "version": 1,
-            "state": "decrypt-only"})),
+        (
+            proto::WRAP,
+            json!({"key": wire_key("index"),
+            "dek": base64::engine::general_purpose::STANDARD.encode([7u8; 32])}),
+        ),
+        (
+            proto::UNWRAP,
+            json!({"key": wire_key("index"), "wrapped": fake_wrap.clone(),
+            "on_behalf_of": "x", "purpose": "y"}),
+        ),
+        (
+            proto::UNWRAP,
+            json!({"key": wire_key("data"), "wrapped": fake_wrap.clone(),
+            "on_behalf_of": "x", "purpose": "y"}),
+        ),
+        (
+            proto::REWRAP,
+            json!({"key": wire_key("index"), "wrapped": fake_wrap}),
+        ),
+        (
+            proto::INDEX_CREATE,
+            json!({"environment": "test", "scope": "ix-1"}),
+        ),
+        (
+            proto::INDEX_STATE,
+            json!({"environment": "test", "scope": "ix-1", "version": 1,
+            "state": "decrypt-only"}),
+        ),
         (proto::AUDIT, json!({"from": 1, "limit": 1000})),
         (proto::RECORD_VERIFY, json!({"record": ""})),
     ];
@@ -186,7 +213,14 @@ async fn a_wrap_and_index_credential_obtains_zero_bytes_of_the_index_key() {
             Ok(b) => key_leaks(b, &key),
             Err(e) => key_leaks(e.to_string().as_bytes(), &key),
         };
-        if [proto::GENERATE, proto::WRAP, proto::UNWRAP, proto::INDEX_CREATE].contains(path) {
+        if [
+            proto::GENERATE,
+            proto::WRAP,
+            proto::UNWRAP,
+            proto::INDEX_CREATE,
+        ]
+        .contains(path)
+        {
             assert!(r.is_err(), "{path} must be refused");
         }
     }
@@ -226,7 +260,10 @@ async fn planting_an_index_key_through_wrap_or_generate_is_refused() {
         .blind_index(&scope("ix-2"), &[1], &[&pans(1)[0]], &access())
         .await
         .unwrap_err();
-    assert!(matches!(e, KeyServiceError::UnknownIndexKey { version: 1, .. }), "{e}");
+    assert!(
+        matches!(e, KeyServiceError::UnknownIndexKey { version: 1, .. }),
+        "{e}"
+    );
     // Creating one needs custodian.
     assert!(matches!(
         k.client("frontend").create_index_key(&scope("ix-2")).await,
@@ -244,34 +281,61 @@ async fn batches_are_pan_major_deterministic_and_rotation_keeps_old_values() {
     let fe = k.client("frontend");
     let ps = pans(5000);
     let refs: Vec<&Pan> = ps.iter().collect();
-    let first = fe.blind_index(&sc, &[1], &refs[..10], &access()).await.unwrap();
-    let again = fe.blind_index(&sc, &[1], &refs[..10], &access()).await.unwrap();
+    let first = fe
+        .blind_index(&sc, &[1], &refs[..10], &access())
+        .await
+        .unwrap();
+    let again = fe
+        .blind_index(&sc, &[1], &refs[..10], &access())
+        .await
+        .unwrap();
     assert_eq!(first, again, "deterministic");
     let k1 = index_key(&k, "ix-3", 1);
-    let matching = (0..10).filter(|&i| first[i] == hmac_of(&k1, &ps[i])).count();
+    let matching = (0..10)
+        .filter(|&i| first[i] == hmac_of(&k1, &ps[i]))
+        .count();
     assert_eq!(matching, 10);
     // Rotation: v2 active, v1 lookup-only; v1 values unchanged.
     let v2 = root.create_index_key(&sc).await.unwrap();
     assert_eq!(v2.version, 2);
     let list = fe.index_keys(&sc).await.unwrap();
     let states: Vec<(u32, KeyState)> = list.iter().map(|i| (i.version, i.state)).collect();
-    assert_eq!(states, vec![(2, KeyState::Active), (1, KeyState::DecryptOnly)]);
+    assert_eq!(
+        states,
+        vec![(2, KeyState::Active), (1, KeyState::DecryptOnly)]
+    );
     let k2 = index_key(&k, "ix-3", 2);
     // 5,000 PANs × 2 versions: more than one request, PAN-major.
-    let both = fe.blind_index(&sc, &[2, 1], &refs, &access()).await.unwrap();
+    let both = fe
+        .blind_index(&sc, &[2, 1], &refs, &access())
+        .await
+        .unwrap();
     assert_eq!(both.len(), 10_000);
     let wrong = (0..5000)
         .filter(|&i| both[2 * i] != hmac_of(&k2, &ps[i]) || both[2 * i + 1] != hmac_of(&k1, &ps[i]))
         .count();
     assert_eq!(wrong, 0);
-    assert_eq!(&both[1..20].iter().step_by(2).copied().collect::<Vec<_>>()[..], &first[..10]);
-    let same_across_versions = (0..5000).filter(|&i| both[2 * i] == both[2 * i + 1]).count();
+    assert_eq!(
+        &both[1..20].iter().step_by(2).copied().collect::<Vec<_>>()[..],
+        &first[..10]
+    );
+    let same_across_versions = (0..5000)
+        .filter(|&i| both[2 * i] == both[2 * i + 1])
+        .count();
     assert_eq!(same_across_versions, 0, "versions are separate keys");
     // Destroying v1: no longer listed, no longer hashes, and gone from disk.
-    root.set_index_key_state(&sc, 1, KeyState::Destroyed).await.unwrap();
+    root.set_index_key_state(&sc, 1, KeyState::Destroyed)
+        .await
+        .unwrap();
     assert_eq!(fe.index_keys(&sc).await.unwrap().len(), 1);
-    let e = fe.blind_index(&sc, &[1], &refs[..1], &access()).await.unwrap_err();
-    assert!(matches!(e, KeyServiceError::UnknownIndexKey { version: 1, .. }), "{e}");
+    let e = fe
+        .blind_index(&sc, &[1], &refs[..1], &access())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, KeyServiceError::UnknownIndexKey { version: 1, .. }),
+        "{e}"
+    );
     let (s, _) = disk_state(&k);
     assert!(s.index_keys["test/ix-3"].versions[0].sealed.is_none());
     let journal = std::fs::read(k.path("data/state.journal")).unwrap_or_default();
@@ -281,9 +345,18 @@ async fn batches_are_pan_major_deterministic_and_rotation_keeps_old_values() {
         .count();
     assert_eq!(sealed_lines, 0, "no journal line keeps the destroyed key");
     // A state never goes back to active.
-    assert!(root.set_index_key_state(&sc, 2, KeyState::Active).await.is_ok());
-    assert!(root.set_index_key_state(&sc, 2, KeyState::DecryptOnly).await.is_ok());
-    assert!(root.set_index_key_state(&sc, 2, KeyState::Active).await.is_err());
+    assert!(root
+        .set_index_key_state(&sc, 2, KeyState::Active)
+        .await
+        .is_ok());
+    assert!(root
+        .set_index_key_state(&sc, 2, KeyState::DecryptOnly)
+        .await
+        .is_ok());
+    assert!(root
+        .set_index_key_state(&sc, 2, KeyState::Active)
+        .await
+        .is_err());
     // One audit record per hash request, with count and versions, no PAN.
     let hash_lines: Vec<String> = k
         .audit_lines()
@@ -303,11 +376,18 @@ async fn batches_are_pan_major_deterministic_and_rotation_keeps_old_values() {
 #[tokio::test]
 async fn a_bad_pan_in_a_batch_is_named_by_position_and_nothing_is_computed() {
     let k = Keyd::ready().await;
-    k.client("root").create_index_key(&scope("ix-4")).await.unwrap();
+    k.client("root")
+        .create_index_key(&scope("ix-4"))
+        .await
+        .unwrap();
     let fe = k.client("frontend");
     let ps = pans(4);
     let secret_like = "4111111111111112"; // fails Luhn
-    for (bad, why) in [(secret_like, "Luhn"), ("41111111111x1111", "digits"), ("4111", "8 to 19")] {
+    for (bad, why) in [
+        (secret_like, "Luhn"),
+        ("41111111111x1111", "digits"),
+        ("4111", "8 to 19"),
+    ] {
         let body = json!({"environment": "test", "scope": "ix-4", "versions": [1],
             "pans": [ps[0].expose_digits(), ps[1].expose_digits(), bad, ps[3].expose_digits()]});
         let r = fe.raw_call(proto::INDEX_HASH, &body).await.unwrap();
@@ -318,7 +398,10 @@ async fn a_bad_pan_in_a_batch_is_named_by_position_and_nothing_is_computed() {
         assert_eq!(*index, 2);
         assert!(reason.contains(why), "{reason}");
         let msg = e.to_string();
-        assert!(!msg.contains(bad) && !msg.contains(ps[0].expose_digits()), "{msg}");
+        assert!(
+            !msg.contains(bad) && !msg.contains(ps[0].expose_digits()),
+            "{msg}"
+        );
         let digits_run = msg
             .as_bytes()
             .windows(5)
@@ -327,9 +410,16 @@ async fn a_bad_pan_in_a_batch_is_named_by_position_and_nothing_is_computed() {
         assert_eq!(digits_run, 0, "no run of PAN digits in {msg}");
     }
     // Too large a batch is refused whole.
-    let many: Vec<String> = pans(4097).iter().map(|p| p.expose_digits().to_owned()).collect();
+    let many: Vec<String> = pans(4097)
+        .iter()
+        .map(|p| p.expose_digits().to_owned())
+        .collect();
     let body = json!({"environment": "test", "scope": "ix-4", "versions": [1], "pans": many});
-    assert!(fe.raw_call(proto::INDEX_HASH, &body).await.unwrap().is_err());
+    assert!(fe
+        .raw_call(proto::INDEX_HASH, &body)
+        .await
+        .unwrap()
+        .is_err());
     // Refused batches were audited (failure) with no hash computed: the
     // log has no success among them.
     let ok_hashes = k
@@ -343,8 +433,13 @@ async fn a_bad_pan_in_a_batch_is_named_by_position_and_nothing_is_computed() {
 #[tokio::test]
 async fn keyd_killed_mid_batch_gives_unavailable_and_nothing_partial() {
     let mut k = Keyd::ready().await;
-    k.client("root").create_index_key(&scope("ix-5")).await.unwrap();
-    let fe = k.client_with("frontend", |b| b.retries(0, std::time::Duration::from_millis(1)));
+    k.client("root")
+        .create_index_key(&scope("ix-5"))
+        .await
+        .unwrap();
+    let fe = k.client_with("frontend", |b| {
+        b.retries(0, std::time::Duration::from_millis(1))
+    });
     let ps = pans(200_000);
     let task = tokio::spawn(async move {
         let refs: Vec<&Pan> = ps.iter().collect();
@@ -473,16 +568,16 @@ async fn a_database_writer_with_a_wrap_credential_forges_no_record() {
         }
     }
     // 3. Offline edits of the stored row (tag kept): detected at verify.
-    let edits: Vec<Box<dyn Fn(&mut WrappedDek)>> = vec![
-        Box::new(|r| r.state = KeyState::Active),
-        Box::new(|r| r.encrypt_until += 1),
-        Box::new(|r| r.decrypt_until += 1),
-        Box::new(|r| r.uses = 0),
-        Box::new(|r| r.max_uses += 1),
-        Box::new(|r| r.version += 1),
-        Box::new(|r| r.purpose = KeyPurpose::Index),
-        Box::new(|r| r.sequence += 1),
-        Box::new(|r| r.tag = None),
+    let edits: [fn(&mut WrappedDek); 9] = [
+        |r| r.state = KeyState::Active,
+        |r| r.encrypt_until += 1,
+        |r| r.decrypt_until += 1,
+        |r| r.uses = 0,
+        |r| r.max_uses += 1,
+        |r| r.version += 1,
+        |r| r.purpose = KeyPurpose::Index,
+        |r| r.sequence += 1,
+        |r| r.tag = None,
     ];
     for e in &edits {
         attempts += 1;
@@ -515,7 +610,10 @@ async fn a_database_writer_with_a_wrap_credential_forges_no_record() {
     w.verify_record(&r2).await.unwrap();
     let mut stale_after_restart = 0;
     for old in [&r0, &r1] {
-        if matches!(w.verify_record(old).await, Err(KeyServiceError::RecordStale(_))) {
+        if matches!(
+            w.verify_record(old).await,
+            Err(KeyServiceError::RecordStale(_))
+        ) {
             stale_after_restart += 1;
         }
     }
@@ -563,7 +661,9 @@ async fn record_caps_bound_new_records() {
         Err(KeyServiceError::RecordTransition(_))
     ));
     // Other scopes are not capped.
-    w.authenticate_record(None, &record("free-1", now())).await.unwrap();
+    w.authenticate_record(None, &record("free-1", now()))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -621,8 +721,14 @@ async fn a_version_2_data_directory_opens_and_migrates_to_version_3() {
         .count();
     assert_eq!(migrations, 1);
     let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
-    assert_eq!(panseal::hazmat::dek_bytes(&got), panseal::hazmat::dek_bytes(&dek));
-    k.client("root").create_index_key(&scope("mig-1")).await.unwrap();
+    assert_eq!(
+        panseal::hazmat::dek_bytes(&got),
+        panseal::hazmat::dek_bytes(&dek)
+    );
+    k.client("root")
+        .create_index_key(&scope("mig-1"))
+        .await
+        .unwrap();
     // A restart reads version 3 and does not migrate again.
     k.kill();
     k.start();
@@ -633,7 +739,14 @@ async fn a_version_2_data_directory_opens_and_migrates_to_version_3() {
         .filter(|l| l.contains("state version 2 rewritten as version 3"))
         .count();
     assert_eq!(migrations, 1);
-    assert_eq!(k.client("frontend").index_keys(&scope("mig-1")).await.unwrap().len(), 1);
+    assert_eq!(
+        k.client("frontend")
+            .index_keys(&scope("mig-1"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -649,8 +762,14 @@ fn keyd_state_v3_vectors_from_an_independent_implementation() {
     let hx = |x: &serde_json::Value| hex::decode(x.as_str().unwrap()).unwrap();
     let master: [u8; 32] = hx(&v["master_key"]).try_into().unwrap();
     let keys = StateKeys::derive(&master);
-    assert_eq!(hex::encode(&keys.index_seal[..]), v["subkeys"]["index_seal"].as_str().unwrap());
-    assert_eq!(hex::encode(&keys.record_seal[..]), v["subkeys"]["record_seal"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(&keys.index_seal[..]),
+        v["subkeys"]["index_seal"].as_str().unwrap()
+    );
+    assert_eq!(
+        hex::encode(&keys.record_seal[..]),
+        v["subkeys"]["record_seal"].as_str().unwrap()
+    );
     // Snapshot and journal: positive.
     let snap = st::decode_snapshot(&hx(&v["state_bin"]), 0).unwrap();
     assert_eq!(snap.version, st::V3);
@@ -666,14 +785,24 @@ fn keyd_state_v3_vectors_from_an_independent_implementation() {
     assert_eq!(s.registry["test/m-1/0102030405060708"].sequence, 4);
     // Sealed keys open to the vector's plaintext; moved ones do not.
     let ik = &v["index_key"];
-    let sealed = snap.state.index_keys["test/m-1"].versions[0].sealed.clone().unwrap();
-    assert_eq!(sealed, ik["sealed"].as_str().unwrap());
-    let key = st::open_secret(&keys.index_seal, &st::index_key_aad("test", "m-1", 1), &sealed)
+    let sealed = snap.state.index_keys["test/m-1"].versions[0]
+        .sealed
+        .clone()
         .unwrap();
+    assert_eq!(sealed, ik["sealed"].as_str().unwrap());
+    let key = st::open_secret(
+        &keys.index_seal,
+        &st::index_key_aad("test", "m-1", 1),
+        &sealed,
+    )
+    .unwrap();
     assert_eq!(hex::encode(&key[..]), ik["key"].as_str().unwrap());
     let mut refused = 0;
     for (aad, sealed) in [
-        (st::index_key_aad("test", "m-1", 1), ik["sealed_for_m_2"].as_str().unwrap()),
+        (
+            st::index_key_aad("test", "m-1", 1),
+            ik["sealed_for_m_2"].as_str().unwrap(),
+        ),
         (st::index_key_aad("test", "m-1", 2), sealed.as_str()),
         (st::index_key_aad("prod", "m-1", 1), sealed.as_str()),
     ] {
@@ -688,7 +817,10 @@ fn keyd_state_v3_vectors_from_an_independent_implementation() {
         &snap.state.record_keys["test"].sealed,
     )
     .unwrap();
-    assert_eq!(hex::encode(&rk[..]), v["record_key"]["key"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(&rk[..]),
+        v["record_key"]["key"].as_str().unwrap()
+    );
     // Keyed hash: standard HMAC-SHA-256 of the ASCII digits.
     let pan = Pan::parse(v["blind_index"]["pan"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -698,7 +830,10 @@ fn keyd_state_v3_vectors_from_an_independent_implementation() {
     // Record tag over signed_bytes, and an edited record fails it.
     let r = WrappedDek::from_bytes(&hx(&v["record"]["record_hex"])).unwrap();
     assert_eq!(r.sequence, 3);
-    assert_eq!(hex::encode(r.signed_bytes()), v["record"]["signed_bytes_hex"].as_str().unwrap());
+    assert_eq!(
+        hex::encode(r.signed_bytes()),
+        v["record"]["signed_bytes_hex"].as_str().unwrap()
+    );
     let tag_ok = |r: &WrappedDek| {
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&rk[..]).unwrap();
         m.update(&r.signed_bytes());

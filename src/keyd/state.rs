@@ -333,7 +333,11 @@ pub fn seal_secret(key: &[u8; 32], nonce: [u8; 12], aad: &[u8], secret: &[u8; 32
 ///
 /// [`FormatError::Unauthentic`] for a wrong key, wrong associated data or
 /// altered bytes; [`FormatError::Corrupt`] for bytes of the wrong shape.
-pub fn open_secret(key: &[u8; 32], aad: &[u8], sealed_hex: &str) -> Result<Zeroizing<[u8; 32]>, FormatError> {
+pub fn open_secret(
+    key: &[u8; 32],
+    aad: &[u8],
+    sealed_hex: &str,
+) -> Result<Zeroizing<[u8; 32]>, FormatError> {
     use aes_gcm::aead::AeadInPlace;
     use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
     let sealed = Zeroizing::new(
@@ -894,7 +898,10 @@ mod tests {
         let s = decode_snapshot(&bytes, 0).unwrap();
         s.verify(&keys).unwrap();
         assert_eq!(s.state, st);
-        assert_eq!(*open_secret(&keys.index_seal, &aad, &sealed).unwrap(), [9; 32]);
+        assert_eq!(
+            *open_secret(&keys.index_seal, &aad, &sealed).unwrap(),
+            [9; 32]
+        );
         // Another scope, version, subkey or a flipped bit: refused.
         assert!(open_secret(&keys.index_seal, &index_key_aad("test", "m-2", 1), &sealed).is_err());
         assert!(open_secret(&keys.index_seal, &index_key_aad("test", "m-1", 2), &sealed).is_err());
@@ -909,7 +916,10 @@ mod tests {
         v2.extend_from_slice(&[0; 32]); // any MAC: refused before it is checked
         let d = Sha256::digest(&v2);
         v2.extend_from_slice(&d);
-        assert!(matches!(decode_snapshot(&v2, 0), Err(FormatError::Corrupt(_))));
+        assert!(matches!(
+            decode_snapshot(&v2, 0),
+            Err(FormatError::Corrupt(_))
+        ));
         assert!(Change::IndexScope {
             key: "k".into(),
             value: st.index_keys["test/m-1"].clone()

@@ -1062,7 +1062,11 @@ impl KeyService for RemoteKeyService {
 
     async fn create_index_key(&self, scope: &Scope) -> Result<IndexKeyInfo, KeyServiceError> {
         let a: proto::IndexKeysResponse = self
-            .call(proto::INDEX_CREATE, &self.target(scope), Repeat::OnlyIfUnsent)
+            .call(
+                proto::INDEX_CREATE,
+                &self.target(scope),
+                Repeat::OnlyIfUnsent,
+            )
             .await?;
         index_infos(a)
             .into_iter()
@@ -1120,7 +1124,9 @@ impl KeyService for RemoteKeyService {
             self.call(proto::RECORD_VERIFY, &r, Repeat::Safe).await?;
         match a.result {
             proto::RecordCheck::Ok => Ok(()),
-            proto::RecordCheck::Tampered => Err(KeyServiceError::RecordTampered(record.id.to_string())),
+            proto::RecordCheck::Tampered => {
+                Err(KeyServiceError::RecordTampered(record.id.to_string()))
+            }
             proto::RecordCheck::Stale => Err(KeyServiceError::RecordStale(record.id.to_string())),
         }
     }

@@ -77,11 +77,12 @@ struct AuditRecord {
     sequence: Option<u64>,
 }
 
-pub(crate) struct Failure(pub(crate) ErrorBody);
+/// A refusal: the error body keyd answers (boxed: results stay small).
+pub(crate) struct Failure(pub(crate) Box<ErrorBody>);
 
 impl Failure {
     pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Failure(ErrorBody::new(kind, message))
+        Failure(Box::new(ErrorBody::new(kind, message)))
     }
 }
 
@@ -438,7 +439,7 @@ impl Server {
             );
             b.allowed_environment = Some(p.environment.to_string());
             b.requested_environment = Some(env.to_string());
-            return Err(Failure(b));
+            return Err(Failure(Box::new(b)));
         }
         Ok(())
     }
@@ -1681,7 +1682,7 @@ fn batch_item(index: usize, reason: &str) -> Failure {
         format!("PAN at position {index} refused: {reason}; nothing in the batch was computed"),
     );
     b.index = Some(index as u64);
-    Failure(b)
+    Failure(Box::new(b))
 }
 
 fn unknown_index_key(scope: &str, version: u32) -> Failure {
@@ -1691,7 +1692,7 @@ fn unknown_index_key(scope: &str, version: u32) -> Failure {
     );
     b.scope = Some(scope.to_owned());
     b.version = Some(version);
-    Failure(b)
+    Failure(Box::new(b))
 }
 
 fn keyed(key: &[u8; 32]) -> HmacSha256 {
@@ -1792,7 +1793,7 @@ impl Server {
                     .collect()
             })
             .unwrap_or_default();
-        versions.sort_by(|a, b| b.version.cmp(&a.version));
+        versions.sort_by_key(|v| std::cmp::Reverse(v.version));
         proto::IndexKeysResponse {
             environment: env.clone(),
             scope: scope.clone(),
@@ -1889,34 +1890,36 @@ impl Server {
         let (env, scope) = (t.environment.as_str(), t.scope.as_str());
         let key = slot(env, scope);
         let secret = seal::new_kek();
-        let version = self.state.mutate(&self.audit, |d| -> Result<u32, Failure> {
-            let mut r = d.index_scope(&key).cloned().unwrap_or(IndexScopeRecord {
-                environment: env.to_owned(),
-                scope: scope.to_owned(),
-                versions: Vec::new(),
-            });
-            let version = r.versions.iter().map(|k| k.version).max().unwrap_or(0) + 1;
-            for k in r.versions.iter_mut() {
-                if k.state == KeyState::Active {
-                    k.state = KeyState::DecryptOnly;
+        let version = self
+            .state
+            .mutate(&self.audit, |d| -> Result<u32, Failure> {
+                let mut r = d.index_scope(&key).cloned().unwrap_or(IndexScopeRecord {
+                    environment: env.to_owned(),
+                    scope: scope.to_owned(),
+                    versions: Vec::new(),
+                });
+                let version = r.versions.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+                for k in r.versions.iter_mut() {
+                    if k.state == KeyState::Active {
+                        k.state = KeyState::DecryptOnly;
+                    }
                 }
-            }
-            let aad = v3::index_key_aad(env, scope, version);
-            r.versions.push(IndexKeyRecord {
-                version,
-                state: KeyState::Active,
-                created_at: now_secs(),
-                created_by: p.name.clone(),
-                sealed: Some(v3::seal_secret(
-                    &keys.index_seal,
-                    random_nonce(),
-                    &aad,
-                    &secret,
-                )),
-            });
-            d.put_index_scope(&key, r);
-            Ok(version)
-        })?;
+                let aad = v3::index_key_aad(env, scope, version);
+                r.versions.push(IndexKeyRecord {
+                    version,
+                    state: KeyState::Active,
+                    created_at: now_secs(),
+                    created_by: p.name.clone(),
+                    sealed: Some(v3::seal_secret(
+                        &keys.index_seal,
+                        random_nonce(),
+                        &aad,
+                        &secret,
+                    )),
+                });
+                d.put_index_scope(&key, r);
+                Ok(version)
+            })?;
         rec.index_versions = Some(vec![version]);
         json(&self.index_status(&t.environment, &t.scope))
     }
@@ -1929,34 +1932,36 @@ impl Server {
         require(p, Permission::Custodian)?;
         self.check_scope(p, &t.environment, &t.scope)?;
         let key = slot(t.environment.as_str(), t.scope.as_str());
-        let destroyed = self.state.mutate(&self.audit, |d| -> Result<bool, Failure> {
-            let no_such = || unknown_index_key(t.scope.as_str(), t.version);
-            let mut r = d.index_scope(&key).cloned().ok_or_else(no_such)?;
-            let k = r
-                .versions
-                .iter_mut()
-                .find(|k| k.version == t.version && k.state != KeyState::Destroyed)
-                .ok_or_else(no_such)?;
-            if k.state == t.state {
-                return Ok(false);
-            }
-            if !k.state.can_become(t.state) {
-                return Err(Failure::new(
-                    ErrorKind::Conflict,
-                    format!(
-                        "index key states only move forward ({:?} -> {:?} refused)",
-                        k.state, t.state
-                    ),
-                ));
-            }
-            k.state = t.state;
-            let destroyed = t.state == KeyState::Destroyed;
-            if destroyed {
-                k.sealed = None;
-            }
-            d.put_index_scope(&key, r);
-            Ok(destroyed)
-        })?;
+        let destroyed = self
+            .state
+            .mutate(&self.audit, |d| -> Result<bool, Failure> {
+                let no_such = || unknown_index_key(t.scope.as_str(), t.version);
+                let mut r = d.index_scope(&key).cloned().ok_or_else(no_such)?;
+                let k = r
+                    .versions
+                    .iter_mut()
+                    .find(|k| k.version == t.version && k.state != KeyState::Destroyed)
+                    .ok_or_else(no_such)?;
+                if k.state == t.state {
+                    return Ok(false);
+                }
+                if !k.state.can_become(t.state) {
+                    return Err(Failure::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "index key states only move forward ({:?} -> {:?} refused)",
+                            k.state, t.state
+                        ),
+                    ));
+                }
+                k.state = t.state;
+                let destroyed = t.state == KeyState::Destroyed;
+                if destroyed {
+                    k.sealed = None;
+                }
+                d.put_index_scope(&key, r);
+                Ok(destroyed)
+            })?;
         if destroyed {
             // Fold the journal into a snapshot: no older line keeps the
             // sealed key either.
@@ -2089,9 +2094,7 @@ impl Server {
         let over = |what: &str, got: u64, cap: u64| {
             Failure::new(
                 ErrorKind::RecordTransition,
-                format!(
-                    "{what} {got} exceeds this scope's cap {cap} (keyd record_cap)",
-                ),
+                format!("{what} {got} exceeds this scope's cap {cap} (keyd record_cap)",),
             )
         };
         if let Some(cap) = c.max_uses {
@@ -2149,95 +2152,97 @@ impl Server {
         let id = next.id.to_string();
         let reg_key = v3::registry_key(&env, next.scope.as_str(), &id);
         let fresh_key = seal::new_kek();
-        let tag = self.state.mutate(&self.audit, |d| -> Result<[u8; 32], Failure> {
-            let record_key = match d.record_key(&env) {
-                Some(rk) => Self::open_record_key(&keys, rk)?,
-                None => {
-                    let sealed = v3::seal_secret(
-                        &keys.record_seal,
-                        random_nonce(),
-                        &v3::record_key_aad(&env),
-                        &fresh_key,
-                    );
-                    d.put_record_key(
-                        &env,
-                        RecordKeyRecord {
-                            environment: env.clone(),
-                            created_at: now,
-                            sealed,
-                        },
-                    );
-                    fresh_key.clone()
-                }
-            };
-            let registered = d.registry(&reg_key).cloned();
-            match (&previous, &registered) {
-                (None, None) => {}
-                (None, Some(_)) => {
-                    return Err(Failure::new(
-                        ErrorKind::RecordStale,
-                        format!(
-                            "key record {id} was signed before: send the stored record as \
-                             `previous`"
-                        ),
-                    ))
-                }
-                (Some(_), None) => {
-                    return Err(Failure::new(
-                        ErrorKind::RecordTampered,
-                        format!("previous key record {id} was never signed by this keyd"),
-                    ))
-                }
-                (Some(prev), Some(e)) => {
-                    let ok = prev.tag.is_some_and(|t| {
-                        let mut m = keyed(&record_key);
-                        hmac::Mac::update(&mut m, &prev.signed_bytes());
-                        hmac::Mac::verify_slice(m, &t.0).is_ok()
-                    });
-                    if !ok {
-                        return Err(Failure::new(
-                            ErrorKind::RecordTampered,
-                            format!("previous key record {id} failed authentication"),
-                        ));
+        let tag = self
+            .state
+            .mutate(&self.audit, |d| -> Result<[u8; 32], Failure> {
+                let record_key = match d.record_key(&env) {
+                    Some(rk) => Self::open_record_key(&keys, rk)?,
+                    None => {
+                        let sealed = v3::seal_secret(
+                            &keys.record_seal,
+                            random_nonce(),
+                            &v3::record_key_aad(&env),
+                            &fresh_key,
+                        );
+                        d.put_record_key(
+                            &env,
+                            RecordKeyRecord {
+                                environment: env.clone(),
+                                created_at: now,
+                                sealed,
+                            },
+                        );
+                        fresh_key.clone()
                     }
-                    if prev.sequence < e.sequence {
+                };
+                let registered = d.registry(&reg_key).cloned();
+                match (&previous, &registered) {
+                    (None, None) => {}
+                    (None, Some(_)) => {
                         return Err(Failure::new(
                             ErrorKind::RecordStale,
                             format!(
-                                "previous key record {id} is sequence {}, keyd signed {}: \
-                                 rolled back",
-                                prev.sequence, e.sequence
+                                "key record {id} was signed before: send the stored record as \
+                             `previous`"
                             ),
-                        ));
-                    }
-                    let same = prev.tag.is_some_and(|t| {
-                        bool::from(subtle::ConstantTimeEq::ct_eq(
-                            hex::encode(t.0).as_bytes(),
-                            e.tag.as_bytes(),
                         ))
-                    });
-                    if prev.sequence != e.sequence || !same {
+                    }
+                    (Some(_), None) => {
                         return Err(Failure::new(
                             ErrorKind::RecordTampered,
-                            format!("previous key record {id} is not the one keyd registered"),
-                        ));
+                            format!("previous key record {id} was never signed by this keyd"),
+                        ))
+                    }
+                    (Some(prev), Some(e)) => {
+                        let ok = prev.tag.is_some_and(|t| {
+                            let mut m = keyed(&record_key);
+                            hmac::Mac::update(&mut m, &prev.signed_bytes());
+                            hmac::Mac::verify_slice(m, &t.0).is_ok()
+                        });
+                        if !ok {
+                            return Err(Failure::new(
+                                ErrorKind::RecordTampered,
+                                format!("previous key record {id} failed authentication"),
+                            ));
+                        }
+                        if prev.sequence < e.sequence {
+                            return Err(Failure::new(
+                                ErrorKind::RecordStale,
+                                format!(
+                                    "previous key record {id} is sequence {}, keyd signed {}: \
+                                 rolled back",
+                                    prev.sequence, e.sequence
+                                ),
+                            ));
+                        }
+                        let same = prev.tag.is_some_and(|t| {
+                            bool::from(subtle::ConstantTimeEq::ct_eq(
+                                hex::encode(t.0).as_bytes(),
+                                e.tag.as_bytes(),
+                            ))
+                        });
+                        if prev.sequence != e.sequence || !same {
+                            return Err(Failure::new(
+                                ErrorKind::RecordTampered,
+                                format!("previous key record {id} is not the one keyd registered"),
+                            ));
+                        }
                     }
                 }
-            }
-            let mut m = keyed(&record_key);
-            hmac::Mac::update(&mut m, &next.signed_bytes());
-            let tag: [u8; 32] = hmac::Mac::finalize(m).into_bytes().into();
-            d.put_registry(
-                &reg_key,
-                RegistryEntry {
-                    sequence: next.sequence,
-                    state: next.state,
-                    tag: hex::encode(tag),
-                    signed_at: now,
-                },
-            );
-            Ok(tag)
-        })?;
+                let mut m = keyed(&record_key);
+                hmac::Mac::update(&mut m, &next.signed_bytes());
+                let tag: [u8; 32] = hmac::Mac::finalize(m).into_bytes().into();
+                d.put_registry(
+                    &reg_key,
+                    RegistryEntry {
+                        sequence: next.sequence,
+                        state: next.state,
+                        tag: hex::encode(tag),
+                        signed_at: now,
+                    },
+                );
+                Ok(tag)
+            })?;
         json(&proto::RecordSignResponse {
             tag: tag.to_vec(),
             sequence: next.sequence,
