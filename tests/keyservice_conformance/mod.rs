@@ -149,6 +149,17 @@ pub async fn round_trip(ks: &dyn KeyService, environment: &str) {
     let mut seen = Vec::new();
     for purpose in [KeyPurpose::Data, KeyPurpose::Index] {
         let r = request(environment, "merchant-1", purpose);
+        // A service that keeps index keys inside (keyd, issue 10) refuses
+        // to generate or wrap one for a caller.
+        if purpose == KeyPurpose::Index {
+            if let Err(KeyServiceError::PermissionDenied(_)) = ks.generate(&r).await {
+                assert!(matches!(
+                    ks.wrap(&r, &Dek::generate()).await,
+                    Err(KeyServiceError::PermissionDenied(_))
+                ));
+                continue;
+            }
+        }
         let (dek, w) = ks.generate(&r).await.unwrap();
         assert_eq!(w.kek.id, info.id);
         assert_eq!(w.kek.version, info.version);
@@ -170,7 +181,9 @@ pub async fn round_trip(ks: &dyn KeyService, environment: &str) {
         // Unwrapping is repeatable.
         assert!(same(&mine, &unwrap(ks, &r, &w1).await.unwrap()));
     }
-    assert_ne!(seen[0], seen[1], "generate returned the same key twice");
+    if seen.len() == 2 {
+        assert_ne!(seen[0], seen[1], "generate returned the same key twice");
+    }
 }
 
 pub async fn binding(ks: &dyn KeyService, environment: &str) {
@@ -187,7 +200,11 @@ pub async fn binding(ks: &dyn KeyService, environment: &str) {
 
     let mut other = r.clone();
     other.purpose = KeyPurpose::Index;
-    assert_unwrap_failed(unwrap(ks, &other, &w).await, "another purpose");
+    match unwrap(ks, &other, &w).await {
+        // keyd refuses every index-purpose unwrap outright.
+        Err(KeyServiceError::PermissionDenied(_)) => {}
+        r => assert_unwrap_failed(r, "another purpose"),
+    }
 
     // Another environment: refused before or by authentication.
     let mut other = r.clone();
@@ -320,7 +337,7 @@ fn assert_kek_gone(r: Result<impl std::fmt::Debug, KeyServiceError>, what: &str)
 
 pub async fn destroyed_kek_refuses(ks: &dyn KeyService, backend: &dyn Backend, environment: &str) {
     let r_moved = request(environment, "merchant-1", KeyPurpose::Data);
-    let r_left = request(environment, "merchant-1", KeyPurpose::Index);
+    let r_left = request(environment, "merchant-1", KeyPurpose::Data);
     let (dek_moved, w_moved) = ks.generate(&r_moved).await.unwrap();
     let (_dek_left, w_left) = ks.generate(&r_left).await.unwrap();
     let doomed = w_moved.kek.version;
