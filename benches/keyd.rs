@@ -152,6 +152,70 @@ fn main() {
 
         // State changes: 50 new scopes on a fresh server, then 50 more
         // after `KEYD_BENCH_SCOPES` (default 500) scopes exist.
+        // Keyed hashes inside keyd (issue 10), beside the unwrap baseline
+        // above (same run, same server).
+        {
+            let sc = Scope::new("bench-ix").unwrap();
+            k.client("root").create_index_key(&sc).await.unwrap();
+            let pans: Vec<panseal::Pan> = (0..1000u64)
+                .map(|i| {
+                    let body = format!("4{:014}", i);
+                    let mut sum = 0;
+                    for (j, c) in body.bytes().rev().enumerate() {
+                        let mut d = u32::from(c - b'0');
+                        if j % 2 == 0 {
+                            d *= 2;
+                            if d > 9 {
+                                d -= 9;
+                            }
+                        }
+                        sum += d;
+                    }
+                    panseal::Pan::parse(&format!("{body}{}", (10 - sum % 10) % 10)).unwrap()
+                })
+                .collect();
+            let refs: Vec<&panseal::Pan> = pans.iter().collect();
+            let fe = k.client("frontend");
+            let access = Access::new("bench", "index").unwrap();
+            let single_n = env_or("KEYD_BENCH_HMAC_SINGLE", 2000) as usize;
+            let mut single = Vec::with_capacity(single_n);
+            for i in 0..single_n + 50 {
+                let t = Instant::now();
+                fe.blind_index(&sc, &[1], &refs[i % 1000..i % 1000 + 1], &access)
+                    .await
+                    .unwrap();
+                if i >= 50 {
+                    single.push(t.elapsed());
+                }
+            }
+            single.sort();
+            let batch_n = env_or("KEYD_BENCH_HMAC_BATCHES", 200) as usize;
+            let mut batch = Vec::with_capacity(batch_n);
+            let started = Instant::now();
+            for _ in 0..batch_n {
+                let t = Instant::now();
+                let v = fe.blind_index(&sc, &[1], &refs, &access).await.unwrap();
+                assert_eq!(v.len(), 1000);
+                batch.push(t.elapsed());
+            }
+            let batch_rate = (batch_n * 1000) as f64 / started.elapsed().as_secs_f64();
+            batch.sort();
+            let unwrap_p50 = pct(&r_lat, 0.50).as_secs_f64();
+            println!(
+                "
+keyd HMAC, 1 PAN per request:       p50 {:>9.1} µs   p99 {:>9.1} µs   ratio to unwrap p50 {:.2}",
+                pct(&single, 0.50).as_secs_f64() * 1e6,
+                pct(&single, 0.99).as_secs_f64() * 1e6,
+                pct(&single, 0.50).as_secs_f64() / unwrap_p50
+            );
+            println!(
+                "keyd HMAC, 1,000 PANs per request:  p50 {:>9.1} µs   {:>10.0} HMACs/s (sequential batches; {:.0} at p50)",
+                pct(&batch, 0.50).as_secs_f64() * 1e6,
+                batch_rate,
+                1000.0 / pct(&batch, 0.50).as_secs_f64()
+            );
+        }
+
         let many = env_or("KEYD_BENCH_SCOPES", 500) as usize;
         let alice = k.client("alice");
         let rotate_50 = |from: usize| {

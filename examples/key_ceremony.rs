@@ -22,6 +22,11 @@
 //!     --custodian alice --custodian carol --custodian dave
 //!
 //! cargo run --features keyd-client --example key_ceremony -- status --config alice.json
+//!
+//! # once unsealed: a custodian creates a scope's blind-index key inside keyd
+//! # (the first, or the next version at a rotation); it never leaves keyd
+//! cargo run --features keyd-client --example key_ceremony -- index-key \
+//!     --config alice.json --scope merchant-42
 //! ```
 //!
 //! No one but its custodian ever holds a share: `init` writes none, keyd
@@ -110,6 +115,16 @@ enum Step {
         /// server whose state is at another (rolled back).
         #[arg(long)]
         expect_generation: Option<u64>,
+    },
+    /// Create a scope's next blind-index key version inside keyd (the
+    /// previous active version becomes lookup-only). Needs `custodian`.
+    IndexKey {
+        /// This custodian's client configuration (keyd credential).
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The scope.
+        #[arg(long)]
+        scope: String,
     },
     /// Show whether keyd is sealed and which custodians have submitted shares.
     Status {
@@ -273,6 +288,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     "UNSEALED"
                 }
             );
+            Ok(())
+        }
+        Step::IndexKey { config, scope } => {
+            use panseal::KeyService;
+            let client = ClientConfig::from_file(&config)?.keyd_client()?;
+            let scope = panseal::Scope::new(&scope)?;
+            let created = client.create_index_key(&scope).await?;
+            println!(
+                "index key {} version {} created inside keyd (active); the key never leaves it",
+                scope, created.version
+            );
+            for k in client.index_keys(&scope).await? {
+                println!("  version {}: {:?}", k.version, k.state);
+            }
             Ok(())
         }
         Step::Status { config } => {

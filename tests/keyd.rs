@@ -89,7 +89,10 @@ async fn policy_matrix() {
     let d = req("test", "m-1", KeyPurpose::Data);
     let i = req("test", "m-1", KeyPurpose::Index);
     let (dek, wd) = app.generate(&d).await.unwrap();
-    let (_, wi) = app.generate(&i).await.unwrap();
+    // Index keys are never generated for a caller (issue 10): the wrap an
+    // attacker could present is one the data path made, relabelled.
+    assert!(is_denied(app.generate(&i).await));
+    let wi = wd.clone();
 
     // wrap: wrapper may, reader/indexer/rewrapper/custodian/auditor may not.
     let wrapper = k.client("wrapper");
@@ -128,7 +131,8 @@ async fn policy_matrix() {
     assert_eq!(dek_bytes(&got), dek_bytes(&dek));
     assert!(is_denied(reader.unwrap(&i, &wi, &access()).await));
     let indexer = k.client("indexer");
-    assert!(indexer.unwrap(&i, &wi, &access()).await.is_ok());
+    // `index` no longer unwraps anything (keyed hashes are computed in keyd).
+    assert!(is_denied(indexer.unwrap(&i, &wi, &access()).await));
     assert!(is_denied(indexer.unwrap(&d, &wd, &access()).await));
 
     // rewrap: rewrapper may (and gets no key), reader may not.
@@ -1772,9 +1776,10 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
     k.unseal().await;
     let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
     assert_eq!(dek_bytes(&got), dek);
-    // Migrated: version 2 on disk, generation kept growing, anchor written.
+    // Migrated: the current version (3) on disk, generation kept growing,
+    // anchor written.
     let on_disk = std::fs::read(k.path("data/state.bin")).unwrap();
-    assert_eq!(on_disk[8], 2);
+    assert_eq!(on_disk[8], 3);
     assert!(k.path("data/state.anchor").exists());
     assert!(k.client("alice").status().await.unwrap().state_generation > 7);
     // And it serves after a restart, under the new format.

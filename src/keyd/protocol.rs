@@ -7,7 +7,7 @@
 //! | `/v1/kek/info` | [`KekTarget`] | [`KekStatus`] | any permission in the scope |
 //! | `/v1/wrap` | [`WrapRequest`] | [`WrappedResponse`] | `wrap` |
 //! | `/v1/generate` | [`GenerateRequest`] | [`GenerateResponse`] | `wrap` |
-//! | `/v1/unwrap` | [`UnwrapRequest`] | [`UnwrapResponse`] | `unwrap` (data keys) or `index` (index keys) |
+//! | `/v1/unwrap` | [`UnwrapRequest`] | [`UnwrapResponse`] | `unwrap` (data keys only: an index key never leaves keyd) |
 //! | `/v1/rewrap` | [`RewrapRequest`] | [`WrappedResponse`] | `rewrap` |
 //! | `/v1/kek/rotate` | [`KekTarget`] | [`KekStatus`] | `custodian` |
 //! | `/v1/kek/retire` | [`KekVersionTarget`] | [`KekStatus`] | `custodian` |
@@ -22,6 +22,12 @@
 //! | `/v1/share/collect` | [`CollectRequest`] | [`CollectResponse`] | `custodian` named in an `init` or re-share, once |
 //! | `/v1/reveal` | [`RevealRequest`] | [`RevealResponse`] | `reveal` (counted per distinct record) |
 //! | `/v1/whoami` | none | [`WhoamiResponse`] | any principal (also while sealed) |
+//! | `/v1/index/keys` | [`KekTarget`] | [`IndexKeysResponse`] | `index` or `custodian` |
+//! | `/v1/index/hash` | [`IndexHashRequest`] | [`IndexHashResponse`] | `index` |
+//! | `/v1/index/create` | [`KekTarget`] | [`IndexKeysResponse`] | `custodian` |
+//! | `/v1/index/state` | [`IndexStateRequest`] | [`IndexKeysResponse`] | `custodian` |
+//! | `/v1/record/sign` | [`RecordSignRequest`] | [`RecordSignResponse`] | `wrap`, `rewrap` or `custodian`, by transition |
+//! | `/v1/record/verify` | [`RecordVerifyRequest`] | [`RecordVerifyResponse`] | any key permission in the scope |
 //!
 //! Every failure is an HTTP error status with an [`ErrorBody`]. Key bytes
 //! travel base64-encoded in [`KeyMaterial`], which wipes its buffer.
@@ -118,6 +124,22 @@ pub const SHARE_COLLECT: &str = "/v1/share/collect";
 pub const REVEAL: &str = "/v1/reveal";
 /// `POST /v1/whoami`.
 pub const WHOAMI: &str = "/v1/whoami";
+/// `POST /v1/index/keys`: the live index-key versions of a scope.
+pub const INDEX_KEYS: &str = "/v1/index/keys";
+/// `POST /v1/index/hash`: keyed hashes of a batch of PANs.
+pub const INDEX_HASH: &str = "/v1/index/hash";
+/// `POST /v1/index/create`: a scope's next index-key version.
+pub const INDEX_CREATE: &str = "/v1/index/create";
+/// `POST /v1/index/state`: moves an index-key version along its lifecycle.
+pub const INDEX_STATE: &str = "/v1/index/state";
+/// `POST /v1/record/sign`: the MAC of a key-store record.
+pub const RECORD_SIGN: &str = "/v1/record/sign";
+/// `POST /v1/record/verify`: checks a key-store record's MAC and freshness.
+pub const RECORD_VERIFY: &str = "/v1/record/verify";
+
+/// Most keyed hashes (PANs × versions) one [`IndexHashRequest`] may ask
+/// for; the client splits larger batches.
+pub const MAX_INDEX_BATCH: usize = 4096;
 
 /// A permission a principal may hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -127,7 +149,8 @@ pub enum Permission {
     Wrap,
     /// Unwrap data keys (decrypt PANs).
     Unwrap,
-    /// Unwrap blind-index keys (lookup hashes, no PAN decryption).
+    /// Ask for keyed hashes of PANs (blind index) computed inside keyd;
+    /// never receives the index key.
     Index,
     /// Rewrap under the newest KEK version.
     Rewrap,
@@ -557,6 +580,183 @@ pub struct CollectResponse {
     pub awaiting_collection: Vec<String>,
 }
 
+/// One live index-key version (the key itself never leaves keyd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexKeyVersion {
+    /// Version, from 1.
+    pub version: u32,
+    /// `active` (hashes new rows) or `decrypt-only` (lookup only).
+    pub state: KeyState,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+}
+
+/// Answer to `/v1/index/keys`, `/v1/index/create` and `/v1/index/state`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexKeysResponse {
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+    /// Live versions, newest first (destroyed ones are not listed).
+    pub versions: Vec<IndexKeyVersion>,
+}
+
+/// A PAN's ASCII digits on the wire. Wiped on drop; `Debug` prints
+/// `WirePan(..)`.
+#[derive(Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WirePan(String);
+
+impl WirePan {
+    /// Wraps PAN digits.
+    pub fn new(digits: &str) -> Self {
+        WirePan(digits.to_owned())
+    }
+
+    /// The digits.
+    pub fn expose_digits(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for WirePan {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl fmt::Debug for WirePan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WirePan(..)")
+    }
+}
+
+/// `POST /v1/index/hash`: HMAC-SHA-256 of each PAN's ASCII digits under
+/// each of `versions` of the scope's index key. At most
+/// [`MAX_INDEX_BATCH`] hashes (`pans.len() * versions.len()`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IndexHashRequest {
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+    /// Index-key versions, each live.
+    pub versions: Vec<u32>,
+    /// The PANs (8 to 19 ASCII digits, Luhn-valid).
+    pub pans: Vec<WirePan>,
+    /// The end user or job the application acts for (audited).
+    #[serde(default)]
+    pub on_behalf_of: String,
+    /// Why (audited).
+    #[serde(default)]
+    pub purpose: String,
+}
+
+/// Answer to [`IndexHashRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct IndexHashResponse {
+    /// The versions, as asked.
+    pub versions: Vec<u32>,
+    /// PANs hashed.
+    pub count: u64,
+    /// `count * versions.len()` hashes of 32 bytes, concatenated PAN-major
+    /// (PAN `i` under `versions[j]` at `(i * versions.len() + j) * 32`),
+    /// base64.
+    #[serde(with = "b64")]
+    pub hashes: Vec<u8>,
+}
+
+/// `POST /v1/index/state`: a custodian moves an index-key version forward
+/// (`decrypt-only`: lookup only; `destroyed`: the key is wiped).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IndexStateRequest {
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+    /// The version.
+    pub version: u32,
+    /// The new state.
+    pub state: KeyState,
+}
+
+/// `POST /v1/record/sign`: the key-store record `record` (as
+/// `WrappedDek::to_bytes`, base64) replacing `previous` (the stored record
+/// with its tag; absent for a new record).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordSignRequest {
+    /// The stored record it replaces, with its tag.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub previous: Option<Vec<u8>>,
+    /// The new record (its tag, if any, is ignored).
+    #[serde(with = "b64")]
+    pub record: Vec<u8>,
+}
+
+/// Answer to [`RecordSignRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordSignResponse {
+    /// HMAC-SHA-256(record key of the environment, `signed_bytes`), base64.
+    #[serde(with = "b64")]
+    pub tag: Vec<u8>,
+    /// The sequence now registered for the key.
+    pub sequence: u64,
+}
+
+/// `POST /v1/record/verify`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordVerifyRequest {
+    /// The record with its tag (`WrappedDek::to_bytes`), base64.
+    #[serde(with = "b64")]
+    pub record: Vec<u8>,
+}
+
+/// What `/v1/record/verify` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordCheck {
+    /// The tag verifies and the sequence is the newest keyd signed.
+    Ok,
+    /// No tag, or a tag keyd did not make for these bytes.
+    Tampered,
+    /// A once-valid record older than the newest keyd signed (rollback).
+    Stale,
+}
+
+/// Answer to [`RecordVerifyRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordVerifyResponse {
+    /// The verdict.
+    pub result: RecordCheck,
+    /// The sequence keyd registered for the key (0 if none).
+    pub registered_sequence: u64,
+}
+
+mod b64_opt {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        let s = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        s.map(|s| {
+            base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(serde::de::Error::custom)
+        })
+        .transpose()
+    }
+}
+
 /// The server's state as seen by the caller.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusResponse {
@@ -724,6 +924,16 @@ pub enum ErrorKind {
     KeyCompromised,
     /// The DEK record is past its decrypt-until date.
     KeyExpired,
+    /// The index-key version is not live in the scope.
+    UnknownIndexKey,
+    /// One PAN of a batch was refused (`index` names it); nothing computed.
+    BatchItem,
+    /// A key-store record's tag does not verify.
+    RecordTampered,
+    /// A key-store record is older than the newest keyd signed.
+    RecordStale,
+    /// The record change is not one the lifecycle allows.
+    RecordTransition,
 }
 
 impl ErrorKind {
@@ -733,11 +943,17 @@ impl ErrorKind {
             ErrorKind::BadRequest
             | ErrorKind::UnwrapFailed
             | ErrorKind::ShareRefused
-            | ErrorKind::OpenFailed => 400,
+            | ErrorKind::OpenFailed
+            | ErrorKind::BatchItem => 400,
             ErrorKind::Unauthenticated => 401,
-            ErrorKind::PermissionDenied | ErrorKind::Environment => 403,
-            ErrorKind::UnknownKek => 404,
-            ErrorKind::Conflict | ErrorKind::KekRetired => 409,
+            ErrorKind::PermissionDenied | ErrorKind::Environment | ErrorKind::RecordTransition => {
+                403
+            }
+            ErrorKind::UnknownKek | ErrorKind::UnknownIndexKey => 404,
+            ErrorKind::Conflict
+            | ErrorKind::KekRetired
+            | ErrorKind::RecordTampered
+            | ErrorKind::RecordStale => 409,
             ErrorKind::KekDestroyed
             | ErrorKind::KeyDestroyed
             | ErrorKind::KeyCompromised
@@ -762,6 +978,15 @@ pub struct ErrorBody {
     /// For [`ErrorKind::Environment`]: the environment asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_environment: Option<String>,
+    /// For [`ErrorKind::BatchItem`]: the refused item's position, from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u64>,
+    /// For [`ErrorKind::UnknownIndexKey`]: the scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// For [`ErrorKind::UnknownIndexKey`]: the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
 }
 
 impl ErrorBody {
@@ -772,6 +997,9 @@ impl ErrorBody {
             message: message.into(),
             allowed_environment: None,
             requested_environment: None,
+            index: None,
+            scope: None,
+            version: None,
         }
     }
 
@@ -798,6 +1026,17 @@ impl ErrorBody {
             ErrorKind::KeyCompromised | ErrorKind::KeyExpired => {
                 KeyServiceError::PermissionDenied(self.message)
             }
+            ErrorKind::UnknownIndexKey => KeyServiceError::UnknownIndexKey {
+                scope: self.scope.unwrap_or_default(),
+                version: self.version.unwrap_or(0),
+            },
+            ErrorKind::BatchItem => KeyServiceError::BatchItem {
+                index: self.index.unwrap_or(0) as usize,
+                reason: self.message,
+            },
+            ErrorKind::RecordTampered => KeyServiceError::RecordTampered(self.message),
+            ErrorKind::RecordStale => KeyServiceError::RecordStale(self.message),
+            ErrorKind::RecordTransition => KeyServiceError::RecordTransition(self.message),
             ErrorKind::ShareRefused
             | ErrorKind::BadRequest
             | ErrorKind::Conflict

@@ -1,5 +1,6 @@
 //! The bytes of `panseal-keyd`'s persisted state (`FORMAT.md`, "keyd
-//! state"): the snapshot `state.bin` (version 1, read only, and version 2),
+//! state"): the snapshot `state.bin` (version 1 and 2, read and migrated;
+//! version 3, written),
 //! the authenticated change journal `state.journal`, and the rollback
 //! anchor `state.anchor`. Parsers only; the server owns the files.
 //!
@@ -22,10 +23,17 @@ type HmacSha256 = Hmac<Sha256>;
 pub const MAGIC: &[u8; 8] = b"PANSEALD";
 /// The first format: JSON and an unkeyed SHA-256 (read, then migrated).
 pub const V1: u8 = 1;
-/// The current format: JSON, HMAC under the state key, SHA-256.
+/// The second format: JSON, HMAC under the state key, SHA-256 (read, then
+/// migrated to version 3).
 pub const V2: u8 = 2;
+/// The current format: version 2 plus index keys, record keys and the
+/// record registry (FORMAT.md §13.7); its own snapshot MAC label.
+pub const V3: u8 = 3;
 
 const SNAPSHOT_LABEL: &[u8] = b"panseal-keyd-state-v2\n";
+const SNAPSHOT_LABEL_V3: &[u8] = b"panseal-keyd-state-v3\n";
+const INDEX_KEY_LABEL: &[u8] = b"panseal-keyd-index-key-v3";
+const RECORD_KEY_LABEL: &[u8] = b"panseal-keyd-record-key-v3";
 const JOURNAL_LABEL: &[u8] = b"panseal-keyd-journal-v2\n";
 const ANCHOR_LABEL: &[u8] = b"panseal-keyd-anchor-v2\n";
 const MAC_PREFIX: &[u8] = b",\"mac\":\"";
@@ -54,6 +62,10 @@ pub struct StateKeys {
     pub kek_seal: Zeroizing<[u8; 32]>,
     /// AES-256-GCM key of the master-key check value in version 2.
     pub check: Zeroizing<[u8; 32]>,
+    /// AES-256-GCM key sealing blind-index keys (state version 3).
+    pub index_seal: Zeroizing<[u8; 32]>,
+    /// AES-256-GCM key sealing record-MAC keys (state version 3).
+    pub record_seal: Zeroizing<[u8; 32]>,
 }
 
 impl StateKeys {
@@ -72,6 +84,8 @@ impl StateKeys {
             anchor_mac: sub(b"panseal-keyd v2 rollback anchor"),
             kek_seal: sub(b"panseal-keyd v2 kek sealing"),
             check: sub(b"panseal-keyd v2 master check"),
+            index_seal: sub(b"panseal-keyd v3 index-key sealing"),
+            record_seal: sub(b"panseal-keyd v3 record-key sealing"),
         }
     }
 }
@@ -202,6 +216,147 @@ pub struct State {
     pub audit: AuditPosition,
     /// Identifies the audit key (not secret: an HMAC of a label under it).
     pub audit_key_id: String,
+    /// Version 3: blind-index keys by `environment/scope`.
+    #[serde(default)]
+    pub index_keys: BTreeMap<String, IndexScopeRecord>,
+    /// Version 3: the record-MAC key of each environment, by environment.
+    #[serde(default)]
+    pub record_keys: BTreeMap<String, RecordKeyRecord>,
+    /// Version 3: the newest key-store record signed, by
+    /// `environment/scope/id`.
+    #[serde(default)]
+    pub registry: BTreeMap<String, RegistryEntry>,
+}
+
+/// One version of a scope's blind-index key (state version 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexKeyRecord {
+    /// Version, from 1.
+    pub version: u32,
+    /// Active (hashes new rows), decrypt-only (lookup only) or destroyed.
+    pub state: KeyState,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The custodian who created it.
+    pub created_by: String,
+    /// The 32-byte HMAC key sealed under the index-sealing subkey (hex,
+    /// [`seal_secret`] with [`index_key_aad`]); `None` once destroyed.
+    pub sealed: Option<String>,
+}
+
+/// One scope's blind-index key versions (state version 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexScopeRecord {
+    /// Environment tag.
+    pub environment: String,
+    /// Scope.
+    pub scope: String,
+    /// Versions, oldest first.
+    pub versions: Vec<IndexKeyRecord>,
+}
+
+/// One environment's record-MAC key (state version 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordKeyRecord {
+    /// Environment tag.
+    pub environment: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The 32-byte HMAC key sealed under the record-sealing subkey (hex,
+    /// [`seal_secret`] with [`record_key_aad`]).
+    pub sealed: String,
+}
+
+/// The newest key-store record keyd signed for one key (state version 3):
+/// an older, once-valid row is a rollback.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEntry {
+    /// The record's sequence.
+    pub sequence: u64,
+    /// The record's state.
+    pub state: KeyState,
+    /// The tag signed (hex).
+    pub tag: String,
+    /// Unix seconds of the signature.
+    pub signed_at: u64,
+}
+
+/// `environment/scope/id`: the registry key of a record.
+pub fn registry_key(environment: &str, scope: &str, id: &str) -> String {
+    format!("{environment}/{scope}/{id}")
+}
+
+fn aad_of(label: &[u8], parts: &[&str], version: Option<u32>) -> Vec<u8> {
+    let mut aad = label.to_vec();
+    for p in parts {
+        aad.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        aad.extend_from_slice(p.as_bytes());
+    }
+    if let Some(v) = version {
+        aad.extend_from_slice(&v.to_be_bytes());
+    }
+    aad
+}
+
+/// Associated data of a sealed index key: `"panseal-keyd-index-key-v3" ||
+/// u16 len || environment || u16 len || scope || u32 version` (big-endian).
+pub fn index_key_aad(environment: &str, scope: &str, version: u32) -> Vec<u8> {
+    aad_of(INDEX_KEY_LABEL, &[environment, scope], Some(version))
+}
+
+/// Associated data of a sealed record key: `"panseal-keyd-record-key-v3"
+/// || u16 len || environment`.
+pub fn record_key_aad(environment: &str) -> Vec<u8> {
+    aad_of(RECORD_KEY_LABEL, &[environment], None)
+}
+
+/// Seals a 32-byte key: hex of `nonce (12) || AES-256-GCM(key, nonce, aad,
+/// secret)` (ciphertext and 16-byte tag). `nonce` must be fresh (the
+/// server draws it from the OS CSPRNG).
+pub fn seal_secret(key: &[u8; 32], nonce: [u8; 12], aad: &[u8], secret: &[u8; 32]) -> String {
+    use aes_gcm::aead::AeadInPlace;
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+    let cipher = Aes256Gcm::new(key.into());
+    let mut buf = Zeroizing::new(secret.to_vec());
+    let tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf[..])
+        .unwrap_or_default();
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buf);
+    out.extend_from_slice(&tag);
+    hex::encode(out)
+}
+
+/// Opens what [`seal_secret`] sealed.
+///
+/// # Errors
+///
+/// [`FormatError::Unauthentic`] for a wrong key, wrong associated data or
+/// altered bytes; [`FormatError::Corrupt`] for bytes of the wrong shape.
+pub fn open_secret(
+    key: &[u8; 32],
+    aad: &[u8],
+    sealed_hex: &str,
+) -> Result<Zeroizing<[u8; 32]>, FormatError> {
+    use aes_gcm::aead::AeadInPlace;
+    use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+    let sealed = Zeroizing::new(
+        hex::decode(sealed_hex).map_err(|_| FormatError::Corrupt("sealed key is not hex"))?,
+    );
+    if sealed.len() != 12 + 32 + 16 {
+        return Err(FormatError::Corrupt("sealed key has the wrong length"));
+    }
+    let mut key_out = Zeroizing::new([0u8; 32]);
+    key_out.copy_from_slice(&sealed[12..44]);
+    Aes256Gcm::new(key.into())
+        .decrypt_in_place_detached(
+            Nonce::from_slice(&sealed[..12]),
+            aad,
+            &mut key_out[..],
+            sealed[44..].into(),
+        )
+        .map_err(|_| FormatError::Unauthentic("a sealed key fails to open: altered or moved"))?;
+    Ok(key_out)
 }
 
 /// One change in a journal entry: the new value of one record.
@@ -227,6 +382,37 @@ pub enum Change {
         /// The whole record.
         value: DekRecord,
     },
+    /// Version 3: a scope's index-key record.
+    IndexScope {
+        /// `environment/scope`.
+        key: String,
+        /// The whole record.
+        value: IndexScopeRecord,
+    },
+    /// Version 3: an environment's record key.
+    RecordKey {
+        /// The environment.
+        key: String,
+        /// The whole record.
+        value: RecordKeyRecord,
+    },
+    /// Version 3: a registry entry.
+    Registry {
+        /// `environment/scope/id`.
+        key: String,
+        /// The whole entry.
+        value: RegistryEntry,
+    },
+}
+
+impl Change {
+    /// Whether this change exists only in state version 3.
+    pub fn is_v3(&self) -> bool {
+        matches!(
+            self,
+            Change::IndexScope { .. } | Change::RecordKey { .. } | Change::Registry { .. }
+        )
+    }
 }
 
 impl State {
@@ -242,6 +428,15 @@ impl State {
             Change::Dek { key, value } => {
                 self.deks.insert(key, value);
             }
+            Change::IndexScope { key, value } => {
+                self.index_keys.insert(key, value);
+            }
+            Change::RecordKey { key, value } => {
+                self.record_keys.insert(key, value);
+            }
+            Change::Registry { key, value } => {
+                self.registry.insert(key, value);
+            }
         }
     }
 }
@@ -253,7 +448,7 @@ pub struct Snapshot {
     pub state: State,
     /// Format version it was read from.
     pub version: u8,
-    /// Version 2: the MAC (the journal's first `prev`). Version 1: zeros.
+    /// Versions 2 and 3: the MAC (the journal's first `prev`). Version 1: zeros.
     pub mac: [u8; 32],
     /// Version 2: the exact authenticated bytes, for checking the MAC once
     /// the master key is known.
@@ -272,7 +467,12 @@ impl Snapshot {
         if self.version == V1 {
             return Ok(());
         }
-        let mac = hmac(&keys.state_mac, SNAPSHOT_LABEL, &[&self.authenticated]);
+        let label = if self.version == V3 {
+            SNAPSHOT_LABEL_V3
+        } else {
+            SNAPSHOT_LABEL
+        };
+        let mac = hmac(&keys.state_mac, label, &[&self.authenticated]);
         if ct_eq(&mac, &self.mac) {
             Ok(())
         } else {
@@ -283,13 +483,14 @@ impl Snapshot {
     }
 }
 
-/// `MAGIC | 0x02 | JSON | HMAC (32) | SHA-256 of all before (32)`.
+/// `MAGIC | 0x03 | JSON | HMAC (32) | SHA-256 of all before (32)`: the
+/// current version (3; its MAC label is `panseal-keyd-state-v3\n`).
 pub fn encode_snapshot(state: &State, keys: &StateKeys) -> (Vec<u8>, [u8; 32]) {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
-    out.push(V2);
+    out.push(V3);
     out.extend_from_slice(&serde_json::to_vec(state).unwrap_or_default());
-    let mac = hmac(&keys.state_mac, SNAPSHOT_LABEL, &[&out]);
+    let mac = hmac(&keys.state_mac, SNAPSHOT_LABEL_V3, &[&out]);
     out.extend_from_slice(&mac);
     let digest = Sha256::digest(&out);
     out.extend_from_slice(&digest);
@@ -367,11 +568,16 @@ fn from_v1(v: V1State, now: u64) -> State {
         generation: v.generation,
         audit: AuditPosition::default(),
         audit_key_id: String::new(),
+        index_keys: BTreeMap::new(),
+        record_keys: BTreeMap::new(),
+        registry: BTreeMap::new(),
     }
 }
 
-/// Reads `state.bin` of version 1 or 2 (`now` dates version 1 approvals).
-/// The version 2 MAC is checked later with [`Snapshot::verify`].
+/// Reads `state.bin` of version 1, 2 or 3 (`now` dates version 1
+/// approvals). The MAC of versions 2 and 3 is checked later with
+/// [`Snapshot::verify`]. A version 2 body carrying a version 3 field is
+/// refused.
 ///
 /// # Errors
 ///
@@ -399,18 +605,25 @@ pub fn decode_snapshot(bytes: &[u8], now: u64) -> Result<Snapshot, FormatError> 
                 authenticated: Vec::new(),
             })
         }
-        V2 => {
+        v @ (V2 | V3) => {
             if body.len() < MAGIC.len() + 1 + 32 {
                 return Err(corrupt("file too short"));
             }
             let (authenticated, mac) = body.split_at(body.len() - 32);
             let state: State = serde_json::from_slice(&authenticated[MAGIC.len() + 1..])
                 .map_err(|_| corrupt("does not parse"))?;
+            if v == V2
+                && !(state.index_keys.is_empty()
+                    && state.record_keys.is_empty()
+                    && state.registry.is_empty())
+            {
+                return Err(corrupt("version 2 state with version 3 fields"));
+            }
             let mut m = [0u8; 32];
             m.copy_from_slice(mac);
             Ok(Snapshot {
                 state,
-                version: V2,
+                version: v,
                 mac: m,
                 authenticated: authenticated.to_vec(),
             })
@@ -616,6 +829,9 @@ mod tests {
             generation: 3,
             audit: AuditPosition::default(),
             audit_key_id: "k".into(),
+            index_keys: BTreeMap::new(),
+            record_keys: BTreeMap::new(),
+            registry: BTreeMap::new(),
         }
     }
 
@@ -655,5 +871,59 @@ mod tests {
         let back = Anchor::parse(&a.encode()).unwrap();
         back.verify(&keys).unwrap();
         assert!(back.verify(&other).is_err());
+    }
+
+    #[test]
+    fn version_3_round_trips_and_sealed_keys_are_bound() {
+        let keys = StateKeys::derive(&[7; 32]);
+        let mut st = sample();
+        let aad = index_key_aad("test", "m-1", 1);
+        let sealed = seal_secret(&keys.index_seal, [1; 12], &aad, &[9; 32]);
+        st.index_keys.insert(
+            "test/m-1".into(),
+            IndexScopeRecord {
+                environment: "test".into(),
+                scope: "m-1".into(),
+                versions: vec![IndexKeyRecord {
+                    version: 1,
+                    state: KeyState::Active,
+                    created_at: 1,
+                    created_by: "alice".into(),
+                    sealed: Some(sealed.clone()),
+                }],
+            },
+        );
+        let (bytes, _) = encode_snapshot(&st, &keys);
+        assert_eq!(bytes[8], V3);
+        let s = decode_snapshot(&bytes, 0).unwrap();
+        s.verify(&keys).unwrap();
+        assert_eq!(s.state, st);
+        assert_eq!(
+            *open_secret(&keys.index_seal, &aad, &sealed).unwrap(),
+            [9; 32]
+        );
+        // Another scope, version, subkey or a flipped bit: refused.
+        assert!(open_secret(&keys.index_seal, &index_key_aad("test", "m-2", 1), &sealed).is_err());
+        assert!(open_secret(&keys.index_seal, &index_key_aad("test", "m-1", 2), &sealed).is_err());
+        assert!(open_secret(&keys.record_seal, &aad, &sealed).is_err());
+        let mut flipped = hex::decode(&sealed).unwrap();
+        flipped[20] ^= 1;
+        assert!(open_secret(&keys.index_seal, &aad, &hex::encode(flipped)).is_err());
+        assert!(open_secret(&keys.index_seal, &aad, "zz").is_err());
+        // Version 3 fields in a version 2 file: refused.
+        let mut v2 = bytes[..bytes.len() - 64].to_vec();
+        v2[8] = V2;
+        v2.extend_from_slice(&[0; 32]); // any MAC: refused before it is checked
+        let d = Sha256::digest(&v2);
+        v2.extend_from_slice(&d);
+        assert!(matches!(
+            decode_snapshot(&v2, 0),
+            Err(FormatError::Corrupt(_))
+        ));
+        assert!(Change::IndexScope {
+            key: "k".into(),
+            value: st.index_keys["test/m-1"].clone()
+        }
+        .is_v3());
     }
 }

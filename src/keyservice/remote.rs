@@ -42,7 +42,7 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use super::{sealed, KekInfo, KeyService, Permissions, RevealRequest};
+use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions, RevealRequest};
 use crate::audit::Access;
 use crate::error::{ConfigError, Error, KeyServiceError};
 use crate::keyd::protocol::{
@@ -55,7 +55,9 @@ use crate::keyd::protocol::{
 use crate::keyd::protocol::{
     Permission, RevealRequest as WireReveal, RevealResponse, WhoamiResponse, WireContext,
 };
-use crate::keys::{Dek, Environment, KeyRequest, KeyState, Scope, WrappedKey};
+use crate::keys::{
+    Dek, Environment, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey,
+};
 use crate::pan::{Pan, PanRules};
 use crate::Opened;
 
@@ -601,6 +603,39 @@ impl RemoteKeyService {
         })
     }
 
+    /// Test only (`hazmat-test-keys`): sends `body` to `path` as this
+    /// client's principal and returns the raw answer body (success or
+    /// error), so a test can play a caller that bypasses this client's
+    /// checks and scan every byte keyd answers.
+    ///
+    /// # Errors
+    ///
+    /// Transport errors only.
+    #[cfg(feature = "hazmat-test-keys")]
+    #[doc(hidden)]
+    pub async fn raw_call(
+        &self,
+        path: &'static str,
+        body: &serde_json::Value,
+    ) -> Result<Result<Vec<u8>, KeyServiceError>, KeyServiceError> {
+        let body = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+        let inner = Arc::clone(&self.inner);
+        let rt = self
+            .runtime
+            .0
+            .as_ref()
+            .ok_or_else(|| KeyServiceError::Unavailable("client is shut down".into()))?;
+        let r = rt
+            .spawn(async move { inner.attempt(path, &body).await })
+            .await
+            .map_err(|_| KeyServiceError::Unavailable("client task failed".into()))?;
+        match r {
+            Ok(Ok(b)) => Ok(Ok(b.to_vec())),
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(t) => Err(KeyServiceError::Unavailable(t.message)),
+        }
+    }
+
     /// The environment this client works in.
     pub fn environment(&self) -> &Environment {
         &self.inner.environment
@@ -1018,6 +1053,145 @@ impl KeyService for RemoteKeyService {
             needs_reseal: a.needs_reseal,
         })
     }
+    async fn index_keys(&self, scope: &Scope) -> Result<Vec<IndexKeyInfo>, KeyServiceError> {
+        let a: proto::IndexKeysResponse = self
+            .call(proto::INDEX_KEYS, &self.target(scope), Repeat::Safe)
+            .await?;
+        Ok(index_infos(a))
+    }
+
+    async fn blind_index(
+        &self,
+        scope: &Scope,
+        versions: &[u32],
+        pans: &[&Pan],
+        access: &Access,
+    ) -> Result<Vec<[u8; 32]>, KeyServiceError> {
+        if versions.is_empty() || pans.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Split into requests of at most MAX_INDEX_BATCH hashes; any
+        // failure (keyd down mid-batch) returns the error and nothing else.
+        let per = (proto::MAX_INDEX_BATCH / versions.len()).max(1);
+        let mut out = Vec::with_capacity(pans.len() * versions.len());
+        for (chunk_no, chunk) in pans.chunks(per).enumerate() {
+            let r = proto::IndexHashRequest {
+                environment: self.inner.environment.clone(),
+                scope: scope.clone(),
+                versions: versions.to_vec(),
+                pans: chunk
+                    .iter()
+                    .map(|p| proto::WirePan::new(p.expose_digits()))
+                    .collect(),
+                on_behalf_of: access.principal().to_owned(),
+                purpose: access.purpose().to_owned(),
+            };
+            let a: proto::IndexHashResponse = self
+                .call(proto::INDEX_HASH, &r, Repeat::Safe)
+                .await
+                .map_err(|e| match e {
+                    KeyServiceError::BatchItem { index, reason } => KeyServiceError::BatchItem {
+                        index: index + chunk_no * per,
+                        reason,
+                    },
+                    other => other,
+                })?;
+            if a.hashes.len() != chunk.len() * versions.len() * 32 {
+                return Err(KeyServiceError::Other(
+                    "keyd answered a keyed-hash batch of the wrong size".into(),
+                ));
+            }
+            out.extend(a.hashes.chunks_exact(32).map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                h
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn create_index_key(&self, scope: &Scope) -> Result<IndexKeyInfo, KeyServiceError> {
+        let a: proto::IndexKeysResponse = self
+            .call(
+                proto::INDEX_CREATE,
+                &self.target(scope),
+                Repeat::OnlyIfUnsent,
+            )
+            .await?;
+        index_infos(a)
+            .into_iter()
+            .next()
+            .ok_or_else(|| KeyServiceError::Other("keyd created no index key".into()))
+    }
+
+    async fn set_index_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        let r = proto::IndexStateRequest {
+            environment: self.inner.environment.clone(),
+            scope: scope.clone(),
+            version,
+            state,
+        };
+        let _: proto::IndexKeysResponse = self
+            .call(proto::INDEX_STATE, &r, Repeat::OnlyIfUnsent)
+            .await?;
+        Ok(())
+    }
+
+    async fn authenticate_record(
+        &self,
+        previous: Option<&WrappedDek>,
+        record: &WrappedDek,
+    ) -> Result<RecordTag, KeyServiceError> {
+        // Version 2 encoding (it carries the sequence); the tag field of
+        // the record to sign is ignored by keyd (zeros here).
+        let mut next = record.clone();
+        next.tag = Some(next.tag.unwrap_or(RecordTag([0; 32])));
+        let r = proto::RecordSignRequest {
+            previous: previous.map(WrappedDek::to_bytes),
+            record: next.to_bytes(),
+        };
+        // Not repeated once sent: a second sign of the same change is
+        // refused as stale (the first took).
+        let a: proto::RecordSignResponse = self
+            .call(proto::RECORD_SIGN, &r, Repeat::OnlyIfUnsent)
+            .await?;
+        let tag: [u8; 32] = a.tag.as_slice().try_into().map_err(|_| {
+            KeyServiceError::Other("keyd answered a record tag of the wrong size".into())
+        })?;
+        Ok(RecordTag(tag))
+    }
+
+    async fn verify_record(&self, record: &WrappedDek) -> Result<(), KeyServiceError> {
+        let r = proto::RecordVerifyRequest {
+            record: record.to_bytes(),
+        };
+        let a: proto::RecordVerifyResponse =
+            self.call(proto::RECORD_VERIFY, &r, Repeat::Safe).await?;
+        match a.result {
+            proto::RecordCheck::Ok => Ok(()),
+            proto::RecordCheck::Tampered => {
+                Err(KeyServiceError::RecordTampered(record.id.to_string()))
+            }
+            proto::RecordCheck::Stale => Err(KeyServiceError::RecordStale(record.id.to_string())),
+        }
+    }
+}
+
+fn index_infos(a: proto::IndexKeysResponse) -> Vec<IndexKeyInfo> {
+    a.versions
+        .into_iter()
+        .map(|v| IndexKeyInfo {
+            scope: a.scope.clone(),
+            version: v.version,
+            state: v.state,
+            created_at: v.created_at,
+        })
+        .collect()
 }
 
 #[cfg(test)]

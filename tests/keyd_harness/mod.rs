@@ -25,6 +25,8 @@ const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
     ("wrapper", "test", r#"["*"]"#, r#"["wrap"]"#, ""),
     ("reader", "test", r#"["*"]"#, r#"["unwrap"]"#, ""),
     ("indexer", "test", r#"["*"]"#, r#"["index"]"#, ""),
+    // An encrypt-only front end after issue 10: wrap + keyed hashes.
+    ("frontend", "test", r#"["*"]"#, r#"["wrap", "index"]"#, ""),
     ("rewrapper", "test", r#"["*"]"#, r#"["rewrap"]"#, ""),
     ("auditor", "test", r#"["*"]"#, r#"["audit-read"]"#, ""),
     ("m1app", "test", r#"["m-1"]"#, r#"["wrap", "unwrap"]"#, ""),

@@ -159,6 +159,17 @@ pub async fn round_trip(ks: &dyn KeyService, environment: &str) {
     );
     for purpose in [KeyPurpose::Data, KeyPurpose::Data] {
         let r = request(environment, "merchant-1", purpose);
+        // A service that keeps index keys inside (keyd, issue 10) refuses
+        // to generate or wrap one for a caller.
+        if purpose == KeyPurpose::Index {
+            if let Err(KeyServiceError::PermissionDenied(_)) = ks.generate(&r).await {
+                assert!(matches!(
+                    ks.wrap(&r, &Dek::generate()).await,
+                    Err(KeyServiceError::PermissionDenied(_))
+                ));
+                continue;
+            }
+        }
         let (dek, w) = ks.generate(&r).await.unwrap();
         assert_eq!(w.kek.id, info.id);
         assert_eq!(w.kek.version, info.version);
@@ -180,7 +191,9 @@ pub async fn round_trip(ks: &dyn KeyService, environment: &str) {
         // Unwrapping is repeatable.
         assert!(same(&mine, &unwrap(ks, &r, &w1).await.unwrap()));
     }
-    assert_ne!(seen[0], seen[1], "generate returned the same key twice");
+    if seen.len() == 2 {
+        assert_ne!(seen[0], seen[1], "generate returned the same key twice");
+    }
 }
 
 pub async fn binding(ks: &dyn KeyService, environment: &str) {

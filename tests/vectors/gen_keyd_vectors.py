@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Independent implementation of panseal-keyd's state format version 2
-(FORMAT.md sections 13 and 14: subkeys, state.bin, state.journal,
-state.anchor, audit anchor and key id), and the generator of
-tests/vectors/keyd_state_v2.json.
+"""Independent implementation of panseal-keyd's state formats version 2 and
+3 (FORMAT.md sections 13 and 14: subkeys, state.bin, state.journal,
+state.anchor, audit anchor and key id; version 3: sealed index and record
+keys, the record registry, record tags and keyed hashes), and the generator
+of tests/vectors/keyd_state_v2.json and keyd_state_v3.json.
 
 Written from FORMAT.md, not from the Rust sources. Deterministic: every key
 and nonce is derived from a label with SHA-256 (test values only; never
@@ -153,6 +154,115 @@ def main() -> None:
         "audit_anchor": compact(audit_anchor).decode(),
     }
     with open(os.path.join(out_dir, "keyd_state_v2.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    write_v3(out_dir, master, keys, state)
+
+
+def aad_parts(label: bytes, parts, version=None) -> bytes:
+    out = label
+    for p in parts:
+        p = p.encode()
+        out += struct.pack(">H", len(p)) + p
+    if version is not None:
+        out += struct.pack(">I", version)
+    return out
+
+
+def record_v2_body(r: dict) -> bytes:
+    """FORMAT.md 9 (record v1 fields) plus u64be sequence before the
+    wrapped length; version byte 2."""
+    out = bytes([2, r["purpose"]]) + bytes.fromhex(r["id"]) + struct.pack(">I", r["version"])
+    out += bytes([r["state"]])
+    for name in (r["scope"], r["environment"]):
+        out += bytes([len(name)]) + name.encode()
+    out += struct.pack(">H", len(r["kek_id"])) + r["kek_id"].encode()
+    out += struct.pack(">I", r["kek_version"])
+    for f in ("created_at", "encrypt_until", "decrypt_until", "max_uses", "uses", "sequence"):
+        out += struct.pack(">Q", r[f])
+    w = bytes.fromhex(r["wrapped"])
+    return out + struct.pack(">H", len(w)) + w
+
+
+def v3_snapshot(keys: dict, state: dict, version_byte: int = 3,
+                label: bytes = b"panseal-keyd-state-v3\n") -> tuple[bytes, bytes]:
+    body = b"PANSEALD" + bytes([version_byte]) + compact(state)
+    mac = hm(keys["state_mac"], label, body)
+    snap = body + mac
+    return snap + hashlib.sha256(snap).digest(), mac
+
+
+def write_v3(out_dir: str, master: bytes, keys2: dict, state2: dict) -> None:
+    keys = dict(keys2)
+    keys["index_seal"] = hkdf_sha256(master, b"panseal-keyd v3 index-key sealing")
+    keys["record_seal"] = hkdf_sha256(master, b"panseal-keyd v3 record-key sealing")
+    index_key = fixed("index key test/m-1 v1")
+    index_aad = aad_parts(b"panseal-keyd-index-key-v3", ["test", "m-1"], 1)
+    index_sealed = seal(keys["index_seal"], fixed("index nonce", 12), index_aad, index_key)
+    record_key = fixed("record key test")
+    record_sealed = seal(keys["record_seal"], fixed("record nonce", 12),
+                         aad_parts(b"panseal-keyd-record-key-v3", ["test"]), record_key)
+    rec = {
+        "purpose": 1, "id": "0102030405060708", "version": 0, "state": 1,
+        "scope": "m-1", "environment": "test", "kek_id": "keyd/test/m-1", "kek_version": 1,
+        "created_at": 1700000000, "encrypt_until": 1702592000, "decrypt_until": 1797200000,
+        "max_uses": 16777216, "uses": 17, "sequence": 3, "wrapped": "ab" * 60,
+    }
+    body = record_v2_body(rec)
+    tag = hm(record_key, b"panseal-record-v2", body)
+    edited = dict(rec, uses=0)
+    state = dict(state2)
+    state["index_keys"] = {"test/m-1": {"environment": "test", "scope": "m-1", "versions": [
+        {"version": 1, "state": "active", "created_at": 1700000000, "created_by": "alice",
+         "sealed": index_sealed}]}}
+    state["record_keys"] = {"test": {"environment": "test", "created_at": 1700000000,
+                                     "sealed": record_sealed}}
+    state["registry"] = {"test/m-1/0102030405060708": {
+        "sequence": 3, "state": "active", "tag": tag.hex(), "signed_at": 1700000001}}
+    snapshot, snap_mac = v3_snapshot(keys, state)
+    entry = {
+        "generation": 6,
+        "prev": snap_mac.hex(),
+        "audit": {"records": 3, "head": "ab" * 32},
+        "changes": [{"kind": "registry", "key": "test/m-1/0102030405060708", "value": {
+            "sequence": 4, "state": "decrypt-only", "tag": "cd" * 32, "signed_at": 1700000002}}],
+    }
+    line = compact(entry)[:-1]
+    entry_mac = hm(keys["state_mac"], b"panseal-keyd-journal-v2\n", line)
+    journal = line + b',"mac":"' + entry_mac.hex().encode() + b'"}\n'
+    pan = "4111111111111111"
+    negatives = [
+        # A version 3 body MACed with the version 2 label: fails at unseal.
+        {"name": "v3 snapshot under the v2 label", "expect": "unauthentic",
+         "state_bin": v3_snapshot(keys, state, 3, b"panseal-keyd-state-v2\n")[0].hex()},
+        # A version 2 file carrying version 3 fields: refused when read.
+        {"name": "v2 snapshot with v3 fields", "expect": "corrupt",
+         "state_bin": v3_snapshot(keys, state, 2, b"panseal-keyd-state-v2\n")[0].hex()},
+        # A version byte past 3.
+        {"name": "unknown version 4", "expect": "corrupt",
+         "state_bin": v3_snapshot(keys, state, 4)[0].hex()},
+    ]
+    moved = seal(keys["index_seal"], fixed("index nonce", 12),
+                 aad_parts(b"panseal-keyd-index-key-v3", ["test", "m-2"], 1), index_key)
+    doc = {
+        "description": "panseal-keyd state v3 (FORMAT.md 13.7), from gen_keyd_vectors.py",
+        "master_key": master.hex(),
+        "subkeys": {k: v.hex() for k, v in keys.items()},
+        "index_key": {"environment": "test", "scope": "m-1", "version": 1,
+                      "key": index_key.hex(), "sealed": index_sealed,
+                      "sealed_for_m_2": moved},
+        "record_key": {"environment": "test", "key": record_key.hex(), "sealed": record_sealed},
+        "blind_index": {"pan": pan, "hmac": hm(index_key, pan.encode()).hex()},
+        "record": {"fields": rec, "record_hex": (body + tag).hex(), "tag": tag.hex(),
+                   "signed_bytes_hex": (b"panseal-record-v2" + body).hex(),
+                   "edited_uses_0_hex": (record_v2_body(edited) + tag).hex()},
+        "state_bin": snapshot.hex(),
+        "snapshot_mac": snap_mac.hex(),
+        "state_journal": journal.decode(),
+        "journal_mac": entry_mac.hex(),
+        "negative": negatives,
+    }
+    with open(os.path.join(out_dir, "keyd_state_v3.json"), "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
 

@@ -21,11 +21,12 @@ use panseal::keyd::protocol::{
     WithdrawRequest, WithdrawResponse, WrapRequest, WrappedResponse,
 };
 use panseal::keyd::state::{
-    Acknowledgement, Approval, CustodianShare, DekRecord, KekRecord, ScopeRecord, State,
+    self as v3, Acknowledgement, Approval, CustodianShare, DekRecord, IndexKeyRecord,
+    IndexScopeRecord, KekRecord, RecordKeyRecord, RegistryEntry, ScopeRecord, State, StateKeys,
 };
 use panseal::{
     ChainedAuditLog, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyServiceError, KeyState,
-    Scope,
+    Scope, WrappedDek,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -71,13 +72,23 @@ struct AuditRecord {
     /// `reveal`: where the revealed record lives.
     #[serde(skip_serializing_if = "Option::is_none")]
     context: Option<reveal::AuditContext>,
+    /// Index-key versions of a keyed-hash request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index_versions: Option<Vec<u32>>,
+    /// PANs in a keyed-hash request (never the PANs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+    /// Sequence of a key-store record signed or verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequence: Option<u64>,
 }
 
-struct Failure(ErrorBody);
+/// A refusal: the error body keyd answers (boxed: results stay small).
+pub(crate) struct Failure(pub(crate) Box<ErrorBody>);
 
 impl Failure {
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Failure(ErrorBody::new(kind, message))
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Failure(Box::new(ErrorBody::new(kind, message)))
     }
 }
 
@@ -423,6 +434,12 @@ impl Server {
             proto::RESHARE => self.reshare(p, &body),
             proto::SHARE_COLLECT => self.collect(p, &body),
             proto::REVEAL => self.reveal(p, &body, rec),
+            proto::INDEX_KEYS => self.index_keys(p, &body, rec),
+            proto::INDEX_HASH => self.index_hash(p, &body, rec),
+            proto::INDEX_CREATE => self.index_create(p, &body, rec),
+            proto::INDEX_STATE => self.index_set_state(p, &body, rec),
+            proto::RECORD_SIGN => self.record_sign(p, &body, rec),
+            proto::RECORD_VERIFY => self.record_verify(p, &body, rec),
             _ => Err(Failure::new(ErrorKind::BadRequest, "unknown path")),
         }
     }
@@ -440,7 +457,7 @@ impl Server {
             );
             b.allowed_environment = Some(p.environment.to_string());
             b.requested_environment = Some(env.to_string());
-            return Err(Failure(b));
+            return Err(Failure(Box::new(b)));
         }
         Ok(())
     }
@@ -623,6 +640,7 @@ impl Server {
                 ))
                 .map_err(|_| Failure::new(ErrorKind::Internal, "audit log unavailable"))?;
         }
+        self.migrate_v2()?;
         self.state.fold_pending(&self.audit)?;
         Ok(())
     }
@@ -900,6 +918,7 @@ impl Server {
         let r: WrapRequest = parse(body)?;
         Self::note_key(rec, &r.key);
         require(p, Permission::Wrap)?;
+        refuse_index_purpose(r.key.purpose)?;
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         let request: KeyRequest = r.key.into();
         let wrapped = self.wrap_now(p, &request, r.dek.expose_secret())?;
@@ -911,6 +930,7 @@ impl Server {
         let r: GenerateRequest = parse(body)?;
         Self::note_key(rec, &r.key);
         require(p, Permission::Wrap)?;
+        refuse_index_purpose(r.key.purpose)?;
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         let request: KeyRequest = r.key.into();
         let key = seal::new_kek();
@@ -928,10 +948,10 @@ impl Server {
         rec.kek = Some(format!("{}#v{}", r.wrapped.kek_id, r.wrapped.kek_version));
         rec.on_behalf_of = Some(truncate(&r.on_behalf_of));
         rec.purpose = Some(truncate(&r.purpose));
-        match r.key.purpose {
-            KeyPurpose::Data => require(p, Permission::Unwrap)?,
-            KeyPurpose::Index => require(p, Permission::Index)?,
-        }
+        // An index key never leaves keyd, whatever the permission: the
+        // `index` permission asks for keyed hashes (`/v1/index/hash`).
+        refuse_index_purpose(r.key.purpose)?;
+        require(p, Permission::Unwrap)?;
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         self.charge_quota(p, r.key.id)?;
         let request: KeyRequest = r.key.into();
@@ -1415,6 +1435,8 @@ impl Server {
                         }
                     }
                 }
+                reseal_v3(master.keys(), new_master.keys(), &mut next)
+                    .map_err(|_| internal("a sealed index or record key failed to open"))?;
                 next.threshold = threshold;
                 next.share_salt = n.salt;
                 next.shares = n.checks;
@@ -1561,6 +1583,12 @@ fn operation_name(path: &str) -> &'static str {
         proto::SHARE_COLLECT => "share-collect",
         proto::REVEAL => "reveal",
         proto::WHOAMI => "whoami",
+        proto::INDEX_KEYS => "index-keys",
+        proto::INDEX_HASH => "index-hash",
+        proto::INDEX_CREATE => "index-create",
+        proto::INDEX_STATE => "index-state",
+        proto::RECORD_SIGN => "record-sign",
+        proto::RECORD_VERIFY => "record-verify",
         _ => "unknown",
     }
 }
@@ -1578,5 +1606,620 @@ pub(crate) fn system_record(operation: &'static str, detail: String) -> impl Ser
         outcome: "success",
         detail: Some(detail),
         ..AuditRecord::default()
+    }
+}
+
+// ---- issue 10: blind-index keys, keyed hashes, record MACs (state v3) ----
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// Index keys never leave keyd: no wrap, generate or unwrap of one.
+fn refuse_index_purpose(purpose: KeyPurpose) -> Result<(), Failure> {
+    if purpose == KeyPurpose::Index {
+        return Err(denied(
+            "index keys live only inside keyd: they are created by custodians \
+             (`/v1/index/create`) and never wrapped, generated or unwrapped for a caller; \
+             ask for keyed hashes (`/v1/index/hash`)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn random_nonce() -> [u8; 12] {
+    use rand_core::RngCore;
+    let mut n = [0u8; 12];
+    rand_core::OsRng.fill_bytes(&mut n);
+    n
+}
+
+/// Why a PAN of a batch is refused (never its digits).
+fn pan_problem(digits: &str) -> Option<&'static str> {
+    let b = digits.as_bytes();
+    if !(8..=19).contains(&b.len()) {
+        return Some("not 8 to 19 characters");
+    }
+    if !b.iter().all(u8::is_ascii_digit) {
+        return Some("not all ASCII digits");
+    }
+    let mut sum = 0u32;
+    for (i, &c) in b.iter().rev().enumerate() {
+        let mut d = u32::from(c - b'0');
+        if i % 2 == 1 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    if sum % 10 != 0 {
+        return Some("fails the Luhn check");
+    }
+    None
+}
+
+fn batch_item(index: usize, reason: &str) -> Failure {
+    let mut b = ErrorBody::new(
+        ErrorKind::BatchItem,
+        format!("PAN at position {index} refused: {reason}; nothing in the batch was computed"),
+    );
+    b.index = Some(index as u64);
+    Failure(Box::new(b))
+}
+
+fn unknown_index_key(scope: &str, version: u32) -> Failure {
+    let mut b = ErrorBody::new(
+        ErrorKind::UnknownIndexKey,
+        format!("index key version {version} of scope {scope:?} is not live"),
+    );
+    b.scope = Some(scope.to_owned());
+    b.version = Some(version);
+    Failure(Box::new(b))
+}
+
+fn keyed(key: &[u8; 32]) -> HmacSha256 {
+    <HmacSha256 as hmac::Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes 32-byte keys"))
+}
+
+/// The `panseal::Permissions` a keyd principal signs records with.
+fn lib_permissions(p: &Principal) -> panseal::Permissions {
+    panseal::Permissions {
+        wrap: p.may(Permission::Wrap),
+        unwrap: p.may(Permission::Unwrap),
+        index: p.may(Permission::Index),
+        // Signing never depends on it.
+        reveal: p.may(Permission::Reveal),
+        rewrap: p.may(Permission::Rewrap),
+        custodian: p.may(Permission::Custodian),
+    }
+}
+
+/// Re-seals every index key and record key of `next` from `old` to `new`
+/// subkeys (a re-share).
+fn reseal_v3(
+    old: &StateKeys,
+    new: &StateKeys,
+    next: &mut State,
+) -> Result<(), panseal::keyd::state::FormatError> {
+    for r in next.index_keys.values_mut() {
+        for k in r.versions.iter_mut() {
+            if let Some(sealed) = &k.sealed {
+                let aad = v3::index_key_aad(&r.environment, &r.scope, k.version);
+                let key = v3::open_secret(&old.index_seal, &aad, sealed)?;
+                k.sealed = Some(v3::seal_secret(&new.index_seal, random_nonce(), &aad, &key));
+            }
+        }
+    }
+    for r in next.record_keys.values_mut() {
+        let aad = v3::record_key_aad(&r.environment);
+        let key = v3::open_secret(&old.record_seal, &aad, &r.sealed)?;
+        r.sealed = v3::seal_secret(&new.record_seal, random_nonce(), &aad, &key);
+    }
+    Ok(())
+}
+
+impl Server {
+    /// The master key's subkeys (unsealed only).
+    fn state_keys(&self) -> Result<StateKeys, Failure> {
+        let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
+        match &*vault {
+            Vault::Open { master, .. } => Ok(master.keys().clone()),
+            Vault::Sealed { .. } => Err(Failure::new(ErrorKind::Sealed, "keyd is sealed")),
+        }
+    }
+
+    /// Rewrites a version 2 state as version 3 (one atomic snapshot, as the
+    /// version 1 migration; a crash before it leaves version 2, read again).
+    fn migrate_v2(&self) -> Result<(), Failure> {
+        if self.state.version() != seal::V2 {
+            return Ok(());
+        }
+        let keys = self.state_keys()?;
+        self.state.replace_with(
+            &self.audit,
+            |current| -> Result<_, Failure> { Ok((current.clone(), keys)) },
+            || {},
+        )?;
+        self.audit
+            .append(&system_record(
+                "state-migrate",
+                "state version 2 rewritten as version 3".into(),
+            ))
+            .map_err(|_| Failure::new(ErrorKind::Internal, "audit log unavailable"))?;
+        Ok(())
+    }
+
+    fn index_status(&self, env: &Environment, scope: &Scope) -> proto::IndexKeysResponse {
+        let state = self.state.read();
+        let mut versions: Vec<proto::IndexKeyVersion> = state
+            .index_keys
+            .get(&slot(env.as_str(), scope.as_str()))
+            .map(|r| {
+                r.versions
+                    .iter()
+                    .filter(|k| k.state != KeyState::Destroyed)
+                    .map(|k| proto::IndexKeyVersion {
+                        version: k.version,
+                        state: k.state,
+                        created_at: k.created_at,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        versions.sort_by_key(|v| std::cmp::Reverse(v.version));
+        proto::IndexKeysResponse {
+            environment: env.clone(),
+            scope: scope.clone(),
+            versions,
+        }
+    }
+
+    fn index_keys(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let t: KekTarget = parse(body)?;
+        Self::note_target(rec, &t.environment, &t.scope);
+        if !(p.may(Permission::Index) || p.may(Permission::Custodian)) {
+            return Err(denied(format!(
+                "principal {:?} lacks the index permission",
+                p.name
+            )));
+        }
+        self.check_scope(p, &t.environment, &t.scope)?;
+        json(&self.index_status(&t.environment, &t.scope))
+    }
+
+    fn index_hash(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let r: proto::IndexHashRequest = parse(body)?;
+        Self::note_target(rec, &r.environment, &r.scope);
+        rec.on_behalf_of = Some(truncate(&r.on_behalf_of));
+        rec.purpose = Some(truncate(&r.purpose));
+        rec.index_versions = Some(r.versions.iter().copied().take(16).collect());
+        rec.count = Some(r.pans.len() as u64);
+        require(p, Permission::Index)?;
+        self.check_scope(p, &r.environment, &r.scope)?;
+        let bad = |m: String| Failure::new(ErrorKind::BadRequest, m);
+        if r.versions.is_empty() || r.pans.is_empty() {
+            return Err(bad("name at least one version and one PAN".into()));
+        }
+        let mut seen = BTreeSet::new();
+        if !r.versions.iter().all(|v| seen.insert(*v)) {
+            return Err(bad("a version is named twice".into()));
+        }
+        let n = r.pans.len().saturating_mul(r.versions.len());
+        if n > proto::MAX_INDEX_BATCH {
+            return Err(bad(format!(
+                "{n} hashes asked; at most {} per request (PANs × versions)",
+                proto::MAX_INDEX_BATCH
+            )));
+        }
+        for (i, pan) in r.pans.iter().enumerate() {
+            if let Some(reason) = pan_problem(pan.expose_digits()) {
+                return Err(batch_item(i, reason));
+            }
+        }
+        let keys = self.state_keys()?;
+        let macs: Vec<HmacSha256> = {
+            let state = self.state.read();
+            let scope_rec = state
+                .index_keys
+                .get(&slot(r.environment.as_str(), r.scope.as_str()));
+            let mut macs = Vec::with_capacity(r.versions.len());
+            for &v in &r.versions {
+                let k = scope_rec
+                    .and_then(|s| s.versions.iter().find(|k| k.version == v))
+                    .filter(|k| matches!(k.state, KeyState::Active | KeyState::DecryptOnly));
+                let Some(sealed) = k.and_then(|k| k.sealed.as_ref()) else {
+                    return Err(unknown_index_key(r.scope.as_str(), v));
+                };
+                let aad = v3::index_key_aad(r.environment.as_str(), r.scope.as_str(), v);
+                let key = v3::open_secret(&keys.index_seal, &aad, sealed).map_err(|_| {
+                    Failure::new(ErrorKind::Internal, "a sealed index key failed to open")
+                })?;
+                macs.push(keyed(&key));
+            }
+            macs
+        };
+        self.charge_index(p, n as u64)?;
+        let mut hashes = Vec::with_capacity(n * 32);
+        for pan in &r.pans {
+            for m in &macs {
+                let mut m = m.clone();
+                hmac::Mac::update(&mut m, pan.expose_digits().as_bytes());
+                hashes.extend_from_slice(&hmac::Mac::finalize(m).into_bytes());
+            }
+        }
+        json(&proto::IndexHashResponse {
+            versions: r.versions.clone(),
+            count: r.pans.len() as u64,
+            hashes,
+        })
+    }
+
+    fn index_create(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let t: KekTarget = parse(body)?;
+        Self::note_target(rec, &t.environment, &t.scope);
+        require(p, Permission::Custodian)?;
+        self.check_scope(p, &t.environment, &t.scope)?;
+        let keys = self.state_keys()?;
+        let (env, scope) = (t.environment.as_str(), t.scope.as_str());
+        let key = slot(env, scope);
+        let secret = seal::new_kek();
+        let version = self
+            .state
+            .mutate(&self.audit, |d| -> Result<u32, Failure> {
+                let mut r = d.index_scope(&key).cloned().unwrap_or(IndexScopeRecord {
+                    environment: env.to_owned(),
+                    scope: scope.to_owned(),
+                    versions: Vec::new(),
+                });
+                let version = r.versions.iter().map(|k| k.version).max().unwrap_or(0) + 1;
+                for k in r.versions.iter_mut() {
+                    if k.state == KeyState::Active {
+                        k.state = KeyState::DecryptOnly;
+                    }
+                }
+                let aad = v3::index_key_aad(env, scope, version);
+                r.versions.push(IndexKeyRecord {
+                    version,
+                    state: KeyState::Active,
+                    created_at: now_secs(),
+                    created_by: p.name.clone(),
+                    sealed: Some(v3::seal_secret(
+                        &keys.index_seal,
+                        random_nonce(),
+                        &aad,
+                        &secret,
+                    )),
+                });
+                d.put_index_scope(&key, r);
+                Ok(version)
+            })?;
+        rec.index_versions = Some(vec![version]);
+        json(&self.index_status(&t.environment, &t.scope))
+    }
+
+    fn index_set_state(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let t: proto::IndexStateRequest = parse(body)?;
+        Self::note_target(rec, &t.environment, &t.scope);
+        rec.index_versions = Some(vec![t.version]);
+        rec.detail = Some(format!("to {:?}", t.state));
+        require(p, Permission::Custodian)?;
+        self.check_scope(p, &t.environment, &t.scope)?;
+        let key = slot(t.environment.as_str(), t.scope.as_str());
+        let destroyed = self
+            .state
+            .mutate(&self.audit, |d| -> Result<bool, Failure> {
+                let no_such = || unknown_index_key(t.scope.as_str(), t.version);
+                let mut r = d.index_scope(&key).cloned().ok_or_else(no_such)?;
+                let k = r
+                    .versions
+                    .iter_mut()
+                    .find(|k| k.version == t.version && k.state != KeyState::Destroyed)
+                    .ok_or_else(no_such)?;
+                if k.state == t.state {
+                    return Ok(false);
+                }
+                if !k.state.can_become(t.state) {
+                    return Err(Failure::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "index key states only move forward ({:?} -> {:?} refused)",
+                            k.state, t.state
+                        ),
+                    ));
+                }
+                k.state = t.state;
+                let destroyed = t.state == KeyState::Destroyed;
+                if destroyed {
+                    k.sealed = None;
+                }
+                d.put_index_scope(&key, r);
+                Ok(destroyed)
+            })?;
+        if destroyed {
+            // Fold the journal into a snapshot: no older line keeps the
+            // sealed key either.
+            let keys = self.state_keys()?;
+            self.state.replace_with(
+                &self.audit,
+                |current| -> Result<_, Failure> { Ok((current.clone(), keys)) },
+                || {},
+            )?;
+        }
+        json(&self.index_status(&t.environment, &t.scope))
+    }
+
+    fn open_record_key(
+        keys: &StateKeys,
+        r: &RecordKeyRecord,
+    ) -> Result<Zeroizing<[u8; 32]>, Failure> {
+        v3::open_secret(
+            &keys.record_seal,
+            &v3::record_key_aad(&r.environment),
+            &r.sealed,
+        )
+        .map_err(|_| Failure::new(ErrorKind::Internal, "the sealed record key failed to open"))
+    }
+
+    fn decode_record(bytes: &[u8], what: &str) -> Result<WrappedDek, Failure> {
+        WrappedDek::from_bytes(bytes).map_err(|e| {
+            Failure::new(
+                ErrorKind::BadRequest,
+                format!("{what} does not decode as a key-store record: {e}"),
+            )
+        })
+    }
+
+    /// Checks a record's tag under its environment's record key and its
+    /// sequence against the registry.
+    fn check_record(&self, record: &WrappedDek) -> Result<(proto::RecordCheck, u64), Failure> {
+        let keys = self.state_keys()?;
+        let state = self.state.read();
+        let reg = state
+            .registry
+            .get(&v3::registry_key(
+                record.environment.as_str(),
+                record.scope.as_str(),
+                &record.id.to_string(),
+            ))
+            .cloned();
+        let registered = reg.as_ref().map(|e| e.sequence).unwrap_or(0);
+        let (Some(tag), Some(rk)) = (
+            record.tag,
+            state.record_keys.get(record.environment.as_str()),
+        ) else {
+            return Ok((proto::RecordCheck::Tampered, registered));
+        };
+        let rk = Self::open_record_key(&keys, rk)?;
+        drop(state);
+        let mut m = keyed(&rk);
+        hmac::Mac::update(&mut m, &record.signed_bytes());
+        if hmac::Mac::verify_slice(m, &tag.0).is_err() {
+            return Ok((proto::RecordCheck::Tampered, registered));
+        }
+        let Some(e) = reg else {
+            return Ok((proto::RecordCheck::Tampered, 0));
+        };
+        let verdict = if record.sequence < e.sequence {
+            proto::RecordCheck::Stale
+        } else if record.sequence == e.sequence
+            && bool::from(subtle::ConstantTimeEq::ct_eq(
+                hex::encode(tag.0).as_bytes(),
+                e.tag.as_bytes(),
+            ))
+        {
+            proto::RecordCheck::Ok
+        } else {
+            proto::RecordCheck::Tampered
+        };
+        Ok((verdict, e.sequence))
+    }
+
+    /// For `/v1/reveal`: the record's tag verifies and it is the newest
+    /// keyd signed for its key.
+    pub(crate) fn verify_record_for_reveal(&self, record: &WrappedDek) -> Result<(), Failure> {
+        let id = record.id.to_string();
+        match self.check_record(record)?.0 {
+            proto::RecordCheck::Ok => Ok(()),
+            proto::RecordCheck::Tampered => Err(Failure::new(
+                ErrorKind::RecordTampered,
+                format!("key record {id} failed authentication"),
+            )),
+            proto::RecordCheck::Stale => Err(Failure::new(
+                ErrorKind::RecordStale,
+                format!("key record {id} is older than the newest keyd signed"),
+            )),
+        }
+    }
+
+    fn note_record(rec: &mut AuditRecord, r: &WrappedDek) {
+        rec.environment = Some(r.environment.to_string());
+        rec.scope = Some(r.scope.to_string());
+        rec.key_id = Some(r.id.to_string());
+        rec.purpose_of_key = Some(r.purpose);
+        rec.sequence = Some(r.sequence);
+    }
+
+    fn record_verify(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let r: proto::RecordVerifyRequest = parse(body)?;
+        let record = Self::decode_record(&r.record, "record")?;
+        Self::note_record(rec, &record);
+        if !p.permissions.iter().any(|&x| x != Permission::AuditRead) {
+            return Err(denied(format!(
+                "principal {:?} has no key permission",
+                p.name
+            )));
+        }
+        self.check_scope(p, &record.environment, &record.scope)?;
+        let (result, registered_sequence) = self.check_record(&record)?;
+        rec.detail = Some(format!("{result:?}"));
+        json(&proto::RecordVerifyResponse {
+            result,
+            registered_sequence,
+        })
+    }
+
+    /// The per-scope caps of a new record.
+    fn check_caps(&self, next: &WrappedDek) -> Result<(), Failure> {
+        let Some(c) = self.cfg.record_cap(next.scope.as_str()) else {
+            return Ok(());
+        };
+        let over = |what: &str, got: u64, cap: u64| {
+            Failure::new(
+                ErrorKind::RecordTransition,
+                format!("{what} {got} exceeds this scope's cap {cap} (keyd record_cap)",),
+            )
+        };
+        if let Some(cap) = c.max_uses {
+            if next.max_uses > cap {
+                return Err(over("max_uses", next.max_uses, cap));
+            }
+        }
+        let enc = next.encrypt_until.saturating_sub(next.created_at);
+        if let Some(cap) = c.max_encrypt_period_seconds {
+            if enc > cap {
+                return Err(over("encrypt period (s)", enc, cap));
+            }
+        }
+        let dec = next.decrypt_until.saturating_sub(next.created_at);
+        if let Some(cap) = c.max_decrypt_period_seconds {
+            if dec > cap {
+                return Err(over("decrypt period (s)", dec, cap));
+            }
+        }
+        Ok(())
+    }
+
+    fn record_sign(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {
+        let r: proto::RecordSignRequest = parse(body)?;
+        let next = Self::decode_record(&r.record, "record")?;
+        let previous = match &r.previous {
+            Some(b) => Some(Self::decode_record(b, "previous")?),
+            None => None,
+        };
+        Self::note_record(rec, &next);
+        if ![Permission::Wrap, Permission::Rewrap, Permission::Custodian]
+            .iter()
+            .any(|&x| p.may(x))
+        {
+            return Err(denied(format!(
+                "principal {:?} lacks the wrap, rewrap or custodian permission",
+                p.name
+            )));
+        }
+        self.check_scope(p, &next.environment, &next.scope)?;
+        if next.purpose == KeyPurpose::Index {
+            return Err(denied(
+                "index keys live only inside keyd: no key-store record of one is signed".into(),
+            ));
+        }
+        let transition = |m: String| Failure::new(ErrorKind::RecordTransition, m);
+        let now = now_secs();
+        if previous.is_none() {
+            self.check_caps(&next)?;
+        }
+        WrappedDek::check_transition(previous.as_ref(), &next, &lib_permissions(p), now)
+            .map_err(transition)?;
+        let keys = self.state_keys()?;
+        let env = next.environment.as_str().to_owned();
+        let id = next.id.to_string();
+        let reg_key = v3::registry_key(&env, next.scope.as_str(), &id);
+        let fresh_key = seal::new_kek();
+        let tag = self
+            .state
+            .mutate(&self.audit, |d| -> Result<[u8; 32], Failure> {
+                let record_key = match d.record_key(&env) {
+                    Some(rk) => Self::open_record_key(&keys, rk)?,
+                    None => {
+                        let sealed = v3::seal_secret(
+                            &keys.record_seal,
+                            random_nonce(),
+                            &v3::record_key_aad(&env),
+                            &fresh_key,
+                        );
+                        d.put_record_key(
+                            &env,
+                            RecordKeyRecord {
+                                environment: env.clone(),
+                                created_at: now,
+                                sealed,
+                            },
+                        );
+                        fresh_key.clone()
+                    }
+                };
+                let registered = d.registry(&reg_key).cloned();
+                match (&previous, &registered) {
+                    (None, None) => {}
+                    (None, Some(_)) => {
+                        return Err(Failure::new(
+                            ErrorKind::RecordStale,
+                            format!(
+                                "key record {id} was signed before: send the stored record as \
+                             `previous`"
+                            ),
+                        ))
+                    }
+                    (Some(_), None) => {
+                        return Err(Failure::new(
+                            ErrorKind::RecordTampered,
+                            format!("previous key record {id} was never signed by this keyd"),
+                        ))
+                    }
+                    (Some(prev), Some(e)) => {
+                        let ok = prev.tag.is_some_and(|t| {
+                            let mut m = keyed(&record_key);
+                            hmac::Mac::update(&mut m, &prev.signed_bytes());
+                            hmac::Mac::verify_slice(m, &t.0).is_ok()
+                        });
+                        if !ok {
+                            return Err(Failure::new(
+                                ErrorKind::RecordTampered,
+                                format!("previous key record {id} failed authentication"),
+                            ));
+                        }
+                        if prev.sequence < e.sequence {
+                            return Err(Failure::new(
+                                ErrorKind::RecordStale,
+                                format!(
+                                    "previous key record {id} is sequence {}, keyd signed {}: \
+                                 rolled back",
+                                    prev.sequence, e.sequence
+                                ),
+                            ));
+                        }
+                        let same = prev.tag.is_some_and(|t| {
+                            bool::from(subtle::ConstantTimeEq::ct_eq(
+                                hex::encode(t.0).as_bytes(),
+                                e.tag.as_bytes(),
+                            ))
+                        });
+                        if prev.sequence != e.sequence || !same {
+                            return Err(Failure::new(
+                                ErrorKind::RecordTampered,
+                                format!("previous key record {id} is not the one keyd registered"),
+                            ));
+                        }
+                    }
+                }
+                let mut m = keyed(&record_key);
+                hmac::Mac::update(&mut m, &next.signed_bytes());
+                let tag: [u8; 32] = hmac::Mac::finalize(m).into_bytes().into();
+                d.put_registry(
+                    &reg_key,
+                    RegistryEntry {
+                        sequence: next.sequence,
+                        state: next.state,
+                        tag: hex::encode(tag),
+                        signed_at: now,
+                    },
+                );
+                Ok(tag)
+            })?;
+        json(&proto::RecordSignResponse {
+            tag: tag.to_vec(),
+            sequence: next.sequence,
+        })
     }
 }

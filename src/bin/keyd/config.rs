@@ -44,6 +44,11 @@
 //! [default_quotas]                    # principals without their own (these are the defaults)
 //! reveal = { window_seconds = 3600, distinct_records = 100, requests = 1000 }
 //! index = { window_seconds = 60, hashes = 1000 }
+//! [[record_cap]]                      # caps on new key-store records keyd signs
+//! scopes = ["merchant-*"]             # patterns as in auto_create_scopes
+//! max_uses = 1000000                  # per-DEK budget (records one DEK covers)
+//! max_encrypt_period_seconds = 7776000
+//! max_decrypt_period_seconds = 63072000
 //! ```
 //!
 //! `reveal` and `index` quotas are always on (see `quota.rs`); a
@@ -109,6 +114,32 @@ struct RawConfig {
     principals: Vec<RawPrincipal>,
     #[serde(default)]
     default_quotas: crate::quota::Defaults,
+    #[serde(default, rename = "record_cap")]
+    record_caps: Vec<RecordCap>,
+}
+
+/// Caps on new key-store records keyd signs for matching scopes.
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RecordCap {
+    /// Scope patterns (a name, or a prefix followed by one `*`).
+    pub(crate) scopes: Vec<String>,
+    /// Largest `max_uses` of a new record.
+    #[serde(default)]
+    pub(crate) max_uses: Option<u64>,
+    /// Longest `encrypt_until - created_at`, seconds.
+    #[serde(default)]
+    pub(crate) max_encrypt_period_seconds: Option<u64>,
+    /// Longest `decrypt_until - created_at`, seconds.
+    #[serde(default)]
+    pub(crate) max_decrypt_period_seconds: Option<u64>,
+}
+
+fn pattern_matches(p: &str, scope: &str) -> bool {
+    match p.strip_suffix('*') {
+        Some(prefix) => scope.starts_with(prefix),
+        None => p == scope,
+    }
 }
 
 fn default_listen() -> String {
@@ -242,6 +273,8 @@ pub(crate) struct Config {
     pub(crate) by_token: HashMap<[u8; 32], usize>,
     /// `[default_quotas]`.
     pub(crate) default_quotas: crate::quota::Defaults,
+    /// Caps on new key-store records, first match wins.
+    pub(crate) record_caps: Vec<RecordCap>,
 }
 
 impl Config {
@@ -266,6 +299,13 @@ impl Config {
                 None => p == scope,
             })
     }
+    /// The record caps of `scope` (the first `[[record_cap]]` matching it).
+    pub(crate) fn record_cap(&self, scope: &str) -> Option<&RecordCap> {
+        self.record_caps
+            .iter()
+            .find(|c| c.scopes.iter().any(|p| pattern_matches(p, scope)))
+    }
+
     pub(crate) fn principal(&self, name: &str) -> Option<&Principal> {
         self.principals.iter().find(|p| p.name == name)
     }
@@ -309,6 +349,16 @@ impl Config {
                 )));
             }
         }
+        for c in &raw.record_caps {
+            for p in &c.scopes {
+                let body = p.strip_suffix('*').unwrap_or(p);
+                if body.contains('*') || (body.is_empty() && p != "*") {
+                    return Err(invalid(format!(
+                        "record_cap scopes {p:?}: a scope name, or a prefix followed by one `*`"
+                    )));
+                }
+            }
+        }
         if raw.max_connections == 0 || raw.request_timeout_seconds == 0 {
             return Err(invalid(
                 "max_connections and request_timeout_seconds must be > 0".into(),
@@ -343,6 +393,7 @@ impl Config {
             by_cert: HashMap::new(),
             by_token: HashMap::new(),
             default_quotas: raw.default_quotas,
+            record_caps: raw.record_caps,
         };
         crate::quota::check_reveal(&cfg.default_quotas.reveal)
             .and_then(|_| crate::quota::check_index(&cfg.default_quotas.index))

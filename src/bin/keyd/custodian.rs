@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use panseal::keyd::protocol::ShareText;
 use panseal::{
-    Environment, KeyId, KeyPurpose, KeyRequest, KeyServiceError, RemoteKeyService, Scope,
+    Environment, KeyId, KeyPurpose, KeyRequest, KeyService, KeyServiceError, KeyState,
+    RemoteKeyService, Scope,
 };
 use zeroize::Zeroizing;
 
@@ -19,7 +20,8 @@ disclose it, I use it only to unseal this service, and I report any suspected co
 (PCI DSS 3.7.8).";
 
 pub(crate) const ACTIONS: &str = "status | acknowledge | collect-share | unseal | seal | \
-kek-status | rotate | retire | approve-destroy | approve-destroy-dek | withdraw | withdraw-dek | reshare";
+kek-status | rotate | retire | approve-destroy | approve-destroy-dek | withdraw | withdraw-dek | reshare | \
+index-create | index-list | index-retire | index-destroy";
 
 pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
     args.check(&[
@@ -165,6 +167,23 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
                     .await
                     .map_err(err)?,
             ),
+            // Blind-index keys: created and kept inside keyd; only their
+            // version, state and date are ever shown.
+            "index-create" => json(&client.create_index_key(&scope()?).await.map_err(err)?),
+            "index-list" => json(&client.index_keys(&scope()?).await.map_err(err)?),
+            "index-retire" | "index-destroy" => {
+                let to = if action == "index-retire" {
+                    KeyState::DecryptOnly
+                } else {
+                    KeyState::Destroyed
+                };
+                let s = scope()?;
+                client
+                    .set_index_key_state(&s, version()?, to)
+                    .await
+                    .map_err(err)?;
+                json(&client.index_keys(&s).await.map_err(err)?)
+            }
             other => return Err(format!("unknown custodian action {other:?}: {ACTIONS}")),
         })
     })?;

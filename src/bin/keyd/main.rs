@@ -257,6 +257,9 @@ fn init(args: &Args) -> Result<(), String> {
             head: pos.head,
         },
         audit_key_id,
+        index_keys: Default::default(),
+        record_keys: Default::default(),
+        registry: Default::default(),
     };
     StateStore::create(&paths, &state, master.keys()).map_err(|e| e.to_string())?;
     log.write_anchor(cfg.audit_anchor_path())

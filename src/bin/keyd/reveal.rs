@@ -158,11 +158,6 @@ impl From<Refusal> for Failure {
 }
 
 impl Server {
-    // MERGE: the keyd engineer's record verification replaces this
-    fn verify_record_for_reveal(&self, _record: &WrappedDek) -> Result<(), Failure> {
-        Ok(())
-    }
-
     /// The quota file's key, derived from the state authentication subkey
     /// (keyd must be unsealed).
     pub(super) fn quota_key(&self) -> Result<Zeroizing<[u8; 32]>, Failure> {
@@ -176,7 +171,6 @@ impl Server {
     /// Charges `n` keyed hashes to `p`'s `index` quota, durably, before
     /// any is computed.
     /// (`pub(super)`: called from the `index` handlers in `api.rs`.)
-    #[allow(dead_code)]
     pub(super) fn charge_index(&self, p: &Principal, n: u64) -> Result<(), Failure> {
         let key = self.quota_key()?;
         Ok(self.quotas.charge_index(&key, &p.name, &p.index_quota, n)?)

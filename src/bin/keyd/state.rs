@@ -28,6 +28,13 @@
 //! only where no version 2 state ever was (no `state.anchor`,
 //! `audit.anchor`, `state.journal`, nor a `state-commit` audit record), and
 //! is rewritten as version 2 at the first unseal.
+//!
+//! Version 3 (`PANSEALD | 0x03 | …`, MAC label `panseal-keyd-state-v3`)
+//! adds blind-index keys, record-MAC keys and the record registry; journal
+//! and anchor keep their encoding, and a journal change of a version 3 kind
+//! after a version 1 or 2 snapshot is refused. A version 2 state is
+//! rewritten as version 3 at the first unseal (one atomic snapshot, as the
+//! version 1 migration); every later snapshot is version 3.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -38,7 +45,8 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use panseal::keyd::state::{
     self as fmt, Acknowledgement, Anchor, AuditPosition, Change, DekRecord, FormatError,
-    JournalEntry, JournalHeader, ScopeRecord, State, StateKeys,
+    IndexScopeRecord, JournalEntry, JournalHeader, RecordKeyRecord, RegistryEntry, ScopeRecord,
+    State, StateKeys,
 };
 use panseal::{ChainSummary, ChainedAuditLog};
 
@@ -183,6 +191,9 @@ pub(crate) struct Draft<'a> {
     scopes: BTreeMap<String, ScopeRecord>,
     deks: BTreeMap<String, DekRecord>,
     acks: Vec<Acknowledgement>,
+    index_keys: BTreeMap<String, IndexScopeRecord>,
+    record_keys: BTreeMap<String, RecordKeyRecord>,
+    registry: BTreeMap<String, RegistryEntry>,
 }
 
 impl Draft<'_> {
@@ -214,6 +225,36 @@ impl Draft<'_> {
         self.acks.push(a);
     }
 
+    pub(crate) fn index_scope(&self, key: &str) -> Option<&IndexScopeRecord> {
+        self.index_keys
+            .get(key)
+            .or_else(|| self.base.index_keys.get(key))
+    }
+
+    pub(crate) fn put_index_scope(&mut self, key: &str, r: IndexScopeRecord) {
+        self.index_keys.insert(key.to_owned(), r);
+    }
+
+    pub(crate) fn record_key(&self, environment: &str) -> Option<&RecordKeyRecord> {
+        self.record_keys
+            .get(environment)
+            .or_else(|| self.base.record_keys.get(environment))
+    }
+
+    pub(crate) fn put_record_key(&mut self, environment: &str, r: RecordKeyRecord) {
+        self.record_keys.insert(environment.to_owned(), r);
+    }
+
+    pub(crate) fn registry(&self, key: &str) -> Option<&RegistryEntry> {
+        self.registry
+            .get(key)
+            .or_else(|| self.base.registry.get(key))
+    }
+
+    pub(crate) fn put_registry(&mut self, key: &str, e: RegistryEntry) {
+        self.registry.insert(key.to_owned(), e);
+    }
+
     fn into_changes(self) -> Vec<Change> {
         let mut out: Vec<Change> = self
             .acks
@@ -229,6 +270,21 @@ impl Draft<'_> {
             self.deks
                 .into_iter()
                 .map(|(key, value)| Change::Dek { key, value }),
+        );
+        out.extend(
+            self.index_keys
+                .into_iter()
+                .map(|(key, value)| Change::IndexScope { key, value }),
+        );
+        out.extend(
+            self.record_keys
+                .into_iter()
+                .map(|(key, value)| Change::RecordKey { key, value }),
+        );
+        out.extend(
+            self.registry
+                .into_iter()
+                .map(|(key, value)| Change::Registry { key, value }),
         );
         out
     }
@@ -319,6 +375,12 @@ impl StateStore {
                         FormatError::Corrupt("journal entry out of sequence (removed or moved)"),
                     ));
                 }
+                if snapshot.version < fmt::V3 && e.header.changes.iter().any(Change::is_v3) {
+                    return Err(corrupt(
+                        &paths.journal,
+                        FormatError::Corrupt("version 3 change after a version 2 snapshot"),
+                    ));
+                }
                 state.generation = e.header.generation;
                 state.audit = e.header.audit.clone();
                 for c in e.header.changes.iter().cloned() {
@@ -384,7 +446,7 @@ impl StateStore {
         })
     }
 
-    /// Writes the first state of a new server (version 2) and its anchor.
+    /// Writes the first state of a new server (version 3) and its anchor.
     pub(crate) fn create(paths: &Paths, state: &State, keys: &StateKeys) -> Result<(), StateError> {
         if paths.state.exists() {
             return Err(StateError::Io {
@@ -405,7 +467,7 @@ impl StateStore {
         .map_err(io(&paths.anchor))
     }
 
-    /// The format version on disk (1 until migrated).
+    /// The format version on disk (1 or 2 until migrated, then 3).
     pub(crate) fn version(&self) -> u8 {
         self.version.load(Ordering::SeqCst)
     }
@@ -536,6 +598,9 @@ impl StateStore {
                 scopes: BTreeMap::new(),
                 deks: BTreeMap::new(),
                 acks: Vec::new(),
+                index_keys: BTreeMap::new(),
+                record_keys: BTreeMap::new(),
+                registry: BTreeMap::new(),
             };
             let r = change(&mut d)?;
             (r, d.into_changes())
@@ -630,8 +695,8 @@ impl StateStore {
     }
 
     /// Rewrites the whole state as one snapshot: `prepare` computes the new
-    /// state and keys from the current one (re-sharing, the version 1
-    /// migration); `then` runs after the write, still under the change lock.
+    /// state and keys from the current one (re-sharing, the version 1 and
+    /// 2 migrations); `then` runs after the write, still under the change lock.
     pub(crate) fn replace_with<E: From<StateError>>(
         &self,
         audit: &ChainedAuditLog,
@@ -676,7 +741,7 @@ impl StateStore {
         let (bytes, mac) = fmt::encode_snapshot(&next, &keys);
         panseal::keyd::write_atomically(&self.paths.state, &bytes)
             .map_err(io(&self.paths.state))?;
-        self.version.store(fmt::V2, Ordering::SeqCst);
+        self.version.store(fmt::V3, Ordering::SeqCst);
         // Entries of the old journal are older than the snapshot: ignored
         // at load, then dropped here.
         w.journal = None;
