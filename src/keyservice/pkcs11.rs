@@ -972,8 +972,10 @@ impl Inner {
         format!("{RECORD_MAC_PREFIX}{}/{}", self.kek_name, self.environment)
     }
 
-    /// Checks a found HMAC key object: generic secret, sensitive, not
-    /// extractable; returns its label.
+    /// Checks a found HMAC key object: a generic secret generated in the
+    /// token (`CKA_LOCAL`), always sensitive and never extractable, so no
+    /// one (not even whoever holds the PIN) knows its value; an imported
+    /// key with a chosen value is refused. Returns its label.
     fn check_hmac_object(
         &self,
         session: &Session,
@@ -987,22 +989,36 @@ impl Inner {
                 AttributeType::KeyType,
                 AttributeType::Sensitive,
                 AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Local,
             ],
         )?;
         let (mut label, mut key_type) = (String::new(), None);
-        let (mut sensitive, mut extractable) = (false, true);
+        let (mut sensitive, mut extractable, mut always, mut never, mut local) =
+            (false, true, false, false, false);
         for a in attrs {
             match a {
                 Attribute::Label(l) => label = String::from_utf8_lossy(&l).into_owned(),
                 Attribute::KeyType(t) => key_type = Some(t),
                 Attribute::Sensitive(b) => sensitive = b,
                 Attribute::Extractable(b) => extractable = b,
+                Attribute::AlwaysSensitive(b) => always = b,
+                Attribute::NeverExtractable(b) => never = b,
+                Attribute::Local(b) => local = b,
                 _ => {}
             }
         }
-        if key_type != Some(KeyType::GENERIC_SECRET) || !sensitive || extractable {
+        if key_type != Some(KeyType::GENERIC_SECRET)
+            || !sensitive
+            || extractable
+            || !always
+            || !never
+            || !local
+        {
             return Err(KeyServiceError::Other(format!(
-                "{what} {label:?} is not a sensitive, non-extractable generic secret; refusing it"
+                "{what} {label:?} is not a generic secret generated in the token, always \
+                 sensitive and never extractable; refusing it"
             ))
             .into());
         }
