@@ -285,6 +285,39 @@ async fn reindex_survives_kill_9_and_moves_every_row_to_the_newest_version() {
         "{out}"
     );
 
+    // Bad input: row 1234 holds row 1233's ciphertext (a copied field).
+    // After another rotation the job stops at that row with a typed error
+    // naming it; the batches before it are committed, the row is untouched.
+    pg.psql(
+        "pay",
+        "UPDATE cards SET pan = (SELECT pan FROM cards WHERE id = 1233) WHERE id = 1234",
+    );
+    assert_eq!(ks.create_index_key(&scope).await.unwrap().version, 3);
+    let bad = args(&[]).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr).into_owned();
+    assert!(!bad.status.success());
+    assert!(err.contains("row 1234: sealed PAN did not open"), "{err}");
+    for d in &digits {
+        assert!(!err.contains(d.as_str()), "a PAN in the error");
+    }
+    let on_v3: i64 = pg
+        .psql(
+            "pay",
+            "SELECT count(*) FROM cards WHERE pan_index_version = 3",
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        on_v3, 1200,
+        "the 24 batches before the bad row are committed"
+    );
+    assert_eq!(
+        pg.psql("pay", "SELECT pan_index_version FROM cards WHERE id = 1234")
+            .trim(),
+        "2"
+    );
+
     // Every open was audited under the job's principal; no PAN in the log.
     let log = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert!(log.contains("custodian-test"));
