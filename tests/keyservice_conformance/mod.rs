@@ -784,6 +784,9 @@ pub async fn fresh_record(ks: Arc<dyn KeyService>, environment: &str) -> Wrapped
         .into_iter()
         .find(|r| r.purpose == KeyPurpose::Data)
         .unwrap();
+    // A fresh id: a service that remembers what it signed (keyd) has not
+    // seen this one (the library may have signed the stored record).
+    r.id = KeyId::random();
     r.state = KeyState::Active;
     r.uses = 0;
     r.sequence = 0;
