@@ -16,6 +16,18 @@
 //! material transparently (the ciphertext names it) and changes nothing
 //! here.
 //!
+//! # Index keys and the record-MAC key
+//!
+//! Blind-index version `N` of scope `S` is an `HMAC_256`
+//! `GENERATE_VERIFY_MAC` key under
+//! `alias/panseal/<name>/index/<S escaped>/v<N>` (scope escaped into the
+//! alias charset: `_` → `__`, `.` → `_d`, `:` → `_c`), its state in the tag
+//! `panseal:index-state` (`active` / `lookup-only`); destroyed =
+//! `ScheduleKeyDeletion`. Keyed hashes are `GenerateMac` (`HMAC_SHA_256`),
+//! with bounded concurrency per batch. The record-MAC key is an `HMAC_256`
+//! key under `alias/panseal/<name>/record-mac`: `GenerateMac` signs,
+//! `VerifyMac` verifies.
+//!
 //! # Binding
 //!
 //! Every `Encrypt`, `GenerateDataKey`, `Decrypt` and `ReEncrypt` carries the

@@ -32,6 +32,19 @@
 //! [`KeyServiceError::KekDestroyed`], one above it as
 //! [`KeyServiceError::UnknownKek`].
 //!
+//! # Index keys and the record-MAC key are token objects too
+//!
+//! Blind-index version `N` of scope `S` is a 256-bit `CKK_GENERIC_SECRET`
+//! object generated in the token (`CKM_GENERIC_SECRET_KEY_GEN`; sensitive,
+//! never extractable, `CKA_SIGN`/`CKA_VERIFY` only) with
+//! `CKA_ID = "panseal-index/<name>/<environment>/<S>"` and
+//! `CKA_LABEL = "<id>/v<N>/<active|lookup-only>/<created>"`; a destroyed
+//! version is a destroyed object. Keyed hashes are `C_Sign` with
+//! `CKM_SHA256_HMAC`, a whole batch in one session. The record-MAC key
+//! (`panseal-record-mac/<name>/<environment>`) is generated on first use
+//! and signs [`WrappedDek::signed_bytes`]. Objects that were not generated
+//! in the token (a key imported with a known value) are refused.
+//!
 //! # Sessions
 //!
 //! Calls run on Tokio's blocking pool (a network HSM answers in
