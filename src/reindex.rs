@@ -423,7 +423,7 @@ impl ReindexJob {
             }
             let mut batch = progress.clone();
             // Rows with a sealed PAN: (id, sealed as stored, old index, old version).
-            let mut work: Vec<(i64, StoredSealed, Option<Vec<u8>>, Option<i32>)> = Vec::new();
+            let mut work: Vec<RowRead> = Vec::new();
             let mut pans: Vec<Pan> = Vec::new();
             for row in &rows {
                 let id: i64 = row.get(0);
@@ -571,6 +571,9 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     bool::from(a.ct_eq(b))
 }
+
+/// A row as read: id, sealed value, old index value, old version.
+type RowRead = (i64, StoredSealed, Option<Vec<u8>>, Option<i32>);
 
 /// A sealed value exactly as read (the compare-and-set uses it).
 enum StoredSealed {
