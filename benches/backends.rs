@@ -4,6 +4,11 @@
 //! set up by the bench itself, as the tests do). Also the backend's bare
 //! `unwrap` call, for reference.
 //!
+//! Then the keyed hash inside the service (`KeyService::blind_index`) for
+//! PKCS#11 (`CKM_SHA256_HMAC`) and KMS (`GenerateMac`): one PAN per
+//! request, and batches of 1,000 PANs per request (throughput in PANs/s),
+//! to be read against the same run's `key_service/unwrap` baseline.
+//!
 //! `cargo bench --features pkcs11,aws-kms --bench backends`
 //!
 //! A cold open is forced by a DEK cache of capacity 1 and two ciphertexts
@@ -134,6 +139,68 @@ fn bench_backend(
     g.finish();
 }
 
+/// `blind_index` single and batch-of-1,000 against a backend that keeps
+/// index keys inside (PKCS#11, KMS).
+fn bench_hmac(
+    c: &mut Criterion,
+    name: &str,
+    ks: Arc<dyn KeyService>,
+    rt: &tokio::runtime::Runtime,
+) {
+    let access = Access::new("bench", "benchmark").unwrap();
+    let scope = Scope::new("merchant-1").unwrap();
+    let version = rt.block_on(ks.create_index_key(&scope)).unwrap().version;
+    let pans: Vec<Pan> = (0..1000u64)
+        .map(|i| {
+            let body = format!("411111{:09}", i);
+            // Luhn check digit.
+            let sum: u32 = body
+                .bytes()
+                .rev()
+                .enumerate()
+                .map(|(k, b)| {
+                    let d = u32::from(b - b'0');
+                    if k % 2 == 0 {
+                        let x = d * 2;
+                        if x > 9 {
+                            x - 9
+                        } else {
+                            x
+                        }
+                    } else {
+                        d
+                    }
+                })
+                .sum();
+            Pan::parse(&format!("{body}{}", (10 - sum % 10) % 10)).unwrap()
+        })
+        .collect();
+    let refs: Vec<&Pan> = pans.iter().collect();
+    let mut g = c.benchmark_group("blind_index");
+    g.bench_function(BenchmarkId::new("single", name), |bench| {
+        bench.iter(|| {
+            black_box(
+                rt.block_on(ks.blind_index(&scope, &[version], &refs[..1], &access))
+                    .unwrap(),
+            )
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("blind_index_batch_1000");
+    g.sample_size(10);
+    g.throughput(criterion::Throughput::Elements(1000));
+    g.bench_function(BenchmarkId::new("batch", name), |bench| {
+        bench.iter(|| {
+            let v = rt
+                .block_on(ks.blind_index(&scope, &[version], &refs, &access))
+                .unwrap();
+            assert_eq!(v.len(), 1000);
+            black_box(v)
+        })
+    });
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -153,7 +220,9 @@ fn bench(c: &mut Criterion) {
             Pkcs11Pin::new(softhsm::PIN.into()),
         ))
         .unwrap();
-    bench_backend(c, "pkcs11_softhsm2", Arc::new(pkcs11), &rt);
+    let pkcs11: Arc<dyn KeyService> = Arc::new(pkcs11);
+    bench_backend(c, "pkcs11_softhsm2", pkcs11.clone(), &rt);
+    bench_hmac(c, "pkcs11_softhsm2", pkcs11, &rt);
 
     let moto = moto::Moto::start();
     let kms = rt
@@ -169,7 +238,9 @@ fn bench(c: &mut Criterion) {
                 .create_kek_if_missing(true),
         ))
         .unwrap();
-    bench_backend(c, "aws_kms_moto", Arc::new(kms), &rt);
+    let kms: Arc<dyn KeyService> = Arc::new(kms);
+    bench_backend(c, "aws_kms_moto", kms.clone(), &rt);
+    bench_hmac(c, "aws_kms_moto", kms, &rt);
     drop(moto);
 }
 

@@ -76,6 +76,8 @@ mod keystore;
 mod pan;
 #[cfg(feature = "postgres")]
 pub mod reencrypt;
+#[cfg(feature = "postgres")]
+pub mod reindex;
 mod seal;
 
 pub use api::{Opened, Panseal, PansealBuilder};

@@ -295,3 +295,62 @@ async fn environment_and_kek_id_are_checked_before_kms_is_asked() {
         KeyServiceError::UnknownKek(_)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_keys_are_hmac_keys_under_escaped_aliases_and_match_kms_generate_mac() {
+    let moto = moto::Moto::start();
+    let ks = connect(&moto, "cards").await;
+    let scope = panseal::Scope::new("shop.eu:7").unwrap();
+    ks.create_index_key(&scope).await.unwrap();
+    ks.create_index_key(&scope).await.unwrap();
+    let client = moto::raw_client(&moto.endpoint());
+    let mut values = Vec::new();
+    let pan = panseal::Pan::parse("4111111111111111").unwrap();
+    for (v, state) in [(1, "lookup-only"), (2, "active")] {
+        let alias = format!("alias/panseal/cards/index/shop_deu_c7/v{v}");
+        let md = client.describe_key().key_id(&alias).send().await.unwrap();
+        let md = md.key_metadata().unwrap();
+        assert_eq!(md.key_spec(), Some(&aws_sdk_kms::types::KeySpec::Hmac256));
+        assert_eq!(
+            md.key_usage(),
+            Some(&aws_sdk_kms::types::KeyUsageType::GenerateVerifyMac)
+        );
+        let tags = client
+            .list_resource_tags()
+            .key_id(md.key_id())
+            .send()
+            .await
+            .unwrap();
+        assert!(tags
+            .tags()
+            .iter()
+            .any(|t| t.tag_key() == "panseal:index-state" && t.tag_value() == state));
+        // The service's value is KMS's own GenerateMac of the digits.
+        let mac = client
+            .generate_mac()
+            .key_id(&alias)
+            .mac_algorithm(aws_sdk_kms::types::MacAlgorithmSpec::HmacSha256)
+            .message(Blob::new(b"4111111111111111".to_vec()))
+            .send()
+            .await
+            .unwrap();
+        let ours = ks
+            .blind_index(&scope, &[v], &[&pan], &access())
+            .await
+            .unwrap();
+        assert_eq!(mac.mac().unwrap().as_ref(), &ours[0]);
+        values.push(ours[0]);
+    }
+    assert_ne!(values[0], values[1]);
+    // Destroyed = scheduled for deletion: no longer listed or used.
+    ks.set_index_key_state(&scope, 1, panseal::KeyState::Destroyed)
+        .await
+        .unwrap();
+    assert_eq!(ks.index_keys(&scope).await.unwrap().len(), 1);
+    assert!(matches!(
+        ks.blind_index(&scope, &[1], &[&pan], &access()).await,
+        Err(KeyServiceError::UnknownIndexKey { version: 1, .. })
+    ));
+    let v3 = ks.create_index_key(&scope).await.unwrap();
+    assert_eq!(v3.version, 3, "a destroyed version's number is not reused");
+}

@@ -16,12 +16,32 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keyservice_conformance::Backend;
-use panseal::{AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService, Environment};
+use panseal::{
+    AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService, Environment, KeyService, Permissions,
+};
 
 const KEK: &str = "cards";
 
 struct MotoBackend {
     moto: moto::Moto,
+}
+
+fn config(endpoint: &str) -> AwsKmsConfig {
+    AwsKmsConfig::new(KEK, Environment::new("test").unwrap())
+        .region(moto::REGION)
+        .endpoint_url(endpoint)
+        .credentials(AwsKmsCredentials::new(
+            moto::ACCESS_KEY_ID,
+            moto::SECRET_ACCESS_KEY.into(),
+            None,
+        ))
+        .timeouts(Duration::from_secs(1), Duration::from_secs(2))
+        .max_attempts(2)
+        // Read each version's state before every use, so a key scheduled
+        // for deletion a moment ago is refused (moto itself does not
+        // enforce key states; AWS KMS does).
+        .key_cache_ttl(Duration::ZERO)
+        .create_kek_if_missing(true)
 }
 
 #[async_trait]
@@ -46,6 +66,13 @@ impl Backend for MotoBackend {
         true
     }
 
+    async fn restricted(&self, permissions: Permissions) -> Option<Arc<dyn KeyService>> {
+        let ks = AwsKmsKeyService::connect(config(&self.moto.endpoint()).permissions(permissions))
+            .await
+            .unwrap();
+        Some(Arc::new(ks))
+    }
+
     async fn begin_outage(&self) {
         self.moto.stall();
     }
@@ -58,22 +85,9 @@ impl Backend for MotoBackend {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_kms_key_service_passes_the_conformance_suite() {
     let moto = moto::Moto::start();
-    let config = AwsKmsConfig::new(KEK, Environment::new("test").unwrap())
-        .region(moto::REGION)
-        .endpoint_url(&moto.endpoint())
-        .credentials(AwsKmsCredentials::new(
-            moto::ACCESS_KEY_ID,
-            moto::SECRET_ACCESS_KEY.into(),
-            None,
-        ))
-        .timeouts(Duration::from_secs(1), Duration::from_secs(2))
-        .max_attempts(2)
-        // Read each version's state before every use, so a key scheduled
-        // for deletion a moment ago is refused (moto itself does not
-        // enforce key states; AWS KMS does).
-        .key_cache_ttl(Duration::ZERO)
-        .create_kek_if_missing(true);
+    let config = config(&moto.endpoint());
     let ks = AwsKmsKeyService::connect(config).await.unwrap();
     let backend = MotoBackend { moto };
-    keyservice_conformance::run(Arc::new(ks), &backend, "test").await;
+    keyservice_conformance::run(Arc::new(ks.clone()), &backend, "test").await;
+    keyservice_conformance::run_index_and_records(Arc::new(ks), &backend, "test").await;
 }

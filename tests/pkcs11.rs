@@ -506,3 +506,163 @@ async fn a_pool_whose_login_was_dropped_logs_in_again() {
     raw_session("main").logout().unwrap();
     assert_eq!(ks.kek_info().await.unwrap().version, 1);
 }
+
+/// Every object with `CKA_ID = id`.
+fn find_id(session: &Session, id: &str) -> Vec<ObjectHandle> {
+    session
+        .find_objects(&[Attribute::Id(id.as_bytes().to_vec())])
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_and_record_keys_never_leave_the_token() {
+    let _serial = SERIAL.lock().await;
+    let ks = connect("hmac").await;
+    let scope = Scope::new("merchant:7").unwrap();
+    ks.create_index_key(&scope).await.unwrap();
+    ks.create_index_key(&scope).await.unwrap();
+    // The record-MAC key is made on first use.
+    let r = panseal_record(&ks).await;
+    ks.authenticate_record(None, &r).await.unwrap();
+
+    let s = raw_session("main");
+    let index = find_id(&s, "panseal-index/hmac/test/merchant:7");
+    let record = find_id(&s, "panseal-record-mac/hmac/test");
+    assert_eq!((index.len(), record.len()), (2, 1));
+    let mut labels: Vec<String> = index
+        .iter()
+        .map(
+            |h| match s.get_attributes(*h, &[AttributeType::Label]).unwrap().pop() {
+                Some(Attribute::Label(l)) => String::from_utf8(l).unwrap(),
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    labels.sort();
+    assert!(labels[0].starts_with("panseal-index/hmac/test/merchant:7/v1/lookup-only/"));
+    assert!(labels[1].starts_with("panseal-index/hmac/test/merchant:7/v2/active/"));
+    // An attacker holding the PIN tries to read each key out.
+    let wrapping = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32u64.into()),
+                Attribute::Token(false),
+                Attribute::Wrap(true),
+                Attribute::Extractable(true),
+            ],
+        )
+        .unwrap();
+    let mut recovered = 0;
+    for h in index.iter().chain(&record) {
+        for t in [
+            AttributeType::Sensitive,
+            AttributeType::AlwaysSensitive,
+            AttributeType::NeverExtractable,
+            AttributeType::Token,
+            AttributeType::Private,
+            AttributeType::Local,
+        ] {
+            assert!(bool_attr(&s, *h, t), "{t:?} must be true");
+        }
+        for t in [
+            AttributeType::Extractable,
+            AttributeType::Encrypt,
+            AttributeType::Decrypt,
+            AttributeType::Wrap,
+            AttributeType::Unwrap,
+        ] {
+            assert!(!bool_attr(&s, *h, t), "{t:?} must be false");
+        }
+        let attrs = s
+            .get_attributes(*h, &[AttributeType::KeyType, AttributeType::ValueLen])
+            .unwrap();
+        assert!(attrs.contains(&Attribute::KeyType(KeyType::GENERIC_SECRET)));
+        assert!(attrs.contains(&Attribute::ValueLen(32u64.into())));
+        match s.get_attributes(*h, &[AttributeType::Value]) {
+            Ok(v) if !v.is_empty() => recovered += 1,
+            _ => {}
+        }
+        if s.wrap_key(&Mechanism::AesKeyWrapPad, wrapping, *h).is_ok() {
+            recovered += 1;
+        }
+    }
+    assert_eq!(recovered, 0, "key values read out of the token");
+}
+
+async fn panseal_record(ks: &Pkcs11KeyService) -> panseal::WrappedDek {
+    let store = MemoryKeyStore::new();
+    let p = Panseal::builder()
+        .key_service(ks.clone())
+        .key_store(store.clone())
+        .audit(MemoryAuditSink::new())
+        .environment("test")
+        .scope("merchant-1")
+        .build()
+        .await
+        .unwrap();
+    p.seal_pan(
+        &panseal::Pan::parse("4111111111111111").unwrap(),
+        &panseal::Context::new("t", "c", "1").unwrap(),
+    )
+    .await
+    .unwrap();
+    use panseal::KeyStore;
+    let mut r = store.list(None).await.unwrap().remove(0);
+    r.created_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    r.uses = 0;
+    r.sequence = 0;
+    r.tag = None;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_index_key_with_a_known_value_is_refused() {
+    let _serial = SERIAL.lock().await;
+    let ks = connect("plant").await;
+    let scope = Scope::new("m").unwrap();
+    ks.create_index_key(&scope).await.unwrap();
+    let pan = panseal::Pan::parse("4111111111111111").unwrap();
+    let genuine = ks
+        .blind_index(&scope, &[1], &[&pan], &access())
+        .await
+        .unwrap();
+    // An attacker with the PIN imports a key whose value they know as v2.
+    let s = raw_session("main");
+    let id = "panseal-index/plant/test/m";
+    let planted = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Value(vec![0x42; 32]),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+            Attribute::Label(format!("{id}/v2/active/1").into_bytes()),
+            Attribute::Id(id.as_bytes().to_vec()),
+        ])
+        .unwrap();
+    let mut hashed_with_planted = 0;
+    match ks.blind_index(&scope, &[2], &[&pan], &access()).await {
+        Ok(_) => hashed_with_planted += 1,
+        Err(e) => assert!(e.to_string().contains("generated in the token"), "{e}"),
+    }
+    assert!(ks.index_keys(&scope).await.is_err());
+    assert!(ks.create_index_key(&scope).await.is_err());
+    assert_eq!(hashed_with_planted, 0);
+    // A custodian removes it; the genuine key hashes as before.
+    s.destroy_object(planted).unwrap();
+    assert_eq!(
+        ks.blind_index(&scope, &[1], &[&pan], &access())
+            .await
+            .unwrap(),
+        genuine
+    );
+}

@@ -25,7 +25,7 @@ use cryptoki::object::Attribute;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use keyservice_conformance::Backend;
-use panseal::{Environment, Pkcs11Config, Pkcs11KeyService, Pkcs11Pin};
+use panseal::{Environment, KeyService, Permissions, Pkcs11Config, Pkcs11KeyService, Pkcs11Pin};
 
 const TOKEN: &str = "conformance";
 const KEK: &str = "cards";
@@ -33,6 +33,13 @@ const KEK: &str = "cards";
 struct SoftHsmBackend {
     hsm: &'static softhsm::SoftHsm,
     locker: Mutex<Option<Child>>,
+}
+
+fn config(hsm: &softhsm::SoftHsm) -> Pkcs11Config {
+    Pkcs11Config::new(&hsm.module, TOKEN, KEK, Environment::new("test").unwrap())
+        .create_kek_if_missing(true)
+        .max_sessions(4)
+        .operation_timeout(Duration::from_secs(2))
 }
 
 #[async_trait]
@@ -69,6 +76,16 @@ impl Backend for SoftHsmBackend {
 
     fn has_outage(&self) -> bool {
         true
+    }
+
+    async fn restricted(&self, permissions: Permissions) -> Option<Arc<dyn KeyService>> {
+        let ks = Pkcs11KeyService::connect(
+            config(self.hsm).permissions(permissions),
+            Pkcs11Pin::new(softhsm::PIN.into()),
+        )
+        .await
+        .unwrap();
+        Some(Arc::new(ks))
     }
 
     async fn begin_outage(&self) {
@@ -115,11 +132,7 @@ impl Drop for SoftHsmBackend {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pkcs11_key_service_passes_the_conformance_suite() {
     let hsm = softhsm::softhsm(&[TOKEN]);
-    let config = Pkcs11Config::new(&hsm.module, TOKEN, KEK, Environment::new("test").unwrap())
-        .create_kek_if_missing(true)
-        .max_sessions(4)
-        .operation_timeout(Duration::from_secs(2));
-    let ks = Pkcs11KeyService::connect(config, Pkcs11Pin::new(softhsm::PIN.into()))
+    let ks = Pkcs11KeyService::connect(config(hsm), Pkcs11Pin::new(softhsm::PIN.into()))
         .await
         .unwrap();
     let backend = SoftHsmBackend {
@@ -127,6 +140,7 @@ async fn pkcs11_key_service_passes_the_conformance_suite() {
         locker: Mutex::new(None),
     };
     keyservice_conformance::run(Arc::new(ks.clone()), &backend, "test").await;
+    keyservice_conformance::run_index_and_records(Arc::new(ks.clone()), &backend, "test").await;
     let stats = ks.pool_stats();
     assert!(stats.open <= 4, "{stats:?}");
 }

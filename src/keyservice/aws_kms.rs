@@ -16,6 +16,18 @@
 //! material transparently (the ciphertext names it) and changes nothing
 //! here.
 //!
+//! # Index keys and the record-MAC key
+//!
+//! Blind-index version `N` of scope `S` is an `HMAC_256`
+//! `GENERATE_VERIFY_MAC` key under
+//! `alias/panseal/<name>/index/<S escaped>/v<N>` (scope escaped into the
+//! alias charset: `_` → `__`, `.` → `_d`, `:` → `_c`), its state in the tag
+//! `panseal:index-state` (`active` / `lookup-only`); destroyed =
+//! `ScheduleKeyDeletion`. Keyed hashes are `GenerateMac` (`HMAC_SHA_256`),
+//! with bounded concurrency per batch. The record-MAC key is an `HMAC_256`
+//! key under `alias/panseal/<name>/record-mac`: `GenerateMac` signs,
+//! `VerifyMac` verifies.
+//!
 //! # Binding
 //!
 //! Every `Encrypt`, `GenerateDataKey`, `Decrypt` and `ReEncrypt` carries the
@@ -40,19 +52,31 @@ use aws_sdk_kms::config::http::HttpResponse;
 use aws_sdk_kms::config::{Credentials, Region};
 use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::{DataKeySpec, KeySpec, KeyState as KmsKeyState, KeyUsageType, Tag};
+use aws_sdk_kms::types::{
+    DataKeySpec, KeySpec, KeyState as KmsKeyState, KeyUsageType, MacAlgorithmSpec, Tag,
+};
 use aws_sdk_kms::Client;
 use aws_smithy_http_client::tls::rustls_provider::CryptoMode;
 use aws_smithy_http_client::tls::Provider;
 use zeroize::Zeroizing;
 
-use super::{sealed, KekInfo, KeyService};
+use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions};
 use crate::audit::Access;
 use crate::error::KeyServiceError;
-use crate::keys::{Dek, Environment, KekRef, KeyPurpose, KeyRequest, KeyState, WrappedKey};
+use crate::keys::{
+    unix_now, Dek, Environment, KekRef, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope,
+    WrappedDek, WrappedKey,
+};
+use crate::pan::Pan;
 
 const DEK_LEN: usize = 32;
 const ALIAS_PREFIX: &str = "alias/panseal/";
+/// Longest KMS alias name.
+const MAX_ALIAS_LEN: usize = 256;
+/// Largest message `GenerateMac` accepts.
+const MAX_MAC_MESSAGE: usize = 4096;
+const STATE_TAG: &str = "panseal:index-state";
+const CREATED_TAG: &str = "panseal:created";
 
 /// Explicit AWS credentials (an access key, optionally temporary). The
 /// secret parts are wiped on drop and never printed.
@@ -124,6 +148,14 @@ pub struct AwsKmsConfig {
     /// Create version 1 (`CreateKey` + `CreateAlias`) if no version exists
     /// (default `false`: a missing KEK is [`KeyServiceError::UnknownKek`]).
     pub create_kek_if_missing: bool,
+    /// What this handle offers its callers (default: everything but
+    /// `reveal`); operations outside it fail with
+    /// [`KeyServiceError::PermissionDenied`] before KMS is asked. The real
+    /// boundary is the IAM policy of the credential (README, "AWS KMS").
+    pub permissions: Permissions,
+    /// Most `GenerateMac` calls in flight for one `blind_index` batch
+    /// (default 16).
+    pub mac_concurrency: usize,
 }
 
 impl AwsKmsConfig {
@@ -140,7 +172,27 @@ impl AwsKmsConfig {
             max_attempts: 3,
             key_cache_ttl: Duration::from_secs(60),
             create_kek_if_missing: false,
+            permissions: Permissions {
+                reveal: false,
+                ..Permissions::all()
+            },
+            mac_concurrency: 16,
         }
+    }
+
+    /// Sets [`AwsKmsConfig::permissions`] (`reveal` is always off).
+    pub fn permissions(mut self, permissions: Permissions) -> Self {
+        self.permissions = Permissions {
+            reveal: false,
+            ..permissions
+        };
+        self
+    }
+
+    /// Sets [`AwsKmsConfig::mac_concurrency`] (at least 1).
+    pub fn mac_concurrency(mut self, n: usize) -> Self {
+        self.mac_concurrency = n.max(1);
+        self
     }
 
     /// Sets [`AwsKmsConfig::region`].
@@ -218,6 +270,21 @@ struct Inner {
     environment: Environment,
     ttl: Duration,
     versions: RwLock<Versions>,
+    permissions: Permissions,
+    mac_concurrency: usize,
+    /// Index-key versions per scope (newest first) and when they were read.
+    index: RwLock<HashMap<Scope, (Instant, Vec<IndexVersion>)>>,
+}
+
+/// One index-key version: its KMS key and state.
+#[derive(Clone, Debug)]
+struct IndexVersion {
+    version: u32,
+    arn: String,
+    /// The key id the alias targets.
+    key_id: String,
+    state: KeyState,
+    created_at: u64,
 }
 
 /// A [`KeyService`] whose KEKs are AWS KMS keys (see the module
@@ -287,6 +354,9 @@ impl AwsKmsKeyService {
                 environment: config.environment,
                 ttl: config.key_cache_ttl,
                 versions: RwLock::new(Versions::default()),
+                permissions: config.permissions,
+                mac_concurrency: config.mac_concurrency.max(1),
+                index: RwLock::new(HashMap::new()),
             }),
         };
         service.inner.list_versions().await?;
@@ -318,6 +388,7 @@ impl AwsKmsKeyService {
     ///
     /// The version is unknown, or KMS refuses or fails.
     pub async fn disable_kek(&self, version: u32) -> Result<(), KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
         let meta = self.inner.meta(version, true).await?;
         self.inner
             .client
@@ -336,6 +407,7 @@ impl AwsKmsKeyService {
     ///
     /// The version is unknown, or KMS refuses or fails.
     pub async fn enable_kek(&self, version: u32) -> Result<(), KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
         let meta = self.inner.meta_any_state(version).await?;
         self.inner
             .client
@@ -362,6 +434,7 @@ impl AwsKmsKeyService {
         version: u32,
         pending_days: i32,
     ) -> Result<(), KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
         self.inner.list_versions().await?;
         if version == self.inner.read().newest() {
             return Err(KeyServiceError::Other(
@@ -390,6 +463,16 @@ impl AwsKmsKeyService {
             });
         }
         Ok(())
+    }
+
+    fn require(&self, ok: bool, what: &str) -> Result<(), KeyServiceError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(KeyServiceError::PermissionDenied(format!(
+                "this AWS KMS key service is not configured for {what}"
+            )))
+        }
     }
 
     fn check_kek_id(&self, wrapped: &WrappedKey) -> Result<(), KeyServiceError> {
@@ -661,6 +744,327 @@ impl Inner {
     }
 }
 
+/// A scope as it appears in a KMS alias (`[a-zA-Z0-9/_-]` only): letters,
+/// digits and `-` as they are, `_` as `__`, `.` as `_d`, `:` as `_c`.
+/// Unambiguous, and never produces `/`.
+fn escape_scope(scope: &Scope) -> String {
+    let mut out = String::with_capacity(scope.as_str().len() * 2);
+    for c in scope.as_str().chars() {
+        match c {
+            '_' => out.push_str("__"),
+            '.' => out.push_str("_d"),
+            ':' => out.push_str("_c"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn tag(k: &str, v: String) -> Result<Tag, KeyServiceError> {
+    Tag::builder()
+        .tag_key(k)
+        .tag_value(v)
+        .build()
+        .map_err(|e| KeyServiceError::Other(format!("KMS tag: {e}")))
+}
+
+fn state_tag(state: KeyState) -> &'static str {
+    if state == KeyState::Active {
+        "active"
+    } else {
+        "lookup-only"
+    }
+}
+
+impl Inner {
+    /// `alias/panseal/<name>/index/<escaped scope>/v`.
+    fn index_alias_prefix(&self, scope: &Scope) -> Result<String, KeyServiceError> {
+        let p = format!(
+            "{ALIAS_PREFIX}{}/index/{}/v",
+            self.kek_name,
+            escape_scope(scope)
+        );
+        if p.len() + 10 > MAX_ALIAS_LEN {
+            return Err(KeyServiceError::Other(format!(
+                "scope {scope} is too long for a KMS alias once escaped"
+            )));
+        }
+        Ok(p)
+    }
+
+    fn record_alias(&self) -> String {
+        format!("{ALIAS_PREFIX}{}/record-mac", self.kek_name)
+    }
+
+    /// Every alias with `prefix` and its target key (`ListAliases`, all pages).
+    async fn aliases(&self, prefix: &str) -> Result<Vec<(String, String)>, KeyServiceError> {
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_aliases()
+                .set_marker(marker.take())
+                .limit(100)
+                .send()
+                .await
+                .map_err(|e| map_sdk(e, false))?;
+            for a in page.aliases() {
+                if let (Some(name), Some(target)) = (a.alias_name(), a.target_key_id()) {
+                    if name.starts_with(prefix) {
+                        out.push((name.to_owned(), target.to_owned()));
+                    }
+                }
+            }
+            match (page.truncated(), page.next_marker()) {
+                (true, Some(next)) => marker = Some(next.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The key behind an HMAC alias target, refused unless it is an
+    /// enabled `HMAC_256` `GENERATE_VERIFY_MAC` key. `Ok(None)` for a key
+    /// pending deletion (destroyed).
+    async fn hmac_key(&self, key_id: &str, what: &str) -> Result<Option<String>, KeyServiceError> {
+        let out = self
+            .client
+            .describe_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        let md = out
+            .key_metadata()
+            .ok_or_else(|| KeyServiceError::Other("DescribeKey returned no key metadata".into()))?;
+        if md.key_spec() != Some(&KeySpec::Hmac256)
+            || md.key_usage() != Some(&KeyUsageType::GenerateVerifyMac)
+        {
+            return Err(KeyServiceError::Other(format!(
+                "{what} is not an HMAC_256 GENERATE_VERIFY_MAC KMS key"
+            )));
+        }
+        match md.key_state() {
+            Some(KmsKeyState::Enabled) => Ok(Some(md.arn().unwrap_or(md.key_id()).to_owned())),
+            Some(KmsKeyState::PendingDeletion) => Ok(None),
+            Some(KmsKeyState::Disabled) => Err(KeyServiceError::KekDisabled(what.to_owned())),
+            other => Err(KeyServiceError::Other(format!(
+                "{what} is in state {:?}",
+                other.map(|s| s.as_str())
+            ))),
+        }
+    }
+
+    /// Reads `scope`'s index-key versions from KMS, newest first.
+    async fn scan_index(&self, scope: &Scope) -> Result<Vec<IndexVersion>, KeyServiceError> {
+        let prefix = self.index_alias_prefix(scope)?;
+        let mut out = Vec::new();
+        for (name, target) in self.aliases(&prefix).await? {
+            let Some(version) = name
+                .strip_prefix(&prefix)
+                .and_then(|v| v.parse::<u32>().ok())
+                .filter(|v| *v >= 1)
+            else {
+                continue;
+            };
+            let what = format!("index key {name}");
+            let Some(arn) = self.hmac_key(&target, &what).await? else {
+                continue;
+            };
+            let tags = self
+                .client
+                .list_resource_tags()
+                .key_id(&arn)
+                .send()
+                .await
+                .map_err(|e| map_sdk(e, false))?;
+            let mut state = None;
+            let mut created_at = 0;
+            for t in tags.tags() {
+                match t.tag_key() {
+                    STATE_TAG => {
+                        state = match t.tag_value() {
+                            "active" => Some(KeyState::Active),
+                            "lookup-only" => Some(KeyState::DecryptOnly),
+                            _ => None,
+                        }
+                    }
+                    CREATED_TAG => created_at = t.tag_value().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+            let state = state.ok_or_else(|| {
+                KeyServiceError::Other(format!("{what} has no valid {STATE_TAG} tag"))
+            })?;
+            out.push(IndexVersion {
+                version,
+                arn,
+                key_id: target,
+                state,
+                created_at,
+            });
+        }
+        out.sort_by_key(|v| std::cmp::Reverse(v.version));
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(scope.clone(), (Instant::now(), out.clone()));
+        Ok(out)
+    }
+
+    async fn index_versions(
+        &self,
+        scope: &Scope,
+        fresh: bool,
+    ) -> Result<Vec<IndexVersion>, KeyServiceError> {
+        if !fresh {
+            let cached = self
+                .index
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(scope)
+                .filter(|(at, v)| at.elapsed() < self.ttl && !v.is_empty())
+                .map(|(_, v)| v.clone());
+            if let Some(v) = cached {
+                return Ok(v);
+            }
+        }
+        self.scan_index(scope).await
+    }
+
+    /// Creates an `HMAC_256` key with `tags` and points `alias` at it.
+    async fn create_hmac_key(
+        &self,
+        alias: &str,
+        description: String,
+        tags: Vec<Tag>,
+    ) -> Result<String, KeyServiceError> {
+        let created = self
+            .client
+            .create_key()
+            .key_spec(KeySpec::Hmac256)
+            .key_usage(KeyUsageType::GenerateVerifyMac)
+            .description(description)
+            .set_tags(Some(tags))
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        let md = created
+            .key_metadata()
+            .ok_or_else(|| KeyServiceError::Other("CreateKey returned no key metadata".into()))?;
+        let key_id = md.key_id().to_owned();
+        let arn = md.arn().unwrap_or(md.key_id()).to_owned();
+        match self
+            .client
+            .create_alias()
+            .alias_name(alias)
+            .target_key_id(&key_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(arn),
+            Err(e) => {
+                // Another process made it first (or the alias is refused):
+                // the spare key never MACed anything.
+                let _ = self
+                    .client
+                    .schedule_key_deletion()
+                    .key_id(&key_id)
+                    .pending_window_in_days(7)
+                    .send()
+                    .await;
+                if e.code() == Some("AlreadyExistsException") {
+                    Err(KeyServiceError::Other(format!(
+                        "{alias} was created concurrently; retry"
+                    )))
+                } else {
+                    Err(map_sdk(e, false))
+                }
+            }
+        }
+    }
+
+    async fn generate_mac(&self, key: &str, message: Vec<u8>) -> Result<[u8; 32], KeyServiceError> {
+        // The SDK's request buffers are not wiped; see the README.
+        let out = self
+            .client
+            .generate_mac()
+            .key_id(key)
+            .mac_algorithm(MacAlgorithmSpec::HmacSha256)
+            .message(Blob::new(message))
+            .send()
+            .await
+            .map_err(|e| map_sdk(e, false))?;
+        let mac = out.mac().map(|b| b.as_ref()).unwrap_or_default();
+        <[u8; 32]>::try_from(mac)
+            .map_err(|_| KeyServiceError::Other("GenerateMac returned no 32-byte MAC".into()))
+    }
+
+    /// The record-MAC key (`alias/panseal/<name>/record-mac`), created if
+    /// asked and missing.
+    async fn record_key(&self, create: bool) -> Result<Option<String>, KeyServiceError> {
+        let alias = self.record_alias();
+        let found = self
+            .aliases(&alias)
+            .await?
+            .into_iter()
+            .find(|(n, _)| *n == alias);
+        match found {
+            Some((_, target)) => {
+                self.hmac_key(&target, &format!("record-MAC key {alias}"))
+                    .await
+            }
+            None if create => {
+                let arn = self
+                    .create_hmac_key(
+                        &alias,
+                        format!(
+                            "panseal record-MAC key of {} ({})",
+                            self.kek_name, self.environment
+                        ),
+                        vec![
+                            tag("panseal:kek", self.kek_name.clone())?,
+                            tag("panseal:environment", self.environment.to_string())?,
+                            tag("panseal:purpose", "record-mac".into())?,
+                        ],
+                    )
+                    .await?;
+                tracing::info!(alias = %alias, "record-MAC key created");
+                Ok(Some(arn))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn record_verifies(&self, record: &WrappedDek) -> Result<bool, KeyServiceError> {
+        let Some(tag) = record.tag else {
+            return Ok(false);
+        };
+        let Some(key) = self.record_key(false).await? else {
+            return Ok(false);
+        };
+        let message = record.signed_bytes();
+        if message.len() > MAX_MAC_MESSAGE {
+            return Ok(false);
+        }
+        let out = self
+            .client
+            .verify_mac()
+            .key_id(&key)
+            .mac_algorithm(MacAlgorithmSpec::HmacSha256)
+            .message(Blob::new(message))
+            .mac(Blob::new(tag.0.to_vec()))
+            .send()
+            .await;
+        match out {
+            Ok(o) => Ok(o.mac_valid()),
+            Err(e) if e.code() == Some("KMSInvalidMacException") => Ok(false),
+            Err(e) => Err(map_sdk(e, false)),
+        }
+    }
+}
+
 fn validate_kek_name(name: &str) -> Result<(), KeyServiceError> {
     if name.is_empty()
         || name.len() > 64
@@ -782,6 +1186,7 @@ impl KeyService for AwsKmsKeyService {
     }
 
     async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
+        self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
         let (version, meta) = self.inner.current(false).await?;
         let kek = self.inner.kek_ref(version);
@@ -805,6 +1210,7 @@ impl KeyService for AwsKmsKeyService {
 
     /// `GenerateDataKey` (AES-256): the DEK comes from KMS's generator.
     async fn generate(&self, request: &KeyRequest) -> Result<(Dek, WrappedKey), KeyServiceError> {
+        self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
         let (version, meta) = self.inner.current(false).await?;
         let kek = self.inner.kek_ref(version);
@@ -837,6 +1243,7 @@ impl KeyService for AwsKmsKeyService {
         wrapped: &WrappedKey,
         _access: &Access,
     ) -> Result<Dek, KeyServiceError> {
+        self.require(self.inner.permissions.unwrap, "unwrap")?;
         self.check_env(request)?;
         self.check_kek_id(wrapped)?;
         if wrapped.bytes.is_empty() || wrapped.kek.version == 0 {
@@ -866,6 +1273,7 @@ impl KeyService for AwsKmsKeyService {
         request: &KeyRequest,
         wrapped: &WrappedKey,
     ) -> Result<WrappedKey, KeyServiceError> {
+        self.require(self.inner.permissions.rewrap, "rewrap")?;
         self.check_env(request)?;
         self.check_kek_id(wrapped)?;
         if wrapped.bytes.is_empty() || wrapped.kek.version == 0 {
@@ -896,7 +1304,270 @@ impl KeyService for AwsKmsKeyService {
         Ok(WrappedKey { kek, bytes })
     }
 
+    async fn permissions(&self) -> Result<Permissions, KeyServiceError> {
+        Ok(self.inner.permissions)
+    }
+
+    async fn index_keys(&self, scope: &Scope) -> Result<Vec<IndexKeyInfo>, KeyServiceError> {
+        self.require(self.inner.permissions.index, "index")?;
+        Ok(self
+            .inner
+            .index_versions(scope, true)
+            .await?
+            .into_iter()
+            .map(|v| IndexKeyInfo {
+                scope: scope.clone(),
+                version: v.version,
+                state: v.state,
+                created_at: v.created_at,
+            })
+            .collect())
+    }
+
+    /// One `GenerateMac` (`HMAC_SHA_256`) per (PAN, version), at most
+    /// `mac_concurrency` in flight; the first failure cancels the rest.
+    async fn blind_index(
+        &self,
+        scope: &Scope,
+        versions: &[u32],
+        pans: &[&Pan],
+        _access: &Access,
+    ) -> Result<Vec<[u8; 32]>, KeyServiceError> {
+        self.require(self.inner.permissions.index, "index")?;
+        if pans.is_empty() || versions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut live = self.inner.index_versions(scope, false).await?;
+        let mut arns = Vec::with_capacity(versions.len());
+        for v in versions {
+            let mut found = live.iter().find(|k| k.version == *v);
+            if found.is_none() {
+                live = self.inner.index_versions(scope, true).await?;
+                found = live.iter().find(|k| k.version == *v);
+            }
+            match found {
+                Some(k) => arns.push(k.arn.clone()),
+                None => {
+                    return Err(KeyServiceError::UnknownIndexKey {
+                        scope: scope.to_string(),
+                        version: *v,
+                    })
+                }
+            }
+        }
+        let digits: Arc<Vec<Zeroizing<Vec<u8>>>> = Arc::new(
+            pans.iter()
+                .map(|p| Zeroizing::new(p.expose_digits().as_bytes().to_vec()))
+                .collect(),
+        );
+        let arns = Arc::new(arns);
+        let total = digits.len() * arns.len();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..self.inner.mac_concurrency.min(total) {
+            let (inner, digits, arns, next) = (
+                Arc::clone(&self.inner),
+                Arc::clone(&digits),
+                Arc::clone(&arns),
+                Arc::clone(&next),
+            );
+            workers.spawn(async move {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        return Ok::<_, KeyServiceError>(done);
+                    }
+                    let (p, v) = (i / arns.len(), i % arns.len());
+                    let mac = inner.generate_mac(&arns[v], digits[p].to_vec()).await?;
+                    done.push((i, mac));
+                }
+            });
+        }
+        let mut out = vec![[0u8; 32]; total];
+        while let Some(joined) = workers.join_next().await {
+            let part = match joined {
+                Ok(Ok(part)) => part,
+                Ok(Err(e)) => {
+                    workers.abort_all();
+                    return Err(e);
+                }
+                Err(_) => {
+                    workers.abort_all();
+                    return Err(KeyServiceError::Other("GenerateMac task failed".into()));
+                }
+            };
+            for (i, mac) in part {
+                out[i] = mac;
+            }
+        }
+        Ok(out)
+    }
+
+    /// `CreateKey` (`HMAC_256`, `GENERATE_VERIFY_MAC`) + `CreateAlias`
+    /// `alias/panseal/<name>/index/<scope>/v<N>`, tagged active; the
+    /// previous active version is re-tagged lookup-only.
+    async fn create_index_key(&self, scope: &Scope) -> Result<IndexKeyInfo, KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
+        let live = self.inner.index_versions(scope, true).await?;
+        // Versions are numbered past every alias, live or pending deletion.
+        let prefix = self.inner.index_alias_prefix(scope)?;
+        let newest_alias = self
+            .inner
+            .aliases(&prefix)
+            .await?
+            .iter()
+            .filter_map(|(n, _)| n.strip_prefix(&prefix)?.parse::<u32>().ok())
+            .max()
+            .unwrap_or(0);
+        let newest = live.first().map_or(0, |k| k.version).max(newest_alias);
+        let version = newest
+            .checked_add(1)
+            .ok_or_else(|| KeyServiceError::Other("index-key version overflow".into()))?;
+        let now = unix_now();
+        self.inner
+            .create_hmac_key(
+                &format!("{prefix}{version}"),
+                format!(
+                    "panseal index key {} scope {scope} version {version} ({})",
+                    self.inner.kek_name, self.inner.environment
+                ),
+                vec![
+                    tag("panseal:kek", self.inner.kek_name.clone())?,
+                    tag("panseal:environment", self.inner.environment.to_string())?,
+                    tag("panseal:scope", scope.to_string())?,
+                    tag("panseal:version", version.to_string())?,
+                    tag(STATE_TAG, "active".into())?,
+                    tag(CREATED_TAG, now.to_string())?,
+                ],
+            )
+            .await?;
+        for old in live.iter().filter(|k| k.state == KeyState::Active) {
+            self.inner
+                .client
+                .tag_resource()
+                .key_id(&old.arn)
+                .tags(tag(STATE_TAG, state_tag(KeyState::DecryptOnly).into())?)
+                .send()
+                .await
+                .map_err(|e| map_sdk(e, false))?;
+        }
+        self.inner.scan_index(scope).await?;
+        tracing::info!(scope = %scope, version, "index key created in KMS");
+        Ok(IndexKeyInfo {
+            scope: scope.clone(),
+            version,
+            state: KeyState::Active,
+            created_at: now,
+        })
+    }
+
+    /// Lookup-only: the state tag. Destroyed: `DeleteAlias` and
+    /// `ScheduleKeyDeletion` (7 days). The newest version is never destroyed.
+    async fn set_index_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
+        let live = self.inner.index_versions(scope, true).await?;
+        let Some(key) = live.iter().find(|k| k.version == version) else {
+            return Err(KeyServiceError::UnknownIndexKey {
+                scope: scope.to_string(),
+                version,
+            });
+        };
+        if state == key.state {
+            return Ok(());
+        }
+        if !key.state.can_become(state) {
+            return Err(KeyServiceError::Other(format!(
+                "index key v{version}: state may only move forward ({:?} -> {state:?} refused)",
+                key.state
+            )));
+        }
+        match state {
+            KeyState::DecryptOnly => {
+                self.inner
+                    .client
+                    .tag_resource()
+                    .key_id(&key.arn)
+                    .tags(tag(STATE_TAG, state_tag(state).into())?)
+                    .send()
+                    .await
+                    .map_err(|e| map_sdk(e, false))?;
+            }
+            KeyState::Destroyed => {
+                if live.first().map(|k| k.version) == Some(version) {
+                    return Err(KeyServiceError::Other(
+                        "the newest index-key version cannot be destroyed; create a new one first"
+                            .into(),
+                    ));
+                }
+                self.inner
+                    .client
+                    .schedule_key_deletion()
+                    .key_id(&key.key_id)
+                    .pending_window_in_days(7)
+                    .send()
+                    .await
+                    .map_err(|e| map_sdk(e, false))?;
+                // The alias stays until KMS deletes the key, and the
+                // newest version is never destroyed, so a number is never
+                // reused; a key pending deletion is not listed or used.
+            }
+            other => {
+                return Err(KeyServiceError::Other(format!(
+                    "index keys are active, lookup-only or destroyed ({other:?} refused)"
+                )))
+            }
+        }
+        self.inner.scan_index(scope).await?;
+        Ok(())
+    }
+
+    /// Verifies `previous`'s tag, applies [`WrappedDek::check_transition`]
+    /// with the configured permissions, then `GenerateMac` over
+    /// `record.signed_bytes()` under the record-MAC key (created on first use).
+    async fn authenticate_record(
+        &self,
+        previous: Option<&WrappedDek>,
+        record: &WrappedDek,
+    ) -> Result<RecordTag, KeyServiceError> {
+        WrappedDek::check_transition(previous, record, &self.inner.permissions, unix_now())
+            .map_err(KeyServiceError::RecordTransition)?;
+        if let Some(p) = previous {
+            if !self.inner.record_verifies(p).await? {
+                return Err(KeyServiceError::RecordTampered(p.id.to_string()));
+            }
+        }
+        let message = record.signed_bytes();
+        if message.len() > MAX_MAC_MESSAGE {
+            return Err(KeyServiceError::Other(format!(
+                "record {} is {} bytes; GenerateMac takes at most {MAX_MAC_MESSAGE}",
+                record.id,
+                message.len()
+            )));
+        }
+        let key = self.inner.record_key(true).await?.ok_or_else(|| {
+            KeyServiceError::Other("the record-MAC key is pending deletion".into())
+        })?;
+        Ok(RecordTag(self.inner.generate_mac(&key, message).await?))
+    }
+
+    /// `VerifyMac`. Stateless: a rolled-back record that once verified
+    /// still does (only keyd remembers sequences).
+    async fn verify_record(&self, record: &WrappedDek) -> Result<(), KeyServiceError> {
+        if self.inner.record_verifies(record).await? {
+            Ok(())
+        } else {
+            Err(KeyServiceError::RecordTampered(record.id.to_string()))
+        }
+    }
+
     async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
         self.inner.list_versions().await?;
         let next = self
             .inner
@@ -984,6 +1655,24 @@ mod tests {
             c(Some("InvalidCiphertextException"), None, false),
             E::Other(_)
         ));
+    }
+
+    #[test]
+    fn scopes_escape_into_the_alias_charset_without_collisions() {
+        let names = [
+            "a.b", "a:b", "a_b", "a__b", "a_db", "a_cb", "a-b", "ab", "a._:b",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for n in names {
+            let e = escape_scope(&Scope::new(n).unwrap());
+            assert!(
+                e.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+                "{e}"
+            );
+            assert!(seen.insert(e.clone()), "{n} collides as {e}");
+        }
+        assert_eq!(escape_scope(&Scope::new("m.1:x_y").unwrap()), "m_d1_cx__y");
     }
 
     #[test]

@@ -32,6 +32,19 @@
 //! [`KeyServiceError::KekDestroyed`], one above it as
 //! [`KeyServiceError::UnknownKek`].
 //!
+//! # Index keys and the record-MAC key are token objects too
+//!
+//! Blind-index version `N` of scope `S` is a 256-bit `CKK_GENERIC_SECRET`
+//! object generated in the token (`CKM_GENERIC_SECRET_KEY_GEN`; sensitive,
+//! never extractable, `CKA_SIGN`/`CKA_VERIFY` only) with
+//! `CKA_ID = "panseal-index/<name>/<environment>/<S>"` and
+//! `CKA_LABEL = "<id>/v<N>/<active|lookup-only>/<created>"`; a destroyed
+//! version is a destroyed object. Keyed hashes are `C_Sign` with
+//! `CKM_SHA256_HMAC`, a whole batch in one session. The record-MAC key
+//! (`panseal-record-mac/<name>/<environment>`) is generated on first use
+//! and signs [`WrappedDek::signed_bytes`]. Objects that were not generated
+//! in the token (a key imported with a known value) are refused.
+//!
 //! # Sessions
 //!
 //! Calls run on Tokio's blocking pool (a network HSM answers in
@@ -41,6 +54,7 @@
 //! is dropped and the call is retried once on a fresh one; an unreachable
 //! device is [`KeyServiceError::Unavailable`] (retryable).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -59,16 +73,25 @@ use rand_core::{OsRng, RngCore};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-use super::{sealed, KekInfo, KeyService};
+use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions};
 use crate::audit::Access;
 use crate::error::KeyServiceError;
-use crate::keys::{Dek, Environment, KekRef, KeyRequest, KeyState, WrappedKey};
+use crate::keys::{
+    unix_now, Dek, Environment, KekRef, KeyRequest, KeyState, RecordTag, Scope, WrappedDek,
+    WrappedKey,
+};
+use crate::pan::Pan;
 
 const IV_LEN: usize = 12;
 const DEK_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 const WRAPPED_LEN: usize = IV_LEN + DEK_LEN + TAG_LEN;
 const LABEL_PREFIX: &str = "panseal-kek:";
+/// `CKA_ID` prefix of index-key objects (`/` cannot occur in a name).
+const INDEX_PREFIX: &str = "panseal-index/";
+/// `CKA_ID` and `CKA_LABEL` prefix of the record-MAC key object.
+const RECORD_MAC_PREFIX: &str = "panseal-record-mac/";
+const HMAC_LEN: usize = 32;
 
 /// The user PIN of a PKCS#11 token. Wiped on drop; its `Debug` prints
 /// `Pkcs11Pin(..)`; panseal never logs it or puts it in an error.
@@ -110,6 +133,13 @@ pub struct Pkcs11Config {
     /// Generate version 1 in the token if no version of the KEK exists
     /// (default `false`: a missing KEK is [`KeyServiceError::UnknownKek`]).
     pub create_kek_if_missing: bool,
+    /// What this handle offers its callers (default: everything but
+    /// `reveal`, which a service that hands DEKs to its callers does not
+    /// offer). Operations outside it fail with
+    /// [`KeyServiceError::PermissionDenied`] before the token is asked.
+    /// The PIN itself can do more: give a front end a token (partition)
+    /// and PIN of its own where the HSM supports it (README, "PKCS#11").
+    pub permissions: Permissions,
 }
 
 impl Pkcs11Config {
@@ -128,7 +158,20 @@ impl Pkcs11Config {
             max_sessions: 8,
             operation_timeout: Duration::from_secs(10),
             create_kek_if_missing: false,
+            permissions: Permissions {
+                reveal: false,
+                ..Permissions::all()
+            },
         }
+    }
+
+    /// Sets [`Pkcs11Config::permissions`] (`reveal` is always off).
+    pub fn permissions(mut self, permissions: Permissions) -> Self {
+        self.permissions = Permissions {
+            reveal: false,
+            ..permissions
+        };
+        self
     }
 
     /// Sets [`Pkcs11Config::max_sessions`].
@@ -192,6 +235,18 @@ struct Inner {
     idle: Mutex<Vec<Session>>,
     open_sessions: AtomicUsize,
     keks: RwLock<Keks>,
+    permissions: Permissions,
+    /// Index-key objects per scope, from the last scan of that scope.
+    index: RwLock<HashMap<Scope, Vec<IndexObject>>>,
+}
+
+/// One index-key version object as found in the token.
+#[derive(Clone, Debug)]
+struct IndexObject {
+    version: u32,
+    handle: ObjectHandle,
+    state: KeyState,
+    created_at: u64,
 }
 
 /// A failure inside a blocking call: a raw PKCS#11 error (the runner decides
@@ -290,6 +345,8 @@ impl Pkcs11KeyService {
                 idle: Mutex::new(Vec::new()),
                 open_sessions: AtomicUsize::new(0),
                 keks: RwLock::new(Keks::default()),
+                permissions: config.permissions,
+                index: RwLock::new(HashMap::new()),
             }),
         };
         let create = config.create_kek_if_missing;
@@ -333,6 +390,7 @@ impl Pkcs11KeyService {
     /// [`KeyServiceError::Other`] for the newest version (rotate first), and
     /// the token's refusals and failures.
     pub async fn destroy_kek(&self, version: u32) -> Result<(), KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
         self.run(move |inner, session| {
             inner.scan(session)?;
             let (objects, newest) = {
@@ -401,6 +459,16 @@ impl Pkcs11KeyService {
             });
         }
         Ok(())
+    }
+
+    fn require(&self, ok: bool, what: &str) -> Result<(), KeyServiceError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(KeyServiceError::PermissionDenied(format!(
+                "this PKCS#11 key service is not configured for {what}"
+            )))
+        }
     }
 
     fn check_kek_id(&self, wrapped: &WrappedKey) -> Result<(), KeyServiceError> {
@@ -856,6 +924,401 @@ impl Inner {
     }
 }
 
+/// How an index-key state is written in its label.
+fn state_label(state: KeyState) -> Option<&'static str> {
+    match state {
+        KeyState::Active => Some("active"),
+        KeyState::DecryptOnly => Some("lookup-only"),
+        _ => None,
+    }
+}
+
+fn parse_state(s: &str) -> Option<KeyState> {
+    match s {
+        "active" => Some(KeyState::Active),
+        "lookup-only" => Some(KeyState::DecryptOnly),
+        _ => None,
+    }
+}
+
+/// Attributes of a generic-secret HMAC key generated in the token: 256
+/// bits, on the token, private, sensitive, never extractable, for
+/// `C_Sign`/`C_Verify` only.
+fn hmac_key_template(label: String, id: Vec<u8>) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(true),
+        Attribute::Label(label.into_bytes()),
+        Attribute::Id(id),
+    ]
+}
+
+impl Inner {
+    /// `CKA_ID` shared by every index-key version of `scope`:
+    /// `panseal-index/<name>/<environment>/<scope>`.
+    fn index_id(&self, scope: &Scope) -> String {
+        format!(
+            "{INDEX_PREFIX}{}/{}/{}",
+            self.kek_name, self.environment, scope
+        )
+    }
+
+    /// `CKA_LABEL` of one version: `<id>/v<N>/<state>/<created>`.
+    fn index_label(&self, scope: &Scope, version: u32, state: &str, created_at: u64) -> String {
+        format!("{}/v{version}/{state}/{created_at}", self.index_id(scope))
+    }
+
+    fn record_mac_id(&self) -> String {
+        format!("{RECORD_MAC_PREFIX}{}/{}", self.kek_name, self.environment)
+    }
+
+    /// Checks a found HMAC key object: a generic secret generated in the
+    /// token (`CKA_LOCAL`), always sensitive and never extractable, so no
+    /// one (not even whoever holds the PIN) knows its value; an imported
+    /// key with a chosen value is refused. Returns its label.
+    fn check_hmac_object(
+        &self,
+        session: &Session,
+        handle: ObjectHandle,
+        what: &str,
+    ) -> Result<String, Fail> {
+        let attrs = session.get_attributes(
+            handle,
+            &[
+                AttributeType::Label,
+                AttributeType::KeyType,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Local,
+            ],
+        )?;
+        let (mut label, mut key_type) = (String::new(), None);
+        let (mut sensitive, mut extractable, mut always, mut never, mut local) =
+            (false, true, false, false, false);
+        for a in attrs {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8_lossy(&l).into_owned(),
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::Sensitive(b) => sensitive = b,
+                Attribute::Extractable(b) => extractable = b,
+                Attribute::AlwaysSensitive(b) => always = b,
+                Attribute::NeverExtractable(b) => never = b,
+                Attribute::Local(b) => local = b,
+                _ => {}
+            }
+        }
+        if key_type != Some(KeyType::GENERIC_SECRET)
+            || !sensitive
+            || extractable
+            || !always
+            || !never
+            || !local
+        {
+            return Err(KeyServiceError::Other(format!(
+                "{what} {label:?} is not a generic secret generated in the token, always \
+                 sensitive and never extractable; refusing it"
+            ))
+            .into());
+        }
+        Ok(label)
+    }
+
+    /// Lists `scope`'s index-key objects (every version, every live state).
+    fn scan_index(&self, session: &Session, scope: &Scope) -> Result<Vec<IndexObject>, Fail> {
+        let id = self.index_id(scope);
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(id.clone().into_bytes()),
+        ];
+        let mut handles = session.find_objects(&template)?;
+        if handles.is_empty() && self.ensure_login(session)? {
+            handles = session.find_objects(&template)?;
+        }
+        let prefix = format!("{id}/v");
+        let mut objects = Vec::with_capacity(handles.len());
+        for handle in handles {
+            let label = self.check_hmac_object(session, handle, "index key")?;
+            let mut parts = match label.strip_prefix(&prefix) {
+                Some(rest) => rest.split('/'),
+                None => continue,
+            };
+            let version = parts.next().and_then(|v| v.parse::<u32>().ok());
+            let state = parts.next().and_then(parse_state);
+            let created = parts.next().and_then(|c| c.parse::<u64>().ok());
+            let (Some(version), Some(state), Some(created_at), None) =
+                (version, state, created, parts.next())
+            else {
+                return Err(KeyServiceError::Other(format!(
+                    "index key object with a malformed label {label:?}"
+                ))
+                .into());
+            };
+            objects.push(IndexObject {
+                version,
+                handle,
+                state,
+                created_at,
+            });
+        }
+        objects.sort_by_key(|o| std::cmp::Reverse(o.version));
+        if objects.windows(2).any(|w| w[0].version == w[1].version) {
+            return Err(KeyServiceError::Other(format!(
+                "two objects carry one index-key version of scope {scope} (a concurrent \
+                 create?); a custodian must destroy one"
+            ))
+            .into());
+        }
+        self.index
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(scope.clone(), objects.clone());
+        Ok(objects)
+    }
+
+    fn cached_index(&self, scope: &Scope) -> Option<Vec<IndexObject>> {
+        self.index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(scope)
+            .cloned()
+    }
+
+    /// HMAC-SHA-256 of every PAN under every version, PAN-major, in this
+    /// one session.
+    fn hmac_batch(
+        &self,
+        session: &Session,
+        scope: &Scope,
+        versions: &[u32],
+        pans: &[Zeroizing<Vec<u8>>],
+    ) -> Result<Vec<[u8; HMAC_LEN]>, Fail> {
+        let mut rescanned = false;
+        'scan: loop {
+            let objects = match self.cached_index(scope) {
+                Some(o) if !o.is_empty() => o,
+                _ => {
+                    rescanned = true;
+                    self.scan_index(session, scope)?
+                }
+            };
+            let mut handles = Vec::with_capacity(versions.len());
+            for v in versions {
+                match objects.iter().find(|o| o.version == *v) {
+                    Some(o) => handles.push(o.handle),
+                    None if !rescanned => {
+                        rescanned = true;
+                        self.scan_index(session, scope)?;
+                        continue 'scan;
+                    }
+                    None => {
+                        return Err(KeyServiceError::UnknownIndexKey {
+                            scope: scope.to_string(),
+                            version: *v,
+                        }
+                        .into())
+                    }
+                }
+            }
+            let mut out = Vec::with_capacity(pans.len() * versions.len());
+            for pan in pans {
+                for h in &handles {
+                    match session.sign(&Mechanism::Sha256Hmac, *h, pan) {
+                        Ok(mac) if mac.len() == HMAC_LEN => {
+                            let mut v = [0u8; HMAC_LEN];
+                            v.copy_from_slice(&mac);
+                            out.push(v);
+                        }
+                        Ok(mac) => {
+                            return Err(KeyServiceError::Other(format!(
+                                "token returned {} bytes for an HMAC-SHA-256",
+                                mac.len()
+                            ))
+                            .into())
+                        }
+                        Err(CkError::Pkcs11(
+                            RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
+                            _,
+                        )) if !rescanned => {
+                            // Destroyed (or recreated) by another process.
+                            rescanned = true;
+                            self.scan_index(session, scope)?;
+                            continue 'scan;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            return Ok(out);
+        }
+    }
+
+    /// Generates version `newest + 1` of `scope`'s index key in the token
+    /// (active) and relabels the previous active version lookup-only.
+    fn create_index(&self, session: &Session, scope: &Scope) -> Result<IndexKeyInfo, Fail> {
+        let objects = self.scan_index(session, scope)?;
+        let next = objects
+            .first()
+            .map_or(0, |o| o.version)
+            .checked_add(1)
+            .ok_or_else(|| KeyServiceError::Other("index-key version overflow".into()))?;
+        let now = unix_now();
+        session.generate_key(
+            &Mechanism::GenericSecretKeyGen,
+            &hmac_key_template(
+                self.index_label(scope, next, "active", now),
+                self.index_id(scope).into_bytes(),
+            ),
+        )?;
+        for old in objects.iter().filter(|o| o.state == KeyState::Active) {
+            session.update_attributes(
+                old.handle,
+                &[Attribute::Label(
+                    self.index_label(scope, old.version, "lookup-only", old.created_at)
+                        .into_bytes(),
+                )],
+            )?;
+        }
+        let after = self.scan_index(session, scope)?;
+        if after.first().map(|o| o.version) != Some(next) {
+            return Err(KeyServiceError::Other(format!(
+                "index key v{next} of scope {scope} not found after creation"
+            ))
+            .into());
+        }
+        tracing::info!(scope = %scope, version = next, "index key created in the token");
+        Ok(IndexKeyInfo {
+            scope: scope.clone(),
+            version: next,
+            state: KeyState::Active,
+            created_at: now,
+        })
+    }
+
+    fn set_index_state(
+        &self,
+        session: &Session,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), Fail> {
+        let objects = self.scan_index(session, scope)?;
+        let Some(object) = objects.iter().find(|o| o.version == version) else {
+            return Err(KeyServiceError::UnknownIndexKey {
+                scope: scope.to_string(),
+                version,
+            }
+            .into());
+        };
+        if state == object.state {
+            return Ok(());
+        }
+        if !object.state.can_become(state) {
+            return Err(KeyServiceError::Other(format!(
+                "index key v{version}: state may only move forward ({:?} -> {state:?} refused)",
+                object.state
+            ))
+            .into());
+        }
+        match state {
+            KeyState::Destroyed => {
+                if objects.first().map(|o| o.version) == Some(version) {
+                    // Versions are numbered from the newest live one: keep it.
+                    return Err(KeyServiceError::Other(
+                        "the newest index-key version cannot be destroyed; create a new one first"
+                            .into(),
+                    )
+                    .into());
+                }
+                session.destroy_object(object.handle)?;
+            }
+            KeyState::DecryptOnly => {
+                let label = state_label(state).unwrap_or("lookup-only");
+                session.update_attributes(
+                    object.handle,
+                    &[Attribute::Label(
+                        self.index_label(scope, version, label, object.created_at)
+                            .into_bytes(),
+                    )],
+                )?;
+            }
+            other => {
+                return Err(KeyServiceError::Other(format!(
+                    "index keys are active, lookup-only or destroyed ({other:?} refused)"
+                ))
+                .into())
+            }
+        }
+        self.scan_index(session, scope)?;
+        tracing::info!(scope = %scope, version, state = ?state, "index key state changed");
+        Ok(())
+    }
+
+    /// The record-MAC key objects (normally one), generating it if asked
+    /// and none exists.
+    fn record_keys(&self, session: &Session, create: bool) -> Result<Vec<ObjectHandle>, Fail> {
+        let id = self.record_mac_id();
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Id(id.clone().into_bytes()),
+        ];
+        let mut handles = session.find_objects(&template)?;
+        if handles.is_empty() && self.ensure_login(session)? {
+            handles = session.find_objects(&template)?;
+        }
+        if handles.is_empty() && create {
+            session.generate_key(
+                &Mechanism::GenericSecretKeyGen,
+                &hmac_key_template(id.clone(), id.clone().into_bytes()),
+            )?;
+            handles = session.find_objects(&template)?;
+            tracing::info!(key = %id, "record-MAC key created in the token");
+        }
+        for h in &handles {
+            self.check_hmac_object(session, *h, "record-MAC key")?;
+        }
+        Ok(handles)
+    }
+
+    fn mac(&self, session: &Session, key: ObjectHandle, data: &[u8]) -> Result<[u8; 32], Fail> {
+        let mac = session.sign(&Mechanism::Sha256Hmac, key, data)?;
+        if mac.len() != HMAC_LEN {
+            return Err(KeyServiceError::Other("token returned a short HMAC".into()).into());
+        }
+        let mut out = [0u8; HMAC_LEN];
+        out.copy_from_slice(&mac);
+        Ok(out)
+    }
+
+    /// Whether `record`'s tag verifies under the (any) record-MAC key.
+    fn record_verifies(&self, session: &Session, record: &WrappedDek) -> Result<bool, Fail> {
+        let Some(tag) = record.tag else {
+            return Ok(false);
+        };
+        let bytes = record.signed_bytes();
+        for key in self.record_keys(session, false)? {
+            if RecordTag(self.mac(session, key, &bytes)?) == tag {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 fn load_module(path: &Path) -> Result<Pkcs11, KeyServiceError> {
     let ctx = Pkcs11::new(path).map_err(|e| {
         KeyServiceError::Other(format!(
@@ -992,6 +1455,7 @@ impl KeyService for Pkcs11KeyService {
     }
 
     async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
+        self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
         let request = request.clone();
         // Copied straight into a wiping buffer (no stack temporary).
@@ -1004,6 +1468,7 @@ impl KeyService for Pkcs11KeyService {
     /// Draws the DEK from the token's generator (`C_GenerateRandom`) and
     /// wraps it in the same session.
     async fn generate(&self, request: &KeyRequest) -> Result<(Dek, WrappedKey), KeyServiceError> {
+        self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
         let request = request.clone();
         self.run(move |inner, session| {
@@ -1021,6 +1486,7 @@ impl KeyService for Pkcs11KeyService {
         wrapped: &WrappedKey,
         _access: &Access,
     ) -> Result<Dek, KeyServiceError> {
+        self.require(self.inner.permissions.unwrap, "unwrap")?;
         self.check_env(request)?;
         self.check_kek_id(wrapped)?;
         let request = request.clone();
@@ -1037,6 +1503,7 @@ impl KeyService for Pkcs11KeyService {
         request: &KeyRequest,
         wrapped: &WrappedKey,
     ) -> Result<WrappedKey, KeyServiceError> {
+        self.require(self.inner.permissions.rewrap, "rewrap")?;
         self.check_env(request)?;
         self.check_kek_id(wrapped)?;
         let request = request.clone();
@@ -1048,7 +1515,122 @@ impl KeyService for Pkcs11KeyService {
         .await
     }
 
+    async fn permissions(&self) -> Result<Permissions, KeyServiceError> {
+        Ok(self.inner.permissions)
+    }
+
+    /// The scope's index-key objects in the token, newest first.
+    async fn index_keys(&self, scope: &Scope) -> Result<Vec<IndexKeyInfo>, KeyServiceError> {
+        self.require(self.inner.permissions.index, "index")?;
+        let scope = scope.clone();
+        self.run(move |inner, session| {
+            Ok(inner
+                .scan_index(session, &scope)?
+                .into_iter()
+                .map(|o| IndexKeyInfo {
+                    scope: scope.clone(),
+                    version: o.version,
+                    state: o.state,
+                    created_at: o.created_at,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// `C_Sign` with `CKM_SHA256_HMAC` for every (PAN, version), in one
+    /// pooled session.
+    async fn blind_index(
+        &self,
+        scope: &Scope,
+        versions: &[u32],
+        pans: &[&Pan],
+        _access: &Access,
+    ) -> Result<Vec<[u8; 32]>, KeyServiceError> {
+        self.require(self.inner.permissions.index, "index")?;
+        if pans.is_empty() || versions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scope = scope.clone();
+        let versions = versions.to_vec();
+        let digits: Vec<Zeroizing<Vec<u8>>> = pans
+            .iter()
+            .map(|p| Zeroizing::new(p.expose_digits().as_bytes().to_vec()))
+            .collect();
+        self.run(move |inner, session| inner.hmac_batch(session, &scope, &versions, &digits))
+            .await
+    }
+
+    async fn create_index_key(&self, scope: &Scope) -> Result<IndexKeyInfo, KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
+        let scope = scope.clone();
+        self.run(move |inner, session| inner.create_index(session, &scope))
+            .await
+    }
+
+    async fn set_index_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
+        let scope = scope.clone();
+        self.run(move |inner, session| inner.set_index_state(session, &scope, version, state))
+            .await
+    }
+
+    /// Verifies `previous`'s tag, applies [`WrappedDek::check_transition`]
+    /// with this service's configured permissions, and signs
+    /// `record.signed_bytes()` with `CKM_SHA256_HMAC` under the record-MAC
+    /// key (generated in the token on first use).
+    async fn authenticate_record(
+        &self,
+        previous: Option<&WrappedDek>,
+        record: &WrappedDek,
+    ) -> Result<RecordTag, KeyServiceError> {
+        let perms = self.inner.permissions;
+        WrappedDek::check_transition(previous, record, &perms, unix_now())
+            .map_err(KeyServiceError::RecordTransition)?;
+        let previous = previous.cloned();
+        let bytes = record.signed_bytes();
+        self.run(move |inner, session| {
+            if let Some(p) = &previous {
+                if !inner.record_verifies(session, p)? {
+                    return Err(KeyServiceError::RecordTampered(p.id.to_string()).into());
+                }
+            }
+            let keys = inner.record_keys(session, true)?;
+            match keys.as_slice() {
+                [key] => Ok(RecordTag(inner.mac(session, *key, &bytes)?)),
+                _ => Err(KeyServiceError::Other(format!(
+                    "{} record-MAC key objects in the token (a concurrent creation?); a \
+                     custodian must destroy all but one",
+                    keys.len()
+                ))
+                .into()),
+            }
+        })
+        .await
+    }
+
+    /// Recomputes the tag in the token and compares in constant time.
+    /// Stateless: a rolled-back record that once verified still does
+    /// (only keyd remembers sequences).
+    async fn verify_record(&self, record: &WrappedDek) -> Result<(), KeyServiceError> {
+        let record = record.clone();
+        self.run(move |inner, session| {
+            if inner.record_verifies(session, &record)? {
+                Ok(())
+            } else {
+                Err(KeyServiceError::RecordTampered(record.id.to_string()).into())
+            }
+        })
+        .await
+    }
+
     async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
         self.run(|inner, session| {
             inner.rotate(session)?;
             Ok(inner.info()?)

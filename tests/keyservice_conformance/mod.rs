@@ -38,7 +38,7 @@ use panseal::hazmat::dek_bytes;
 use panseal::{
     Access, Context, Dek, Environment, Error, KeyId, KeyPurpose, KeyRequest, KeyService,
     KeyServiceError, KeyState, KeyStore, MemoryAuditSink, MemoryKeyStore, Operation, Pan, Panseal,
-    Policy, Scope, WrappedKey,
+    Permissions, Policy, Scope, WrappedDek, WrappedKey,
 };
 
 /// The out-of-band operations the suite needs from a backend's test file.
@@ -62,6 +62,20 @@ pub trait Backend: Send + Sync {
 
     /// Undoes [`Backend::begin_outage`]; the service's state must survive.
     async fn end_outage(&self);
+
+    /// Another handle on the same service (same keys) whose credential
+    /// has only `permissions`, if the backend can restrict one
+    /// ([`run_index_and_records`] checks the refusals).
+    async fn restricted(&self, permissions: Permissions) -> Option<Arc<dyn KeyService>> {
+        let _ = permissions;
+        None
+    }
+
+    /// Whether the service remembers the newest record sequence it signed
+    /// (keyd), so a rolled-back record is refused.
+    fn remembers_record_sequence(&self) -> bool {
+        false
+    }
 }
 
 fn step(backend: &dyn Backend, what: &str) {
@@ -566,4 +580,562 @@ pub async fn outage(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment:
             pan
         );
     }
+}
+
+// ===== issue 10: keyed hashes inside the service, authenticated records =====
+
+/// Runs the checks of the operations added for keyed hashes and record
+/// tags against `ks` (every permission but perhaps `reveal`, serving
+/// `environment`): index-key lifecycle, batch layout (PAN-major), unknown
+/// versions, record signing with every forbidden transition refused, every
+/// tampered record detected (asserting *0 forged records accepted*),
+/// permission refusals through [`Backend::restricted`], and the outage.
+/// Callable for any `KeyService`; scopes are fresh per run.
+pub async fn run_index_and_records(
+    ks: Arc<dyn KeyService>,
+    backend: &dyn Backend,
+    environment: &str,
+) {
+    let tag = hex::encode(rand::random::<[u8; 4]>());
+    // Dots and colons: legal in a scope, not in every backend's key names.
+    let scope = Scope::new(&format!("idx.m:{tag}")).unwrap();
+    let other = Scope::new(&format!("idx-other-{tag}")).unwrap();
+    step(backend, "index-key lifecycle");
+    index_lifecycle(&*ks, &scope, &other).await;
+    step(backend, "blind-index batch layout (PAN-major)");
+    batch_layout(&*ks, &scope).await;
+    step(backend, "unknown index-key versions");
+    unknown_versions(&*ks, &scope).await;
+    step(
+        backend,
+        "record tags: sign, verify, forbidden transitions, tampering",
+    );
+    records(Arc::clone(&ks), backend, environment).await;
+    step(backend, "permission refusals");
+    restricted(Arc::clone(&ks), backend, environment, &scope).await;
+    if backend.has_outage() {
+        step(backend, "index and record operations during an outage");
+        index_outage(Arc::clone(&ks), backend, environment, &scope).await;
+    }
+    step(backend, "index and record checks passed");
+}
+
+pub const TEST_PANS: [&str; 5] = [
+    "4111111111111111",
+    "5555555555554444",
+    "378282246310005",
+    "6011111111111117",
+    "4012888888881881",
+];
+
+fn pans() -> Vec<Pan> {
+    TEST_PANS.iter().map(|p| Pan::parse(p).unwrap()).collect()
+}
+
+async fn one(ks: &dyn KeyService, scope: &Scope, version: u32, pan: &Pan) -> [u8; 32] {
+    let v = ks
+        .blind_index(scope, &[version], &[pan], &access())
+        .await
+        .unwrap();
+    assert_eq!(v.len(), 1);
+    v[0]
+}
+
+fn assert_unknown_index(r: Result<Vec<[u8; 32]>, KeyServiceError>, version: u32, what: &str) {
+    match r {
+        Err(KeyServiceError::UnknownIndexKey { version: v, .. }) => {
+            assert_eq!(v, version, "{what}")
+        }
+        other => panic!("{what}: expected UnknownIndexKey v{version}, got {other:?}"),
+    }
+}
+
+pub async fn index_lifecycle(ks: &dyn KeyService, scope: &Scope, other: &Scope) {
+    let pans = pans();
+    assert_eq!(ks.index_keys(scope).await.unwrap(), vec![]);
+    assert_unknown_index(
+        ks.blind_index(scope, &[1], &[&pans[0]], &access()).await,
+        1,
+        "before any index key exists",
+    );
+    let v1 = ks.create_index_key(scope).await.unwrap();
+    assert_eq!((v1.version, v1.state), (1, KeyState::Active));
+    assert_eq!(&v1.scope, scope);
+    let listed = ks.index_keys(scope).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].version, listed[0].state), (1, KeyState::Active));
+
+    // Deterministic per (version, PAN); differs between PANs; keyed.
+    let a = one(ks, scope, 1, &pans[0]).await;
+    assert_eq!(one(ks, scope, 1, &pans[0]).await, a);
+    let mut distinct: Vec<[u8; 32]> = Vec::new();
+    for p in &pans {
+        distinct.push(one(ks, scope, 1, p).await);
+    }
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), pans.len(), "two PANs share an index value");
+    use sha2::Digest;
+    let unkeyed: [u8; 32] = sha2::Sha256::digest(pans[0].expose_digits().as_bytes()).into();
+    assert_ne!(a, unkeyed, "the index is an unkeyed hash");
+
+    // Rotation: v2 active, v1 lookup-only and still hashing the same.
+    let v2 = ks.create_index_key(scope).await.unwrap();
+    assert_eq!((v2.version, v2.state), (2, KeyState::Active));
+    let listed = ks.index_keys(scope).await.unwrap();
+    let summary: Vec<(u32, KeyState)> = listed.iter().map(|k| (k.version, k.state)).collect();
+    assert_eq!(
+        summary,
+        vec![(2, KeyState::Active), (1, KeyState::DecryptOnly)],
+        "newest first, one active"
+    );
+    assert_eq!(
+        one(ks, scope, 1, &pans[0]).await,
+        a,
+        "v1 changed after rotation"
+    );
+    let b = one(ks, scope, 2, &pans[0]).await;
+    assert_ne!(a, b, "versions share a key");
+
+    // Another scope has other keys.
+    let o1 = ks.create_index_key(other).await.unwrap();
+    assert_eq!(o1.version, 1);
+    assert_ne!(one(ks, other, 1, &pans[0]).await, a, "scopes share a key");
+
+    // States only move forward.
+    assert!(
+        ks.set_index_key_state(scope, 1, KeyState::Active)
+            .await
+            .is_err(),
+        "lookup-only → active was accepted"
+    );
+    assert_eq!(
+        ks.index_keys(scope).await.unwrap()[1].state,
+        KeyState::DecryptOnly
+    );
+
+    // Destroying v1: gone from the list, refused, v2 unaffected.
+    ks.set_index_key_state(scope, 1, KeyState::Destroyed)
+        .await
+        .unwrap();
+    let listed = ks.index_keys(scope).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].version, 2);
+    assert_unknown_index(
+        ks.blind_index(scope, &[1], &[&pans[0]], &access()).await,
+        1,
+        "destroyed version",
+    );
+    assert_unknown_index(
+        ks.blind_index(scope, &[2, 1], &[&pans[0]], &access()).await,
+        1,
+        "a batch naming a destroyed version",
+    );
+    assert_eq!(one(ks, scope, 2, &pans[0]).await, b);
+    // Numbers are never reused.
+    let v3 = ks.create_index_key(scope).await.unwrap();
+    assert_eq!(v3.version, 3);
+}
+
+pub async fn batch_layout(ks: &dyn KeyService, scope: &Scope) {
+    let pans = pans();
+    let refs: Vec<&Pan> = pans.iter().chain(pans.iter().take(1)).collect();
+    let versions = [3u32, 2];
+    let batch = ks
+        .blind_index(scope, &versions, &refs, &access())
+        .await
+        .unwrap();
+    assert_eq!(batch.len(), refs.len() * versions.len());
+    for (i, p) in refs.iter().enumerate() {
+        for (j, v) in versions.iter().enumerate() {
+            assert_eq!(
+                batch[i * versions.len() + j],
+                one(ks, scope, *v, p).await,
+                "batch[{i}*{}+{j}] is not pans[{i}] under v{v}",
+                versions.len()
+            );
+        }
+    }
+    // A repeated PAN gets the same values.
+    assert_eq!(batch[0..2], batch[batch.len() - 2..]);
+    assert!(ks
+        .blind_index(scope, &versions, &[], &access())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+pub async fn unknown_versions(ks: &dyn KeyService, scope: &Scope) {
+    let pans = pans();
+    for v in [0u32, 99, u32::MAX] {
+        let r = ks.blind_index(scope, &[v], &[&pans[1]], &access()).await;
+        if let Err(e) = &r {
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains(TEST_PANS[1]), "the error echoes the PAN");
+            assert!(!e.is_retryable());
+        }
+        assert_unknown_index(r, v, "a version never created");
+    }
+    let unknown = Scope::new("idx-never-created").unwrap();
+    assert_unknown_index(
+        ks.blind_index(&unknown, &[1], &[&pans[1]], &access()).await,
+        1,
+        "a scope without index keys",
+    );
+    assert!(ks
+        .set_index_key_state(scope, 99, KeyState::Destroyed)
+        .await
+        .is_err());
+}
+
+/// A fresh, unsigned key-store record as the library writes one: active,
+/// unused, sequence 0, created now, with a real wrap from `ks`.
+pub async fn fresh_record(ks: Arc<dyn KeyService>, environment: &str) -> WrappedDek {
+    let store = MemoryKeyStore::new();
+    let audit = Arc::new(MemoryAuditSink::new());
+    let p = panseal(ks, &store, &audit, environment, Policy::default())
+        .await
+        .unwrap();
+    p.seal_pan(&Pan::parse(TEST_PANS[0]).unwrap(), &ctx("rec"))
+        .await
+        .unwrap();
+    let mut r = store
+        .list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.purpose == KeyPurpose::Data)
+        .unwrap();
+    // A fresh id: a service that remembers what it signed (keyd) has not
+    // seen this one (the library may have signed the stored record).
+    r.id = KeyId::random();
+    r.state = KeyState::Active;
+    r.uses = 0;
+    r.sequence = 0;
+    r.tag = None;
+    r.created_at = now();
+    r.encrypt_until = r.encrypt_until.max(r.created_at + 3600);
+    r.decrypt_until = r.decrypt_until.max(r.encrypt_until + 3600);
+    r
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn sign(
+    ks: &dyn KeyService,
+    previous: Option<&WrappedDek>,
+    next: &WrappedDek,
+) -> Result<WrappedDek, KeyServiceError> {
+    let tag = ks.authenticate_record(previous, next).await?;
+    let mut signed = next.clone();
+    signed.tag = Some(tag);
+    Ok(signed)
+}
+
+fn successor(r: &WrappedDek) -> WrappedDek {
+    let mut n = r.clone();
+    n.sequence += 1;
+    n.tag = None;
+    n
+}
+
+pub async fn records(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment: &str) {
+    let r0 = sign(&*ks, None, &fresh_record(ks.clone(), environment).await)
+        .await
+        .unwrap();
+    ks.verify_record(&r0).await.unwrap();
+    // The tag survives the stored encoding (record version 2).
+    let bytes = r0.to_bytes();
+    assert_eq!(bytes[0], 2, "a tagged record encodes as version 2");
+    ks.verify_record(&WrappedDek::from_bytes(&bytes).unwrap())
+        .await
+        .unwrap();
+    let mut untagged = r0.clone();
+    untagged.tag = None;
+    assert!(matches!(
+        ks.verify_record(&untagged).await,
+        Err(KeyServiceError::RecordTampered(_))
+    ));
+
+    // Allowed: a use-count report, then retiring.
+    let mut r1 = successor(&r0);
+    r1.uses = 10;
+    let r1 = sign(&*ks, Some(&r0), &r1).await.unwrap();
+    ks.verify_record(&r1).await.unwrap();
+    let mut r2 = successor(&r1);
+    r2.state = KeyState::DecryptOnly;
+    let r2 = sign(&*ks, Some(&r1), &r2).await.unwrap();
+    ks.verify_record(&r2).await.unwrap();
+
+    // Forbidden successors of the retired record: none is signed.
+    type Edit = fn(&mut WrappedDek);
+    let forbidden: Vec<(&str, Edit)> = vec![
+        ("reactivation", |r| r.state = KeyState::Active),
+        ("extended encrypt date", |r| r.encrypt_until += 86_400),
+        ("extended decrypt date", |r| r.decrypt_until += 86_400),
+        ("raised use budget", |r| r.max_uses += 1),
+        ("lowered use count", |r| r.uses -= 1),
+        ("use count reset", |r| r.uses = 0),
+        ("relabelled version", |r| r.version += 1),
+        ("relabelled purpose", |r| r.purpose = KeyPurpose::Index),
+        ("relabelled scope", |r| {
+            r.scope = Scope::new("merchant-elsewhere").unwrap()
+        }),
+        ("relabelled environment", |r| {
+            r.environment = Environment::new("elsewhere").unwrap()
+        }),
+        ("another id", |r| r.id = KeyId::random()),
+        ("another creation time", |r| r.created_at -= 1),
+        ("sequence skipped", |r| r.sequence += 1),
+        ("sequence repeated", |r| r.sequence -= 1),
+    ];
+    let mut signed = 0;
+    for (what, edit) in &forbidden {
+        let mut next = successor(&r2);
+        edit(&mut next);
+        match ks.authenticate_record(Some(&r2), &next).await {
+            Err(KeyServiceError::RecordTransition(reason)) => {
+                assert!(!reason.is_empty(), "{what}")
+            }
+            Err(e) => panic!("{what}: expected RecordTransition, got {e:?}"),
+            Ok(_) => {
+                eprintln!("  FORGED: {what} was signed");
+                signed += 1;
+            }
+        }
+    }
+    eprintln!(
+        "  forbidden transitions: {} tried, {signed} signed",
+        forbidden.len()
+    );
+    assert_eq!(signed, 0, "forbidden transitions signed");
+
+    // A forged "previous" (a database writer's edit) cannot serve as the
+    // base of a signed successor.
+    let mut forged_prev = r2.clone();
+    forged_prev.state = KeyState::Active;
+    forged_prev.encrypt_until += 365 * 86_400;
+    forged_prev.decrypt_until += 365 * 86_400;
+    let next = successor(&forged_prev);
+    let laundered = ks.authenticate_record(Some(&forged_prev), &next).await;
+    assert!(
+        matches!(
+            laundered,
+            Err(KeyServiceError::RecordTampered(_) | KeyServiceError::RecordTransition(_))
+        ),
+        "a tampered previous record was accepted as the base: {laundered:?}"
+    );
+
+    // Every edit of a signed record is detected.
+    let tampered: Vec<(&str, Edit)> = vec![
+        ("state reactivated", |r| r.state = KeyState::Active),
+        ("state compromised→?", |r| r.state = KeyState::Compromised),
+        ("encrypt date extended", |r| r.encrypt_until += 86_400),
+        ("decrypt date extended", |r| r.decrypt_until += 86_400),
+        ("uses reset", |r| r.uses = 0),
+        ("budget raised", |r| r.max_uses += 1_000_000),
+        ("version relabelled", |r| r.version += 1),
+        ("purpose relabelled", |r| r.purpose = KeyPurpose::Index),
+        ("scope relabelled", |r| {
+            r.scope = Scope::new("merchant-elsewhere").unwrap()
+        }),
+        ("environment relabelled", |r| {
+            r.environment = Environment::new("elsewhere").unwrap()
+        }),
+        ("id changed", |r| r.id = KeyId::random()),
+        ("created_at changed", |r| r.created_at += 1),
+        ("sequence changed", |r| r.sequence += 1),
+        ("wrapped byte flipped", |r| r.wrapped.bytes[0] ^= 1),
+        ("kek version changed", |r| r.wrapped.kek.version += 1),
+        ("tag bit flipped", |r| {
+            if let Some(t) = r.tag.as_mut() {
+                t.0[31] ^= 1
+            }
+        }),
+        ("tag zeroed", |r| r.tag = Some(panseal::RecordTag([0; 32]))),
+    ];
+    let mut accepted = 0;
+    for (what, edit) in &tampered {
+        let mut bad = r2.clone();
+        edit(&mut bad);
+        match ks.verify_record(&bad).await {
+            Err(KeyServiceError::RecordTampered(_)) => {}
+            Err(e) => panic!("{what}: expected RecordTampered, got {e:?}"),
+            Ok(()) => {
+                eprintln!("  FORGED: {what} verified");
+                accepted += 1;
+            }
+        }
+    }
+    eprintln!(
+        "  tampered records: {} tried, {accepted} accepted",
+        tampered.len()
+    );
+    assert_eq!(accepted, 0, "forged records accepted");
+    // Nothing above hurt the genuine record.
+    ks.verify_record(&r2).await.unwrap();
+
+    // A rollback to an older, once-valid record.
+    let rollback = ks.verify_record(&r1).await;
+    if backend.remembers_record_sequence() {
+        assert!(
+            matches!(rollback, Err(KeyServiceError::RecordStale(_))),
+            "{rollback:?}"
+        );
+    } else {
+        eprintln!(
+            "  rollback: this backend keeps no sequence state; the older record verifies \
+             ({}) — keyd refuses it",
+            if rollback.is_ok() {
+                "accepted"
+            } else {
+                "refused"
+            }
+        );
+    }
+
+    // Destruction (custodian): wrapped key gone.
+    let mut r3 = successor(&r2);
+    r3.state = KeyState::Destroyed;
+    r3.wrapped.bytes.clear();
+    let r3 = sign(&*ks, Some(&r2), &r3).await.unwrap();
+    ks.verify_record(&r3).await.unwrap();
+}
+
+pub async fn restricted(
+    ks: Arc<dyn KeyService>,
+    backend: &dyn Backend,
+    environment: &str,
+    scope: &Scope,
+) {
+    let pans = pans();
+    let wrap_only = Permissions {
+        wrap: true,
+        unwrap: false,
+        index: false,
+        reveal: false,
+        rewrap: false,
+        custodian: false,
+    };
+    let Some(front) = backend.restricted(wrap_only).await else {
+        step(
+            backend,
+            "permission refusals: not applicable (no restricted credential)",
+        );
+        return;
+    };
+    assert_eq!(front.permissions().await.unwrap(), wrap_only);
+    let mut refused = 0;
+    let denied = |r: Result<(), KeyServiceError>, what: &str| match r {
+        Err(KeyServiceError::PermissionDenied(_)) => 1,
+        other => panic!("{what} with a wrap-only credential: {other:?}"),
+    };
+    refused += denied(
+        front.create_index_key(scope).await.map(|_| ()),
+        "create_index_key",
+    );
+    refused += denied(
+        front
+            .set_index_key_state(scope, 2, KeyState::Destroyed)
+            .await,
+        "set_index_key_state",
+    );
+    refused += denied(
+        front
+            .blind_index(scope, &[3], &[&pans[0]], &access())
+            .await
+            .map(|_| ()),
+        "blind_index",
+    );
+    refused += denied(front.index_keys(scope).await.map(|_| ()), "index_keys");
+    // Records: a front end may sign its new record and retire it, not
+    // compromise or destroy it.
+    let r0 = sign(&*front, None, &fresh_record(ks.clone(), environment).await)
+        .await
+        .unwrap();
+    ks.verify_record(&r0).await.unwrap();
+    let mut retire = successor(&r0);
+    retire.state = KeyState::DecryptOnly;
+    let retired = sign(&*front, Some(&r0), &retire).await.unwrap();
+    for (what, state) in [
+        ("compromise", KeyState::Compromised),
+        ("destroy", KeyState::Destroyed),
+    ] {
+        let mut next = successor(&retired);
+        next.state = state;
+        if state == KeyState::Destroyed {
+            next.wrapped.bytes.clear();
+        }
+        match front.authenticate_record(Some(&retired), &next).await {
+            Err(KeyServiceError::RecordTransition(_) | KeyServiceError::PermissionDenied(_)) => {
+                refused += 1
+            }
+            other => panic!("{what} signed for a wrap-only credential: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 6);
+
+    // An index-only credential hashes with the same keys, nothing else.
+    let index_only = Permissions {
+        index: true,
+        ..Permissions {
+            wrap: false,
+            unwrap: false,
+            index: false,
+            reveal: false,
+            rewrap: false,
+            custodian: false,
+        }
+    };
+    let indexer = backend.restricted(index_only).await.unwrap();
+    assert_eq!(
+        indexer
+            .blind_index(scope, &[3], &[&pans[0]], &access())
+            .await
+            .unwrap()[0],
+        one(&*ks, scope, 3, &pans[0]).await
+    );
+    assert!(matches!(
+        indexer.create_index_key(scope).await,
+        Err(KeyServiceError::PermissionDenied(_))
+    ));
+    assert!(indexer
+        .authenticate_record(None, &fresh_record(ks.clone(), environment).await)
+        .await
+        .is_err());
+}
+
+pub async fn index_outage(
+    ks: Arc<dyn KeyService>,
+    backend: &dyn Backend,
+    environment: &str,
+    scope: &Scope,
+) {
+    let pans = pans();
+    let before = one(&*ks, scope, 3, &pans[0]).await;
+    let record = sign(&*ks, None, &fresh_record(ks.clone(), environment).await)
+        .await
+        .unwrap();
+    backend.begin_outage().await;
+    assert_unavailable(ks.index_keys(scope).await, "index_keys");
+    assert_unavailable(
+        ks.blind_index(scope, &[3], &[&pans[0], &pans[1]], &access())
+            .await,
+        "blind_index",
+    );
+    assert_unavailable(ks.verify_record(&record).await, "verify_record");
+    let mut next = successor(&record);
+    next.uses = 1;
+    assert_unavailable(
+        ks.authenticate_record(Some(&record), &next).await,
+        "authenticate_record",
+    );
+    backend.end_outage().await;
+    assert_eq!(one(&*ks, scope, 3, &pans[0]).await, before);
+    ks.verify_record(&record).await.unwrap();
 }
