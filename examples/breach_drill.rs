@@ -179,7 +179,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let all: Vec<Pan> = (0..args.cards)
         .map(|i| Pan::parse(&card(i)))
         .collect::<Result<_, _>>()?;
-    let indexes = front_end.blind_indexes_batch(&all).await?;
+    let indexes = front_end.blind_index_batch(&all).await?;
     for (i, pan) in all.iter().enumerate() {
         let sealed = front_end.seal_pan(pan, &ctx(i as i64)).await?;
         let index = &indexes[i];
@@ -245,7 +245,10 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
         digits_run.clear();
     }
-    println!("  [A1] PANs in the clear in the dump: {}", recovered_a.len());
+    println!(
+        "  [A1] PANs in the clear in the dump: {}",
+        recovered_a.len()
+    );
     let mut blobs: Vec<Vec<u8>> = vec![dump.clone()];
     for token in
         text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '\\'))
@@ -339,64 +342,6 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
     println!("  [B2] reveal 20 records: {revealed_b} revealed");
-    // The oracle: hash the BIN + last-four candidates of row 0 in batches
-    // until the index quota (or the time budget) stops the attacker.
-    let target = &rows[0];
-    let cands = candidates(&target.last4);
-    let true_pos = cands
-        .iter()
-        .position(|c| c == &pans[target.id as usize])
-        .expect("the true PAN is a candidate");
-    let active = fe_ks
-        .index_keys(&scope)
-        .await?
-        .into_iter()
-        .find(|k| k.state == KeyState::Active)
-        .ok_or("no active index key")?;
-    let deadline = Instant::now() + Duration::from_secs(args.oracle_seconds);
-    let (mut granted, mut recovered_b, mut quota_hit) = (0usize, 0usize, false);
-    for chunk in cands.chunks(1000) {
-        if Instant::now() >= deadline {
-            break;
-        }
-        let batch: Vec<Pan> = chunk.iter().map(|c| Pan::parse(c)).collect::<Result<_, _>>()?;
-        let refs: Vec<&Pan> = batch.iter().collect();
-        match fe_ks
-            .blind_index(&scope, &[active.version], &refs, &attacker)
-            .await
-        {
-            Ok(values) => {
-                granted += values.len();
-                recovered_b += values
-                    .iter()
-                    .filter(|v| v.as_slice() == target.index.as_slice())
-                    .count();
-            }
-            Err(KeyServiceError::QuotaExceeded(_)) => {
-                quota_hit = true;
-                break;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    println!(
-        "  [B3] blind-index oracle: keyd granted {granted} HMACs this window{}; one PAN has {} \
-         candidates (this one is #{}); PANs recovered: {recovered_b}",
-        if quota_hit {
-            " (then the index quota refused)"
-        } else {
-            " (time budget spent)"
-        },
-        cands.len(),
-        true_pos + 1
-    );
-    if granted > 0 {
-        println!(
-            "       at that rate this PAN needs {} windows; the average PAN {}",
-            (true_pos + 1).div_ceil(granted),
-            cands.len().div_ceil(2 * granted)
-        );
-    }
     // Plant an index key: create one through the wrap credential, and put
     // a row of our own in the key table.
     let plant_req = KeyRequest {
@@ -428,7 +373,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     let fresh_front_end = fe_cfg.builder()?.build().await?;
     let after = fresh_front_end.blind_index(&Pan::parse(&pans[1])?).await?;
     println!(
-        "  [B4] plant an index key: through keyd {}; a row in the key table changed the index \
+        "  [B3] plant an index key: through keyd {}; a row in the key table changed the index \
          values: {}",
         if planted_by_service {
             "CREATED"
@@ -437,6 +382,70 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         },
         if before == after { "no" } else { "YES" }
     );
+    // The oracle: hash the BIN + last-four candidates of row 0 in batches
+    // until the index quota (or the time budget) stops the attacker.
+    let target = &rows[0];
+    let cands = candidates(&target.last4);
+    let true_pos = cands
+        .iter()
+        .position(|c| c == &pans[target.id as usize])
+        .expect("the true PAN is a candidate");
+    let active = fe_ks
+        .index_keys(&scope)
+        .await?
+        .into_iter()
+        .find(|k| k.state == KeyState::Active)
+        .ok_or("no active index key")?;
+    let deadline = Instant::now() + Duration::from_secs(args.oracle_seconds);
+    // Batches of 1,000; when the quota refuses one, the attacker halves the
+    // batch to take every last HMAC the window still allows.
+    let (mut granted, mut recovered_b, mut quota_hit) = (0usize, 0usize, false);
+    let (mut next, mut size) = (0usize, 1000usize);
+    while next < cands.len() && Instant::now() < deadline {
+        let chunk = &cands[next..(next + size).min(cands.len())];
+        let batch: Vec<Pan> = chunk
+            .iter()
+            .map(|c| Pan::parse(c))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&Pan> = batch.iter().collect();
+        match fe_ks
+            .blind_index(&scope, &[active.version], &refs, &attacker)
+            .await
+        {
+            Ok(values) => {
+                granted += values.len();
+                next += chunk.len();
+                recovered_b += values
+                    .iter()
+                    .filter(|v| v.as_slice() == target.index.as_slice())
+                    .count();
+            }
+            Err(KeyServiceError::QuotaExceeded(_)) if size > 1 => size /= 2,
+            Err(KeyServiceError::QuotaExceeded(_)) => {
+                quota_hit = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!(
+        "  [B4] blind-index oracle: keyd granted {granted} HMACs this window{}; one PAN has {} \
+         candidates (this one is #{}); PANs recovered: {recovered_b}",
+        if quota_hit {
+            " (then the index quota refused)"
+        } else {
+            " (time budget spent)"
+        },
+        cands.len(),
+        true_pos + 1
+    );
+    if granted > 0 {
+        println!(
+            "       at that rate this PAN needs {} windows; the average PAN {}",
+            (true_pos + 1).div_ceil(granted),
+            cands.len().div_ceil(2 * granted)
+        );
+    }
     let held = front_end_index_keys(&front_end);
     println!("  [B5] index keys in the front end's memory: {held}");
     let b_total = unwrapped + revealed_b + recovered_b + usize::from(planted_by_service);
@@ -445,12 +454,18 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // ============== C. the dump + a stolen reveal credential =============
     println!("C. the dump + a stolen reveal credential");
-    let reveal_tool = ClientConfig::from_file(&args.reveal)?.builder()?.build().await?;
+    let reveal_tool = ClientConfig::from_file(&args.reveal)?
+        .builder()?
+        .build()
+        .await?;
     let audit_before = std::fs::read_to_string(&args.keyd_audit)?.lines().count();
     let mut revealed: Vec<i64> = Vec::new();
     let mut refused_by_quota = false;
     for row in &rows {
-        match reveal_tool.open_pan(&row.sealed, &ctx(row.id), &attacker).await {
+        match reveal_tool
+            .open_pan(&row.sealed, &ctx(row.id), &attacker)
+            .await
+        {
             Ok(opened) => {
                 if opened.pan.expose_digits() == pans[row.id as usize] {
                     revealed.push(row.id);
@@ -499,7 +514,10 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // ========== D. a database writer who edits key records ===============
     println!("D. a database writer who edits key records");
-    let bulk = ClientConfig::from_file(&args.bulk)?.builder()?.build().await?;
+    let bulk = ClientConfig::from_file(&args.bulk)?
+        .builder()?
+        .build()
+        .await?;
     let settle = Access::new("settlement-job", "settlement")?;
     let victim = store
         .fetch(rows[0].sealed.key_id())
@@ -653,7 +671,10 @@ async fn bulk_cannot_use(bulk_config: &std::path::Path, row: &Row, access: &Acce
     let Ok(fresh) = builder.build().await else {
         return false;
     };
-    fresh.open_pan(&row.sealed, &ctx(row.id), access).await.is_err()
+    fresh
+        .open_pan(&row.sealed, &ctx(row.id), access)
+        .await
+        .is_err()
 }
 
 /// Whether `key` (as a key of cipher `C`) opens any sample ciphertext.

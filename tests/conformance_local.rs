@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keyservice_conformance::Backend;
-use panseal::{Environment, LocalKeyService};
+use panseal::{Environment, KeyService, LocalKeyService, Permissions};
 
 struct Local(LocalKeyService);
 
@@ -32,11 +32,17 @@ impl Backend for Local {
     async fn end_outage(&self) {
         unreachable!("the in-process service has no outage")
     }
+
+    async fn restricted(&self, permissions: Permissions) -> Option<Arc<dyn KeyService>> {
+        Some(Arc::new(self.0.restricted(permissions)))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_key_service_passes_the_conformance_suite() {
     let ks = LocalKeyService::new(Environment::new("test").unwrap());
     let backend = Local(ks.clone());
-    keyservice_conformance::run(Arc::new(ks), &backend, "test").await;
+    let ks: Arc<dyn KeyService> = Arc::new(ks);
+    keyservice_conformance::run(Arc::clone(&ks), &backend, "test").await;
+    keyservice_conformance::run_index_and_records(ks, &backend, "test").await;
 }

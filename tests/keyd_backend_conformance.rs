@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use keyd_harness::Keyd;
 use keyservice_conformance::Backend;
-use panseal::Scope;
+use panseal::{KeyService, Permissions, Scope};
 use tokio::sync::Mutex;
 
 struct KeydBackend {
@@ -53,6 +53,35 @@ impl Backend for KeydBackend {
         k.start();
         k.unseal().await;
     }
+
+    /// The harness's principals with exactly these permissions.
+    async fn restricted(&self, permissions: Permissions) -> Option<Arc<dyn KeyService>> {
+        let only = |f: fn(&mut Permissions)| {
+            let mut p = Permissions {
+                wrap: false,
+                unwrap: false,
+                index: false,
+                reveal: false,
+                rewrap: false,
+                custodian: false,
+            };
+            f(&mut p);
+            p
+        };
+        let name = if permissions == only(|p| p.wrap = true) {
+            "wrapper"
+        } else if permissions == only(|p| p.index = true) {
+            "indexer"
+        } else {
+            return None;
+        };
+        let k = self.keyd.lock().await;
+        Some(Arc::new(k.client_with(name, |b| b.scope("merchant-1"))))
+    }
+
+    fn remembers_record_sequence(&self) -> bool {
+        true
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,6 +103,8 @@ async fn keyd_passes_the_key_service_conformance_suite() {
         keyd: Mutex::new(k),
         scope: Scope::new("merchant-1").unwrap(),
     };
-    keyservice_conformance::run(Arc::new(ks), &backend, "test").await;
+    let ks: Arc<dyn KeyService> = Arc::new(ks);
+    keyservice_conformance::run(Arc::clone(&ks), &backend, "test").await;
+    keyservice_conformance::run_index_and_records(ks, &backend, "test").await;
     backend.keyd.lock().await.kill();
 }

@@ -67,6 +67,23 @@ const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
         r#"["reveal"]"#,
         "reveal_quota = { window_seconds = 3600, distinct_records = 100000, requests = 100000000 }",
     ),
+    // tests/breach_drill.rs: the drill's front end, refund tool and
+    // settlement job (quotas as its assertions expect).
+    (
+        "checkout",
+        "test",
+        r#"["*"]"#,
+        r#"["wrap", "index"]"#,
+        "index_quota = { window_seconds = 3600, hashes = 3000 }",
+    ),
+    (
+        "refunds",
+        "test",
+        r#"["*"]"#,
+        r#"["reveal"]"#,
+        "reveal_quota = { window_seconds = 3600, distinct_records = 25, requests = 1000 }",
+    ),
+    ("settlement", "test", r#"["*"]"#, r#"["unwrap"]"#, ""),
 ];
 
 pub const CUSTODIANS: [&str; 3] = ["alice", "bob", "carol"];

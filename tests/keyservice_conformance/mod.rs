@@ -793,7 +793,7 @@ pub async fn unknown_versions(ks: &dyn KeyService, scope: &Scope) {
 pub async fn fresh_record(ks: Arc<dyn KeyService>, environment: &str) -> WrappedDek {
     let store = MemoryKeyStore::new();
     let audit = Arc::new(MemoryAuditSink::new());
-    let p = panseal(ks, &store, &audit, environment, Policy::default())
+    let p = panseal(ks.clone(), &store, &audit, environment, Policy::default())
         .await
         .unwrap();
     p.seal_pan(&Pan::parse(TEST_PANS[0]).unwrap(), &ctx("rec"))
@@ -809,6 +809,8 @@ pub async fn fresh_record(ks: Arc<dyn KeyService>, environment: &str) -> Wrapped
     // A fresh id: a service that remembers what it signed (keyd) has not
     // seen this one (the library may have signed the stored record).
     r.id = KeyId::random();
+    // ...with a key wrapped for that id (the wrap binds the id).
+    r.wrapped = ks.generate(&r.key_request()).await.unwrap().1;
     r.state = KeyState::Active;
     r.uses = 0;
     r.sequence = 0;
@@ -857,9 +859,11 @@ pub async fn records(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment
         .unwrap();
     let mut untagged = r0.clone();
     untagged.tag = None;
+    // An untagged copy of a signed record: tampered, or (services that
+    // remember what they signed) a downgrade, refused as stale.
     assert!(matches!(
         ks.verify_record(&untagged).await,
-        Err(KeyServiceError::RecordTampered(_))
+        Err(KeyServiceError::RecordTampered(_) | KeyServiceError::RecordStale(_))
     ));
 
     // Allowed: a use-count report, then retiring.
@@ -902,7 +906,10 @@ pub async fn records(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment
             Err(KeyServiceError::RecordTransition(reason)) => {
                 assert!(!reason.is_empty(), "{what}")
             }
-            Err(e) => panic!("{what}: expected RecordTransition, got {e:?}"),
+            // Refused before the lifecycle rule (another environment or
+            // scope than the credential's).
+            Err(KeyServiceError::Environment { .. } | KeyServiceError::PermissionDenied(_)) => {}
+            Err(e) => panic!("{what}: expected a refusal, got {e:?}"),
             Ok(_) => {
                 eprintln!("  FORGED: {what} was signed");
                 signed += 1;
@@ -964,8 +971,11 @@ pub async fn records(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment
         let mut bad = r2.clone();
         edit(&mut bad);
         match ks.verify_record(&bad).await {
-            Err(KeyServiceError::RecordTampered(_)) => {}
-            Err(e) => panic!("{what}: expected RecordTampered, got {e:?}"),
+            Err(KeyServiceError::RecordTampered(_) | KeyServiceError::RecordStale(_)) => {}
+            // Refused before the tag is checked (not this credential's
+            // environment or scope).
+            Err(KeyServiceError::Environment { .. } | KeyServiceError::PermissionDenied(_)) => {}
+            Err(e) => panic!("{what}: expected a refusal, got {e:?}"),
             Ok(()) => {
                 eprintln!("  FORGED: {what} verified");
                 accepted += 1;
