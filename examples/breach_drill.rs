@@ -484,10 +484,11 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         .iter()
         .filter(|id| {
             new_lines.iter().any(|l| {
-                l.contains("reveal")
-                    && l.contains("\"ok\"")
-                    && l.contains(&format!("\"{id}\""))
-                    && l.contains("attacker")
+                let l = l.replace("\\\"", "\"").replace(": ", ":");
+                l.contains("\"operation\":\"reveal\"")
+                    && l.contains("\"outcome\":\"success\"")
+                    && l.contains(&format!("\"row_key\":\"{id}\""))
+                    && l.contains("\"on_behalf_of\":\"attacker\"")
             })
         })
         .count();
@@ -563,18 +564,19 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         )
         .await?;
     }
-    // Reactivation and rollback: a custodian marks the front end's active
-    // DEK compromised; the writer puts the earlier (validly signed) active
-    // row back, and the front end keeps sealing.
+    // Reactivation and rollback: a custodian marks a front-end instance's
+    // active DEK compromised (a second instance, so the cards above stay
+    // under a healthy key); the writer puts the earlier (validly signed)
+    // active row back, and the instance keeps sealing.
     let cust_ps = ClientConfig::from_file(&args.custodian)?
         .builder()?
         .build()
         .await?;
-    let probe = front_end
+    let probe = fresh_front_end
         .seal_pan(&Pan::parse(&pans[2])?, &ctx(1_000_000))
         .await?;
     let active_id = probe.key_id();
-    front_end.report_usage().await?;
+    fresh_front_end.report_usage().await?;
     let before_compromise = store.fetch(active_id).await?.ok_or("active DEK record")?;
     cust_ps
         .set_key_state(active_id, KeyState::Compromised)
@@ -593,7 +595,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let mut under_compromised = 0;
         for i in 0..50 {
-            let s = front_end
+            let s = fresh_front_end
                 .seal_pan(&Pan::parse(&pans[3])?, &ctx(2_000_000 + i))
                 .await;
             if s.is_ok_and(|s| s.key_id() == active_id) {
