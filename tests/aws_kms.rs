@@ -69,7 +69,11 @@ async fn wraps_are_kms_ciphertexts_bound_to_the_documented_encryption_context() 
     let moto = moto::Moto::start();
     let ks = connect(&moto, "ctx").await;
     let raw = moto::raw_client(&moto.endpoint());
-    for purpose in [KeyPurpose::Data, KeyPurpose::Index] {
+    // Index keys are never generated or wrapped for a caller (issue 10).
+    let ri = request(KeyPurpose::Index);
+    assert!(ks.generate(&ri).await.is_err());
+    assert!(ks.wrap(&ri, &panseal::Dek::generate()).await.is_err());
+    for purpose in [KeyPurpose::Data] {
         let r = request(purpose);
         let (dek, generated) = ks.generate(&r).await.unwrap();
         let wrapped = ks.wrap(&r, &dek).await.unwrap();

@@ -468,7 +468,7 @@ async fn a_token_that_is_not_present_is_unavailable_and_a_bad_module_is_not() {
 async fn a_wrap_is_the_documented_60_byte_gcm_layout() {
     let _serial = SERIAL.lock().await;
     let ks = connect("layout").await;
-    let r = request(KeyPurpose::Index);
+    let r = request(KeyPurpose::Data);
     let (_dek, w) = ks.generate(&r).await.unwrap();
     assert_eq!(w.bytes.len(), 12 + 32 + 16);
     assert_eq!(w.kek.id, "layout");

@@ -1188,6 +1188,7 @@ impl KeyService for AwsKmsKeyService {
     async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
         self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
+        super::refuse_index_purpose(request)?;
         let (version, meta) = self.inner.current(false).await?;
         let kek = self.inner.kek_ref(version);
         let out = self
@@ -1212,6 +1213,7 @@ impl KeyService for AwsKmsKeyService {
     async fn generate(&self, request: &KeyRequest) -> Result<(Dek, WrappedKey), KeyServiceError> {
         self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
+        super::refuse_index_purpose(request)?;
         let (version, meta) = self.inner.current(false).await?;
         let kek = self.inner.kek_ref(version);
         let mut out = self
@@ -1245,6 +1247,7 @@ impl KeyService for AwsKmsKeyService {
     ) -> Result<Dek, KeyServiceError> {
         self.require(self.inner.permissions.unwrap, "unwrap")?;
         self.check_env(request)?;
+        super::refuse_index_purpose(request)?;
         self.check_kek_id(wrapped)?;
         if wrapped.bytes.is_empty() || wrapped.kek.version == 0 {
             return Err(KeyServiceError::UnwrapFailed);

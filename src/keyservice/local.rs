@@ -20,7 +20,7 @@ use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions};
 use crate::audit::Access;
 use crate::error::KeyServiceError;
 use crate::keys::{
-    unix_now, Dek, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope,
+    unix_now, Dek, Environment, KekRef, KeyId, KeyRequest, KeyState, RecordTag, Scope,
     WrappedDek, WrappedKey,
 };
 use crate::pan::Pan;
@@ -416,17 +416,6 @@ pub(crate) fn unwrap_raw_bytes(
     Ok(key)
 }
 
-/// Index keys live and are used only inside a key service: none is
-/// wrapped for, or unwrapped to, a caller.
-fn refuse_index_purpose(request: &KeyRequest) -> Result<(), KeyServiceError> {
-    if request.purpose == KeyPurpose::Index {
-        return Err(KeyServiceError::PermissionDenied(
-            "index keys never leave the key service (use blind_index)".into(),
-        ));
-    }
-    Ok(())
-}
-
 fn kek_name(version: u32) -> String {
     format!("{KEK_ID}#v{version}")
 }
@@ -538,7 +527,7 @@ impl KeyService for LocalKeyService {
     async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
         self.require(self.permissions.wrap, "wrap")?;
         self.check_env(request)?;
-        refuse_index_purpose(request)?;
+        super::refuse_index_purpose(request)?;
         let wrapped = self.wrap_now(request, dek.expose_secret())?;
         self.note_fresh(request.id, &wrapped);
         Ok(wrapped)
@@ -550,7 +539,7 @@ impl KeyService for LocalKeyService {
         wrapped: &WrappedKey,
         _access: &Access,
     ) -> Result<Dek, KeyServiceError> {
-        refuse_index_purpose(request)?;
+        super::refuse_index_purpose(request)?;
         self.require(self.permissions.unwrap, "unwrap")?;
         self.check_env(request)?;
         self.unwrap_now(request, wrapped)
@@ -801,6 +790,7 @@ mod tests {
     use hmac::{Hmac, Mac};
 
     use super::*;
+    use crate::keys::KeyPurpose;
     use crate::keys::KekRef;
 
     fn reference(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {

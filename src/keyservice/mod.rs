@@ -15,7 +15,7 @@ use crate::audit::Access;
 use crate::context::Context;
 use crate::error::KeyServiceError;
 use crate::format::SealedPan;
-use crate::keys::{Dek, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey};
+use crate::keys::{Dek, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey};
 use crate::pan::Pan;
 use crate::Opened;
 
@@ -34,6 +34,17 @@ pub use local::LocalKeyService;
 pub use pkcs11::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
 #[cfg(feature = "keyd-client")]
 pub use remote::{RemoteKeyService, RemoteKeyServiceBuilder};
+
+/// Index keys live and are used only inside a key service: none is
+/// wrapped for, or unwrapped to, a caller.
+pub(crate) fn refuse_index_purpose(request: &KeyRequest) -> Result<(), KeyServiceError> {
+    if request.purpose == KeyPurpose::Index {
+        return Err(KeyServiceError::PermissionDenied(
+            "index keys never leave the key service (use blind_index)".into(),
+        ));
+    }
+    Ok(())
+}
 
 pub(crate) mod sealed {
     /// Prevents implementations outside this crate.

@@ -1457,6 +1457,7 @@ impl KeyService for Pkcs11KeyService {
     async fn wrap(&self, request: &KeyRequest, dek: &Dek) -> Result<WrappedKey, KeyServiceError> {
         self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
+        super::refuse_index_purpose(request)?;
         let request = request.clone();
         // Copied straight into a wiping buffer (no stack temporary).
         let mut key = Zeroizing::new([0u8; DEK_LEN]);
@@ -1470,6 +1471,7 @@ impl KeyService for Pkcs11KeyService {
     async fn generate(&self, request: &KeyRequest) -> Result<(Dek, WrappedKey), KeyServiceError> {
         self.require(self.inner.permissions.wrap, "wrap")?;
         self.check_env(request)?;
+        super::refuse_index_purpose(request)?;
         let request = request.clone();
         self.run(move |inner, session| {
             let mut key = Zeroizing::new([0u8; DEK_LEN]);
@@ -1488,6 +1490,7 @@ impl KeyService for Pkcs11KeyService {
     ) -> Result<Dek, KeyServiceError> {
         self.require(self.inner.permissions.unwrap, "unwrap")?;
         self.check_env(request)?;
+        super::refuse_index_purpose(request)?;
         self.check_kek_id(wrapped)?;
         let request = request.clone();
         let wrapped = wrapped.clone();
