@@ -486,6 +486,14 @@ fn record(sc: &str, now: u64) -> WrappedDek {
     r
 }
 
+/// [`record`] holding a key `ks` (a keyd client) just generated for its
+/// id: what a writer's new record looks like.
+async fn fresh(ks: &panseal::RemoteKeyService, sc: &str) -> WrappedDek {
+    let mut r = record(sc, now());
+    r.wrapped = ks.generate(&r.key_request()).await.unwrap().1;
+    r
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -517,7 +525,7 @@ async fn a_database_writer_with_a_wrap_credential_forges_no_record() {
     let w = k.client("wrapper");
     let custodian = k.client("root");
     // The writer's own new record, then a legitimate use-count report.
-    let r0 = sign(&w, None, record("rec-1", now())).await.unwrap();
+    let r0 = sign(&w, None, fresh(&w, "rec-1").await).await.unwrap();
     w.verify_record(&r0).await.unwrap();
     let mut n = successor(&r0);
     n.uses = 5000;
@@ -585,7 +593,8 @@ async fn a_database_writer_with_a_wrap_credential_forges_no_record() {
         e(&mut r);
         match w.verify_record(&r).await {
             Ok(()) => accepted += 1,
-            Err(KeyServiceError::RecordTampered(_)) => {}
+            // A stripped tag is a downgrade of a registered record: stale.
+            Err(KeyServiceError::RecordTampered(_) | KeyServiceError::RecordStale(_)) => {}
             Err(other) => panic!("{other}"),
         }
     }
@@ -640,7 +649,7 @@ async fn record_caps_bound_new_records() {
         |r: &mut WrappedDek| r.max_uses = 1000,
         |r: &mut WrappedDek| r.max_uses = 10,
     ] {
-        let mut r = record("capped-1", now());
+        let mut r = fresh(&w, "capped-1").await;
         f(&mut r);
         r.encrypt_until = r.created_at + 3600;
         r.decrypt_until = r.created_at + 7200;
@@ -652,7 +661,7 @@ async fn record_caps_bound_new_records() {
         }
     }
     assert_eq!(refused, 1);
-    let mut r = record("capped-1", now());
+    let mut r = fresh(&w, "capped-1").await;
     r.max_uses = 10;
     r.encrypt_until = r.created_at + 3601;
     r.decrypt_until = r.created_at + 7200;
@@ -661,7 +670,7 @@ async fn record_caps_bound_new_records() {
         Err(KeyServiceError::RecordTransition(_))
     ));
     // Other scopes are not capped.
-    w.authenticate_record(None, &record("free-1", now()))
+    w.authenticate_record(None, &fresh(&w, "free-1").await)
         .await
         .unwrap();
 }
@@ -862,4 +871,86 @@ fn keyd_state_v3_vectors_from_an_independent_implementation() {
         negatives += 1;
     }
     assert_eq!(negatives, 3);
+}
+
+/// The review of issue 10, as an attacker with a `wrap` credential and the
+/// key table: (1) a signature keyd makes but nobody stores (a crash, a lost
+/// answer, an attacker throwing it away) locks no key; (2) a stripped tag
+/// does not turn a registered record back into an unauthenticated version-1
+/// one; (3) an old record cannot be passed off as a new one; (4) a
+/// compromise or destruction keyd signed binds at once, stored or not.
+#[tokio::test]
+async fn unstored_signatures_stripped_tags_and_old_records_gain_an_attacker_nothing() {
+    let k = Keyd::ready().await;
+    let w = k.client("wrapper");
+    let root = k.client("root");
+    let app = k.client("app");
+    let r0 = sign(&w, None, fresh(&w, "rev-1").await).await.unwrap();
+    w.verify_record(&r0).await.unwrap();
+    // (1) 20 successors signed and thrown away: the stored record still
+    // verifies and still serves as `previous`.
+    for i in 0..20 {
+        let mut n = successor(&r0);
+        n.uses = i + 1;
+        sign(&w, Some(&r0), n).await.unwrap();
+    }
+    w.verify_record(&r0).await.unwrap();
+    let mut n = successor(&r0);
+    n.uses = 100;
+    let r1 = sign(&w, Some(&r0), n).await.unwrap();
+    // Stored and read back (verified): from now on r0 is a rollback.
+    w.verify_record(&r1).await.unwrap();
+    assert!(matches!(
+        w.verify_record(&r0).await,
+        Err(KeyServiceError::RecordStale(_))
+    ));
+    // (2) Stripped tag, with and without further edits: stale.
+    let mut refused = 0;
+    for edit in [
+        (|_r: &mut WrappedDek| {}) as fn(&mut WrappedDek),
+        |r| r.decrypt_until += 365 * 86_400,
+        |r| r.uses = 0,
+    ] {
+        let mut s = r1.clone();
+        s.tag = None;
+        edit(&mut s);
+        if matches!(
+            w.verify_record(&s).await,
+            Err(KeyServiceError::RecordStale(_))
+        ) {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3, "stripped-tag records accepted");
+    // (3) A record keyd did not just wrap, presented as new: refused.
+    let mut passed_off = 0;
+    for _ in 0..3 {
+        let mut old = record("rev-1", now());
+        old.wrapped = r1.wrapped.clone();
+        old.id = KeyId::random();
+        if w.authenticate_record(None, &old).await.is_ok() {
+            passed_off += 1;
+        }
+    }
+    assert_eq!(passed_off, 0, "old records signed as new");
+    // (4) A custodian's compromise, signed but never stored: the stored
+    // active record is refused at once; a destruction stops unwraps too.
+    let mut c = successor(&r1);
+    c.state = KeyState::Compromised;
+    let c = sign(&root, Some(&r1), c).await.unwrap();
+    assert!(matches!(
+        w.verify_record(&r1).await,
+        Err(KeyServiceError::RecordStale(_))
+    ));
+    app.unwrap(&r1.key_request(), &r1.wrapped, &access())
+        .await
+        .unwrap();
+    let mut d = successor(&c);
+    d.state = KeyState::Destroyed;
+    d.wrapped.bytes.clear();
+    sign(&root, Some(&c), d).await.unwrap();
+    assert!(app
+        .unwrap(&r1.key_request(), &r1.wrapped, &access())
+        .await
+        .is_err());
 }

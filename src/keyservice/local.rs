@@ -20,8 +20,8 @@ use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions};
 use crate::audit::Access;
 use crate::error::KeyServiceError;
 use crate::keys::{
-    unix_now, Dek, Environment, KekRef, KeyId, KeyRequest, KeyState, RecordTag, Scope,
-    WrappedDek, WrappedKey,
+    unix_now, Dek, Environment, KekRef, KeyId, KeyRequest, KeyState, RecordTag, Scope, WrappedDek,
+    WrappedKey,
 };
 use crate::pan::Pan;
 
@@ -790,8 +790,8 @@ mod tests {
     use hmac::{Hmac, Mac};
 
     use super::*;
-    use crate::keys::KeyPurpose;
     use crate::keys::KekRef;
+    use crate::keys::KeyPurpose;
 
     fn reference(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
         let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).unwrap();

@@ -15,7 +15,9 @@ use crate::audit::Access;
 use crate::context::Context;
 use crate::error::KeyServiceError;
 use crate::format::SealedPan;
-use crate::keys::{Dek, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey};
+use crate::keys::{
+    Dek, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey,
+};
 use crate::pan::Pan;
 use crate::Opened;
 

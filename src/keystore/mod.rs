@@ -137,8 +137,13 @@ pub(crate) async fn verify(
         // record of it stale (a stripped tag: a downgrade); any other
         // answer leaves a genuine version-1 record usable for opening.
         return match key_service.verify_record(record).await {
+            // Never signed by this service: a genuine version-1 record.
+            Ok(()) | Err(KeyServiceError::RecordTampered(_) | KeyServiceError::Unsupported(_)) => {
+                Ok(())
+            }
             Err(KeyServiceError::RecordStale(_)) => Err(KeyError::RecordStale(record.id).into()),
-            _ => Ok(()),
+            // The service could not say (down, refused): not opened.
+            Err(e) => Err(record_error(record.id, e)),
         };
     }
     match key_service.verify_record(record).await {
@@ -207,7 +212,15 @@ pub(crate) async fn change_record(
 ) -> Result<WrappedDek, Error> {
     for _ in 0..CAS_ATTEMPTS {
         let stored = store.fetch(id).await?.ok_or(KeyError::UnknownKey(id))?;
-        verify(key_service, &stored, require_tag).await?;
+        // Another writer may have stored (and the service registered) a
+        // successor since our read: "stale" then means "read again", and
+        // only a record that is still the stored one and still stale is
+        // refused.
+        let moved_on = || async { matches!(store.fetch(id).await, Ok(Some(now)) if now != stored) };
+        match verify(key_service, &stored, require_tag).await {
+            Err(Error::Key(KeyError::RecordStale(_))) if moved_on().await => continue,
+            r => r?,
+        }
         let Some(mut next) = change(&stored)? else {
             return Ok(stored);
         };
@@ -224,7 +237,10 @@ pub(crate) async fn change_record(
         match &previous {
             Some(p) => {
                 next.sequence = p.sequence.wrapping_add(1);
-                next.tag = sign(key_service, Some(p), &next, require_tag).await?;
+                next.tag = match sign(key_service, Some(p), &next, require_tag).await {
+                    Err(Error::Key(KeyError::RecordStale(_))) if moved_on().await => continue,
+                    r => r?,
+                };
             }
             // A service that signs nothing: the version-1 successor.
             None => next.sequence = 0,

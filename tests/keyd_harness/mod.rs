@@ -26,7 +26,13 @@ const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
     ("reader", "test", r#"["*"]"#, r#"["unwrap"]"#, ""),
     ("indexer", "test", r#"["*"]"#, r#"["index"]"#, ""),
     // An encrypt-only front end after issue 10: wrap + keyed hashes.
-    ("frontend", "test", r#"["*"]"#, r#"["wrap", "index"]"#, ""),
+    (
+        "frontend",
+        "test",
+        r#"["*"]"#,
+        r#"["wrap", "index"]"#,
+        "index_quota = { window_seconds = 60, hashes = 100000000 }",
+    ),
     ("rewrapper", "test", r#"["*"]"#, r#"["rewrap"]"#, ""),
     ("auditor", "test", r#"["*"]"#, r#"["audit-read"]"#, ""),
     ("m1app", "test", r#"["m-1"]"#, r#"["wrap", "unwrap"]"#, ""),

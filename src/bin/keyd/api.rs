@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use aes_gcm::{Aes256Gcm, KeyInit};
 use bytes::Bytes;
@@ -165,6 +165,42 @@ pub(crate) struct Server {
     reveal_cache: reveal::RevealCache,
     /// Durable `reveal` and `index` quota counters.
     quotas: crate::quota::QuotaStore,
+    /// Keys this keyd wrapped or generated in the last
+    /// [`FRESH_WRAP_SECONDS`]: registry key → SHA-256 of the wrapped bytes.
+    /// A `wrap` credential may have a *new* key-store record signed only for
+    /// one of these (so it cannot pass an old record off as new).
+    fresh_wraps: Mutex<HashMap<String, ([u8; 32], Instant)>>,
+}
+
+/// How long after a wrap its new key-store record may be signed.
+const FRESH_WRAP_SECONDS: u64 = 600;
+/// Most fresh wraps remembered (older ones are dropped first).
+const MAX_FRESH_WRAPS: usize = 100_000;
+
+/// The part of a signed state that binds at once, stored or not.
+fn floor_of(s: KeyState) -> KeyState {
+    match s {
+        KeyState::Compromised | KeyState::Destroyed => s,
+        _ => KeyState::Active,
+    }
+}
+
+/// Lifecycle rank: a registry's state floor only moves up.
+fn state_rank(s: KeyState) -> u8 {
+    match s {
+        KeyState::Active => 0,
+        KeyState::DecryptOnly => 1,
+        KeyState::Compromised => 2,
+        KeyState::Destroyed => 3,
+    }
+}
+
+fn later_state(a: KeyState, b: KeyState) -> KeyState {
+    if state_rank(b) > state_rank(a) {
+        b
+    } else {
+        a
+    }
 }
 
 fn slot(environment: &str, scope: &str) -> String {
@@ -285,6 +321,7 @@ impl Server {
             crate::quota::QuotaStore::new(&cfg.data_dir, std::time::Duration::from_secs(lockout));
         Server {
             reveal_cache: reveal::RevealCache::new(),
+            fresh_wraps: Mutex::new(HashMap::new()),
             quotas,
             cfg,
             state,
@@ -859,7 +896,18 @@ impl Server {
             request.scope.as_str(),
             &request.id.to_string(),
         );
-        match self.state.read().deks.get(&key) {
+        let state = self.state.read();
+        if state
+            .registry
+            .get(&key)
+            .is_some_and(|e| e.state == KeyState::Destroyed)
+        {
+            return Err(Failure::new(
+                ErrorKind::KeyDestroyed,
+                format!("key {} is destroyed (its signed key record)", request.id),
+            ));
+        }
+        match state.deks.get(&key) {
             Some(d) if d.destroyed_at.is_some() => Err(Failure::new(
                 ErrorKind::KeyDestroyed,
                 format!(
@@ -922,6 +970,7 @@ impl Server {
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         let request: KeyRequest = r.key.into();
         let wrapped = self.wrap_now(p, &request, r.dek.expose_secret())?;
+        self.note_fresh_wrap(&request, &wrapped.bytes);
         rec.kek = Some(format!("{}#v{}", wrapped.kek_id, wrapped.kek_version));
         json(&WrappedResponse { wrapped })
     }
@@ -935,6 +984,7 @@ impl Server {
         let request: KeyRequest = r.key.into();
         let key = seal::new_kek();
         let wrapped = self.wrap_now(p, &request, &key)?;
+        self.note_fresh_wrap(&request, &wrapped.bytes);
         rec.kek = Some(format!("{}#v{}", wrapped.kek_id, wrapped.kek_version));
         json(&GenerateResponse {
             dek: KeyMaterial::new(key),
@@ -1973,7 +2023,95 @@ impl Server {
 
     /// Checks a record's tag under its environment's record key and its
     /// sequence against the registry.
-    fn check_record(&self, record: &WrappedDek) -> Result<(proto::RecordCheck, u64), Failure> {
+    /// Remembers that this keyd just wrapped `wrapped` for `request`'s id.
+    fn note_fresh_wrap(&self, request: &KeyRequest, wrapped: &[u8]) {
+        let key = dek_key(
+            request.environment.as_str(),
+            request.scope.as_str(),
+            &request.id.to_string(),
+        );
+        let digest: [u8; 32] = sha2::Sha256::digest(wrapped).into();
+        let mut m = self.fresh_wraps.lock().unwrap_or_else(|e| e.into_inner());
+        let horizon = std::time::Duration::from_secs(FRESH_WRAP_SECONDS);
+        if m.len() >= MAX_FRESH_WRAPS {
+            m.retain(|_, (_, at)| at.elapsed() < horizon);
+            if m.len() >= MAX_FRESH_WRAPS {
+                if let Some(oldest) = m
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    m.remove(&oldest);
+                }
+            }
+        }
+        m.insert(key, (digest, Instant::now()));
+    }
+
+    /// Whether `record` holds a key this keyd wrapped for its id within
+    /// [`FRESH_WRAP_SECONDS`]; consumes the entry.
+    fn take_fresh_wrap(&self, record: &WrappedDek) -> bool {
+        let key = dek_key(
+            record.environment.as_str(),
+            record.scope.as_str(),
+            &record.id.to_string(),
+        );
+        let digest: [u8; 32] = sha2::Sha256::digest(&record.wrapped.bytes).into();
+        let mut m = self.fresh_wraps.lock().unwrap_or_else(|e| e.into_inner());
+        match m.remove(&key) {
+            Some((d, at)) => {
+                at.elapsed() < std::time::Duration::from_secs(FRESH_WRAP_SECONDS)
+                    && bool::from(subtle::ConstantTimeEq::ct_eq(&d[..], &digest[..]))
+            }
+            None => false,
+        }
+    }
+
+    /// Moves the registry of `record` forward to it (a verified successor
+    /// the library has stored): from now on older sequences are stale.
+    fn promote(&self, record: &WrappedDek) -> Result<(), Failure> {
+        let Some(tag) = record.tag else {
+            return Ok(());
+        };
+        let reg_key = v3::registry_key(
+            record.environment.as_str(),
+            record.scope.as_str(),
+            &record.id.to_string(),
+        );
+        let now = now_secs();
+        self.state.mutate(&self.audit, |d| -> Result<(), Failure> {
+            let Some(e) = d.registry(&reg_key).cloned() else {
+                return Ok(());
+            };
+            if record.sequence > e.sequence {
+                d.put_registry(
+                    &reg_key,
+                    RegistryEntry {
+                        sequence: record.sequence,
+                        state: later_state(e.state, record.state),
+                        tag: hex::encode(tag.0),
+                        signed_at: now,
+                    },
+                );
+            }
+            Ok(())
+        })
+    }
+
+    /// Verdict on `record`, and the sequence keyd has registered for it.
+    /// The registry holds the newest record *stored* (verified by a
+    /// reader, or the previous one of a signature): a signed successor
+    /// not yet stored (the writer crashed, the answer was lost) leaves the
+    /// stored record valid; a verified successor makes it stale. An
+    /// untagged (version-1) copy of a registered record is stale (a
+    /// downgrade), as is a record whose state is behind the registry's
+    /// floor (a compromise or destruction keyd signed).
+    /// Also says whether the record is a verified successor of the
+    /// registered one (to promote).
+    fn check_record_full(
+        &self,
+        record: &WrappedDek,
+    ) -> Result<(proto::RecordCheck, u64, bool), Failure> {
         let keys = self.state_keys()?;
         let state = self.state.read();
         let reg = state
@@ -1985,42 +2123,56 @@ impl Server {
             ))
             .cloned();
         let registered = reg.as_ref().map(|e| e.sequence).unwrap_or(0);
-        let (Some(tag), Some(rk)) = (
-            record.tag,
-            state.record_keys.get(record.environment.as_str()),
-        ) else {
-            return Ok((proto::RecordCheck::Tampered, registered));
+        let Some(tag) = record.tag else {
+            // A version-1 record: genuine only if keyd never signed this id.
+            let verdict = if reg.is_some() {
+                proto::RecordCheck::Stale
+            } else {
+                proto::RecordCheck::Tampered
+            };
+            return Ok((verdict, registered, false));
+        };
+        let Some(rk) = state.record_keys.get(record.environment.as_str()) else {
+            return Ok((proto::RecordCheck::Tampered, registered, false));
         };
         let rk = Self::open_record_key(&keys, rk)?;
         drop(state);
         let mut m = keyed(&rk);
         hmac::Mac::update(&mut m, &record.signed_bytes());
         if hmac::Mac::verify_slice(m, &tag.0).is_err() {
-            return Ok((proto::RecordCheck::Tampered, registered));
+            return Ok((proto::RecordCheck::Tampered, registered, false));
         }
         let Some(e) = reg else {
-            return Ok((proto::RecordCheck::Tampered, 0));
+            return Ok((proto::RecordCheck::Tampered, 0, false));
         };
+        if state_rank(record.state) < state_rank(e.state) {
+            return Ok((proto::RecordCheck::Stale, e.sequence, false));
+        }
         let verdict = if record.sequence < e.sequence {
-            proto::RecordCheck::Stale
-        } else if record.sequence == e.sequence
-            && bool::from(subtle::ConstantTimeEq::ct_eq(
-                hex::encode(tag.0).as_bytes(),
-                e.tag.as_bytes(),
-            ))
-        {
-            proto::RecordCheck::Ok
+            (proto::RecordCheck::Stale, false)
+        } else if record.sequence > e.sequence {
+            // Signed by keyd (the MAC verifies) after the registered one.
+            (proto::RecordCheck::Ok, true)
+        } else if bool::from(subtle::ConstantTimeEq::ct_eq(
+            hex::encode(tag.0).as_bytes(),
+            e.tag.as_bytes(),
+        )) {
+            (proto::RecordCheck::Ok, false)
         } else {
-            proto::RecordCheck::Tampered
+            (proto::RecordCheck::Tampered, false)
         };
-        Ok((verdict, e.sequence))
+        Ok((verdict.0, e.sequence, verdict.1))
     }
 
     /// For `/v1/reveal`: the record's tag verifies and it is the newest
     /// keyd signed for its key.
     pub(crate) fn verify_record_for_reveal(&self, record: &WrappedDek) -> Result<(), Failure> {
         let id = record.id.to_string();
-        match self.check_record(record)?.0 {
+        let (verdict, _, successor) = self.check_record_full(record)?;
+        if verdict == proto::RecordCheck::Ok && successor {
+            self.promote(record)?;
+        }
+        match verdict {
             proto::RecordCheck::Ok => Ok(()),
             proto::RecordCheck::Tampered => Err(Failure::new(
                 ErrorKind::RecordTampered,
@@ -2052,7 +2204,10 @@ impl Server {
             )));
         }
         self.check_scope(p, &record.environment, &record.scope)?;
-        let (result, registered_sequence) = self.check_record(&record)?;
+        let (result, registered_sequence, successor) = self.check_record_full(&record)?;
+        if result == proto::RecordCheck::Ok && successor {
+            self.promote(&record)?;
+        }
         rec.detail = Some(format!("{result:?}"));
         json(&proto::RecordVerifyResponse {
             result,
@@ -2118,6 +2273,17 @@ impl Server {
         let now = now_secs();
         if previous.is_none() {
             self.check_caps(&next)?;
+            // A new record from a `wrap` credential must hold a key keyd
+            // itself wrapped for that id just now: an old record (a
+            // version-1 row not yet upgraded, a retired or compromised
+            // key) cannot be passed off as new. Upgrades need a custodian.
+            if !p.may(Permission::Custodian) && !self.take_fresh_wrap(&next) {
+                return Err(transition(
+                    "a new record must hold a key keyd wrapped for its id in the last 10 minutes \
+                     (older records are upgraded by a custodian)"
+                        .into(),
+                ));
+            }
         }
         WrappedDek::check_transition(previous.as_ref(), &next, &lib_permissions(p), now)
             .map_err(transition)?;
@@ -2179,11 +2345,13 @@ impl Server {
                                 format!("previous key record {id} failed authentication"),
                             ));
                         }
-                        if prev.sequence < e.sequence {
+                        if prev.sequence < e.sequence
+                            || state_rank(prev.state) < state_rank(e.state)
+                        {
                             return Err(Failure::new(
                                 ErrorKind::RecordStale,
                                 format!(
-                                    "previous key record {id} is sequence {}, keyd signed {}: \
+                                    "previous key record {id} is sequence {}, keyd registered {}: \
                                  rolled back",
                                     prev.sequence, e.sequence
                                 ),
@@ -2195,7 +2363,10 @@ impl Server {
                                 e.tag.as_bytes(),
                             ))
                         });
-                        if prev.sequence != e.sequence || !same {
+                        // Equal sequence: it must be the registered record.
+                        // A later one: a successor keyd signed (its MAC
+                        // verified above) that the writer stored.
+                        if prev.sequence == e.sequence && !same {
                             return Err(Failure::new(
                                 ErrorKind::RecordTampered,
                                 format!("previous key record {id} is not the one keyd registered"),
@@ -2206,15 +2377,27 @@ impl Server {
                 let mut m = keyed(&record_key);
                 hmac::Mac::update(&mut m, &next.signed_bytes());
                 let tag: [u8; 32] = hmac::Mac::finalize(m).into_bytes().into();
-                d.put_registry(
-                    &reg_key,
-                    RegistryEntry {
+                // The registry keeps the record being replaced (the one
+                // stored now): if this signature is never stored (a crash,
+                // a lost answer, a caller that drops it) the stored record
+                // stays valid; the first verify of `next` moves it forward.
+                // A compromise or destruction raises the state floor at
+                // once, stored or not.
+                let entry = match (&previous, &registered) {
+                    (Some(prev), Some(e)) => RegistryEntry {
+                        sequence: prev.sequence,
+                        state: later_state(later_state(e.state, prev.state), floor_of(next.state)),
+                        tag: prev.tag.map(|t| hex::encode(t.0)).unwrap_or_default(),
+                        signed_at: now,
+                    },
+                    _ => RegistryEntry {
                         sequence: next.sequence,
                         state: next.state,
                         tag: hex::encode(tag),
                         signed_at: now,
                     },
-                );
+                };
+                d.put_registry(&reg_key, entry);
                 Ok(tag)
             })?;
         json(&proto::RecordSignResponse {
