@@ -200,11 +200,11 @@ pub enum KeyError {
     /// The key's record failed the key service's authentication: a
     /// lifecycle field (state, dates, use count, version, purpose, wrapped
     /// key) was edited outside panseal. Never sealed with; opens refused.
-    #[error("key record {0} failed authentication (edited outside panseal)")]
+    #[error("key record failed authentication (edited outside panseal): {0}")]
     RecordTampered(KeyId),
     /// The key's record is older than one the key service already saw for
     /// the same key (a rolled-back row). Never sealed with; opens refused.
-    #[error("key record {0} was rolled back to an older version")]
+    #[error("key record rolled back to an older version: {0}")]
     RecordStale(KeyId),
     /// The key's record is an unauthenticated version-1 record and the
     /// policy refuses those ([`crate::Policy::require_signed_records`]);
@@ -292,11 +292,11 @@ pub enum KeyServiceError {
     },
     /// A key-store record's MAC does not verify: a lifecycle field (state,
     /// dates, use count, version, purpose) was edited outside the library.
-    #[error("key record {0} failed authentication (edited outside panseal)")]
+    #[error("key record failed authentication (edited outside panseal): {0}")]
     RecordTampered(String),
     /// A key-store record is older than one the service has already signed
     /// for the same key (a rollback of the row).
-    #[error("key record {0} was rolled back to an older version")]
+    #[error("key record rolled back to an older version: {0}")]
     RecordStale(String),
     /// The change asked to sign is not one the key lifecycle allows
     /// (reactivation, an extended date, a lowered use count, a relabel).

@@ -411,25 +411,44 @@ async fn open_pan_with_an_unwrap_less_credential_goes_through_reveal() {
     .unwrap();
     assert_eq!(got, digits);
 
-    // Compromised and expired records: refused locally and by keyd.
+    // A record edited in the database (marked compromised, dates moved):
+    // refused as tampered before anything opens.
     let mut rec = record_of(&store, &rows[1].0).await;
     rec.state = KeyState::Compromised;
     let e = reveal(&k.client("revealer"), &rec, &rows[1].0, &rows[1].1)
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, KeyServiceError::RecordTampered(_)), "{e}");
+    let mut rec = record_of(&store, &rows[1].0).await;
+    (rec.created_at, rec.encrypt_until, rec.decrypt_until) = (1, 1, 2);
+    let e = reveal(&k.client("revealer"), &rec, &rows[1].0, &rows[1].1)
+        .await
+        .unwrap_err();
+    assert!(matches!(&e, KeyServiceError::RecordTampered(_)), "{e}");
+    // Compromised by a custodian (a signed successor): keyd refuses to
+    // reveal under it, with the signed record and with the older one.
+    let stored = record_of(&store, &rows[1].0).await;
+    let mut next = stored.clone();
+    next.sequence += 1;
+    next.tag = None;
+    next.state = KeyState::Compromised;
+    next.tag = Some(
+        k.client("root")
+            .authenticate_record(Some(&stored), &next)
+            .await
+            .unwrap(),
+    );
+    let e = reveal(&k.client("revealer"), &next, &rows[1].0, &rows[1].1)
         .await
         .unwrap_err();
     assert!(
         matches!(&e, KeyServiceError::PermissionDenied(m) if m.contains("compromised")),
         "{e}"
     );
-    let mut rec = record_of(&store, &rows[1].0).await;
-    (rec.created_at, rec.encrypt_until, rec.decrypt_until) = (1, 1, 2);
-    let e = reveal(&k.client("revealer"), &rec, &rows[1].0, &rows[1].1)
+    let e = reveal(&k.client("revealer"), &stored, &rows[1].0, &rows[1].1)
         .await
         .unwrap_err();
-    assert!(
-        matches!(&e, KeyServiceError::PermissionDenied(m) if m.contains("decrypt-until")),
-        "{e}"
-    );
+    assert!(matches!(&e, KeyServiceError::RecordStale(_)), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
