@@ -169,6 +169,7 @@ fn payments_backend_end_to_end() {
     let audit = d.join("audit.jsonl");
     let app_audit = d.join("app-audit.jsonl");
     let cfg = d.join("panseal.json");
+    let kek: [u8; 32] = rand::random();
     std::fs::write(
         &cfg,
         format!(
@@ -177,7 +178,7 @@ fn payments_backend_end_to_end() {
                 "key_store":{{"type":"postgres","url":"{url}"}},
                 "audit":{{"type":"jsonl","path":"{}"}},
                 "policy":{{"recheck_interval_secs":1,"cache_ttl_secs":2}}}}"#,
-            hex::encode(rand::random::<[u8; 32]>()),
+            hex::encode(kek),
             audit.display()
         ),
     )
@@ -490,15 +491,28 @@ fn payments_backend_end_to_end() {
     };
     let store_rt = tokio::runtime::Runtime::new().unwrap();
     store_rt.block_on(async {
-        use panseal::KeyStore;
+        // A raw edit of the row would be refused as tampered (issue 10):
+        // retire through a custodian handle on the same key service (the
+        // test's insecure local KEK), which signs the change.
         let store = panseal::PostgresKeyStore::connect(&url, 1).await.unwrap();
-        // LEAD: once keyd signs records (issue 10), a raw edit is refused as
-        // tampered; retire through a custodian handle (`set_key_state`).
+        let ks = panseal::LocalKeyService::from_kek_bytes_insecure(
+            panseal::Environment::new("test").unwrap(),
+            kek,
+        );
+        let custodian = panseal::Panseal::builder()
+            .key_service(ks)
+            .key_store(store)
+            .audit(panseal::MemoryAuditSink::new())
+            .environment("test")
+            .scope("m")
+            .build()
+            .await
+            .unwrap();
         let id = panseal::KeyId::from_hex(&key_hex).unwrap();
-        let old = store.fetch(id).await.unwrap().unwrap();
-        let mut new = old.clone();
-        new.state = panseal::KeyState::DecryptOnly;
-        store.update(&old, &new).await.unwrap();
+        custodian
+            .set_key_state(id, panseal::KeyState::DecryptOnly)
+            .await
+            .unwrap();
     });
     // Readers see the change when the cached key expires (cache TTL 2 s here).
     std::thread::sleep(Duration::from_millis(2500));
