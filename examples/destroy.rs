@@ -148,9 +148,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     // keyd refuses the key from now on; erase its wrap from the store too
-    // (through the library, so it is audited).
+    // (through the library, so it is audited), signed by keyd for this
+    // custodian: a destruction is a custodian's record change.
     let panseal = config
         .builder()?
+        .key_service(keyd)
         .scope(record.scope.as_str())
         .build()
         .await?;

@@ -12,7 +12,7 @@ use common::pg::PgServer;
 use common::{example_binary, luhn_pan};
 use keyd_harness::Keyd;
 use panseal::config::ClientConfig;
-use panseal::{Access, Context, KeyState, KeyStore, Pan, Scope};
+use panseal::{Access, Context, KeyService, KeyState, KeyStore, Pan, Scope};
 
 fn config(k: &Keyd, principal: &str, url: &str, dir: &std::path::Path) -> std::path::PathBuf {
     let certs = k.path("certs");
@@ -69,6 +69,11 @@ async fn rotate_kek_rewraps_everything_and_old_versions_can_be_destroyed() {
         let c = Context::new("cards", "pan", i.to_string()).unwrap();
         sealed.push((c.clone(), app.seal_pan(&pan, &c).await.unwrap()));
     }
+    // Index keys live in keyd and only a custodian creates them (issue 10).
+    k.client("alice")
+        .create_index_key(&Scope::new("merchant-1").unwrap())
+        .await
+        .unwrap();
     let index = app.blind_index(&pan).await.unwrap();
     app.report_usage().await.unwrap();
     let store = panseal::PostgresKeyStore::connect(&url, 2).await.unwrap();
@@ -79,7 +84,8 @@ async fn rotate_kek_rewraps_everything_and_old_versions_can_be_destroyed() {
             .collect::<std::collections::BTreeSet<_>>()
     };
     let records = store.list(Some(&scope)).await.unwrap();
-    assert_eq!(records.len(), 4, "3 DEKs and an index key");
+    // 3 DEKs; the index key is inside keyd, not in the store.
+    assert_eq!(records.len(), 3, "3 DEKs");
     assert_eq!(versions(&records), [1].into());
 
     let dry = run(&[
@@ -118,7 +124,7 @@ async fn rotate_kek_rewraps_everything_and_old_versions_can_be_destroyed() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
-        text(&out).contains("rewrapped 4 record(s) to version 2"),
+        text(&out).contains("rewrapped 3 record(s) to version 2"),
         "{}",
         text(&out)
     );

@@ -279,7 +279,12 @@ fn custodian_tools_rotate_count_reencrypt_and_destroy() {
         "pay",
         &format!("SELECT length(record) FROM panseal_keys WHERE id = '\\x{first}'"),
     );
-    assert!(wrapped_len.trim().parse::<u32>().unwrap() < 100);
+    // Record version 2 without its 60 wrapped bytes (a live one is longer
+    // than 160).
+    assert!(
+        wrapped_len.trim().parse::<u32>().unwrap() < 150,
+        "{wrapped_len}"
+    );
 
     // Every row opens; the old copy of a ciphertext under the destroyed key
     // is shredded.
