@@ -20,10 +20,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "tests" / "vectors"
 GENERATOR = VECTORS / "gen_vectors.py"
-FILES = ["ciphertext_v1.json", "wrap_v1.json", "record_v1.json", "blind_index_v1.json"]
+FILES = [
+    "ciphertext_v1.json", "wrap_v1.json", "record_v1.json", "blind_index_v1.json",
+    "record_v2.json", "blind_index_v2.json",
+]
 # keyd's state format v2 has its own independent generator.
 KEYD_GENERATOR = VECTORS / "gen_keyd_vectors.py"
-KEYD_FILES = ["keyd_state_v2.json"]
+KEYD_FILES = ["keyd_state_v2.json", "keyd_state_v3.json"]
 
 
 def load_generator():
