@@ -618,33 +618,6 @@ impl Panseal {
         }
     }
 
-    /// Reads record `id` from the key store and has the key service verify
-    /// it ([`KeyService::verify_record`]); version-1 records pass unless
-    /// the policy requires signed records. For every read of a record that
-    /// is then used (opening, the active DEK's re-check, reveal).
-    ///
-    /// # Errors
-    ///
-    /// [`KeyError::UnknownKey`], [`KeyError::RecordTampered`],
-    /// [`KeyError::RecordStale`], [`KeyError::Untagged`], key-service and
-    /// key-store errors.
-    #[allow(dead_code)] // for the reveal path (the record sent to the key service)
-    pub(crate) async fn fetch_verified(&self, id: KeyId) -> Result<WrappedDek, Error> {
-        let record = self
-            .shared
-            .key_store
-            .fetch(id)
-            .await?
-            .ok_or(KeyError::UnknownKey(id))?;
-        verify(
-            self.shared.key_service.as_ref(),
-            &record,
-            self.shared.policy.require_signed_records,
-        )
-        .await?;
-        Ok(record)
-    }
-
     /// Changes record `id` through the key service's signature and a
     /// compare-and-swap (see [`change_record`]).
     async fn change(
