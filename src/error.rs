@@ -151,6 +151,10 @@ pub enum FormatError {
     /// A key-store record is malformed.
     #[error("key-store record: {0}")]
     Record(&'static str),
+    /// Not an ingest public key: wrong length, compressed, or not a point
+    /// on P-256 (or a private scalar out of range).
+    #[error("not a valid P-256 ingest key")]
+    PublicKey,
 }
 
 /// Problems with the key a ciphertext or operation names.
@@ -216,6 +220,27 @@ pub enum KeyError {
     /// ([`crate::Panseal::rotate_index_key`] or the key service's tools).
     #[error("scope {0} has no index key; a custodian must create one (rotate_index_key)")]
     NoIndexKey(String),
+    /// An ingest ciphertext names another ingest key than the one asked
+    /// to open it: another scope, environment or key pair.
+    #[error("ingest ciphertext was sealed for another ingest key (scope or environment)")]
+    IngestKeyMismatch,
+    /// The ingest key version is not live in this scope (never created,
+    /// or destroyed).
+    #[error("unknown ingest key version {version} in scope {scope}")]
+    UnknownIngestKey {
+        /// The scope.
+        scope: String,
+        /// The version.
+        version: u32,
+    },
+    /// The ingest key is retired: it still opens and admits, never seals.
+    #[error("ingest key version {version} in scope {scope} is retired (opens, never seals)")]
+    IngestKeyRetired {
+        /// The scope.
+        scope: String,
+        /// The version.
+        version: u32,
+    },
 }
 
 /// Failures of a key service.
@@ -302,6 +327,15 @@ pub enum KeyServiceError {
     /// (reactivation, an extended date, a lowered use count, a relabel).
     #[error("key record change refused: {0}")]
     RecordTransition(String),
+    /// The ingest key version is not live in this scope (never created,
+    /// or destroyed).
+    #[error("unknown ingest key version {version} in scope {scope}")]
+    UnknownIngestKey {
+        /// The scope.
+        scope: String,
+        /// The version asked for.
+        version: u32,
+    },
     /// The service could not open the sealed record: altered, sealed under
     /// another key or bound to another context. No further detail.
     #[error("sealed record failed to open")]
@@ -402,4 +436,25 @@ pub enum ConfigError {
     /// TLS settings).
     #[error("key service client: {0}")]
     KeyServiceClient(String),
+}
+
+/// Why one item of an admission batch ([`crate::KeyService::admit`]) was
+/// not admitted. The other items of the batch are unaffected; the stored
+/// ingest ciphertext is left as it was. Never names a PAN.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum AdmitItemError {
+    /// Not a well-formed ingest ciphertext.
+    #[error("not an ingest ciphertext")]
+    Malformed,
+    /// Sealed for another ingest key (another scope, environment or key
+    /// pair).
+    #[error("sealed for another ingest key")]
+    KeyMismatch,
+    /// The ingest key version is not live (never created, or destroyed).
+    #[error("unknown ingest key version {0}")]
+    UnknownIngestKey(u32),
+    /// Altered, or bound to another context. No further detail.
+    #[error("failed to open")]
+    OpenFailed,
 }

@@ -14,6 +14,23 @@ use crate::format::SealedPan;
 use crate::keys::{Dek, KekRef, KeyId, KeyRequest, WrappedDek};
 use crate::pan::Pan;
 
+pub use crate::ingest::IngestPrivateKey;
+
+/// Seals 10 arbitrary bytes with an ingest public key, as if they were a
+/// packed PAN (for negative vectors and fuzzing the open path).
+///
+/// # Errors
+///
+/// As [`crate::IngestSealer::seal`].
+pub fn ingest_seal_packed(
+    sealer: &crate::IngestSealer,
+    packed: &[u8; 10],
+    context: &Context,
+) -> Result<crate::IngestSealed, Error> {
+    let mut packed = *packed;
+    sealer.seal_packed(&mut packed, context)
+}
+
 /// Seals with a given DEK, id and nonce.
 pub fn seal_with_nonce(
     dek: &Dek,

@@ -68,6 +68,7 @@ mod format;
 #[cfg(feature = "hazmat-test-keys")]
 pub mod hazmat;
 mod index;
+mod ingest;
 #[cfg(feature = "keyd-client")]
 pub mod keyd;
 mod keys;
@@ -88,20 +89,25 @@ pub use audit::{
 };
 pub use context::{Context, MAX_COLUMN_LEN, MAX_ROW_KEY_LEN, MAX_TABLE_LEN};
 pub use error::{
-    AuditError, ConfigError, ContextError, Error, FormatError, KeyError, KeyServiceError,
-    KeyStoreError, PanError,
+    AdmitItemError, AuditError, ConfigError, ContextError, Error, FormatError, KeyError,
+    KeyServiceError, KeyStoreError, PanError,
 };
 pub use format::{SealedPan, V1_LEN, V1_TEXT_LEN};
 pub use index::BlindIndex;
+pub use ingest::{
+    IngestKeyInfo, IngestPublicKey, IngestSealed, IngestSealer, SealedRef, StoredPan, INGEST_LEN,
+    INGEST_PUBLIC_KEY_LEN, INGEST_TEXT_LEN,
+};
 pub use keys::{
     Dek, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Policy, RecordTag, Scope,
     WrappedDek, WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT, RECORD_CLOCK_SKEW,
 };
+pub use keyservice::{
+    AdmitItem, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
+    LocalKeyService, Permissions, RevealRequest, MAX_ADMIT_BATCH,
+};
 #[cfg(feature = "aws-kms")]
 pub use keyservice::{AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService};
-pub use keyservice::{
-    IndexKeyInfo, KekInfo, KeyService, LocalKeyService, Permissions, RevealRequest,
-};
 #[cfg(feature = "pkcs11")]
 pub use keyservice::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
 #[cfg(feature = "keyd-client")]

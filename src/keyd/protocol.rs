@@ -161,6 +161,9 @@ pub enum Permission {
     /// Ask keyd to open one sealed record and return its PAN (counted per
     /// distinct record); never receives a DEK.
     Reveal,
+    /// Admit ingest (HPKE) ciphertexts into the compact form inside keyd;
+    /// never receives a PAN or a DEK.
+    Admit,
 }
 
 impl Permission {
@@ -174,6 +177,7 @@ impl Permission {
             Permission::Custodian => "custodian",
             Permission::AuditRead => "audit-read",
             Permission::Reveal => "reveal",
+            Permission::Admit => "admit",
         }
     }
 }

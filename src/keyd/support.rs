@@ -70,3 +70,18 @@ pub fn open_with_key(
     let dek = crate::keys::Dek::from_unwrapped(key);
     crate::seal::open_raw(&dek.cipher(), sealed, context)
 }
+
+/// Seals `pan` (bound to `context`) under the raw DEK `key` with id `id`
+/// and a fresh nonce: the same code as [`crate::Panseal::seal_pan`]'s, for
+/// keyd's `admit`.
+#[doc(hidden)]
+pub fn seal_with_key(
+    key: &[u8; 32],
+    id: crate::KeyId,
+    pan: &crate::Pan,
+    context: &crate::Context,
+) -> crate::SealedPan {
+    let dek = crate::keys::Dek::from_unwrapped(key);
+    let (nonce, _) = crate::seal::fresh_nonce();
+    crate::seal::seal_raw(&dek.cipher(), id, nonce, pan, context)
+}

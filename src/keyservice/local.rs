@@ -175,6 +175,7 @@ impl LocalKeyService {
                 index: p.index && permissions.index,
                 reveal: p.reveal && permissions.reveal,
                 rewrap: p.rewrap && permissions.rewrap,
+                admit: p.admit && permissions.admit,
                 custodian: p.custodian && permissions.custodian,
             },
         }

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::Access;
 use crate::context::Context;
-use crate::error::KeyServiceError;
+use crate::error::{AdmitItemError, KeyServiceError};
 use crate::format::SealedPan;
+use crate::ingest::{IngestKeyInfo, IngestSealed};
 use crate::keys::{
     Dek, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey,
 };
@@ -71,6 +72,9 @@ pub struct Permissions {
     pub reveal: bool,
     /// Rewrap under the newest KEK version (the key never leaves the service).
     pub rewrap: bool,
+    /// Admit ingest ciphertexts into the compact form inside the service
+    /// ([`KeyService::admit`]): the PAN and the DEK stay in the service.
+    pub admit: bool,
     /// KEK lifecycle: rotate, retire, destroy.
     pub custodian: bool,
 }
@@ -84,6 +88,7 @@ impl Permissions {
             index: true,
             reveal: true,
             rewrap: true,
+            admit: true,
             custodian: true,
         }
     }
@@ -97,6 +102,7 @@ impl Permissions {
             index: true,
             reveal: false,
             rewrap: false,
+            admit: false,
             custodian: false,
         }
     }
@@ -109,6 +115,7 @@ impl Permissions {
             index: true,
             reveal: false,
             rewrap: false,
+            admit: false,
             custodian: false,
         }
     }
@@ -120,6 +127,7 @@ impl Permissions {
             && (self.index || !other.index)
             && (self.reveal || !other.reveal)
             && (self.rewrap || !other.rewrap)
+            && (self.admit || !other.admit)
             && (self.custodian || !other.custodian)
     }
 }
@@ -152,6 +160,66 @@ pub struct RevealRequest<'a> {
     pub sealed: &'a SealedPan,
     /// The context it was sealed under.
     pub context: &'a Context,
+}
+
+/// A request to open one ingest ciphertext inside the key service
+/// ([`KeyService::open_ingest`]).
+#[derive(Clone, Copy)]
+pub struct IngestOpenRequest<'a> {
+    /// The scope whose ingest key sealed it (the service's environment).
+    pub scope: &'a Scope,
+    /// The ingest ciphertext.
+    pub sealed: &'a IngestSealed,
+    /// The context it was sealed under.
+    pub context: &'a Context,
+}
+
+/// One ingest ciphertext to admit, with its context.
+#[derive(Clone, Copy)]
+pub struct AdmitItem<'a> {
+    /// The ingest ciphertext.
+    pub sealed: &'a IngestSealed,
+    /// The context it was sealed under (and the compact form is bound to).
+    pub context: &'a Context,
+}
+
+/// A batch to admit ([`KeyService::admit`]): ingest ciphertexts of the
+/// record's scope, turned into compact ciphertexts under the record's DEK
+/// and blind-indexed under `index_versions`, inside the service.
+#[derive(Clone, Copy)]
+pub struct AdmitRequest<'a> {
+    /// The authenticated key-store record of an active data DEK of the
+    /// scope (made with [`KeyService::generate_wrapped`], so its plaintext
+    /// never left the service).
+    pub record: &'a WrappedDek,
+    /// The index-key versions to compute (usually the active one); may be
+    /// empty.
+    pub index_versions: &'a [u32],
+    /// The ciphertexts, at most [`MAX_ADMIT_BATCH`].
+    pub items: &'a [AdmitItem<'a>],
+}
+
+/// The most items one [`KeyService::admit`] request carries (clients split
+/// larger batches).
+pub const MAX_ADMIT_BATCH: usize = 1024;
+
+/// One admitted item: the compact ciphertext and its blind-index values
+/// (one per requested version, in order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdmitOutput {
+    /// The compact form, under the request's DEK, bound to the item's
+    /// context.
+    pub sealed: SealedPan,
+    /// HMAC-SHA-256 values, one per `index_versions` entry.
+    pub index: Vec<[u8; 32]>,
+}
+
+impl AdmitOutput {
+    /// An output (for key-service implementations in this crate's tests).
+    pub fn new(sealed: SealedPan, index: Vec<[u8; 32]>) -> Self {
+        AdmitOutput { sealed, index }
+    }
 }
 
 /// Non-secret facts about a key service's current KEK.
@@ -337,5 +405,87 @@ pub trait KeyService: sealed::Sealed + Send + Sync {
     ) -> Result<Opened, KeyServiceError> {
         let _ = (request, access);
         Err(KeyServiceError::Unsupported("reveal"))
+    }
+
+    // ----- write-only ingest (HPKE) ------------------------------------------
+
+    /// The live ingest-key versions of `scope`, newest first (at most one
+    /// [`KeyState::Active`]), with their public keys. Any authenticated
+    /// principal may ask: a front end fetches and pins the public key.
+    async fn ingest_keys(&self, scope: &Scope) -> Result<Vec<IngestKeyInfo>, KeyServiceError> {
+        let _ = scope;
+        Err(KeyServiceError::Unsupported("ingest_keys"))
+    }
+
+    /// Creates the next ingest key pair of `scope` inside the service; it
+    /// becomes active and the previous active version is retired (opens,
+    /// never seals). Needs `custodian`.
+    async fn create_ingest_key(&self, scope: &Scope) -> Result<IngestKeyInfo, KeyServiceError> {
+        let _ = scope;
+        Err(KeyServiceError::Unsupported("create_ingest_key"))
+    }
+
+    /// Moves an ingest-key version forward ([`KeyState::DecryptOnly`] =
+    /// retired, [`KeyState::Destroyed`] = the private key is erased). Needs
+    /// `custodian`.
+    async fn set_ingest_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        let _ = (scope, version, state);
+        Err(KeyServiceError::Unsupported("set_ingest_key_state"))
+    }
+
+    /// Opens one ingest ciphertext inside the service and returns its PAN
+    /// (with `needs_reseal`: ingest ciphertexts are admitted, not kept).
+    /// Needs `reveal` (counted and audited as a reveal) or `unwrap`.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyServiceError::OpenFailed`] (opaque) for an altered ciphertext,
+    /// a wrong context or another scope's key;
+    /// [`KeyServiceError::UnknownIngestKey`]; quota, permission and outage
+    /// errors.
+    async fn open_ingest(
+        &self,
+        request: &IngestOpenRequest<'_>,
+        access: &Access,
+    ) -> Result<Opened, KeyServiceError> {
+        let _ = (request, access);
+        Err(KeyServiceError::Unsupported("open_ingest"))
+    }
+
+    /// Creates a fresh data DEK and returns only its wrap: the plaintext
+    /// never leaves the service. What an admission job seals under (through
+    /// [`KeyService::admit`]). Needs `wrap`. The default (services that
+    /// hand DEKs to callers anyway) generates and drops the plaintext.
+    async fn generate_wrapped(&self, request: &KeyRequest) -> Result<WrappedKey, KeyServiceError> {
+        let (dek, wrapped) = self.generate(request).await?;
+        drop(dek);
+        Ok(wrapped)
+    }
+
+    /// Admits a batch of ingest ciphertexts inside the service: opens each
+    /// with the scope's ingest private key, seals it into the compact form
+    /// under the record's DEK with a fresh nonce, bound to the same context,
+    /// and computes its blind index; the PAN never leaves the service. One
+    /// result per item, in order: a bad item does not stop the others.
+    /// Needs `admit`; one audit record per request (count, never a PAN).
+    ///
+    /// # Errors
+    ///
+    /// For the whole request: the record is not an active, authenticated
+    /// data DEK of a scope ([`KeyServiceError::RecordTampered`],
+    /// [`KeyServiceError::RecordStale`], [`KeyServiceError::PermissionDenied`]),
+    /// [`KeyServiceError::UnknownIndexKey`], quota, permission, outage.
+    async fn admit(
+        &self,
+        request: &AdmitRequest<'_>,
+        access: &Access,
+    ) -> Result<Vec<Result<AdmitOutput, AdmitItemError>>, KeyServiceError> {
+        let _ = (request, access);
+        Err(KeyServiceError::Unsupported("admit"))
     }
 }

@@ -1019,6 +1019,7 @@ impl KeyService for RemoteKeyService {
             index: has(Permission::Index),
             reveal: has(Permission::Reveal),
             rewrap: has(Permission::Rewrap),
+            admit: has(Permission::Admit),
             custodian: has(Permission::Custodian),
         })
     }

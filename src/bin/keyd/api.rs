@@ -1742,6 +1742,7 @@ fn lib_permissions(p: &Principal) -> panseal::Permissions {
         // Signing never depends on it.
         reveal: p.may(Permission::Reveal),
         rewrap: p.may(Permission::Rewrap),
+        admit: p.may(Permission::Admit),
         custodian: p.may(Permission::Custodian),
     }
 }

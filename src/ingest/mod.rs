@@ -1,0 +1,749 @@
+//! Write-only ingest: a front end (or a browser) seals a PAN with a scope's
+//! public key and holds no secret; only the key service, which holds the
+//! private key, opens it or admits it into the compact form.
+//!
+//! RFC 9180 HPKE, base mode, single shot, suite DHKEM(P-256, HKDF-SHA256)
+//! (`0x0010`) + HKDF-SHA256 (`0x0001`) + AES-256-GCM (`0x0002`), through the
+//! maintained `hpke` crate. `FORMAT.md` §17 is the specification:
+//!
+//! | offset | length | field |
+//! |---|---|---|
+//! | 0 | 1 | version `0x01` |
+//! | 1 | 1 | kind `0x02`: HPKE ingest, the suite above |
+//! | 2 | 4 | key tag: SHA-256(`"panseal ingest key"` ‖ public key)\[0..4\] |
+//! | 6 | 4 | ingest key version, big-endian |
+//! | 10 | 65 | `enc`, the sender's ephemeral public key (SEC1 uncompressed) |
+//! | 75 | 10 | ciphertext of the packed PAN (as in the compact form) |
+//! | 85 | 16 | GCM tag |
+//!
+//! HPKE `info` = `"panseal ingest v1"` ‖ `0x00` ‖ len(env) ‖ env ‖
+//! len(scope) ‖ scope ‖ version (u32 BE); the AEAD associated data is bytes
+//! 0..10 followed by the encoded [`Context`], as in the compact form. Text
+//! form: `I1` + unpadded base64url of bytes 2..101 (134 characters).
+
+use std::fmt;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use rand_core::OsRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::context::Context;
+use crate::error::{Error, FormatError, KeyError};
+use crate::format::{SealedPan, PACKED_LEN};
+use crate::keys::{Environment, KeyState, Scope};
+use crate::pan::Pan;
+
+type Kem = hpke::kem::DhP256HkdfSha256;
+type Kdf = hpke::kdf::HkdfSha256;
+type Aead = hpke::aead::AesGcm256;
+
+/// Version byte of the ingest ciphertext (shared numbering with the
+/// compact form; the kind byte tells them apart).
+pub(crate) const INGEST_VERSION: u8 = 0x01;
+/// Kind byte: HPKE base mode, DHKEM(P-256, HKDF-SHA256), HKDF-SHA256,
+/// AES-256-GCM, over a 10-byte packed PAN.
+pub(crate) const KIND_HPKE_P256: u8 = 0x02;
+/// Header length (version, kind, key tag, key version): also the start of
+/// the associated data.
+pub(crate) const INGEST_HEADER_LEN: usize = 10;
+/// Length of `enc` and of a public key: an uncompressed SEC1 P-256 point.
+pub const INGEST_PUBLIC_KEY_LEN: usize = 65;
+const TAG_LEN: usize = 16;
+const ENC_AT: usize = INGEST_HEADER_LEN;
+const CT_AT: usize = ENC_AT + INGEST_PUBLIC_KEY_LEN;
+const TAG_AT: usize = CT_AT + PACKED_LEN;
+/// Total binary length of an ingest ciphertext (every PAN length).
+pub const INGEST_LEN: usize = TAG_AT + TAG_LEN;
+/// Text prefix of the ingest form.
+pub(crate) const INGEST_TEXT_PREFIX: &str = "I1";
+/// Total text length of an ingest ciphertext (fits a `VARCHAR(140)`).
+pub const INGEST_TEXT_LEN: usize = 2 + ((INGEST_LEN - 2) * 4).div_ceil(3);
+/// Label at the start of HPKE `info`.
+pub(crate) const INFO_LABEL: &[u8] = b"panseal ingest v1";
+/// Label of the key tag hash.
+pub(crate) const KEY_TAG_LABEL: &[u8] = b"panseal ingest key";
+/// Text prefix of a public key's text form.
+const PUBLIC_TEXT_PREFIX: &str = "PIK1";
+
+/// HPKE `info` for (environment, scope, version): `FORMAT.md` §17.2.
+pub(crate) fn info_bytes(environment: &Environment, scope: &Scope, version: u32) -> Vec<u8> {
+    let env = environment.as_str().as_bytes();
+    let scope = scope.as_str().as_bytes();
+    let mut info = Vec::with_capacity(INFO_LABEL.len() + 7 + env.len() + scope.len());
+    info.extend_from_slice(INFO_LABEL);
+    info.push(0);
+    // Names are at most 64 bytes (validated by `Environment`/`Scope`).
+    info.push(env.len() as u8);
+    info.extend_from_slice(env);
+    info.push(scope.len() as u8);
+    info.extend_from_slice(scope);
+    info.extend_from_slice(&version.to_be_bytes());
+    info
+}
+
+/// The 4-byte key tag of a public key.
+pub(crate) fn key_tag(point: &[u8; INGEST_PUBLIC_KEY_LEN]) -> [u8; 4] {
+    let mut h = Sha256::new();
+    h.update(KEY_TAG_LABEL);
+    h.update(point);
+    let d = h.finalize();
+    [d[0], d[1], d[2], d[3]]
+}
+
+/// A scope's ingest public key: what a front end is configured with. Not
+/// secret; prints and serializes freely.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IngestPublicKey {
+    environment: Environment,
+    scope: Scope,
+    version: u32,
+    point: [u8; INGEST_PUBLIC_KEY_LEN],
+}
+
+impl IngestPublicKey {
+    /// A public key from its parts. `point` is the uncompressed SEC1
+    /// encoding (65 bytes, `0x04` ‖ x ‖ y).
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::PublicKey`] if `point` is not a point on P-256 (wrong
+    /// length, compressed, off the curve, the identity).
+    pub fn from_parts(
+        environment: &Environment,
+        scope: &Scope,
+        version: u32,
+        point: &[u8],
+    ) -> Result<Self, Error> {
+        let point: [u8; INGEST_PUBLIC_KEY_LEN] =
+            point.try_into().map_err(|_| FormatError::PublicKey)?;
+        <Kem as hpke::Kem>::PublicKey::from_bytes(&point).map_err(|_| FormatError::PublicKey)?;
+        Ok(IngestPublicKey {
+            environment: environment.clone(),
+            scope: scope.clone(),
+            version,
+            point,
+        })
+    }
+
+    /// Parses the text form `PIK1/<environment>/<scope>/<version>/<base64url point>`.
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Text`] for a malformed string, [`FormatError::PublicKey`]
+    /// for a point not on the curve, [`Error::Config`] for a bad name.
+    pub fn from_text(text: &str) -> Result<Self, Error> {
+        let mut parts = text.trim().split('/');
+        let (Some(prefix), Some(env), Some(scope), Some(version), Some(point), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(FormatError::Text.into());
+        };
+        if prefix != PUBLIC_TEXT_PREFIX {
+            return Err(FormatError::Text.into());
+        }
+        let version: u32 = version.parse().map_err(|_| FormatError::Text)?;
+        let point = URL_SAFE_NO_PAD
+            .decode(point)
+            .map_err(|_| FormatError::Text)?;
+        Self::from_parts(
+            &Environment::new(env)?,
+            &Scope::new(scope)?,
+            version,
+            &point,
+        )
+    }
+
+    /// The text form, for configuration files and environment variables.
+    pub fn to_text(&self) -> String {
+        format!(
+            "{PUBLIC_TEXT_PREFIX}/{}/{}/{}/{}",
+            self.environment,
+            self.scope,
+            self.version,
+            URL_SAFE_NO_PAD.encode(self.point)
+        )
+    }
+
+    /// The environment the key serves.
+    pub fn environment(&self) -> &Environment {
+        &self.environment
+    }
+
+    /// The scope the key serves.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The key's version within its scope.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The uncompressed SEC1 point (65 bytes).
+    pub fn as_bytes(&self) -> &[u8; INGEST_PUBLIC_KEY_LEN] {
+        &self.point
+    }
+
+    /// The 4-byte key tag ciphertexts carry.
+    pub fn key_tag(&self) -> [u8; 4] {
+        key_tag(&self.point)
+    }
+
+    /// SHA-256 of the point, hex: what a front end pins.
+    pub fn fingerprint(&self) -> String {
+        hex::encode(Sha256::digest(self.point))
+    }
+}
+
+impl fmt::Debug for IngestPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IngestPublicKey")
+            .field("environment", &self.environment)
+            .field("scope", &self.scope)
+            .field("version", &self.version)
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
+}
+
+impl Serialize for IngestPublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_text())
+    }
+}
+
+impl<'de> Deserialize<'de> for IngestPublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        IngestPublicKey::from_text(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One version of a scope's ingest key pair, as a key service lists it:
+/// the public half and its lifecycle. The private half never leaves the
+/// service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestKeyInfo {
+    /// The public key (environment, scope, version, point).
+    pub public_key: IngestPublicKey,
+    /// [`KeyState::Active`]: front ends seal with it;
+    /// [`KeyState::DecryptOnly`] (retired): still opens and admits, never
+    /// seals; destroyed versions are not listed.
+    pub state: KeyState,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+}
+
+/// Seals PANs with a scope's ingest public key. Holds no secret: no key
+/// service, no credential, no key store. What a front end (or a browser,
+/// in JavaScript) runs.
+#[derive(Clone, Debug)]
+pub struct IngestSealer {
+    key: IngestPublicKey,
+    pk: <Kem as hpke::Kem>::PublicKey,
+    info: Vec<u8>,
+    header: [u8; INGEST_HEADER_LEN],
+}
+
+impl IngestSealer {
+    /// A sealer for `key`.
+    pub fn new(key: IngestPublicKey) -> Self {
+        // `from_parts` validated the point.
+        let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(&key.point)
+            .unwrap_or_else(|_| unreachable!("validated at construction"));
+        let info = info_bytes(&key.environment, &key.scope, key.version);
+        let mut header = [0u8; INGEST_HEADER_LEN];
+        header[0] = INGEST_VERSION;
+        header[1] = KIND_HPKE_P256;
+        header[2..6].copy_from_slice(&key.key_tag());
+        header[6..10].copy_from_slice(&key.version.to_be_bytes());
+        IngestSealer {
+            key,
+            pk,
+            info,
+            header,
+        }
+    }
+
+    /// A sealer for a listed key, refusing one that no longer seals.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::IngestKeyRetired`] unless `info.state` is active.
+    pub fn from_info(info: &IngestKeyInfo) -> Result<Self, Error> {
+        if info.state != KeyState::Active {
+            return Err(KeyError::IngestKeyRetired {
+                scope: info.public_key.scope.to_string(),
+                version: info.public_key.version,
+            }
+            .into());
+        }
+        Ok(Self::new(info.public_key.clone()))
+    }
+
+    /// The public key this sealer uses.
+    pub fn public_key(&self) -> &IngestPublicKey {
+        &self.key
+    }
+
+    /// Seals `pan` bound to `context`. The packed PAN is wiped before
+    /// returning.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] only if the system's random generator fails.
+    pub fn seal(&self, pan: &Pan, context: &Context) -> Result<IngestSealed, Error> {
+        let mut packed = [0u8; PACKED_LEN];
+        crate::format::write::pack_pan(pan, &mut packed);
+        let result = self.seal_packed(&mut packed, context);
+        packed.zeroize();
+        result
+    }
+
+    /// Seals 10 packed bytes (possibly non-conforming): for the hazmat
+    /// vectors and fuzzing.
+    pub(crate) fn seal_packed(
+        &self,
+        packed: &mut [u8; PACKED_LEN],
+        context: &Context,
+    ) -> Result<IngestSealed, Error> {
+        let mut aad = Zeroizing::new(Vec::with_capacity(
+            INGEST_HEADER_LEN + context.encoded().len(),
+        ));
+        aad.extend_from_slice(&self.header);
+        aad.extend_from_slice(context.encoded());
+        let (enc, tag) = hpke::single_shot_seal_in_place_detached::<Aead, Kdf, Kem, _>(
+            &OpModeS::Base,
+            &self.pk,
+            &self.info,
+            packed,
+            &aad,
+            &mut OsRng,
+        )
+        .map_err(|_| {
+            Error::Config(crate::error::ConfigError::Invalid(
+                "HPKE encapsulation failed".into(),
+            ))
+        })?;
+        let mut out = [0u8; INGEST_LEN];
+        out[..INGEST_HEADER_LEN].copy_from_slice(&self.header);
+        out[ENC_AT..CT_AT].copy_from_slice(&enc.to_bytes());
+        out[CT_AT..TAG_AT].copy_from_slice(packed);
+        out[TAG_AT..].copy_from_slice(&tag.to_bytes());
+        Ok(IngestSealed { bytes: out })
+    }
+}
+
+/// A PAN sealed with an ingest public key (`FORMAT.md` §17): 101 bytes, or
+/// 134 characters of text. Not secret; stored until admitted into the
+/// compact form ([`crate::Panseal::admit`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IngestSealed {
+    bytes: [u8; INGEST_LEN],
+}
+
+impl IngestSealed {
+    /// Parses the binary form.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Format`]: empty, wrong version, kind or length. Never panics.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        let Some(&version) = bytes.first() else {
+            return Err(FormatError::Empty.into());
+        };
+        if version != INGEST_VERSION {
+            return Err(FormatError::UnknownVersion(version).into());
+        }
+        match bytes.get(1) {
+            Some(&KIND_HPKE_P256) => {}
+            Some(&kind) => return Err(FormatError::UnknownAlgorithm(kind).into()),
+            None => {
+                return Err(FormatError::Length {
+                    expected: INGEST_LEN,
+                    actual: bytes.len(),
+                }
+                .into())
+            }
+        }
+        let bytes: [u8; INGEST_LEN] = bytes.try_into().map_err(|_| FormatError::Length {
+            expected: INGEST_LEN,
+            actual: bytes.len(),
+        })?;
+        Ok(IngestSealed { bytes })
+    }
+
+    /// Parses the text form (`I1` + 132 base64url characters).
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Text`] for a wrong prefix, length or alphabet.
+    pub fn from_text(text: &str) -> Result<Self, Error> {
+        let body = text
+            .strip_prefix(INGEST_TEXT_PREFIX)
+            .ok_or(FormatError::Text)?;
+        if text.len() != INGEST_TEXT_LEN {
+            return Err(FormatError::Text.into());
+        }
+        let mut out = [0u8; INGEST_LEN];
+        out[0] = INGEST_VERSION;
+        out[1] = KIND_HPKE_P256;
+        let n = URL_SAFE_NO_PAD
+            .decode_slice(body, &mut out[2..])
+            .map_err(|_| FormatError::Text)?;
+        if n != INGEST_LEN - 2 {
+            return Err(FormatError::Text.into());
+        }
+        // Reject non-canonical encodings (trailing bits set).
+        if URL_SAFE_NO_PAD.encode(&out[2..]) != body {
+            return Err(FormatError::Text.into());
+        }
+        Ok(IngestSealed { bytes: out })
+    }
+
+    /// The binary form (101 bytes).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The text form (134 characters).
+    pub fn to_text(&self) -> String {
+        let mut s = String::with_capacity(INGEST_TEXT_LEN);
+        s.push_str(INGEST_TEXT_PREFIX);
+        URL_SAFE_NO_PAD.encode_string(&self.bytes[2..], &mut s);
+        s
+    }
+
+    /// The version of the ingest key it was sealed with.
+    pub fn key_version(&self) -> u32 {
+        u32::from_be_bytes([self.bytes[6], self.bytes[7], self.bytes[8], self.bytes[9]])
+    }
+
+    /// The key tag of the public key it was sealed with.
+    pub fn key_tag(&self) -> [u8; 4] {
+        [self.bytes[2], self.bytes[3], self.bytes[4], self.bytes[5]]
+    }
+
+    pub(crate) fn header(&self) -> &[u8] {
+        &self.bytes[..INGEST_HEADER_LEN]
+    }
+
+    pub(crate) fn enc(&self) -> &[u8] {
+        &self.bytes[ENC_AT..CT_AT]
+    }
+
+    pub(crate) fn ciphertext(&self) -> &[u8] {
+        &self.bytes[CT_AT..TAG_AT]
+    }
+
+    pub(crate) fn tag(&self) -> &[u8] {
+        &self.bytes[TAG_AT..]
+    }
+}
+
+impl fmt::Debug for IngestSealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IngestSealed")
+            .field("key_version", &self.key_version())
+            .field("key_tag", &hex::encode(self.key_tag()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A sealed PAN of either form, borrowed: what [`crate::Panseal::open_pan`]
+/// takes (`&SealedPan` and `&IngestSealed` convert into it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SealedRef<'a> {
+    /// The compact 48-byte form, sealed under a DEK.
+    Compact(&'a SealedPan),
+    /// The ingest form, sealed with a scope's public key.
+    Ingest(&'a IngestSealed),
+}
+
+impl<'a> From<&'a SealedPan> for SealedRef<'a> {
+    fn from(s: &'a SealedPan) -> Self {
+        SealedRef::Compact(s)
+    }
+}
+
+impl<'a> From<&'a IngestSealed> for SealedRef<'a> {
+    fn from(s: &'a IngestSealed) -> Self {
+        SealedRef::Ingest(s)
+    }
+}
+
+impl<'a> From<&'a StoredPan> for SealedRef<'a> {
+    fn from(s: &'a StoredPan) -> Self {
+        match s {
+            StoredPan::Compact(c) => SealedRef::Compact(c),
+            StoredPan::Ingest(i) => SealedRef::Ingest(i),
+        }
+    }
+}
+
+/// A sealed PAN of either form, owned: for a column that holds ingest
+/// ciphertexts until they are admitted, and compact ones after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoredPan {
+    /// The compact 48-byte form.
+    Compact(SealedPan),
+    /// The ingest form.
+    Ingest(IngestSealed),
+}
+
+impl StoredPan {
+    /// Parses either binary form (told apart by the kind byte).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Format`] as [`SealedPan::from_bytes`] / [`IngestSealed::from_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.get(1) == Some(&KIND_HPKE_P256) {
+            return IngestSealed::from_bytes(bytes).map(StoredPan::Ingest);
+        }
+        SealedPan::from_bytes(bytes).map(StoredPan::Compact)
+    }
+
+    /// Parses either text form (told apart by the prefix).
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::Text`].
+    pub fn from_text(text: &str) -> Result<Self, Error> {
+        if text.starts_with(INGEST_TEXT_PREFIX) {
+            return IngestSealed::from_text(text).map(StoredPan::Ingest);
+        }
+        SealedPan::from_text(text).map(StoredPan::Compact)
+    }
+
+    /// The binary form.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            StoredPan::Compact(c) => c.as_bytes(),
+            StoredPan::Ingest(i) => i.as_bytes(),
+        }
+    }
+
+    /// The text form.
+    pub fn to_text(&self) -> String {
+        match self {
+            StoredPan::Compact(c) => c.to_text(),
+            StoredPan::Ingest(i) => i.to_text(),
+        }
+    }
+}
+
+/// The private half of an ingest key pair. Lives only inside a key service
+/// (keyd's state, the local service's memory); zeroized on drop, never
+/// printed.
+pub struct IngestPrivateKey {
+    sk: <Kem as hpke::Kem>::PrivateKey,
+    public: IngestPublicKey,
+    info: Vec<u8>,
+}
+
+impl IngestPrivateKey {
+    /// A fresh key pair from the OS CSPRNG.
+    pub fn generate(environment: &Environment, scope: &Scope, version: u32) -> Self {
+        let (sk, pk) = Kem::gen_keypair(&mut OsRng);
+        Self::from_pair(environment, scope, version, sk, &pk)
+    }
+
+    fn from_pair(
+        environment: &Environment,
+        scope: &Scope,
+        version: u32,
+        sk: <Kem as hpke::Kem>::PrivateKey,
+        pk: &<Kem as hpke::Kem>::PublicKey,
+    ) -> Self {
+        let mut point = [0u8; INGEST_PUBLIC_KEY_LEN];
+        point.copy_from_slice(&pk.to_bytes());
+        IngestPrivateKey {
+            sk,
+            info: info_bytes(environment, scope, version),
+            public: IngestPublicKey {
+                environment: environment.clone(),
+                scope: scope.clone(),
+                version,
+                point,
+            },
+        }
+    }
+
+    /// Rebuilds a key pair from its 32-byte scalar (as stored sealed in a
+    /// key service's state).
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::PublicKey`] if `scalar` is zero or not below the
+    /// group order.
+    pub fn from_scalar(
+        environment: &Environment,
+        scope: &Scope,
+        version: u32,
+        scalar: &[u8; 32],
+    ) -> Result<Self, Error> {
+        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(scalar)
+            .map_err(|_| FormatError::PublicKey)?;
+        let pk = Kem::sk_to_pk(&sk);
+        Ok(Self::from_pair(environment, scope, version, sk, &pk))
+    }
+
+    /// The 32-byte scalar, for sealing into a key service's state.
+    pub fn to_scalar(&self) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&self.sk.to_bytes());
+        out
+    }
+
+    /// The public half.
+    pub fn public_key(&self) -> &IngestPublicKey {
+        &self.public
+    }
+
+    /// Opens `sealed` bound to `context`.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::IngestKeyMismatch`] if the ciphertext names another key
+    /// (version or key tag: another scope, environment or key pair);
+    /// [`Error::Decryption`] (opaque) for an altered ciphertext or another
+    /// context; [`FormatError::Payload`] if what authenticates is not a
+    /// packed PAN.
+    pub fn open(&self, sealed: &IngestSealed, context: &Context) -> Result<Pan, Error> {
+        let mut packed = self.open_packed(sealed, context)?;
+        let pan = crate::format::read::unpack_pan(&packed);
+        packed.zeroize();
+        Ok(pan?)
+    }
+
+    pub(crate) fn open_packed(
+        &self,
+        sealed: &IngestSealed,
+        context: &Context,
+    ) -> Result<Zeroizing<[u8; PACKED_LEN]>, Error> {
+        if sealed.key_version() != self.public.version || sealed.key_tag() != self.public.key_tag()
+        {
+            return Err(KeyError::IngestKeyMismatch.into());
+        }
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(sealed.enc())
+            .map_err(|_| Error::Decryption)?;
+        let tag =
+            hpke::aead::AeadTag::<Aead>::from_bytes(sealed.tag()).map_err(|_| Error::Decryption)?;
+        let mut aad = Vec::with_capacity(INGEST_HEADER_LEN + context.encoded().len());
+        aad.extend_from_slice(sealed.header());
+        aad.extend_from_slice(context.encoded());
+        let mut packed = Zeroizing::new([0u8; PACKED_LEN]);
+        packed.copy_from_slice(sealed.ciphertext());
+        hpke::single_shot_open_in_place_detached::<Aead, Kdf, Kem>(
+            &OpModeR::Base,
+            &self.sk,
+            &enc,
+            &self.info,
+            &mut packed[..],
+            &aad,
+            &tag,
+        )
+        .map_err(|_| Error::Decryption)?;
+        Ok(packed)
+    }
+}
+
+impl fmt::Debug for IngestPrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IngestPrivateKey")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> (Environment, Scope) {
+        (
+            Environment::new("test").unwrap(),
+            Scope::new("merchant-42").unwrap(),
+        )
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(INGEST_LEN, 101);
+        assert_eq!(INGEST_TEXT_LEN, 134);
+    }
+
+    #[test]
+    fn round_trip_every_length() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 1);
+        let sealer = IngestSealer::new(key.public_key().clone());
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        for pan in [
+            "4111111111111111",
+            "378282246310005",
+            "6011000990139424",
+            "4000056655665556",
+        ] {
+            let pan = Pan::parse(pan).unwrap();
+            let sealed = sealer.seal(&pan, &ctx).unwrap();
+            assert_eq!(sealed.as_bytes().len(), INGEST_LEN);
+            let text = sealed.to_text();
+            assert_eq!(text.len(), INGEST_TEXT_LEN);
+            assert_eq!(IngestSealed::from_text(&text).unwrap(), sealed);
+            assert_eq!(IngestSealed::from_bytes(sealed.as_bytes()).unwrap(), sealed);
+            assert_eq!(key.open(&sealed, &ctx).unwrap(), pan);
+            let other = Context::new("cards", "pan", "row-2").unwrap();
+            assert!(matches!(key.open(&sealed, &other), Err(Error::Decryption)));
+        }
+    }
+
+    #[test]
+    fn another_scope_is_a_mismatch() {
+        let (env, scope) = names();
+        let a = IngestPrivateKey::generate(&env, &scope, 1);
+        let b = IngestPrivateKey::generate(&env, &Scope::new("other").unwrap(), 1);
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let sealed = IngestSealer::new(a.public_key().clone())
+            .seal(&pan, &ctx)
+            .unwrap();
+        assert!(matches!(
+            b.open(&sealed, &ctx),
+            Err(Error::Key(KeyError::IngestKeyMismatch))
+        ));
+    }
+
+    #[test]
+    fn public_key_text_and_curve_check() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 3);
+        let text = key.public_key().to_text();
+        assert_eq!(
+            &IngestPublicKey::from_text(&text).unwrap(),
+            key.public_key()
+        );
+        let mut bad = *key.public_key().as_bytes();
+        bad[64] ^= 1;
+        assert!(matches!(
+            IngestPublicKey::from_parts(&env, &scope, 3, &bad),
+            Err(Error::Format(FormatError::PublicKey))
+        ));
+        let scalar = key.to_scalar();
+        let again = IngestPrivateKey::from_scalar(&env, &scope, 3, &scalar).unwrap();
+        assert_eq!(again.public_key(), key.public_key());
+        assert!(IngestPrivateKey::from_scalar(&env, &scope, 3, &[0u8; 32]).is_err());
+    }
+}
