@@ -16,6 +16,15 @@
 //!   resets, relabels and rolls back DEK rows → every edit detected, no seal
 //!   under a compromised key.
 //!
+//! * **E. a write-only front end's whole memory + its configuration + the
+//!   dump** (`ingest_frontend`, holding only the scope's HPKE public key):
+//!   every readable byte of its process image (`/proc/PID/mem`) searched
+//!   for the cards it sealed (ASCII, packed BCD), every 8-aligned 32-byte
+//!   window of its writable memory tried as a P-256 private key (the
+//!   ingest key, or any ephemeral key of the stored ciphertexts) → 0 PANs
+//!   sealed before the dump; a control card typed into it at the time of
+//!   the dump is found (the scan works).
+//!
 //! Then the settlement credential (`unwrap`) opens every card.
 //!
 //! ```text
@@ -75,6 +84,13 @@ struct Args {
     /// Longest the attacker spends on the blind-index oracle, in seconds.
     #[arg(long, default_value_t = 20)]
     oracle_seconds: u64,
+    /// The `ingest_frontend` example binary: plays attacker E (a write-only
+    /// front end's whole memory and configuration, plus the dump).
+    #[arg(long)]
+    ingest_frontend: Option<PathBuf>,
+    /// Cards the write-only front end seals for attacker E.
+    #[arg(long, default_value_t = 200)]
+    ingest_cards: usize,
 }
 
 const BIN: &str = "411111";
@@ -613,6 +629,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     println!("  attacker D: {detected} of {total_edits} edits detected");
     ok &= detected == total_edits;
 
+    // ====== E. a write-only front end's memory + configuration + dump ======
+    if let Some(frontend_bin) = &args.ingest_frontend {
+        ok &= attacker_e(&args, frontend_bin, &scope, &custodian, &fe_ks, &db, &bulk, &settle)
+            .await?;
+    }
+
     // ================ the right credential opens everything ================
     let mut opened = 0;
     for row in &rows {
@@ -702,4 +724,274 @@ where
             )
             .is_ok()
     })
+}
+
+/// Attacker E: everything in a write-only front end's memory and its
+/// configuration, plus the database dump. Returns whether it recovered no
+/// card sealed before the dump (and the back office still opens them all).
+#[allow(clippy::too_many_arguments)]
+async fn attacker_e(
+    args: &Args,
+    frontend_bin: &std::path::Path,
+    scope: &Scope,
+    custodian: &panseal::RemoteKeyService,
+    fe_ks: &panseal::RemoteKeyService,
+    db: &deadpool_postgres::Object,
+    bulk: &Panseal,
+    settle: &Access,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, BufReader, Write};
+    println!("E. a write-only front end's whole memory + its configuration + the dump");
+    if custodian.ingest_keys(scope).await?.is_empty() {
+        let info = custodian.create_ingest_key(scope).await?;
+        println!(
+            "  custodian created ingest key v{} of scope {scope} inside keyd",
+            info.public_key.version()
+        );
+    }
+    // The front end is configured with the public key it fetched (any
+    // credential may list it) and pinned: its whole configuration.
+    let keys = fe_ks.ingest_keys(scope).await?;
+    let active = keys
+        .iter()
+        .find(|k| k.state == KeyState::Active)
+        .ok_or("no active ingest key")?;
+    let public_key = active.public_key.clone();
+    let config_dir = args
+        .front_end
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let config_path = config_dir.join("ingest-frontend.pub");
+    std::fs::write(&config_path, public_key.to_text())?;
+    let mut child = Command::new(frontend_bin)
+        .arg("--public-key-file")
+        .arg(&config_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", frontend_bin.display()))?;
+    let pid = child.id();
+    let mut to_fe = child.stdin.take().ok_or("front end stdin")?;
+    let mut from_fe = BufReader::new(child.stdout.take().ok_or("front end stdout")?);
+    db.batch_execute(
+        "DROP TABLE IF EXISTS orders;
+         CREATE TABLE orders (id varchar(32) PRIMARY KEY, card varchar(140) NOT NULL)",
+    )
+    .await?;
+    let pans: Vec<String> = (0..args.ingest_cards).map(|i| card(500_000 + i)).collect();
+    let mut stored = Vec::with_capacity(pans.len());
+    for (i, pan) in pans.iter().enumerate() {
+        writeln!(to_fe, "o{i} {pan}")?;
+        to_fe.flush()?;
+        let mut answer = String::new();
+        from_fe.read_line(&mut answer)?;
+        let (order, text) = answer.trim_end().split_once(' ').ok_or("front end answer")?;
+        let sealed = panseal::IngestSealed::from_text(text)
+            .map_err(|e| format!("front end answered no ciphertext for {order}: {e}"))?;
+        db.execute(
+            "INSERT INTO orders VALUES ($1, $2)",
+            &[&order, &sealed.to_text()],
+        )
+        .await?;
+        stored.push((order.to_owned(), sealed));
+    }
+    println!(
+        "  the front end sealed {} cards with the public key alone ({} characters each)",
+        stored.len(),
+        panseal::INGEST_TEXT_LEN
+    );
+    writeln!(to_fe, "PAUSE")?;
+    to_fe.flush()?;
+    let mut paused = String::new();
+    from_fe.read_line(&mut paused)?;
+    if paused.trim_end() != "PAUSED" {
+        return Err("front end did not pause".into());
+    }
+    let image = read_process_memory(pid)?;
+    let readable: usize = image.iter().map(|r| r.bytes.len()).sum();
+    let writable: usize = image
+        .iter()
+        .filter(|r| r.writable)
+        .map(|r| r.bytes.len())
+        .sum();
+    println!(
+        "  [E0] read the front end's process image: {} regions, {readable} bytes \
+         ({writable} writable)",
+        image.len()
+    );
+    let truth: HashSet<&str> = pans.iter().map(String::as_str).collect();
+    let ascii = image
+        .iter()
+        .map(|r| digit_runs(&r.bytes, &truth))
+        .fold(HashSet::new(), |mut acc, s| {
+            acc.extend(s);
+            acc
+        });
+    println!(
+        "  [E1] cards sealed before the dump found in its memory as ASCII digits: {}",
+        ascii.len()
+    );
+    let packed: HashSet<[u8; 10]> = pans.iter().map(|p| bcd(p)).collect();
+    let mut bcd_found = HashSet::new();
+    for r in image.iter().filter(|r| r.writable) {
+        for w in r.bytes.windows(10) {
+            if w[0] != 0 && packed.contains(w) {
+                bcd_found.insert(w.to_vec());
+            }
+        }
+    }
+    println!(
+        "  [E2] cards found in its writable memory packed as BCD: {}",
+        bcd_found.len()
+    );
+    // Every 8-aligned 32-byte window as a P-256 scalar: the ingest private
+    // key would open every card; an ephemeral key, the one card it sealed.
+    let mut targets: HashSet<Vec<u8>> = stored
+        .iter()
+        .map(|(_, s)| s.as_bytes()[10..75].to_vec())
+        .collect();
+    targets.insert(public_key.as_bytes().to_vec());
+    let env = public_key.environment().clone();
+    let (mut tried, mut scalar_hits) = (0u64, 0u64);
+    let mut seen = HashSet::new();
+    let started = Instant::now();
+    for r in image.iter().filter(|r| r.writable) {
+        for w in r.bytes.chunks_exact(8).collect::<Vec<_>>().windows(4) {
+            let mut cand = [0u8; 32];
+            for (i, part) in w.iter().enumerate() {
+                cand[i * 8..i * 8 + 8].copy_from_slice(part);
+            }
+            if cand.iter().filter(|&&b| b == 0).count() > 8 || !seen.insert(cand) {
+                continue;
+            }
+            tried += 1;
+            if let Ok(k) = panseal::keyd::IngestPrivateKey::from_scalar(&env, scope, 1, &cand) {
+                if targets.contains(k.public_key().as_bytes().as_slice()) {
+                    scalar_hits += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "  [E3] {tried} distinct 32-byte windows of its writable memory tried as P-256 private \
+         keys ({} s): {scalar_hits} matched the ingest key or an ephemeral key",
+        started.elapsed().as_secs()
+    );
+    let config = std::fs::read(&config_path)?;
+    let in_config = digit_runs(&config, &truth).len();
+    println!("  [E4] cards in its configuration (the public key): {in_config}");
+    let dump = Command::new(&args.pg_dump).arg(&args.pg_url).output()?;
+    let in_dump = digit_runs(&dump.stdout, &truth).len();
+    println!("  [E5] cards in the clear in the dump (orders table included): {in_dump}");
+    let e_total = ascii.len() + bcd_found.len() + scalar_hits as usize + in_config + in_dump;
+    println!("  attacker E recovered {e_total} PANs sealed before the dump");
+    // Control: a card being typed at the moment of the dump (half a line
+    // read) is in memory, and the same scan finds it: cards typed after a
+    // compromise are the front end's to lose, by design.
+    let control = card(900_000);
+    write!(to_fe, "ctl {control}")?;
+    to_fe.flush()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let control_image = read_process_memory(pid)?;
+    let control_truth: HashSet<&str> = [control.as_str()].into_iter().collect();
+    let control_found = control_image
+        .iter()
+        .any(|r| !digit_runs(&r.bytes, &control_truth).is_empty());
+    println!(
+        "  [E6] control: a card being typed at the dump found by the same scan: {}",
+        if control_found { "yes" } else { "no" }
+    );
+    writeln!(to_fe)?;
+    drop(to_fe);
+    let _ = child.wait();
+    // The back office opens every stored card through keyd.
+    let mut opened = 0;
+    for (i, (order, sealed)) in stored.iter().enumerate() {
+        let ctx = Context::new("orders", "card", order.as_str())?;
+        let got = bulk.open_pan(sealed, &ctx, settle).await?;
+        if got.pan.expose_digits() == pans[i] && got.needs_reseal {
+            opened += 1;
+        }
+    }
+    println!(
+        "  the back office (unwrap credential, through keyd) opened {opened} of {} ingest \
+         ciphertexts",
+        stored.len()
+    );
+    Ok(e_total == 0 && control_found && opened == stored.len())
+}
+
+struct Region {
+    writable: bool,
+    bytes: Vec<u8>,
+}
+
+/// Every readable mapping of process `pid` (`/proc/PID/maps` + `/proc/PID/mem`).
+fn read_process_memory(pid: u32) -> Result<Vec<Region>, Box<dyn std::error::Error>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let name = line.split_whitespace().nth(5).unwrap_or("");
+        if !perms.starts_with('r') || name == "[vvar]" || name == "[vsyscall]" {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (a, b) = (u64::from_str_radix(a, 16)?, u64::from_str_radix(b, 16)?);
+        let mut bytes = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut bytes).is_err() {
+            continue;
+        }
+        out.push(Region {
+            writable: perms.as_bytes().get(1) == Some(&b'w'),
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// The cards of `truth` that appear in `bytes` as a run of ASCII digits
+/// (spaces and dashes between digits allowed, as typed).
+fn digit_runs(bytes: &[u8], truth: &HashSet<&str>) -> HashSet<String> {
+    let mut found = HashSet::new();
+    let mut run = String::new();
+    for &b in bytes.iter().chain(std::iter::once(&b'.')) {
+        if b.is_ascii_digit() {
+            run.push(char::from(b));
+            if run.len() > 19 {
+                run.remove(0);
+            }
+            for len in 12..=run.len() {
+                let tail = &run[run.len() - len..];
+                if truth.contains(tail) {
+                    found.insert(tail.to_owned());
+                }
+            }
+            continue;
+        }
+        if b == b' ' || b == b'-' {
+            continue;
+        }
+        run.clear();
+    }
+    found
+}
+
+/// A card packed as the ciphertexts pack it (BCD, 0xF padding).
+fn bcd(pan: &str) -> [u8; 10] {
+    let mut out = [0xFFu8; 10];
+    for (byte, pair) in out.iter_mut().zip(pan.as_bytes().chunks(2)) {
+        let hi = pair[0] - b'0';
+        let lo = pair.get(1).map_or(0x0F, |d| d - b'0');
+        *byte = (hi << 4) | lo;
+    }
+    out
 }

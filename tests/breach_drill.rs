@@ -9,7 +9,10 @@
 //! * C — the dump + a stolen reveal credential: exactly `REVEAL_QUOTA` PANs,
 //!   each named in keyd's audit;
 //! * D — a database writer editing key records: every edit detected, no
-//!   seal under a compromised DEK.
+//!   seal under a compromised DEK;
+//! * E — a write-only front end's whole process image (`/proc/PID/mem`) and
+//!   configuration, plus the dump: 0 of the cards it sealed before the
+//!   dump; a control card being typed at the dump is found by the same scan.
 #![cfg(all(feature = "postgres", feature = "keyd", feature = "hazmat-test-keys"))]
 
 mod common;
@@ -25,6 +28,8 @@ use common::pg::PgServer;
 const REVEAL_QUOTA: u64 = 25;
 /// HMACs the front end may ask for per window (principal `checkout`).
 const INDEX_QUOTA: u64 = 3_000;
+/// Cards the write-only front end seals for attacker E.
+const INGEST_CARDS: u64 = 200;
 /// Cards the drill stores: one HMAC each, plus two for the planting check,
 /// come out of the front end's window before the attacker's turn.
 const CARDS: u64 = 300;
@@ -91,6 +96,9 @@ async fn each_attacker_recovers_what_the_design_allows_and_no_more() {
         .arg(&root)
         .arg("--keyd-audit")
         .arg(k.path("data/audit.log"))
+        .arg("--ingest-frontend")
+        .arg(common::example_binary("ingest_frontend"))
+        .args(["--ingest-cards", &INGEST_CARDS.to_string()])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -151,4 +159,22 @@ async fn each_attacker_recovers_what_the_design_allows_and_no_more() {
         "{stdout}"
     );
     assert!(stdout.contains("opened 300 of 300 cards"), "{stdout}");
+    // E: a write-only front end's memory, configuration and the dump.
+    for line in [
+        "[E1] cards sealed before the dump found in its memory as ASCII digits: 0",
+        "[E2] cards found in its writable memory packed as BCD: 0",
+        ": 0 matched the ingest key or an ephemeral key",
+        "[E4] cards in its configuration (the public key): 0",
+        "[E5] cards in the clear in the dump (orders table included): 0",
+        "attacker E recovered 0 PANs sealed before the dump",
+        "[E6] control: a card being typed at the dump found by the same scan: yes",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?}\n{stdout}");
+    }
+    assert!(
+        stdout.contains(&format!(
+            "opened {INGEST_CARDS} of {INGEST_CARDS} ingest ciphertexts"
+        )),
+        "{stdout}"
+    );
 }
