@@ -88,6 +88,10 @@ struct Args {
     /// front end's whole memory and configuration, plus the dump).
     #[arg(long)]
     ingest_frontend: Option<PathBuf>,
+    /// Client configuration of the write-only front end's own keyd
+    /// credential (it may list ingest public keys and nothing else).
+    #[arg(long)]
+    ingest_credential: Option<PathBuf>,
     /// Cards the write-only front end seals for attacker E.
     #[arg(long, default_value_t = 200)]
     ingest_cards: usize,
@@ -884,7 +888,47 @@ async fn attacker_e(
     let dump = Command::new(&args.pg_dump).arg(&args.pg_url).output()?;
     let in_dump = digit_runs(&dump.stdout, &truth).len();
     println!("  [E5] cards in the clear in the dump (orders table included): {in_dump}");
-    let e_total = ascii.len() + bcd_found.len() + scalar_hits as usize + in_config + in_dump;
+    // The front end's own credential, used for everything it may ask.
+    let mut by_credential = 0usize;
+    if let Some(cred) = &args.ingest_credential {
+        let ks = ClientConfig::from_file(cred)?.keyd_client()?;
+        let attacker = Access::new("attacker", "exfiltration")?;
+        let contexts: Vec<Context> = stored
+            .iter()
+            .map(|(o, _)| Context::new("orders", "card", o.as_str()))
+            .collect::<Result<_, _>>()?;
+        let mut opened_by_fe = 0usize;
+        for ((_, sealed), ctx) in stored.iter().zip(&contexts).take(50) {
+            let req = panseal::IngestOpenRequest {
+                scope,
+                sealed,
+                context: ctx,
+            };
+            if ks.open_ingest(&req, &attacker).await.is_ok() {
+                opened_by_fe += 1;
+            }
+        }
+        // Admission would need a DEK record; the front end asks for one.
+        let request = KeyRequest {
+            id: KeyId::random(),
+            scope: scope.clone(),
+            environment: env.clone(),
+            purpose: KeyPurpose::Data,
+        };
+        let got_dek = ks.generate_wrapped(&request).await.is_ok() as usize;
+        let unwrapped = ks.generate(&request).await.is_ok() as usize;
+        println!(
+            "  [E7] the front end's own credential: {opened_by_fe} of 50 ingest ciphertexts \
+             opened through keyd, {got_dek} admission DEKs made, {unwrapped} plaintext DEKs"
+        );
+        by_credential = opened_by_fe + unwrapped;
+    }
+    let e_total = ascii.len()
+        + bcd_found.len()
+        + scalar_hits as usize
+        + in_config
+        + in_dump
+        + by_credential;
     println!("  attacker E recovered {e_total} PANs sealed before the dump");
     // Control: a card being typed at the moment of the dump (half a line
     // read) is in memory, and the same scan finds it: cards typed after a

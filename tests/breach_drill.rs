@@ -96,6 +96,8 @@ async fn each_attacker_recovers_what_the_design_allows_and_no_more() {
         .arg(&root)
         .arg("--keyd-audit")
         .arg(k.path("data/audit.log"))
+        .arg("--ingest-credential")
+        .arg(client_config(&k, "ingest-frontend", &url, None))
         .arg("--ingest-frontend")
         .arg(common::example_binary("ingest_frontend"))
         .args(["--ingest-cards", &INGEST_CARDS.to_string()])
@@ -167,6 +169,8 @@ async fn each_attacker_recovers_what_the_design_allows_and_no_more() {
         "[E4] cards in its configuration (the public key): 0",
         "[E5] cards in the clear in the dump (orders table included): 0",
         "attacker E recovered 0 PANs sealed before the dump",
+        "[E7] the front end's own credential: 0 of 50 ingest ciphertexts opened through keyd, \
+         0 admission DEKs made, 0 plaintext DEKs",
         "[E6] control: a card being typed at the dump found by the same scan: yes",
     ] {
         assert!(stdout.contains(line), "missing {line:?}\n{stdout}");
