@@ -836,12 +836,15 @@ async fn attacker_e(
         "  [E1] cards sealed before the dump found in its memory as ASCII digits: {}",
         ascii.len()
     );
-    let packed: HashSet<[u8; 10]> = pans.iter().map(|p| bcd(p)).collect();
-    let mut bcd_found = HashSet::new();
+    let packed: std::collections::HashMap<[u8; 10], &str> =
+        pans.iter().map(|p| (bcd(p), p.as_str())).collect();
+    let mut bcd_found: HashSet<String> = HashSet::new();
     for r in image.iter().filter(|r| r.writable) {
         for w in r.bytes.windows(10) {
-            if w[0] != 0 && packed.contains(w) {
-                bcd_found.insert(w.to_vec());
+            if w[0] != 0 {
+                if let Some(p) = <[u8; 10]>::try_from(w).ok().and_then(|k| packed.get(&k)) {
+                    bcd_found.insert((*p).to_owned());
+                }
             }
         }
     }
@@ -923,9 +926,11 @@ async fn attacker_e(
         );
         by_credential = opened_by_fe + unwrapped;
     }
-    let e_total = ascii.len()
-        + bcd_found.len()
-        + scalar_hits as usize
+    // Distinct cards: a card found both as digits and packed counts once.
+    let mut cards_found: HashSet<String> = ascii.clone();
+    cards_found.extend(bcd_found.iter().cloned());
+    let e_total = cards_found.len()
+        + if scalar_hits > 0 { stored.len() } else { 0 }
         + in_config
         + in_dump
         + by_credential;

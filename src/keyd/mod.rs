@@ -21,6 +21,6 @@ mod support;
 
 #[doc(hidden)]
 pub use crate::audit::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
-#[cfg(feature = "keyd")]
 pub use crate::ingest::IngestPrivateKey;
+#[cfg(feature = "keyd")]
 pub use support::{open_with_key, seal_with_key, unwrap_key, wrap_key, write_atomically};
