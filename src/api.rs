@@ -10,6 +10,7 @@ use arc_swap::ArcSwapOption;
 use crate::audit::{Access, AuditSink, Emitter, Operation};
 use crate::clock;
 use crate::context::Context;
+use crate::error::AdmitItemError;
 use crate::error::{ConfigError, Error, KeyError, KeyServiceError, KeyStoreError};
 use crate::format::SealedPan;
 use crate::index::{self, BlindIndex};
@@ -18,7 +19,6 @@ use crate::keys::{
     unix_now, CachedDek, DekCache, Environment, KeyId, KeyPurpose, KeyRequest, KeyState, Policy,
     Scope, WrappedDek, DEK_STRENGTH_BITS,
 };
-use crate::error::AdmitItemError;
 use crate::keyservice::IndexKeyInfo;
 use crate::keyservice::KeyService;
 use crate::keyservice::{AdmitItem, AdmitRequest, IngestOpenRequest, MAX_ADMIT_BATCH};
@@ -948,9 +948,9 @@ impl Panseal {
     /// environment or key pair), [`KeyError::UnknownIngestKey`] (never
     /// created or destroyed), [`Error::Decryption`] (altered, another
     /// context).
-    pub async fn open_pan(
+    pub async fn open_pan<'s>(
         &self,
-        sealed: impl Into<SealedRef<'_>>,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<Opened, Error> {
@@ -1358,9 +1358,9 @@ impl Panseal {
     /// An ingest ciphertext is opened as [`Panseal::open_pan`] opens it
     /// (the PAN passes through this process); [`Panseal::admit`] does the
     /// same inside the key service.
-    pub async fn reseal(
+    pub async fn reseal<'s>(
         &self,
-        sealed: impl Into<SealedRef<'_>>,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<SealedPan, Error> {

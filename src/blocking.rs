@@ -80,9 +80,9 @@ impl Panseal {
     /// # Errors
     ///
     /// As [`crate::Panseal::open_pan`].
-    pub fn open_pan(
+    pub fn open_pan<'s>(
         &self,
-        sealed: impl Into<SealedRef<'_>>,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<Opened, Error> {
@@ -104,9 +104,9 @@ impl Panseal {
     /// # Errors
     ///
     /// As [`crate::Panseal::reseal`].
-    pub fn reseal(
+    pub fn reseal<'s>(
         &self,
-        sealed: impl Into<SealedRef<'_>>,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<SealedPan, Error> {
