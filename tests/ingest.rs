@@ -413,3 +413,51 @@ async fn a_front_end_credential_opens_and_admits_nothing() {
         "no DEK in its memory"
     );
 }
+
+/// A smoke run of what `fuzz/fuzz_targets/ingest_parse.rs` checks, on
+/// mutations of valid ciphertexts and keys: parsers never panic, what
+/// parses writes back identically, and no mutated ciphertext opens.
+#[test]
+fn ingest_parsers_never_panic_and_no_mutation_opens() {
+    use panseal::hazmat::IngestPrivateKey;
+    use panseal::IngestPublicKey;
+    let env = Environment::new("fuzz").unwrap();
+    let scope = Scope::new("m").unwrap();
+    let key = IngestPrivateKey::from_scalar(&env, &scope, 1, &[7u8; 32]).unwrap();
+    let sealer = panseal::IngestSealer::new(key.public_key().clone());
+    let c = ctx("1");
+    let sealed = sealer
+        .seal(&Pan::parse("4111111111111111").unwrap(), &c)
+        .unwrap();
+    let (mut opened, mut parsed) = (0, 0);
+    for i in 0..1500u32 {
+        let mut b = sealed.as_bytes().to_vec();
+        let at = (i as usize * 7919) % b.len();
+        b[at] ^= 1 << (i % 8);
+        if i % 5 == 0 {
+            b.truncate(at);
+        }
+        if let Ok(s) = IngestSealed::from_bytes(&b) {
+            parsed += 1;
+            assert_eq!(s.as_bytes(), &b[..]);
+            assert_eq!(IngestSealed::from_text(&s.to_text()).unwrap(), s);
+            opened += usize::from(key.open(&s, &c).is_ok());
+        }
+        let _ = StoredPan::from_bytes(&b);
+        let mut t = sealed.to_text().into_bytes();
+        let at = (i as usize * 31) % t.len();
+        t[at] = b"AZaz09-_+/=I1P"[i as usize % 14];
+        if let Ok(t) = String::from_utf8(t) {
+            if let Ok(s) = StoredPan::from_text(&t) {
+                assert_eq!(s.to_text(), t);
+            }
+        }
+        let mut pk = key.public_key().as_bytes().to_vec();
+        pk[(i as usize) % 65] ^= 1 << (i % 8);
+        if let Ok(k) = IngestPublicKey::from_parts(&env, &scope, 1, &pk) {
+            assert_eq!(IngestPublicKey::from_text(&k.to_text()).unwrap(), k);
+        }
+    }
+    assert!(parsed > 1000);
+    assert_eq!(opened, 0, "no mutated ciphertext opens");
+}
