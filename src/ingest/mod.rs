@@ -504,6 +504,20 @@ impl<'a> From<&'a IngestSealed> for SealedRef<'a> {
     }
 }
 
+/// So that `open_pan(sealed, …)` keeps compiling where `sealed` is
+/// itself a `&&SealedPan` (an iterator item).
+impl<'a> From<&&'a SealedPan> for SealedRef<'a> {
+    fn from(s: &&'a SealedPan) -> Self {
+        SealedRef::Compact(s)
+    }
+}
+
+impl<'a> From<&&'a IngestSealed> for SealedRef<'a> {
+    fn from(s: &&'a IngestSealed) -> Self {
+        SealedRef::Ingest(s)
+    }
+}
+
 impl<'a> From<&'a StoredPan> for SealedRef<'a> {
     fn from(s: &'a StoredPan) -> Self {
         match s {

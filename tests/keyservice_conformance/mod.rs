@@ -1289,31 +1289,32 @@ pub async fn run_ingest(ks: Arc<dyn KeyService>, backend: &dyn Backend, environm
     let contexts: Vec<Context> = (0..pans.len()).map(|i| ctx(&format!("i{i}"))).collect();
     let jctx: Vec<Context> = (0..pans.len()).map(|i| ctx(&format!("j{i}"))).collect();
     let (c_f, c_wrong) = (ctx("f"), ctx("wrong"));
-    let mut items: Vec<AdmitItem<'_>> = Vec::new();
-    items.push(AdmitItem {
-        sealed: &sealed1[0],
-        context: &contexts[0],
-    });
-    items.push(AdmitItem {
-        sealed: &flipped,
-        context: &jctx[1],
-    });
-    items.push(AdmitItem {
-        sealed: &sealed2[2],
-        context: &jctx[2],
-    });
-    items.push(AdmitItem {
-        sealed: &foreign,
-        context: &c_f,
-    });
-    items.push(AdmitItem {
-        sealed: &sealed2[3],
-        context: &c_wrong,
-    });
-    items.push(AdmitItem {
-        sealed: &sealed2[4],
-        context: &jctx[4],
-    });
+    let items: Vec<AdmitItem<'_>> = vec![
+        AdmitItem {
+            sealed: &sealed1[0],
+            context: &contexts[0],
+        },
+        AdmitItem {
+            sealed: &flipped,
+            context: &jctx[1],
+        },
+        AdmitItem {
+            sealed: &sealed2[2],
+            context: &jctx[2],
+        },
+        AdmitItem {
+            sealed: &foreign,
+            context: &c_f,
+        },
+        AdmitItem {
+            sealed: &sealed2[3],
+            context: &c_wrong,
+        },
+        AdmitItem {
+            sealed: &sealed2[4],
+            context: &jctx[4],
+        },
+    ];
     let out = ks
         .admit(
             &AdmitRequest {
@@ -1418,10 +1419,10 @@ pub async fn run_ingest(ks: Arc<dyn KeyService>, backend: &dyn Backend, environm
         .await
         .unwrap();
     assert_eq!(out, vec![Err(AdmitItemError::UnknownIngestKey(1))]);
-    assert!(matches!(
-        ks.set_ingest_key_state(&scope, 1, KeyState::Active).await,
-        Err(_)
-    ));
+    assert!(ks
+        .set_ingest_key_state(&scope, 1, KeyState::Active)
+        .await
+        .is_err());
 
     step(backend, "ingest permissions");
     let none = Permissions {
