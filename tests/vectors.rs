@@ -488,3 +488,23 @@ fn ingest_v1_public_keys_off_the_curve_are_refused() {
     }
     assert_eq!(refused, cases.len());
 }
+
+/// The committed `ingest_v1.json` is what the independent generator
+/// makes (`node tests/js/gen_ingest_vectors.mjs --check`), where Node and
+/// `tests/js/node_modules` are installed (`npm ci --prefix tests/js`).
+#[test]
+fn ingest_v1_reproduces_from_the_node_generator() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    if !std::path::Path::new(&format!("{root}/tests/js/node_modules/@hpke/core")).exists() {
+        eprintln!("skipped: tests/js/node_modules not installed (npm ci --prefix tests/js)");
+        return;
+    }
+    let out = std::process::Command::new("node")
+        .arg(format!("{root}/tests/js/gen_ingest_vectors.mjs"))
+        .arg("--check")
+        .output();
+    match out {
+        Ok(o) => assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => eprintln!("skipped: node not runnable ({e})"),
+    }
+}
