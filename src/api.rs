@@ -1741,11 +1741,11 @@ impl Panseal {
                     if matches!(e, KeyServiceError::UnknownIndexKey { .. }) {
                         *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
                     }
+                    // Only a refusal of the record itself is worth a fresh
+                    // DEK (a permission refusal would refuse that too).
                     let refused = matches!(
                         e,
-                        KeyServiceError::RecordTampered(_)
-                            | KeyServiceError::RecordStale(_)
-                            | KeyServiceError::PermissionDenied(_)
+                        KeyServiceError::RecordTampered(_) | KeyServiceError::RecordStale(_)
                     );
                     if refused && refusals == 0 {
                         // The admission DEK's record changed under us (a

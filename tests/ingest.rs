@@ -461,3 +461,40 @@ fn ingest_parsers_never_panic_and_no_mutation_opens() {
     assert!(parsed > 1000);
     assert_eq!(opened, 0, "no mutated ciphertext opens");
 }
+
+/// A custodian retires the admission DEK under a running admitter: its
+/// stale record is refused by the service, the admitter makes a fresh
+/// DEK and the item is admitted (nothing lost).
+#[tokio::test]
+async fn a_retired_admission_dek_is_replaced() {
+    let s = Setup::new("test");
+    let custodian = s.custodian("m1").await;
+    custodian.rotate_ingest_key().await.unwrap();
+    let sealer = custodian.ingest_sealer(None).await.unwrap();
+    let admitter = s.custodian("m1").await;
+    let p = pans(2);
+    let first = admitter
+        .admit_one(&sealer.seal(&p[0], &ctx("a")).unwrap(), &ctx("a"))
+        .await
+        .unwrap();
+    let old = first.sealed.key_id();
+    custodian
+        .set_key_state(old, KeyState::DecryptOnly)
+        .await
+        .unwrap();
+    let second = admitter
+        .admit_one(&sealer.seal(&p[1], &ctx("b")).unwrap(), &ctx("b"))
+        .await
+        .unwrap();
+    assert_ne!(second.sealed.key_id(), old);
+    for (a, c, pan) in [(&first, "a", &p[0]), (&second, "b", &p[1])] {
+        assert_eq!(
+            &custodian
+                .open_pan(&a.sealed, &ctx(c), &alice())
+                .await
+                .unwrap()
+                .pan,
+            pan
+        );
+    }
+}
