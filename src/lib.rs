@@ -55,6 +55,8 @@
 #![warn(unreachable_pub, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(feature = "postgres")]
+pub mod admit;
 mod api;
 mod audit;
 pub mod blocking;
@@ -81,7 +83,7 @@ pub mod reencrypt;
 pub mod reindex;
 mod seal;
 
-pub use api::{Opened, Panseal, PansealBuilder};
+pub use api::{Admission, Opened, Panseal, PansealBuilder};
 pub use audit::{
     read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, Access, AuditEvent,
     AuditKey, AuditSink, ChainSummary, ChainedAuditLog, JsonLinesAuditSink, MemoryAuditSink,

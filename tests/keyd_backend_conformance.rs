@@ -63,6 +63,7 @@ impl Backend for KeydBackend {
                 index: false,
                 reveal: false,
                 rewrap: false,
+                admit: false,
                 custodian: false,
             };
             f(&mut p);
