@@ -783,7 +783,7 @@ unsafe fn public_key_from(text: *const u8, len: usize) -> FfiResult<IngestPublic
     let s = std::str::from_utf8(b).map_err(|_| {
         err(
             PANSEAL_MALFORMED_PUBLIC_KEY,
-            "ingest public key text is not UTF-8",
+            "ingest public key text is malformed: not UTF-8",
         )
     })?;
     IngestPublicKey::from_text(s).map_err(map_public_key)

@@ -226,6 +226,8 @@ static void test_bad_public_keys(const char *off_curve) {
     CHECK(panseal_ingest_sealer_new((const uint8_t *)"PIK1/\xff\xfe", 7, &s) ==
           PANSEAL_MALFORMED_PUBLIC_KEY);
     CHECK(s == NULL);
+    last_error(msg, sizeof msg);
+    CHECK(strcmp(msg, "ingest public key text is malformed: not UTF-8") == 0);
 }
 
 static void test_pinning(const char *key, const char *fingerprint,
