@@ -20,6 +20,17 @@
 // Bytes `panseal_blind_index` needs in its output buffer (64 hex + NUL).
 #define PANSEAL_INDEX_BUFFER 65
 
+// Bytes `panseal_ingest_seal` needs in its output buffer (134 characters +
+// NUL).
+#define PANSEAL_INGEST_TEXT_BUFFER 135
+
+// Bytes `panseal_ingest_seal_binary` writes.
+#define PANSEAL_INGEST_BINARY_LEN 101
+
+// Bytes `panseal_ingest_sealer_fingerprint` needs in its output buffer (64
+// hex digits + NUL).
+#define PANSEAL_FINGERPRINT_BUFFER 65
+
 // Mask styles for `panseal_mask` (PCI DSS 3.4.1).
 #define PANSEAL_MASK_LAST_FOUR 0
 
@@ -71,6 +82,16 @@ enum panseal_result
   PANSEAL_PANIC = 15,
   // The client was closed (`panseal_client_close`); nothing was done.
   PANSEAL_CLIENT_CLOSED = 16,
+  // The ingest public key's text form is malformed (not
+  // `PIK1/<environment>/<scope>/<version>/<base64url point>`, not UTF-8,
+  // a bad name or version, bad base64url).
+  PANSEAL_MALFORMED_PUBLIC_KEY = 17,
+  // The ingest public key is not a point on P-256 (off the curve, the
+  // identity, compressed, or not 65 bytes): refused, nothing sealed.
+  PANSEAL_INVALID_PUBLIC_KEY = 18,
+  // The ingest public key is well formed but not the one pinned by
+  // fingerprint (`panseal_ingest_sealer_new_pinned`): refused.
+  PANSEAL_PUBLIC_KEY_NOT_PINNED = 19,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -86,6 +107,16 @@ typedef uint32_t panseal_result;
 // `panseal_client_close` from another thread never frees the client under
 // a running call.
 typedef struct panseal_client panseal_client;
+
+// A write-only ingest sealer: one scope's ingest **public** key and nothing
+// else (no key service, no key store, no credential, no DEK). Nothing in
+// its memory opens a PAN, not even the ones it sealed.
+//
+// Immutable once built: any number of threads may seal with one handle at
+// once. It holds no secret and no per-process state (every seal draws
+// fresh randomness from the operating system), so it is also safe to use
+// in a child after `fork()`, unlike a DEK-holding client.
+typedef struct panseal_ingest_sealer panseal_ingest_sealer;
 
 // Where a sealed PAN lives. Each part is a (pointer, length) byte string;
 // table and column must be UTF-8.
@@ -253,6 +284,99 @@ panseal_result panseal_mask(const uint8_t *pan,
 //
 // `client` a live handle.
 panseal_result panseal_rotate_dek(const panseal_client *client);
+
+// Builds a write-only ingest sealer from a scope's ingest public key in
+// its text form, `PIK1/<environment>/<scope>/<version>/<base64url point>`
+// (`public_key_len` bytes, not NUL-terminated; surrounding whitespace is
+// ignored), and stores the new handle in `*sealer_out`; free it with
+// `panseal_ingest_sealer_free`. On failure `*sealer_out` is left as is.
+//
+// Returns `PANSEAL_MALFORMED_PUBLIC_KEY` for text that is not a public
+// key and `PANSEAL_INVALID_PUBLIC_KEY` for a point that is not on P-256.
+// The sealer needs no key service and no credential; see
+// `panseal_ingest_sealer_new_pinned` to refuse a substituted key.
+//
+// # Safety
+//
+// `public_key` valid for `public_key_len` bytes; `sealer_out` valid for a
+// write.
+panseal_result panseal_ingest_sealer_new(const uint8_t *public_key,
+                                         size_t public_key_len,
+                                         panseal_ingest_sealer **sealer_out);
+
+// As `panseal_ingest_sealer_new`, and refuses the key with
+// `PANSEAL_PUBLIC_KEY_NOT_PINNED` unless its fingerprint (SHA-256 of the
+// SEC1 point, what `panseal_ingest_sealer_fingerprint` writes) equals
+// `fingerprint_hex` (64 hex digits, `fingerprint_len` bytes, either case).
+// A front end that pins the fingerprint in its build or deployment cannot
+// be made to seal to a public key an attacker substituted in its
+// configuration.
+//
+// # Safety
+//
+// `public_key` valid for `public_key_len` bytes; `fingerprint_hex` valid
+// for `fingerprint_len` bytes; `sealer_out` valid for a write.
+panseal_result panseal_ingest_sealer_new_pinned(const uint8_t *public_key,
+                                                size_t public_key_len,
+                                                const uint8_t *fingerprint_hex,
+                                                size_t fingerprint_len,
+                                                panseal_ingest_sealer **sealer_out);
+
+// Frees a sealer. NULL is accepted and ignored. The handle must not be
+// used afterwards, and this call must not race with any other call on the
+// handle (including another free).
+//
+// # Safety
+//
+// `sealer` NULL or a live handle from `panseal_ingest_sealer_new*`, used by
+// no other thread during and after this call.
+void panseal_ingest_sealer_free(panseal_ingest_sealer *sealer);
+
+// Writes the sealer's public-key fingerprint (SHA-256 of the SEC1 point)
+// as 64 lowercase hex digits, NUL-terminated (`PANSEAL_FINGERPRINT_BUFFER`
+// bytes): what a deployment pins and compares with the key service's
+// listing.
+//
+// # Safety
+//
+// `sealer` a live handle; `out` valid for `out_cap` bytes; `out_len` valid
+// for a write.
+panseal_result panseal_ingest_sealer_fingerprint(const panseal_ingest_sealer *sealer,
+                                                 char *out,
+                                                 size_t out_cap,
+                                                 size_t *out_len);
+
+// Seals a PAN bound to `ctx` with the sealer's ingest public key and
+// writes the 134-character text form (`I1...`, NUL-terminated, so `out`
+// needs `PANSEAL_INGEST_TEXT_BUFFER` = 135 bytes) for a VARCHAR column.
+// Only the key service holding the private key opens or admits it.
+//
+// # Safety
+//
+// `sealer` a live handle; `pan` valid for `pan_len` bytes; `ctx` a valid
+// context; `out` valid for `out_cap` bytes; `out_len` valid for a write.
+panseal_result panseal_ingest_seal(const panseal_ingest_sealer *sealer,
+                                   const uint8_t *pan,
+                                   size_t pan_len,
+                                   const panseal_context *ctx,
+                                   char *out,
+                                   size_t out_cap,
+                                   size_t *out_len);
+
+// Seals a PAN bound to `ctx` with the sealer's ingest public key and
+// writes the 101-byte binary form (`PANSEAL_INGEST_BINARY_LEN`; for a
+// BYTEA/BLOB column).
+//
+// # Safety
+//
+// As `panseal_ingest_seal`.
+panseal_result panseal_ingest_seal_binary(const panseal_ingest_sealer *sealer,
+                                          const uint8_t *pan,
+                                          size_t pan_len,
+                                          const panseal_context *ctx,
+                                          uint8_t *out,
+                                          size_t out_cap,
+                                          size_t *out_len);
 
 #ifdef __cplusplus
 }  // extern "C"

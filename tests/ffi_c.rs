@@ -1,9 +1,11 @@
 //! Builds the C programs under `tests/c/` with gcc (`-Wall -Wextra -Werror`,
 //! AddressSanitizer + UndefinedBehaviorSanitizer) against the `cdylib` this
-//! test run built, and runs them.
+//! test run built, and runs them. `test_ingest.c` (the write-only ingest
+//! ABI) needs `hazmat-test-keys` too: the key pair is generated here and the
+//! C program's ciphertexts are opened here with the private key.
 #![cfg(feature = "ffi")]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The directory holding the `libpanseal.so` built for this test run.
@@ -18,57 +20,192 @@ fn lib_dir() -> PathBuf {
     dir
 }
 
-#[test]
-fn c_programs_pass_under_sanitizers() {
+/// Compiles `tests/c/<name>.c` against the library of this test run, with
+/// the sanitizers, into `out_dir`.
+fn build_c(name: &str, out_dir: &Path) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let lib = lib_dir();
+    let src = root.join("tests/c").join(format!("{name}.c"));
+    let bin = out_dir.join(name);
+    let status = Command::new("gcc")
+        .args([
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-g",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer",
+        ])
+        .arg(format!("-I{}", root.join("include").display()))
+        .arg(&src)
+        .arg(format!("-L{}", lib.display()))
+        .arg("-lpanseal")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg("-lpthread")
+        .arg("-o")
+        .arg(&bin)
+        .status()
+        .expect("gcc must be installed (scripts/setup.sh)");
+    assert!(status.success(), "{name}.c did not compile cleanly");
+    bin
+}
+
+/// Runs a program built by [`build_c`] with `envs`; asserts it succeeded
+/// without a sanitizer report and printed `marker`; returns its stdout.
+fn run_c(bin: &Path, envs: &[(&str, &str)], marker: &str) -> String {
+    let lib = lib_dir();
+    // cargo sets LD_LIBRARY_PATH for tests (target/debug first), which
+    // outranks the rpath: point it at the library built for this run.
+    let out = Command::new(bin)
+        .env("LD_LIBRARY_PATH", &lib)
+        .current_dir(bin.parent().unwrap())
+        .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
+        .env("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let name = bin.display();
+    assert!(out.status.success(), "{name} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(marker), "{stdout}");
+    assert!(
+        !stderr.contains("ERROR: AddressSanitizer") && !stderr.contains("runtime error"),
+        "{stderr}"
+    );
+    stdout
+}
+
+#[test]
+fn c_programs_pass_under_sanitizers() {
     let out_dir = tempfile::tempdir().unwrap();
     for (name, marker) in [
         ("test_panseal", "C ABI tests passed"),
         ("example", "store in VARCHAR(64): P1"),
     ] {
-        let src = root.join("tests/c").join(format!("{name}.c"));
-        let bin = out_dir.path().join(name);
-        let status = Command::new("gcc")
-            .args([
-                "-std=c11",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-g",
-                "-fsanitize=address,undefined",
-                "-fno-sanitize-recover=all",
-                "-fno-omit-frame-pointer",
-            ])
-            .arg(format!("-I{}", root.join("include").display()))
-            .arg(&src)
-            .arg(format!("-L{}", lib.display()))
-            .arg("-lpanseal")
-            .arg(format!("-Wl,-rpath,{}", lib.display()))
-            .arg("-lpthread")
-            .arg("-o")
-            .arg(&bin)
-            .status()
-            .expect("gcc must be installed (scripts/setup.sh)");
-        assert!(status.success(), "{name}.c did not compile cleanly");
-        // cargo sets LD_LIBRARY_PATH for tests (target/debug first), which
-        // outranks the rpath: point it at the library built for this run.
-        let out = Command::new(&bin)
-            .env("LD_LIBRARY_PATH", &lib)
-            .current_dir(out_dir.path())
-            .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
-            .env("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{name} failed:\n{stdout}\n{stderr}");
-        assert!(stdout.contains(marker), "{stdout}");
-        assert!(
-            !stderr.contains("ERROR: AddressSanitizer") && !stderr.contains("runtime error"),
-            "{stderr}"
-        );
+        let bin = build_c(name, out_dir.path());
+        run_c(&bin, &[], marker);
     }
+}
+
+/// The PANs `tests/c/test_ingest.c` seals, in its order (`PANS[]`).
+#[cfg(feature = "hazmat-test-keys")]
+const INGEST_PANS: [&str; 16] = [
+    "4111111111111111",
+    "5555555555554444",
+    "378282246310005",
+    "371449635398431",
+    "6011111111111117",
+    "3056930009020004",
+    "36227206271667",
+    "4222222222222",
+    "6200000000000005",
+    "5200828282828210",
+    "4000056655665556",
+    "6011000990139424",
+    "4000000000000000006",
+    "500000000009",
+    "4111 1111 1111 1111",
+    "5555-5555-5555-4444",
+];
+
+/// A C front end holding only the public key seals; the private key,
+/// generated here and never given to the C program, opens every one of its
+/// ciphertexts (text and binary, 16 PANs of 12..19 digits, 100 more from 4
+/// threads sharing one handle), bound to its row; an attacker's key pair
+/// opens none, and a front end that pins the fingerprint seals nothing to
+/// a substituted key.
+#[cfg(feature = "hazmat-test-keys")]
+#[test]
+fn c_front_end_seals_what_only_the_private_key_opens() {
+    use base64::Engine as _;
+    use panseal::hazmat::IngestPrivateKey;
+    use panseal::{Context, Environment, Error, IngestSealed, KeyError, Pan, Scope};
+
+    let env = Environment::new("test").unwrap();
+    let scope = Scope::new("merchant-1").unwrap();
+    let key = IngestPrivateKey::generate(&env, &scope, 7);
+    let attacker = IngestPrivateKey::generate(&env, &scope, 7);
+    let public = key.public_key().to_text();
+    let fingerprint = key.public_key().fingerprint();
+    // The same key text with y's lowest bit flipped: not on the curve.
+    let mut point = *key.public_key().as_bytes();
+    point[64] ^= 1;
+    let off_curve = format!(
+        "PIK1/test/merchant-1/7/{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(point)
+    );
+    assert!(matches!(
+        panseal::IngestPublicKey::from_text(&off_curve),
+        Err(Error::Format(panseal::FormatError::PublicKey))
+    ));
+
+    let out_dir = tempfile::tempdir().unwrap();
+    let bin = build_c("test_ingest", out_dir.path());
+    let stdout = run_c(
+        &bin,
+        &[
+            ("PANSEAL_INGEST_PUBLIC_KEY", &public),
+            ("PANSEAL_INGEST_FINGERPRINT", &fingerprint),
+            ("PANSEAL_INGEST_OTHER_KEY", &attacker.public_key().to_text()),
+            ("PANSEAL_INGEST_OFF_CURVE_KEY", &off_curve),
+        ],
+        "C ingest ABI tests passed",
+    );
+
+    let mut sealed = Vec::new();
+    let mut attacker_lines = 0;
+    for line in stdout.lines() {
+        let mut parts = line.split(' ');
+        let (Some(kind), Some(i), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(i) = i.parse::<usize>() else {
+            continue;
+        };
+        match kind {
+            "text" => sealed.push((i, IngestSealed::from_text(value).unwrap())),
+            "binary" => sealed.push((
+                i,
+                IngestSealed::from_bytes(&hex::decode(value).unwrap()).unwrap(),
+            )),
+            "attacker" => attacker_lines += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(sealed.len(), 16 + 100 + 16, "text + threaded text + binary");
+    let distinct: std::collections::HashSet<_> = sealed.iter().map(|(_, s)| *s).collect();
+    assert_eq!(distinct.len(), sealed.len());
+    let row = |i: usize| Context::new("cards", "pan", format!("row-{i}").as_bytes()).unwrap();
+
+    let (mut opened, mut attacker_opened, mut moved_opened) = (0, 0, 0);
+    for (i, s) in &sealed {
+        let expected = Pan::parse(INGEST_PANS[i % INGEST_PANS.len()]).unwrap();
+        let pan = key.open(s, &row(*i)).expect("the private key opens it");
+        if pan == expected {
+            opened += 1;
+        }
+        match attacker.open(s, &row(*i)) {
+            Ok(_) => attacker_opened += 1,
+            Err(Error::Key(KeyError::IngestKeyMismatch)) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+        match key.open(s, &row(i + 1)) {
+            Ok(_) => moved_opened += 1,
+            Err(Error::Decryption) => {}
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!(opened, 132, "every ciphertext opens to the PAN sealed");
+    assert_eq!(attacker_opened, 0, "another key pair opens nothing");
+    assert_eq!(
+        moved_opened, 0,
+        "a ciphertext moved to another row opens nothing"
+    );
+    assert_eq!(attacker_lines, 0, "nothing sealed to a substituted key");
+    assert!(stdout.contains("opened without the private key: 0 of 32"));
 }
 
 #[test]
@@ -92,6 +229,12 @@ fn committed_header_matches_the_code() {
         "panseal_blind_index",
         "panseal_mask",
         "panseal_rotate_dek",
+        "panseal_ingest_sealer_new",
+        "panseal_ingest_sealer_new_pinned",
+        "panseal_ingest_sealer_fingerprint",
+        "panseal_ingest_sealer_free",
+        "panseal_ingest_seal",
+        "panseal_ingest_seal_binary",
     ] {
         assert!(
             header.contains(&format!("{f}(")),

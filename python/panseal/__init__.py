@@ -9,6 +9,14 @@
         pan, needs_reseal = client.open(sealed, "cards", "pan", "row-1",
                                         principal="agent-7", purpose="refund")
 
+A front end that must hold nothing able to open a stored PAN seals with
+a scope's ingest *public* key only (write-only ingest, HPKE; no key
+service, no credential):
+
+    sealer = panseal.IngestSealer("PIK1/prod/merchant-42/1/BPq...")
+    stored = sealer.seal("4111 1111 1111 1111", "cards", "pan", "row-1")
+    # 134 characters, "I1..."; the key service admits or reveals it.
+
 The shared library is found through the PANSEAL_LIB environment variable
 (path to libpanseal.so), else next to this package, else in the crate's
 target/{release,debug}/ directories.
@@ -32,7 +40,7 @@ from ctypes import (POINTER, Structure, byref, c_bool, c_char, c_char_p,
                     c_size_t, c_uint8, c_uint32, c_void_p)
 from pathlib import Path
 
-__all__ = ["Client", "PansealError", "mask", "version", "Result"]
+__all__ = ["Client", "IngestSealer", "PansealError", "mask", "version", "Result"]
 
 
 class Result:
@@ -54,12 +62,18 @@ class Result:
     BUFFER_TOO_SMALL = 14
     PANIC = 15
     CLIENT_CLOSED = 16
+    MALFORMED_PUBLIC_KEY = 17
+    INVALID_PUBLIC_KEY = 18
+    PUBLIC_KEY_NOT_PINNED = 19
 
 
 SEALED_TEXT_BUFFER = 65
 SEALED_BINARY_LEN = 48
 PAN_BUFFER = 20
 INDEX_BUFFER = 65
+INGEST_TEXT_BUFFER = 135
+INGEST_BINARY_LEN = 101
+FINGERPRINT_BUFFER = 65
 MASK_STYLES = {"last4": 0, "bin6": 1, "bin8": 2}
 
 
@@ -134,6 +148,22 @@ def _load():
                                  POINTER(c_size_t)]
     lib.panseal_rotate_dek.restype = c_uint32
     lib.panseal_rotate_dek.argtypes = [c_void_p]
+    lib.panseal_ingest_sealer_new.restype = c_uint32
+    lib.panseal_ingest_sealer_new.argtypes = [u8p, c_size_t, POINTER(c_void_p)]
+    lib.panseal_ingest_sealer_new_pinned.restype = c_uint32
+    lib.panseal_ingest_sealer_new_pinned.argtypes = [u8p, c_size_t, u8p, c_size_t,
+                                                     POINTER(c_void_p)]
+    lib.panseal_ingest_sealer_free.restype = None
+    lib.panseal_ingest_sealer_free.argtypes = [c_void_p]
+    lib.panseal_ingest_sealer_fingerprint.restype = c_uint32
+    lib.panseal_ingest_sealer_fingerprint.argtypes = [c_void_p, POINTER(c_char), c_size_t,
+                                                      POINTER(c_size_t)]
+    lib.panseal_ingest_seal.restype = c_uint32
+    lib.panseal_ingest_seal.argtypes = [c_void_p, u8p, c_size_t, POINTER(_Context),
+                                        POINTER(c_char), c_size_t, POINTER(c_size_t)]
+    lib.panseal_ingest_seal_binary.restype = c_uint32
+    lib.panseal_ingest_seal_binary.argtypes = [c_void_p, u8p, c_size_t, POINTER(_Context),
+                                               u8p, c_size_t, POINTER(c_size_t)]
     return lib
 
 
@@ -324,3 +354,111 @@ class Client:
     def rotate_dek(self):
         """Retires the active DEK; the next seal uses a fresh one."""
         _check(self._call(_lib.panseal_rotate_dek))
+
+
+class IngestSealer:
+    """Write-only ingest: seals PANs with a scope's ingest public key (its
+    text form, `PIK1/<environment>/<scope>/<version>/<base64url point>`)
+    and holds nothing else: no key service, no credential, nothing that
+    opens a PAN. Only the key service holding the private key opens or
+    admits what it seals.
+
+    `fingerprint` (64 hex digits, SHA-256 of the public point), if given,
+    pins the key: a substituted public key raises
+    PansealError(Result.PUBLIC_KEY_NOT_PINNED). A public key that is not a
+    point on P-256 raises Result.INVALID_PUBLIC_KEY; malformed text,
+    Result.MALFORMED_PUBLIC_KEY.
+
+    Thread-safe like Client: share one between threads; close() waits for
+    running calls before freeing the native handle. Holds no secret, so it
+    may also be used after os.fork()."""
+
+    def __init__(self, public_key, fingerprint=None):
+        self._handle = None
+        self._in_flight = 0
+        self._idle = threading.Condition(threading.Lock())
+        key = _bytes(public_key)
+        handle = c_void_p()
+        if fingerprint is None:
+            _check(_lib.panseal_ingest_sealer_new(_buf(key), len(key), byref(handle)))
+        else:
+            pin = _bytes(fingerprint)
+            _check(_lib.panseal_ingest_sealer_new_pinned(_buf(key), len(key), _buf(pin),
+                                                         len(pin), byref(handle)))
+        self._handle = handle
+
+    def close(self):
+        """Refuses new calls, waits for running ones, frees the native
+        handle. Idempotent; safe from any thread."""
+        idle = getattr(self, "_idle", None)
+        if idle is None:
+            return
+        with idle:
+            handle, self._handle = self._handle, None
+            while self._in_flight:
+                idle.wait()
+        if handle:
+            _lib.panseal_ingest_sealer_free(handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def _call(self, fn, *args):
+        with self._idle:
+            if not self._handle:
+                raise PansealError(Result.CLIENT_CLOSED, "sealer is closed")
+            self._in_flight += 1
+            handle = self._handle
+        try:
+            return fn(handle, *args)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
+
+    @property
+    def fingerprint(self):
+        """SHA-256 of the public point, 64 lowercase hex digits: what a
+        deployment pins."""
+        out = ctypes.create_string_buffer(FINGERPRINT_BUFFER)
+        n = c_size_t(0)
+        _check(self._call(_lib.panseal_ingest_sealer_fingerprint, out, len(out), byref(n)))
+        return out.value.decode()
+
+    def seal(self, pan, table, column, row_key):
+        """Seals a PAN bound to (table, column, row_key); returns the
+        134-character text form ("I1...")."""
+        data = _bytes(pan)
+        ctx, keep = Client._ctx(table, column, row_key)
+        pan_buf = _buf(data)
+        out = ctypes.create_string_buffer(INGEST_TEXT_BUFFER)
+        n = c_size_t(0)
+        try:
+            _check(self._call(_lib.panseal_ingest_seal, pan_buf, len(data), byref(ctx), out,
+                              len(out), byref(n)))
+            return out.value.decode()
+        finally:
+            ctypes.memset(pan_buf, 0, ctypes.sizeof(pan_buf))
+            del keep
+
+    def seal_binary(self, pan, table, column, row_key):
+        """Seals a PAN; returns the 101-byte binary form."""
+        data = _bytes(pan)
+        ctx, keep = Client._ctx(table, column, row_key)
+        pan_buf = _buf(data)
+        out = (c_uint8 * INGEST_BINARY_LEN)()
+        n = c_size_t(0)
+        try:
+            _check(self._call(_lib.panseal_ingest_seal_binary, pan_buf, len(data),
+                              byref(ctx), out, len(out), byref(n)))
+            return bytes(out[: n.value])
+        finally:
+            ctypes.memset(pan_buf, 0, ctypes.sizeof(pan_buf))
+            del keep

@@ -25,6 +25,13 @@
 //!   returns `PANSEAL_PANIC`.
 //! * Plaintext PANs are written only into buffers the caller supplies; the
 //!   library's own copies are wiped.
+//!
+//! Write-only ingest (`panseal_ingest_*`): a front end that must never
+//! hold anything able to open a stored PAN builds a
+//! `panseal_ingest_sealer` from a scope's ingest **public** key (its
+//! `PIK1/...` text form) and seals with it (HPKE, `FORMAT.md` §17). No key
+//! service, key store, credential or audit sink is involved; the private
+//! key stays in the key service, which admits or reveals the ciphertexts.
 
 #![allow(unsafe_code)]
 #![allow(non_camel_case_types)]
@@ -35,11 +42,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use sha2::Digest as _;
 
 use crate::config::ClientConfig;
-use crate::error::{ConfigError, Error, KeyError, KeyServiceError};
+use crate::error::{ConfigError, Error, FormatError, KeyError, KeyServiceError};
 use crate::pan::{MaskStyle, Pan, PanRules};
-use crate::{blocking, Access, Context, SealedPan};
+use crate::{blocking, Access, Context, IngestPublicKey, IngestSealed, IngestSealer, SealedPan};
 
 /// Result of every panseal C function.
 #[repr(u32)]
@@ -81,6 +89,16 @@ pub enum panseal_result {
     PANSEAL_PANIC = 15,
     /// The client was closed (`panseal_client_close`); nothing was done.
     PANSEAL_CLIENT_CLOSED = 16,
+    /// The ingest public key's text form is malformed (not
+    /// `PIK1/<environment>/<scope>/<version>/<base64url point>`, not UTF-8,
+    /// a bad name or version, bad base64url).
+    PANSEAL_MALFORMED_PUBLIC_KEY = 17,
+    /// The ingest public key is not a point on P-256 (off the curve, the
+    /// identity, compressed, or not 65 bytes): refused, nothing sealed.
+    PANSEAL_INVALID_PUBLIC_KEY = 18,
+    /// The ingest public key is well formed but not the one pinned by
+    /// fingerprint (`panseal_ingest_sealer_new_pinned`): refused.
+    PANSEAL_PUBLIC_KEY_NOT_PINNED = 19,
 }
 
 use panseal_result::*;
@@ -119,6 +137,18 @@ pub const PANSEAL_INDEX_BUFFER: usize = 65;
 const _: () = assert!(PANSEAL_SEALED_TEXT_BUFFER == crate::V1_TEXT_LEN + 1);
 const _: () = assert!(PANSEAL_SEALED_BINARY_LEN == crate::V1_LEN);
 const _: () = assert!(PANSEAL_PAN_BUFFER == crate::MAX_PAN_DIGITS + 1);
+
+/// Bytes `panseal_ingest_seal` needs in its output buffer (134 characters +
+/// NUL).
+pub const PANSEAL_INGEST_TEXT_BUFFER: usize = 135;
+/// Bytes `panseal_ingest_seal_binary` writes.
+pub const PANSEAL_INGEST_BINARY_LEN: usize = 101;
+/// Bytes `panseal_ingest_sealer_fingerprint` needs in its output buffer (64
+/// hex digits + NUL).
+pub const PANSEAL_FINGERPRINT_BUFFER: usize = 65;
+
+const _: () = assert!(PANSEAL_INGEST_TEXT_BUFFER == crate::INGEST_TEXT_LEN + 1);
+const _: () = assert!(PANSEAL_INGEST_BINARY_LEN == crate::INGEST_LEN);
 
 /// Mask styles for `panseal_mask` (PCI DSS 3.4.1).
 pub const PANSEAL_MASK_LAST_FOUR: u32 = 0;
@@ -707,5 +737,278 @@ pub unsafe extern "C" fn panseal_rotate_dek(client: *const panseal_client) -> pa
         let c = unsafe { client_ref(client) }?;
         c.rotate_dek().map_err(map)?;
         Ok(())
+    })
+}
+
+/// A write-only ingest sealer: one scope's ingest **public** key and nothing
+/// else (no key service, no key store, no credential, no DEK). Nothing in
+/// its memory opens a PAN, not even the ones it sealed.
+///
+/// Immutable once built: any number of threads may seal with one handle at
+/// once. It holds no secret and no per-process state (every seal draws
+/// fresh randomness from the operating system), so it is also safe to use
+/// in a child after `fork()`, unlike a DEK-holding client.
+pub struct panseal_ingest_sealer {
+    sealer: IngestSealer,
+}
+
+// The handle is shared between C threads: the sealer must allow it.
+const _: fn() = || {
+    fn thread_safe<T: Send + Sync>() {}
+    thread_safe::<IngestSealer>();
+};
+
+/// Maps a failure to parse an ingest public key to its result code.
+fn map_public_key(e: Error) -> (panseal_result, String) {
+    match e {
+        Error::Format(FormatError::PublicKey) => (
+            PANSEAL_INVALID_PUBLIC_KEY,
+            "ingest public key is not a point on P-256".to_owned(),
+        ),
+        other => (
+            PANSEAL_MALFORMED_PUBLIC_KEY,
+            format!("ingest public key text is malformed: {other}"),
+        ),
+    }
+}
+
+/// Parses the text form of an ingest public key at (`text`, `len`).
+///
+/// # Safety
+///
+/// `text` valid for reads of `len` bytes.
+unsafe fn public_key_from(text: *const u8, len: usize) -> FfiResult<IngestPublicKey> {
+    // SAFETY: forwarded contract.
+    let b = unsafe { bytes(text, len, "public key") }?;
+    let s = std::str::from_utf8(b).map_err(|_| {
+        err(
+            PANSEAL_MALFORMED_PUBLIC_KEY,
+            "ingest public key text is malformed: not UTF-8",
+        )
+    })?;
+    IngestPublicKey::from_text(s).map_err(map_public_key)
+}
+
+/// Stores a new sealer handle for `key` in `*sealer_out`.
+///
+/// # Safety
+///
+/// `sealer_out` non-NULL (checked by the caller) and valid for a write.
+unsafe fn store_sealer(sealer_out: *mut *mut panseal_ingest_sealer, key: IngestPublicKey) {
+    let handle = panseal_ingest_sealer {
+        sealer: IngestSealer::new(key),
+    };
+    // SAFETY: non-NULL and valid for a write per the contract.
+    unsafe { *sealer_out = Box::into_raw(Box::new(handle)) };
+}
+
+/// The sealer behind a handle.
+///
+/// # Safety
+///
+/// `sealer` NULL or a live handle from `panseal_ingest_sealer_new*`.
+unsafe fn sealer_ref<'a>(sealer: *const panseal_ingest_sealer) -> FfiResult<&'a IngestSealer> {
+    if sealer.is_null() {
+        return Err(err(PANSEAL_NULL_ARGUMENT, "sealer is NULL"));
+    }
+    // SAFETY: a live handle per the caller's contract; it is never mutated.
+    Ok(unsafe { &(*sealer).sealer })
+}
+
+/// Builds a write-only ingest sealer from a scope's ingest public key in
+/// its text form, `PIK1/<environment>/<scope>/<version>/<base64url point>`
+/// (`public_key_len` bytes, not NUL-terminated; surrounding whitespace is
+/// ignored), and stores the new handle in `*sealer_out`; free it with
+/// `panseal_ingest_sealer_free`. On failure `*sealer_out` is left as is.
+///
+/// Returns `PANSEAL_MALFORMED_PUBLIC_KEY` for text that is not a public
+/// key and `PANSEAL_INVALID_PUBLIC_KEY` for a point that is not on P-256.
+/// The sealer needs no key service and no credential; see
+/// `panseal_ingest_sealer_new_pinned` to refuse a substituted key.
+///
+/// # Safety
+///
+/// `public_key` valid for `public_key_len` bytes; `sealer_out` valid for a
+/// write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_ingest_sealer_new(
+    public_key: *const u8,
+    public_key_len: usize,
+    sealer_out: *mut *mut panseal_ingest_sealer,
+) -> panseal_result {
+    guard(|| {
+        if sealer_out.is_null() {
+            return Err(err(PANSEAL_NULL_ARGUMENT, "sealer_out is NULL"));
+        }
+        // SAFETY: forwarded contracts; `sealer_out` checked non-NULL.
+        unsafe {
+            let key = public_key_from(public_key, public_key_len)?;
+            store_sealer(sealer_out, key);
+        }
+        Ok(())
+    })
+}
+
+/// As `panseal_ingest_sealer_new`, and refuses the key with
+/// `PANSEAL_PUBLIC_KEY_NOT_PINNED` unless its fingerprint (SHA-256 of the
+/// SEC1 point, what `panseal_ingest_sealer_fingerprint` writes) equals
+/// `fingerprint_hex` (64 hex digits, `fingerprint_len` bytes, either case).
+/// A front end that pins the fingerprint in its build or deployment cannot
+/// be made to seal to a public key an attacker substituted in its
+/// configuration.
+///
+/// # Safety
+///
+/// `public_key` valid for `public_key_len` bytes; `fingerprint_hex` valid
+/// for `fingerprint_len` bytes; `sealer_out` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_ingest_sealer_new_pinned(
+    public_key: *const u8,
+    public_key_len: usize,
+    fingerprint_hex: *const u8,
+    fingerprint_len: usize,
+    sealer_out: *mut *mut panseal_ingest_sealer,
+) -> panseal_result {
+    guard(|| {
+        if sealer_out.is_null() {
+            return Err(err(PANSEAL_NULL_ARGUMENT, "sealer_out is NULL"));
+        }
+        // SAFETY: forwarded contract.
+        let pin = unsafe { bytes(fingerprint_hex, fingerprint_len, "fingerprint") }?;
+        let mut pinned = [0u8; 32];
+        hex::decode_to_slice(pin, &mut pinned)
+            .map_err(|_| err(PANSEAL_INVALID_ARGUMENT, "fingerprint is not 64 hex digits"))?;
+        // SAFETY: forwarded contract.
+        let key = unsafe { public_key_from(public_key, public_key_len) }?;
+        let actual = sha2::Sha256::digest(key.as_bytes());
+        if actual.as_slice() != pinned {
+            return Err(err(
+                PANSEAL_PUBLIC_KEY_NOT_PINNED,
+                "ingest public key does not match the pinned fingerprint",
+            ));
+        }
+        // SAFETY: `sealer_out` checked non-NULL, valid per the contract.
+        unsafe { store_sealer(sealer_out, key) };
+        Ok(())
+    })
+}
+
+/// Frees a sealer. NULL is accepted and ignored. The handle must not be
+/// used afterwards, and this call must not race with any other call on the
+/// handle (including another free).
+///
+/// # Safety
+///
+/// `sealer` NULL or a live handle from `panseal_ingest_sealer_new*`, used by
+/// no other thread during and after this call.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_ingest_sealer_free(sealer: *mut panseal_ingest_sealer) {
+    if sealer.is_null() {
+        return;
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: a live handle created by Box::into_raw, freed once, by the
+        // caller's contract not in use elsewhere.
+        drop(unsafe { Box::from_raw(sealer) });
+    }));
+}
+
+/// Writes the sealer's public-key fingerprint (SHA-256 of the SEC1 point)
+/// as 64 lowercase hex digits, NUL-terminated (`PANSEAL_FINGERPRINT_BUFFER`
+/// bytes): what a deployment pins and compares with the key service's
+/// listing.
+///
+/// # Safety
+///
+/// `sealer` a live handle; `out` valid for `out_cap` bytes; `out_len` valid
+/// for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_ingest_sealer_fingerprint(
+    sealer: *const panseal_ingest_sealer,
+    out: *mut c_char,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contract.
+        let sealer = unsafe { sealer_ref(sealer) }?;
+        let fingerprint = sealer.public_key().fingerprint();
+        // SAFETY: forwarded contract.
+        unsafe { write_text(fingerprint.as_bytes(), out.cast(), out_cap, out_len) }
+    })
+}
+
+/// Seals the PAN at (`pan`, `pan_len`) bound to `ctx` with `sealer`.
+///
+/// # Safety
+///
+/// As the arguments of `panseal_ingest_seal`.
+unsafe fn ingest_seal_from(
+    sealer: *const panseal_ingest_sealer,
+    pan: *const u8,
+    pan_len: usize,
+    ctx: *const panseal_context,
+) -> FfiResult<IngestSealed> {
+    // SAFETY: forwarded contracts.
+    let (sealer, pan, ctx) = unsafe {
+        (
+            sealer_ref(sealer)?,
+            pan_from(bytes(pan, pan_len, "PAN")?)?,
+            context(ctx)?,
+        )
+    };
+    // `pan` (the only copy of the digits) is wiped when it drops here.
+    sealer.seal(&pan, &ctx).map_err(map)
+}
+
+/// Seals a PAN bound to `ctx` with the sealer's ingest public key and
+/// writes the 134-character text form (`I1...`, NUL-terminated, so `out`
+/// needs `PANSEAL_INGEST_TEXT_BUFFER` = 135 bytes) for a VARCHAR column.
+/// Only the key service holding the private key opens or admits it.
+///
+/// # Safety
+///
+/// `sealer` a live handle; `pan` valid for `pan_len` bytes; `ctx` a valid
+/// context; `out` valid for `out_cap` bytes; `out_len` valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_ingest_seal(
+    sealer: *const panseal_ingest_sealer,
+    pan: *const u8,
+    pan_len: usize,
+    ctx: *const panseal_context,
+    out: *mut c_char,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contracts.
+        let sealed = unsafe { ingest_seal_from(sealer, pan, pan_len, ctx) }?;
+        // SAFETY: forwarded contract.
+        unsafe { write_text(sealed.to_text().as_bytes(), out.cast(), out_cap, out_len) }
+    })
+}
+
+/// Seals a PAN bound to `ctx` with the sealer's ingest public key and
+/// writes the 101-byte binary form (`PANSEAL_INGEST_BINARY_LEN`; for a
+/// BYTEA/BLOB column).
+///
+/// # Safety
+///
+/// As `panseal_ingest_seal`.
+#[no_mangle]
+pub unsafe extern "C" fn panseal_ingest_seal_binary(
+    sealer: *const panseal_ingest_sealer,
+    pan: *const u8,
+    pan_len: usize,
+    ctx: *const panseal_context,
+    out: *mut u8,
+    out_cap: usize,
+    out_len: *mut usize,
+) -> panseal_result {
+    guard(|| {
+        // SAFETY: forwarded contracts.
+        let sealed = unsafe { ingest_seal_from(sealer, pan, pan_len, ctx) }?;
+        // SAFETY: forwarded contract.
+        unsafe { write_bytes(sealed.as_bytes(), out, out_cap, out_len) }
     })
 }
