@@ -41,9 +41,25 @@
 //! permissions = ["reveal"]
 //! reveal_quota = { window_seconds = 3600, distinct_records = 20, requests = 200 }
 //!
+//! [[principal]]
+//! name = "ingest-frontend"            # fetches ingest public keys only
+//! cert = "certs/ingest-fe.pem"
+//! environment = "prod"
+//! scopes = ["merchant-42"]
+//! permissions = []
+//!
+//! [[principal]]
+//! name = "admission"                  # admits ingest ciphertexts inside keyd
+//! cert = "certs/admission.pem"
+//! environment = "prod"
+//! scopes = ["*"]
+//! permissions = ["admit", "wrap"]
+//! admit_quota = { window_seconds = 3600, items = 200000 }
+//!
 //! [default_quotas]                    # principals without their own (these are the defaults)
 //! reveal = { window_seconds = 3600, distinct_records = 100, requests = 1000 }
 //! index = { window_seconds = 60, hashes = 1000 }
+//! admit = { window_seconds = 3600, items = 100000 }
 //! [[record_cap]]                      # caps on new key-store records keyd signs
 //! scopes = ["merchant-*"]             # patterns as in auto_create_scopes
 //! max_uses = 1000000                  # per-DEK budget (records one DEK covers)
@@ -51,8 +67,9 @@
 //! max_decrypt_period_seconds = 63072000
 //! ```
 //!
-//! `reveal` and `index` quotas are always on (see `quota.rs`); a
-//! principal's `reveal_quota` / `index_quota` replaces the default.
+//! `reveal`, `index` and `admit` quotas are always on (see `quota.rs`); a
+//! principal's `reveal_quota` / `index_quota` / `admit_quota` replaces the
+//! default.
 //!
 //! Relative paths are resolved against the configuration file's folder.
 

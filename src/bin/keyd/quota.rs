@@ -5,6 +5,8 @@
 //!   by the sealed bytes) and requests per window. Revealing the same record
 //!   again costs a request, not a record slot.
 //! * `index`: keyed hashes (HMACs) per window.
+//! * `admit`: ingest ciphertexts admitted per window (issue 11), kept as an
+//!   `index` counter named `PRINCIPAL/admit` ([`admit_counter`]).
 //! * `unwrap`: the configured `quota` (unwrap requests and distinct keys
 //!   per window) of principals that have one, kept the same way.
 //!
