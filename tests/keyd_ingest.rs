@@ -1010,3 +1010,39 @@ fn keyd_state_v4_vectors_from_an_independent_implementation() {
     }
     assert_eq!(negatives, 3);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_splits_a_batch_over_max_admit_batch_into_requests_keyd_accepts() {
+    let k = Keyd::ready_with("audit_fsync = \"periodic\"\n").await;
+    let sc = "ing-split";
+    let sealer = sealer_for(&k, sc).await;
+    let n = panseal::MAX_ADMIT_BATCH as u32 + 6;
+    let rows = seal_rows(&sealer, 0, n);
+    let admitter = k.client_with("admitter", |b| {
+        b.request_timeout(std::time::Duration::from_secs(300))
+    });
+    let record = dek_record(&admitter, sc).await;
+    let before = admitter.requests_made();
+    let its = items(&rows);
+    let out = admitter
+        .admit(
+            &AdmitRequest {
+                record: &record,
+                index_versions: &[],
+                items: &its,
+            },
+            &access(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.iter().filter(|r| r.is_ok()).count(), n as usize);
+    assert_eq!(admitter.requests_made() - before, 2);
+    let lines: Vec<String> = k
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l.contains("\"operation\":\"admit\""))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0].contains("\"count\":1024,"), "{}", lines[0]);
+    assert!(lines[1].contains("\"count\":6,"), "{}", lines[1]);
+}
