@@ -54,7 +54,10 @@ fn ctx(i: u32) -> Context {
 /// A custodian creates the scope's ingest key; the front end (no
 /// permission but listing) fetches it and builds its sealer.
 async fn sealer_for(k: &Keyd, sc: &str) -> IngestSealer {
-    k.client("root").create_ingest_key(&scope(sc)).await.unwrap();
+    k.client("root")
+        .create_ingest_key(&scope(sc))
+        .await
+        .unwrap();
     active_sealer(k, sc).await
 }
 
@@ -134,10 +137,7 @@ async fn ingest_keys_are_created_listed_retired_and_destroyed_by_custodians_only
     let fe = k.client("ingest-frontend");
     assert!(fe.ingest_keys(&sc).await.unwrap().is_empty());
     let v1 = root.create_ingest_key(&sc).await.unwrap();
-    assert_eq!(
-        (v1.public_key.version(), v1.state),
-        (1, KeyState::Active)
-    );
+    assert_eq!((v1.public_key.version(), v1.state), (1, KeyState::Active));
     assert_eq!(v1.public_key.scope(), &sc);
     // The front end sees the same public key.
     let listed = fe.ingest_keys(&sc).await.unwrap();
@@ -164,7 +164,8 @@ async fn ingest_keys_are_created_listed_retired_and_destroyed_by_custodians_only
         .unwrap();
     assert_eq!(fe.ingest_keys(&sc).await.unwrap().len(), 1);
     assert!(matches!(
-        root.set_ingest_key_state(&sc, 1, KeyState::DecryptOnly).await,
+        root.set_ingest_key_state(&sc, 1, KeyState::DecryptOnly)
+            .await,
         Err(KeyServiceError::UnknownIngestKey { version: 1, .. })
     ));
     // No other principal creates or changes a key: 0 of 5 tries succeed.
@@ -193,7 +194,10 @@ async fn ingest_keys_are_created_listed_retired_and_destroyed_by_custodians_only
         )
         .await
         .unwrap();
-    assert!(matches!(r, Err(KeyServiceError::Environment { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(KeyServiceError::Environment { .. })),
+        "{r:?}"
+    );
     // The custodian CLI.
     let (ok, out, err) = k.custodian_cli("alice", "ingest-create", &["--scope", "ing-cli"]);
     assert!(ok, "{err}");
@@ -218,8 +222,12 @@ async fn ingest_keys_are_created_listed_retired_and_destroyed_by_custodians_only
     assert!(ok && out.contains("PIK1/test/ing-cli/2/"), "{out}");
     // Every change was audited; no private scalar anywhere in the log.
     let lines = k.audit_lines();
-    assert!(lines.iter().any(|l| l.contains("\"operation\":\"ingest-create\"")));
-    assert!(lines.iter().any(|l| l.contains("\"operation\":\"ingest-state\"")));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("\"operation\":\"ingest-create\"")));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("\"operation\":\"ingest-state\"")));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -228,10 +236,7 @@ async fn a_batch_of_500_is_admitted_and_the_reader_opens_the_same_pans_with_the_
     let k = Keyd::ready_with("audit_fsync = \"periodic\"\n").await;
     let sc = "ing-500";
     let sealer = sealer_for(&k, sc).await;
-    k.client("root")
-        .create_index_key(&scope(sc))
-        .await
-        .unwrap();
+    k.client("root").create_index_key(&scope(sc)).await.unwrap();
     let rows = seal_rows(&sealer, 0, 500);
     let admitter = k.client_with("admitter", |b| {
         b.request_timeout(std::time::Duration::from_secs(300))
@@ -287,7 +292,10 @@ async fn a_batch_of_500_is_admitted_and_the_reader_opens_the_same_pans_with_the_
     assert!(lines[0].contains("\"count\":500"), "{}", lines[0]);
     assert!(lines[0].contains("admitted 500, refused 0"), "{}", lines[0]);
     let log = std::fs::read_to_string(k.path("data/audit.log")).unwrap();
-    assert_eq!(leaks(&log, &rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>()), 0);
+    assert_eq!(
+        leaks(&log, &rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>()),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -428,7 +436,10 @@ async fn bad_items_get_typed_errors_and_the_others_are_still_admitted() {
     assert!(r.is_err());
     // Garbage posted: a typed refusal, nothing admitted.
     let r = admitter
-        .raw_call(proto::ADMIT, &serde_json::json!({"record": "!!", "items": 3}))
+        .raw_call(
+            proto::ADMIT,
+            &serde_json::json!({"record": "!!", "items": 3}),
+        )
         .await
         .unwrap();
     assert!(matches!(r, Err(KeyServiceError::Other(_))), "{r:?}");
@@ -489,7 +500,10 @@ async fn a_reveal_principal_with_quota_4_opens_exactly_4_distinct_ingest_ciphert
         .iter()
         .all(|l| l.contains("\"on_behalf_of\":\"clerk-9\"") && l.contains("refund 77")));
     let log = std::fs::read_to_string(k.path("data/audit.log")).unwrap();
-    assert_eq!(leaks(&log, &rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>()), 0);
+    assert_eq!(
+        leaks(&log, &rows.iter().map(|r| r.2.clone()).collect::<Vec<_>>()),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -519,7 +533,11 @@ async fn open_refuses_other_scopes_altered_bytes_other_contexts_and_destroyed_ke
     // Retire v1 by creating v2: still opens.
     let s2 = sealer_for(&k, sc).await;
     assert_eq!(
-        open(a.clone(), ctx(1), sc).await.unwrap().pan.expose_digits(),
+        open(a.clone(), ctx(1), sc)
+            .await
+            .unwrap()
+            .pan
+            .expose_digits(),
         pan.expose_digits()
     );
     // Another scope's ciphertext named under this scope, another context,
@@ -826,7 +844,9 @@ async fn a_version_3_data_directory_opens_and_migrates_to_version_4_once() {
     k.unseal().await;
     assert_eq!(count(&k), 1, "migrated once");
     // The ingest key survived the restart (sealed in version 4).
-    let s = sealer.seal(&Pan::parse(&pan_number(1)).unwrap(), &ctx(1)).unwrap();
+    let s = sealer
+        .seal(&Pan::parse(&pan_number(1)).unwrap(), &ctx(1))
+        .unwrap();
     let o = k
         .client("reader")
         .open_ingest(
@@ -933,12 +953,14 @@ fn keyd_state_v4_vectors_from_an_independent_implementation() {
         let p = &v["ingest_keys"]["pairs"][k.version.to_string()];
         let aad = st::ingest_key_aad("test", "m-1", k.version);
         assert_eq!(hex::encode(&aad), p["aad_hex"].as_str().unwrap());
-        let scalar =
-            st::open_secret(&keys.ingest_seal, &aad, k.sealed.as_ref().unwrap()).unwrap();
+        let scalar = st::open_secret(&keys.ingest_seal, &aad, k.sealed.as_ref().unwrap()).unwrap();
         assert_eq!(hex::encode(&scalar[..]), p["scalar"].as_str().unwrap());
         let pair =
             panseal::keyd::IngestPrivateKey::from_scalar(&env, &sc, k.version, &scalar).unwrap();
-        assert_eq!(hex::encode(pair.public_key().as_bytes()), p["point"].as_str().unwrap());
+        assert_eq!(
+            hex::encode(pair.public_key().as_bytes()),
+            p["point"].as_str().unwrap()
+        );
         assert_eq!(pair.public_key().to_text(), k.public_key);
         assert_eq!(k.public_key, p["public_key"].as_str().unwrap());
         // The scalar sealed here opens the ciphertexts its public key seals.
@@ -947,7 +969,10 @@ fn keyd_state_v4_vectors_from_an_independent_implementation() {
         let sealed = IngestSealer::new(pair.public_key().clone())
             .seal(&pan, &c)
             .unwrap();
-        assert_eq!(pair.open(&sealed, &c).unwrap().expose_digits(), pan.expose_digits());
+        assert_eq!(
+            pair.open(&sealed, &c).unwrap().expose_digits(),
+            pan.expose_digits()
+        );
         rebuilt += 1;
     }
     assert_eq!(rebuilt, 2);
@@ -960,7 +985,10 @@ fn keyd_state_v4_vectors_from_an_independent_implementation() {
     for c in entries[0].header.changes.clone() {
         s.apply(c);
     }
-    assert_eq!(s.ingest_keys["test/m-1"].versions[0].state, KeyState::Destroyed);
+    assert_eq!(
+        s.ingest_keys["test/m-1"].versions[0].state,
+        KeyState::Destroyed
+    );
     assert!(s.ingest_keys["test/m-1"].versions[0].sealed.is_none());
     // Moved or re-labelled sealed scalars do not open: 4 of 4 refused.
     let v2 = rec.versions[1].sealed.clone().unwrap();
@@ -971,12 +999,23 @@ fn keyd_state_v4_vectors_from_an_independent_implementation() {
             st::ingest_key_aad("test", "m-1", 2),
             v["sealed_v2_for_m_2"].as_str().unwrap().to_owned(),
         ),
-        (&keys.ingest_seal, st::ingest_key_aad("test", "m-1", 1), v2.clone()),
-        (&keys.ingest_seal, st::ingest_key_aad("prod", "m-1", 2), v2.clone()),
+        (
+            &keys.ingest_seal,
+            st::ingest_key_aad("test", "m-1", 1),
+            v2.clone(),
+        ),
+        (
+            &keys.ingest_seal,
+            st::ingest_key_aad("prod", "m-1", 2),
+            v2.clone(),
+        ),
         (
             &keys.ingest_seal,
             st::ingest_key_aad("test", "m-1", 2),
-            v["sealed_v2_under_index_subkey"].as_str().unwrap().to_owned(),
+            v["sealed_v2_under_index_subkey"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
         ),
     ] {
         if st::open_secret(key, &aad, &sealed).is_err() {

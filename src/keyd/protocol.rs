@@ -1134,9 +1134,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied | ErrorKind::Environment | ErrorKind::RecordTransition => {
                 403
             }
-            ErrorKind::UnknownKek | ErrorKind::UnknownIndexKey | ErrorKind::UnknownIngestKey => {
-                404
-            }
+            ErrorKind::UnknownKek | ErrorKind::UnknownIndexKey | ErrorKind::UnknownIngestKey => 404,
             ErrorKind::Conflict
             | ErrorKind::KekRetired
             | ErrorKind::RecordTampered

@@ -46,11 +46,11 @@ use super::{
     sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
     Permissions, RevealRequest, MAX_ADMIT_BATCH,
 };
+use crate::audit::Access;
 use crate::error::AdmitItemError;
+use crate::error::{ConfigError, Error, KeyServiceError};
 use crate::format::SealedPan;
 use crate::ingest::{IngestKeyInfo, IngestPublicKey};
-use crate::audit::Access;
-use crate::error::{ConfigError, Error, KeyServiceError};
 use crate::keyd::protocol::{
     self as proto, AcknowledgeRequest, AuditReadRequest, AuditReadResponse, CollectRequest,
     CollectResponse, DekDestroyResponse, DekTarget, DestroyResponse, ErrorBody, GenerateRequest,
@@ -1262,9 +1262,7 @@ impl KeyService for RemoteKeyService {
         let r = GenerateRequest {
             key: request.into(),
         };
-        let a: WrappedResponse = self
-            .call(proto::GENERATE_WRAPPED, &r, Repeat::Safe)
-            .await?;
+        let a: WrappedResponse = self.call(proto::GENERATE_WRAPPED, &r, Repeat::Safe).await?;
         Ok(a.wrapped.into())
     }
 
@@ -1312,8 +1310,7 @@ impl KeyService for RemoteKeyService {
                 on_behalf_of: access.principal().to_owned(),
                 purpose: access.purpose().to_owned(),
             };
-            let a: proto::AdmitResponse =
-                self.call(proto::ADMIT, &r, Repeat::OnlyIfUnsent).await?;
+            let a: proto::AdmitResponse = self.call(proto::ADMIT, &r, Repeat::OnlyIfUnsent).await?;
             if a.results.len() != chunk.len() {
                 return Err(KeyServiceError::Other(
                     "keyd answered an admit batch of the wrong size".into(),

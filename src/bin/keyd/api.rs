@@ -1800,7 +1800,12 @@ fn reseal_v3(
             if let Some(sealed) = &k.sealed {
                 let aad = v3::ingest_key_aad(&r.environment, &r.scope, k.version);
                 let key = v3::open_secret(&old.ingest_seal, &aad, sealed)?;
-                k.sealed = Some(v3::seal_secret(&new.ingest_seal, random_nonce(), &aad, &key));
+                k.sealed = Some(v3::seal_secret(
+                    &new.ingest_seal,
+                    random_nonce(),
+                    &aad,
+                    &key,
+                ));
             }
         }
     }

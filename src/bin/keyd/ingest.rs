@@ -24,8 +24,8 @@ use panseal::{
 
 use super::reveal::{bad, open_failed, AuditContext};
 use super::{
-    denied, json, now_secs, parse, random_nonce, refuse_index_purpose, require, slot, truncate,
-    v3, Answer, AuditRecord, Failure, Server,
+    denied, json, now_secs, parse, random_nonce, refuse_index_purpose, require, slot, truncate, v3,
+    Answer, AuditRecord, Failure, Server,
 };
 use crate::config::Principal;
 
@@ -83,7 +83,12 @@ impl Server {
     }
 
     /// The private key of one live version, opened from the state.
-    fn ingest_private(&self, env: &str, scope: &str, version: u32) -> Result<IngestPrivateKey, Lookup> {
+    fn ingest_private(
+        &self,
+        env: &str,
+        scope: &str,
+        version: u32,
+    ) -> Result<IngestPrivateKey, Lookup> {
         let keys = self.state_keys().map_err(|_| Lookup::Internal)?;
         let sealed = {
             let state = self.state.read();
@@ -112,12 +117,13 @@ impl Server {
         scope: &str,
         version: u32,
     ) -> Result<IngestPrivateKey, Failure> {
-        self.ingest_private(env, scope, version).map_err(|l| match l {
-            Lookup::Unknown => unknown_ingest_key(scope, version),
-            Lookup::Internal => {
-                Failure::new(ErrorKind::Internal, "a sealed ingest key failed to open")
-            }
-        })
+        self.ingest_private(env, scope, version)
+            .map_err(|l| match l {
+                Lookup::Unknown => unknown_ingest_key(scope, version),
+                Lookup::Internal => {
+                    Failure::new(ErrorKind::Internal, "a sealed ingest key failed to open")
+                }
+            })
     }
 
     /// `POST /v1/ingest/keys`: any principal of the environment whose
@@ -387,8 +393,12 @@ impl Server {
             let outcome = (|| -> Result<WireAdmitResult, (AdmitItemErrorKind, Option<u32>)> {
                 let malformed = (AdmitItemErrorKind::Malformed, None);
                 let sealed = parse_ingest(&item.sealed).ok_or(malformed)?;
-                let context = Context::new(&item.context.table, &item.context.column, &item.context.row_key)
-                    .map_err(|_| malformed)?;
+                let context = Context::new(
+                    &item.context.table,
+                    &item.context.column,
+                    &item.context.row_key,
+                )
+                .map_err(|_| malformed)?;
                 let v = sealed.key_version();
                 let private = privates
                     .entry(v)

@@ -208,7 +208,10 @@ impl Server {
     }
 
     /// The record's DEK from keyd's cache, or unwrapped into it.
-    pub(super) fn reveal_key(&self, record: &WrappedDek) -> Result<Arc<Zeroizing<[u8; 32]>>, Failure> {
+    pub(super) fn reveal_key(
+        &self,
+        record: &WrappedDek,
+    ) -> Result<Arc<Zeroizing<[u8; 32]>>, Failure> {
         let request = record.key_request();
         let ck = cache_key(record);
         if let Some(k) = self.reveal_cache.get(&ck) {

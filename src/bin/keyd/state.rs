@@ -45,8 +45,8 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use panseal::keyd::state::{
     self as fmt, Acknowledgement, Anchor, AuditPosition, Change, DekRecord, FormatError,
-    IndexScopeRecord, IngestScopeRecord, JournalEntry, JournalHeader, RecordKeyRecord, RegistryEntry, ScopeRecord,
-    State, StateKeys,
+    IndexScopeRecord, IngestScopeRecord, JournalEntry, JournalHeader, RecordKeyRecord,
+    RegistryEntry, ScopeRecord, State, StateKeys,
 };
 use panseal::{ChainSummary, ChainedAuditLog};
 
