@@ -25,10 +25,7 @@ fn sealed(s: &str) {
             IngestSealed::from_text(&text).unwrap().as_bytes(),
             x.as_bytes()
         );
-        assert_eq!(
-            parse_ingest_sealed(&text).unwrap().as_bytes(),
-            x.as_bytes()
-        );
+        assert_eq!(parse_ingest_sealed(&text).unwrap().as_bytes(), x.as_bytes());
     }
 }
 
