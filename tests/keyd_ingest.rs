@@ -533,7 +533,7 @@ async fn open_refuses_other_scopes_altered_bytes_other_contexts_and_destroyed_ke
     // Retire v1 by creating v2: still opens.
     let s2 = sealer_for(&k, sc).await;
     assert_eq!(
-        open(a.clone(), ctx(1), sc)
+        open(a, ctx(1), sc)
             .await
             .unwrap()
             .pan
@@ -548,7 +548,7 @@ async fn open_refuses_other_scopes_altered_bytes_other_contexts_and_destroyed_ke
         Err(KeyServiceError::OpenFailed) | Err(KeyServiceError::UnknownIngestKey { .. })
     ));
     assert!(matches!(
-        open(a.clone(), ctx(2), sc).await,
+        open(a, ctx(2), sc).await,
         Err(KeyServiceError::OpenFailed)
     ));
     let mut bytes = s2.seal(&pan, &ctx(1)).unwrap().as_bytes().to_vec();
