@@ -41,9 +41,25 @@
 //! permissions = ["reveal"]
 //! reveal_quota = { window_seconds = 3600, distinct_records = 20, requests = 200 }
 //!
+//! [[principal]]
+//! name = "ingest-frontend"            # fetches ingest public keys only
+//! cert = "certs/ingest-fe.pem"
+//! environment = "prod"
+//! scopes = ["merchant-42"]
+//! permissions = []
+//!
+//! [[principal]]
+//! name = "admission"                  # admits ingest ciphertexts inside keyd
+//! cert = "certs/admission.pem"
+//! environment = "prod"
+//! scopes = ["*"]
+//! permissions = ["admit", "wrap"]
+//! admit_quota = { window_seconds = 3600, items = 200000 }
+//!
 //! [default_quotas]                    # principals without their own (these are the defaults)
 //! reveal = { window_seconds = 3600, distinct_records = 100, requests = 1000 }
 //! index = { window_seconds = 60, hashes = 1000 }
+//! admit = { window_seconds = 3600, items = 100000 }
 //! [[record_cap]]                      # caps on new key-store records keyd signs
 //! scopes = ["merchant-*"]             # patterns as in auto_create_scopes
 //! max_uses = 1000000                  # per-DEK budget (records one DEK covers)
@@ -51,8 +67,9 @@
 //! max_decrypt_period_seconds = 63072000
 //! ```
 //!
-//! `reveal` and `index` quotas are always on (see `quota.rs`); a
-//! principal's `reveal_quota` / `index_quota` replaces the default.
+//! `reveal`, `index` and `admit` quotas are always on (see `quota.rs`); a
+//! principal's `reveal_quota` / `index_quota` / `admit_quota` replaces the
+//! default.
 //!
 //! Relative paths are resolved against the configuration file's folder.
 
@@ -191,6 +208,8 @@ struct RawPrincipal {
     reveal_quota: Option<crate::quota::RevealLimit>,
     #[serde(default)]
     index_quota: Option<crate::quota::IndexLimit>,
+    #[serde(default)]
+    admit_quota: Option<crate::quota::AdmitLimit>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -237,6 +256,8 @@ pub(crate) struct Principal {
     pub(crate) reveal_quota: crate::quota::RevealLimit,
     /// `index` limits (configured or the default).
     pub(crate) index_quota: crate::quota::IndexLimit,
+    /// `admit` limits (configured or the default).
+    pub(crate) admit_quota: crate::quota::AdmitLimit,
 }
 
 impl Principal {
@@ -397,6 +418,7 @@ impl Config {
         };
         crate::quota::check_reveal(&cfg.default_quotas.reveal)
             .and_then(|_| crate::quota::check_index(&cfg.default_quotas.index))
+            .and_then(|_| crate::quota::check_index(&cfg.default_quotas.admit.as_index()))
             .map_err(|m| invalid(format!("default_quotas: {m}")))?;
         for (i, p) in raw.principals.into_iter().enumerate() {
             let who = format!("principal {:?}", p.name);
@@ -479,8 +501,10 @@ impl Config {
             };
             let reveal_quota = p.reveal_quota.unwrap_or(cfg.default_quotas.reveal);
             let index_quota = p.index_quota.unwrap_or(cfg.default_quotas.index);
+            let admit_quota = p.admit_quota.unwrap_or(cfg.default_quotas.admit);
             crate::quota::check_reveal(&reveal_quota)
                 .and_then(|_| crate::quota::check_index(&index_quota))
+                .and_then(|_| crate::quota::check_index(&admit_quota.as_index()))
                 .map_err(|m| invalid(format!("{who}: {m}")))?;
             cfg.principals.push(Principal {
                 name: p.name,
@@ -490,6 +514,7 @@ impl Config {
                 quota,
                 reveal_quota,
                 index_quota,
+                admit_quota,
             });
         }
         Ok(cfg)
