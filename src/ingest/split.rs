@@ -27,8 +27,8 @@
 //! internally so the RFC's AES-128-GCM vector (Appendix A.3) checks the
 //! derivation too.
 
-// Used by the device-backed key services (features `pkcs11`, `aws-kms`).
-#![cfg_attr(not(any(feature = "pkcs11", feature = "aws-kms")), allow(dead_code))]
+// Used by the device-backed key service (feature `pkcs11`).
+#![cfg_attr(not(feature = "pkcs11"), allow(dead_code))]
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes128Gcm, Aes256Gcm, Nonce, Tag};
