@@ -1743,13 +1743,39 @@ impl Inner {
     /// object (a 32-byte generic secret, not on the token, extractable
     /// because it must be read: a per-message secret), read and destroyed
     /// at once.
+    ///
+    /// The peer point goes as the raw 65 bytes, which every token must
+    /// accept; a token that refuses it as a parameter error gets the DER
+    /// `OCTET STRING` form (`CKA_EC_POINT` encoding) once.
     fn ecdh(
         &self,
         session: &Session,
         private: ObjectHandle,
         enc: &[u8],
     ) -> Result<DhSecret, CkError> {
-        let params = Ecdh1DeriveParams::new(EcKdf::null(), enc);
+        match self.ecdh_with(session, private, enc) {
+            Err(CkError::Pkcs11(
+                RvError::ArgumentsBad
+                | RvError::MechanismParamInvalid
+                | RvError::DomainParamsInvalid,
+                _,
+            )) if enc.len() == INGEST_PUBLIC_KEY_LEN => {
+                let mut der = Vec::with_capacity(2 + enc.len());
+                der.extend_from_slice(&[0x04, 0x41]);
+                der.extend_from_slice(enc);
+                self.ecdh_with(session, private, &der)
+            }
+            other => other,
+        }
+    }
+
+    fn ecdh_with(
+        &self,
+        session: &Session,
+        private: ObjectHandle,
+        public_data: &[u8],
+    ) -> Result<DhSecret, CkError> {
+        let params = Ecdh1DeriveParams::new(EcKdf::null(), public_data);
         let handle = session.derive_key(
             &Mechanism::Ecdh1Derive(params),
             private,
