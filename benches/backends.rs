@@ -250,7 +250,7 @@ fn bench_ingest(c: &mut Criterion, ks: Arc<dyn KeyService>, rt: &tokio::runtime:
     let record = rt.block_on(store.list(None)).unwrap().remove(0);
     let index = rt.block_on(ks.create_index_key(&scope)).unwrap().version;
     let contexts: Vec<Context> = (0..100)
-        .map(|i| Context::new("cards", "pan", &format!("row-{i}")).unwrap())
+        .map(|i| Context::new("cards", "pan", format!("row-{i}")).unwrap())
         .collect();
     let sealed: Vec<_> = contexts
         .iter()

@@ -63,7 +63,7 @@ fn scope(name: &str) -> Scope {
 }
 
 fn ctx(row: usize) -> Context {
-    Context::new("cards", "pan", &format!("row-{row}")).unwrap()
+    Context::new("cards", "pan", format!("row-{row}")).unwrap()
 }
 
 /// A Luhn-valid PAN of 13..=19 digits derived from `i`.
@@ -455,7 +455,7 @@ async fn admit_turns_a_batch_into_compact_ciphertexts_and_index_values() {
             .await,
         Err(KeyServiceError::PermissionDenied(_))
     ));
-    let too_many: Vec<AdmitItem<'_>> = std::iter::repeat(items[0]).take(1025).collect();
+    let too_many: Vec<AdmitItem<'_>> = vec![items[0]; 1025];
     assert!(ks
         .admit(
             &AdmitRequest {

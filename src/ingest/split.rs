@@ -129,8 +129,7 @@ fn labeled_extract(
     labeled.extend_from_slice(suite_id);
     labeled.extend_from_slice(label);
     labeled.extend_from_slice(ikm);
-    let (mut prk, hk) = Hkdf::<Sha256>::extract(Some(salt), &labeled);
-    drop(hk);
+    let (mut prk, _) = Hkdf::<Sha256>::extract(Some(salt), &labeled);
     let mut out = Zeroizing::new([0u8; DH_LEN]);
     out.copy_from_slice(&prk);
     prk.as_mut_slice().zeroize();
@@ -378,7 +377,7 @@ mod tests {
         for i in 0..200 {
             let key = IngestPrivateKey::generate(&env, &scope, 1 + (i % 3));
             let sealer = IngestSealer::new(key.public_key().clone());
-            let ctx = Context::new("cards", "pan", &format!("row-{i}")).unwrap();
+            let ctx = Context::new("cards", "pan", format!("row-{i}")).unwrap();
             let pan = random_pan(&mut rng);
             let sealed = sealer.seal(&pan, &ctx).unwrap();
             let z = software_dh(&key.to_scalar()[..], sealed.enc()).unwrap();
