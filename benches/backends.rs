@@ -9,7 +9,12 @@
 //! request, and batches of 1,000 PANs per request (throughput in PANs/s),
 //! to be read against the same run's `key_service/unwrap` baseline.
 //!
-//! `cargo bench --features pkcs11,aws-kms --bench backends`
+//! Then write-only ingest: opening one ingest ciphertext (HPKE, P-256)
+//! through the token (`CKM_ECDH1_DERIVE` in SoftHSM2, the rest of HPKE in
+//! process) against the in-process `IngestPrivateKey::open` of the same
+//! run, and `admit` of a batch of 100 through the token.
+//!
+//! `cargo bench --features pkcs11,aws-kms,hazmat-test-keys --bench backends`
 //!
 //! A cold open is forced by a DEK cache of capacity 1 and two ciphertexts
 //! under two different DEKs, opened alternately: every open misses, fetches
@@ -28,11 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use panseal::hazmat::IngestPrivateKey;
 use panseal::{
-    blocking, Access, AuditError, AuditEvent, AuditSink, AwsKmsConfig, AwsKmsCredentials,
-    AwsKmsKeyService, Context, Environment, KeyId, KeyPurpose, KeyRequest, KeyService,
-    LocalKeyService, MemoryKeyStore, Operation, Pan, Panseal, Pkcs11Config, Pkcs11KeyService,
-    Pkcs11Pin, Policy, Scope,
+    blocking, Access, AdmitItem, AdmitRequest, AuditError, AuditEvent, AuditSink, AwsKmsConfig,
+    AwsKmsCredentials, AwsKmsKeyService, Context, Environment, IngestOpenRequest, IngestSealer,
+    KeyId, KeyPurpose, KeyRequest, KeyService, KeyStore, LocalKeyService, MemoryKeyStore,
+    Operation, Pan, Panseal, Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Policy, Scope,
 };
 
 /// Counts opens and unwraps, keeps nothing.
@@ -201,6 +207,81 @@ fn bench_hmac(
     g.finish();
 }
 
+/// Ingest open: in process (`IngestPrivateKey::open`, the baseline) and
+/// through the token; then admission of 100 ciphertexts per request.
+fn bench_ingest(c: &mut Criterion, ks: Arc<dyn KeyService>, rt: &tokio::runtime::Runtime) {
+    let access = Access::new("bench", "benchmark").unwrap();
+    let env = Environment::new("bench").unwrap();
+    let scope = Scope::new("merchant-1").unwrap();
+    let pan = Pan::parse("4111111111111111").unwrap();
+    let ctx = Context::new("cards", "pan", "row-1").unwrap();
+
+    let local = IngestPrivateKey::generate(&env, &scope, 1);
+    let local_sealed = IngestSealer::new(local.public_key().clone())
+        .seal(&pan, &ctx)
+        .unwrap();
+    let info = rt.block_on(ks.create_ingest_key(&scope)).unwrap();
+    let sealer = IngestSealer::from_info(&info).unwrap();
+    let token_sealed = sealer.seal(&pan, &ctx).unwrap();
+    let request = IngestOpenRequest {
+        scope: &scope,
+        sealed: &token_sealed,
+        context: &ctx,
+    };
+    assert_eq!(
+        rt.block_on(ks.open_ingest(&request, &access)).unwrap().pan,
+        pan
+    );
+
+    let mut g = c.benchmark_group("ingest_open");
+    g.bench_function(BenchmarkId::new("open", "in_process"), |bench| {
+        bench.iter(|| black_box(local.open(&local_sealed, &ctx).unwrap()))
+    });
+    g.bench_function(BenchmarkId::new("open", "pkcs11_softhsm2"), |bench| {
+        bench.iter(|| black_box(rt.block_on(ks.open_ingest(&request, &access)).unwrap()))
+    });
+    g.finish();
+
+    // Admission: a data DEK record made through the same service.
+    let store = MemoryKeyStore::new();
+    let audit = Arc::new(CountingSink::default());
+    let p = panseal(ks.clone(), &store, &audit, Policy::default());
+    p.seal_pan(&pan, &ctx).unwrap();
+    let record = rt.block_on(store.list(None)).unwrap().remove(0);
+    let index = rt.block_on(ks.create_index_key(&scope)).unwrap().version;
+    let contexts: Vec<Context> = (0..100)
+        .map(|i| Context::new("cards", "pan", format!("row-{i}")).unwrap())
+        .collect();
+    let sealed: Vec<_> = contexts
+        .iter()
+        .map(|c| sealer.seal(&pan, c).unwrap())
+        .collect();
+    let items: Vec<AdmitItem<'_>> = sealed
+        .iter()
+        .zip(&contexts)
+        .map(|(s, c)| AdmitItem {
+            sealed: s,
+            context: c,
+        })
+        .collect();
+    let admit = AdmitRequest {
+        record: &record,
+        index_versions: &[index],
+        items: &items,
+    };
+    let mut g = c.benchmark_group("ingest_admit_batch_100");
+    g.sample_size(10);
+    g.throughput(criterion::Throughput::Elements(100));
+    g.bench_function(BenchmarkId::new("admit", "pkcs11_softhsm2"), |bench| {
+        bench.iter(|| {
+            let out = rt.block_on(ks.admit(&admit, &access)).unwrap();
+            assert!(out.iter().all(|r| r.is_ok()));
+            black_box(out)
+        })
+    });
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -222,7 +303,8 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let pkcs11: Arc<dyn KeyService> = Arc::new(pkcs11);
     bench_backend(c, "pkcs11_softhsm2", pkcs11.clone(), &rt);
-    bench_hmac(c, "pkcs11_softhsm2", pkcs11, &rt);
+    bench_hmac(c, "pkcs11_softhsm2", pkcs11.clone(), &rt);
+    bench_ingest(c, pkcs11, &rt);
 
     let moto = moto::Moto::start();
     let kms = rt

@@ -358,3 +358,88 @@ async fn index_keys_are_hmac_keys_under_escaped_aliases_and_match_kms_generate_m
     let v3 = ks.create_index_key(&scope).await.unwrap();
     assert_eq!(v3.version, 3, "a destroyed version's number is not reused");
 }
+
+/// Write-only ingest is not offered on KMS: every ingest method answers
+/// `Unsupported`, naming why (the `DeriveSharedSecret` path cannot be
+/// tested against moto), and nothing is created in KMS.
+#[tokio::test]
+async fn ingest_methods_are_unsupported_with_the_reason() {
+    let moto = moto::Moto::start();
+    let ks = connect(&moto, "ingest").await;
+    let raw = moto::raw_client(&moto.endpoint());
+    let keys_before = raw.list_keys().send().await.unwrap().keys().len();
+    let scope = Scope::new("merchant-7").unwrap();
+    let check = |e: KeyServiceError| match e {
+        KeyServiceError::Unsupported(why) => {
+            assert!(why.contains("DeriveSharedSecret"), "{why}");
+            assert!(why.contains("moto 5.2.1"), "{why}");
+        }
+        other => panic!("{other}"),
+    };
+    check(ks.ingest_keys(&scope).await.unwrap_err());
+    check(ks.create_ingest_key(&scope).await.unwrap_err());
+    check(
+        ks.set_ingest_key_state(&scope, 1, panseal::KeyState::DecryptOnly)
+            .await
+            .unwrap_err(),
+    );
+    let key =
+        panseal::hazmat::IngestPrivateKey::generate(&Environment::new("test").unwrap(), &scope, 1);
+    let ctx = panseal::Context::new("cards", "pan", "row-1").unwrap();
+    let sealed = panseal::IngestSealer::new(key.public_key().clone())
+        .seal(&panseal::Pan::parse("4111111111111111").unwrap(), &ctx)
+        .unwrap();
+    check(
+        ks.open_ingest(
+            &panseal::IngestOpenRequest {
+                scope: &scope,
+                sealed: &sealed,
+                context: &ctx,
+            },
+            &access(),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        raw.list_keys().send().await.unwrap().keys().len(),
+        keys_before
+    );
+}
+
+/// The evidence behind `Unsupported`: moto (the KMS-compatible endpoint
+/// the tests run) creates an `ECC_NIST_P256` `KEY_AGREEMENT` key but does
+/// not implement `DeriveSharedSecret`. If a newer moto answers it, this
+/// test fails: implement the KMS ingest path then (see the module docs of
+/// `src/keyservice/aws_kms.rs`).
+#[tokio::test]
+async fn moto_does_not_implement_derive_shared_secret() {
+    use aws_sdk_kms::types::{KeyAgreementAlgorithmSpec, KeySpec, KeyUsageType};
+    let moto = moto::Moto::start();
+    let raw = moto::raw_client(&moto.endpoint());
+    let key = raw
+        .create_key()
+        .key_spec(KeySpec::EccNistP256)
+        .key_usage(KeyUsageType::KeyAgreement)
+        .send()
+        .await
+        .unwrap();
+    let meta = key.key_metadata().unwrap();
+    assert_eq!(meta.key_usage(), Some(&KeyUsageType::KeyAgreement));
+    let public = raw
+        .get_public_key()
+        .key_id(meta.key_id())
+        .send()
+        .await
+        .unwrap();
+    let derived = raw
+        .derive_shared_secret()
+        .key_id(meta.key_id())
+        .key_agreement_algorithm(KeyAgreementAlgorithmSpec::Ecdh)
+        .public_key(public.public_key().unwrap().clone())
+        .send()
+        .await;
+    let err = derived.expect_err("moto answered DeriveSharedSecret: implement KMS ingest");
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    assert_eq!(status, Some(500), "{err:?}");
+}

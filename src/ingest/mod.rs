@@ -37,6 +37,8 @@ use crate::format::{SealedPan, PACKED_LEN};
 use crate::keys::{Environment, KeyState, Scope};
 use crate::pan::Pan;
 
+pub(crate) mod split;
+
 type Kem = hpke::kem::DhP256HkdfSha256;
 type Kdf = hpke::kdf::HkdfSha256;
 type Aead = hpke::aead::AesGcm256;

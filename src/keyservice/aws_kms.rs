@@ -28,6 +28,18 @@
 //! key under `alias/panseal/<name>/record-mac`: `GenerateMac` signs,
 //! `VerifyMac` verifies.
 //!
+//! # Write-only ingest: not offered (yet)
+//!
+//! An ingest key would be an `ECC_NIST_P256` `KEY_AGREEMENT` key, opened
+//! with `DeriveSharedSecret` (`ECDH`) and the split HPKE receiver, as the
+//! PKCS#11 service does with `CKM_ECDH1_DERIVE`. The KMS-compatible
+//! endpoint these tests run against, moto 5.2.1, accepts such a key in
+//! `CreateKey` but answers `DeriveSharedSecret` with HTTP 500 ("The
+//! derive_shared_secret action has not been implemented"), so the path
+//! cannot be tested here and is not shipped: the ingest methods return
+//! [`KeyServiceError::Unsupported`] naming this. Keep ingest keys in keyd
+//! or a PKCS#11 token.
+//!
 //! # Binding
 //!
 //! Every `Encrypt`, `GenerateDataKey`, `Decrypt` and `ReEncrypt` carries the
@@ -60,16 +72,25 @@ use aws_smithy_http_client::tls::rustls_provider::CryptoMode;
 use aws_smithy_http_client::tls::Provider;
 use zeroize::Zeroizing;
 
-use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions};
+use super::{
+    sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
+    Permissions,
+};
 use crate::audit::Access;
-use crate::error::KeyServiceError;
+use crate::error::{AdmitItemError, KeyServiceError};
+use crate::ingest::IngestKeyInfo;
 use crate::keys::{
     unix_now, Dek, Environment, KekRef, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope,
     WrappedDek, WrappedKey,
 };
 use crate::pan::Pan;
+use crate::Opened;
 
 const DEK_LEN: usize = 32;
+/// What the ingest methods answer (see the module documentation).
+const INGEST_UNSUPPORTED: &str = "write-only ingest on AWS KMS (ingest keys need \
+     DeriveSharedSecret, which the tested KMS-compatible endpoint, moto 5.2.1, does not \
+     implement; keep ingest keys in keyd or a PKCS#11 token)";
 const ALIAS_PREFIX: &str = "alias/panseal/";
 /// Longest KMS alias name.
 const MAX_ALIAS_LEN: usize = 256;
@@ -1580,6 +1601,40 @@ impl KeyService for AwsKmsKeyService {
             .ok_or_else(|| KeyServiceError::Other("KEK version overflow".into()))?;
         self.inner.create_version(next).await?;
         self.inner.info(true).await
+    }
+    // ----- write-only ingest: unsupported ------------------------------------
+
+    async fn ingest_keys(&self, _scope: &Scope) -> Result<Vec<IngestKeyInfo>, KeyServiceError> {
+        Err(KeyServiceError::Unsupported(INGEST_UNSUPPORTED))
+    }
+
+    async fn create_ingest_key(&self, _scope: &Scope) -> Result<IngestKeyInfo, KeyServiceError> {
+        Err(KeyServiceError::Unsupported(INGEST_UNSUPPORTED))
+    }
+
+    async fn set_ingest_key_state(
+        &self,
+        _scope: &Scope,
+        _version: u32,
+        _state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        Err(KeyServiceError::Unsupported(INGEST_UNSUPPORTED))
+    }
+
+    async fn open_ingest(
+        &self,
+        _request: &IngestOpenRequest<'_>,
+        _access: &Access,
+    ) -> Result<Opened, KeyServiceError> {
+        Err(KeyServiceError::Unsupported(INGEST_UNSUPPORTED))
+    }
+
+    async fn admit(
+        &self,
+        _request: &AdmitRequest<'_>,
+        _access: &Access,
+    ) -> Result<Vec<Result<AdmitOutput, AdmitItemError>>, KeyServiceError> {
+        Err(KeyServiceError::Unsupported(INGEST_UNSUPPORTED))
     }
 }
 

@@ -64,6 +64,7 @@ use async_trait::async_trait;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
@@ -73,14 +74,21 @@ use rand_core::{OsRng, RngCore};
 use tokio::sync::Semaphore;
 use zeroize::Zeroizing;
 
-use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions};
+use super::{
+    sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
+    Permissions, MAX_ADMIT_BATCH,
+};
 use crate::audit::Access;
-use crate::error::KeyServiceError;
+use crate::context::Context;
+use crate::error::{AdmitItemError, Error, KeyError, KeyServiceError};
+use crate::ingest::split::{self, DhSecret};
+use crate::ingest::{IngestKeyInfo, IngestPublicKey, IngestSealed, INGEST_PUBLIC_KEY_LEN};
 use crate::keys::{
-    unix_now, Dek, Environment, KekRef, KeyRequest, KeyState, RecordTag, Scope, WrappedDek,
-    WrappedKey,
+    unix_now, Dek, Environment, KekRef, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope,
+    WrappedDek, WrappedKey,
 };
 use crate::pan::Pan;
+use crate::Opened;
 
 const IV_LEN: usize = 12;
 const DEK_LEN: usize = 32;
@@ -238,6 +246,8 @@ struct Inner {
     permissions: Permissions,
     /// Index-key objects per scope, from the last scan of that scope.
     index: RwLock<HashMap<Scope, Vec<IndexObject>>>,
+    /// Ingest-key objects per scope, from the last scan of that scope.
+    ingest: RwLock<HashMap<Scope, Vec<IngestObject>>>,
 }
 
 /// One index-key version object as found in the token.
@@ -347,6 +357,7 @@ impl Pkcs11KeyService {
                 keks: RwLock::new(Keks::default()),
                 permissions: config.permissions,
                 index: RwLock::new(HashMap::new()),
+                ingest: RwLock::new(HashMap::new()),
             }),
         };
         let create = config.create_kek_if_missing;
@@ -1319,6 +1330,604 @@ impl Inner {
     }
 }
 
+// ----- write-only ingest: P-256 key pairs generated in the token ------------
+
+/// `CKA_ID` prefix of ingest key-pair objects.
+const INGEST_PREFIX: &str = "panseal-ingest/";
+/// DER of the OID prime256v1 (1.2.840.10045.3.1.7): `CKA_EC_PARAMS` of P-256.
+const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// One ingest-key version as found in the token: the private key (never
+/// extractable, `CKA_DERIVE` only) and its public point.
+#[derive(Clone, Debug)]
+struct IngestObject {
+    version: u32,
+    private: ObjectHandle,
+    public: IngestPublicKey,
+    state: KeyState,
+    created_at: u64,
+}
+
+fn ingest_state_label(state: KeyState) -> Option<&'static str> {
+    match state {
+        KeyState::Active => Some("active"),
+        KeyState::DecryptOnly => Some("retired"),
+        _ => None,
+    }
+}
+
+fn parse_ingest_state(s: &str) -> Option<KeyState> {
+    match s {
+        "active" => Some(KeyState::Active),
+        "retired" => Some(KeyState::DecryptOnly),
+        _ => None,
+    }
+}
+
+/// The 65-byte uncompressed point of a `CKA_EC_POINT`: DER `OCTET STRING`
+/// (what PKCS#11 specifies and SoftHSM2 returns) or the raw point.
+fn ec_point(value: &[u8]) -> Option<[u8; INGEST_PUBLIC_KEY_LEN]> {
+    let raw = match value {
+        [0x04, 0x41, rest @ ..] if rest.len() == INGEST_PUBLIC_KEY_LEN => rest,
+        raw if raw.len() == INGEST_PUBLIC_KEY_LEN => raw,
+        _ => return None,
+    };
+    raw.try_into().ok()
+}
+
+/// What one ingest ciphertext became inside the token.
+enum IngestOpen {
+    Pan(Pan),
+    Refused(AdmitItemError),
+}
+
+impl Inner {
+    /// `CKA_ID` of every object of `scope`'s ingest keys:
+    /// `panseal-ingest/<name>/<environment>/<scope>`.
+    fn ingest_id(&self, scope: &Scope) -> String {
+        format!(
+            "{INGEST_PREFIX}{}/{}/{}",
+            self.kek_name, self.environment, scope
+        )
+    }
+
+    /// `CKA_LABEL` of a private key: `<id>/v<N>/<active|retired>/<created>`.
+    fn ingest_label(&self, scope: &Scope, version: u32, state: &str, created_at: u64) -> String {
+        format!("{}/v{version}/{state}/{created_at}", self.ingest_id(scope))
+    }
+
+    /// `CKA_LABEL` of a public key: `<id>/v<N>/public`, or
+    /// `<id>/v<N>/destroyed` once its private key is destroyed (kept so a
+    /// version number is never used twice).
+    fn ingest_public_label(&self, scope: &Scope, version: u32, destroyed: bool) -> String {
+        let tail = if destroyed { "destroyed" } else { "public" };
+        format!("{}/v{version}/{tail}", self.ingest_id(scope))
+    }
+
+    /// Checks a found private key: P-256, generated in the token
+    /// (`CKA_LOCAL`), always sensitive, never extractable, usable for
+    /// derivation. A key imported with a known value is refused.
+    fn check_ingest_private(
+        &self,
+        session: &Session,
+        handle: ObjectHandle,
+    ) -> Result<String, Fail> {
+        let attrs = session.get_attributes(
+            handle,
+            &[
+                AttributeType::Label,
+                AttributeType::KeyType,
+                AttributeType::EcParams,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::AlwaysSensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::Local,
+                AttributeType::Derive,
+            ],
+        )?;
+        let (mut label, mut key_type, mut params) = (String::new(), None, Vec::new());
+        let (mut sensitive, mut extractable, mut always, mut never, mut local, mut derive) =
+            (false, true, false, false, false, false);
+        for a in attrs {
+            match a {
+                Attribute::Label(l) => label = String::from_utf8_lossy(&l).into_owned(),
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::EcParams(p) => params = p,
+                Attribute::Sensitive(b) => sensitive = b,
+                Attribute::Extractable(b) => extractable = b,
+                Attribute::AlwaysSensitive(b) => always = b,
+                Attribute::NeverExtractable(b) => never = b,
+                Attribute::Local(b) => local = b,
+                Attribute::Derive(b) => derive = b,
+                _ => {}
+            }
+        }
+        if key_type != Some(KeyType::EC)
+            || params != P256_PARAMS
+            || !sensitive
+            || extractable
+            || !always
+            || !never
+            || !local
+            || !derive
+        {
+            return Err(KeyServiceError::Other(format!(
+                "ingest key {label:?} is not a P-256 key generated in the token, always \
+                 sensitive, never extractable and able to derive; refusing it"
+            ))
+            .into());
+        }
+        Ok(label)
+    }
+
+    /// Lists `scope`'s live ingest keys (newest first) and the highest
+    /// version ever made (destroyed ones included).
+    fn scan_ingest(
+        &self,
+        session: &Session,
+        scope: &Scope,
+    ) -> Result<(Vec<IngestObject>, u32), Fail> {
+        let id = self.ingest_id(scope).into_bytes();
+        let private_template = [
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(id.clone()),
+        ];
+        let mut privates = session.find_objects(&private_template)?;
+        if privates.is_empty() && self.ensure_login(session)? {
+            privates = session.find_objects(&private_template)?;
+        }
+        let publics = session
+            .find_objects(&[Attribute::Class(ObjectClass::PUBLIC_KEY), Attribute::Id(id)])?;
+        let prefix = format!("{}/v", self.ingest_id(scope));
+        // Public points by version; the highest version ever made.
+        let mut points: HashMap<u32, [u8; INGEST_PUBLIC_KEY_LEN]> = HashMap::new();
+        let mut highest = 0u32;
+        for handle in publics {
+            let attrs = session.get_attributes(
+                handle,
+                &[
+                    AttributeType::Label,
+                    AttributeType::EcPoint,
+                    AttributeType::EcParams,
+                    AttributeType::Local,
+                ],
+            )?;
+            let (mut label, mut point, mut params, mut local) =
+                (String::new(), None, Vec::new(), false);
+            for a in attrs {
+                match a {
+                    Attribute::Label(l) => label = String::from_utf8_lossy(&l).into_owned(),
+                    Attribute::EcPoint(p) => point = ec_point(&p),
+                    Attribute::EcParams(p) => params = p,
+                    Attribute::Local(b) => local = b,
+                    _ => {}
+                }
+            }
+            let Some((version, tail)) = label
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once('/'))
+                .and_then(|(v, t)| Some((v.parse::<u32>().ok()?, t)))
+            else {
+                continue;
+            };
+            highest = highest.max(version);
+            if tail != "public" {
+                continue;
+            }
+            let (Some(point), true, true) = (point, params == P256_PARAMS, local) else {
+                return Err(KeyServiceError::Other(format!(
+                    "ingest public key {label:?} is not a P-256 point generated in the token; \
+                     refusing it"
+                ))
+                .into());
+            };
+            if points.insert(version, point).is_some() {
+                return Err(KeyServiceError::Other(format!(
+                    "two public objects carry ingest-key version {version} of scope {scope}; a \
+                     custodian must destroy one"
+                ))
+                .into());
+            }
+        }
+        let mut objects = Vec::with_capacity(privates.len());
+        for handle in privates {
+            let label = self.check_ingest_private(session, handle)?;
+            let Some(rest) = label.strip_prefix(&prefix) else {
+                continue;
+            };
+            let mut parts = rest.split('/');
+            let version = parts.next().and_then(|v| v.parse::<u32>().ok());
+            let state = parts.next().and_then(parse_ingest_state);
+            let created = parts.next().and_then(|c| c.parse::<u64>().ok());
+            let (Some(version), Some(state), Some(created_at), None) =
+                (version, state, created, parts.next())
+            else {
+                return Err(KeyServiceError::Other(format!(
+                    "ingest key object with a malformed label {label:?}"
+                ))
+                .into());
+            };
+            let Some(point) = points.get(&version) else {
+                return Err(KeyServiceError::Other(format!(
+                    "ingest key v{version} of scope {scope} has no public key object"
+                ))
+                .into());
+            };
+            let public = IngestPublicKey::from_parts(&self.environment, scope, version, point)
+                .map_err(|_| {
+                    KeyServiceError::Other(format!(
+                        "ingest key v{version} of scope {scope}: public point not on P-256"
+                    ))
+                })?;
+            highest = highest.max(version);
+            objects.push(IngestObject {
+                version,
+                private: handle,
+                public,
+                state,
+                created_at,
+            });
+        }
+        objects.sort_by_key(|o| std::cmp::Reverse(o.version));
+        if objects.windows(2).any(|w| w[0].version == w[1].version) {
+            return Err(KeyServiceError::Other(format!(
+                "two private objects carry one ingest-key version of scope {scope} (a \
+                 concurrent create?); a custodian must destroy one"
+            ))
+            .into());
+        }
+        self.ingest
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(scope.clone(), objects.clone());
+        Ok((objects, highest))
+    }
+
+    /// The object of `version`, from the cache or a fresh scan.
+    fn ingest_object(
+        &self,
+        session: &Session,
+        scope: &Scope,
+        version: u32,
+        rescan: bool,
+    ) -> Result<Option<IngestObject>, Fail> {
+        if !rescan {
+            let cached = self
+                .ingest
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(scope)
+                .and_then(|o| o.iter().find(|o| o.version == version).cloned());
+            if cached.is_some() {
+                return Ok(cached);
+            }
+        }
+        let (objects, _) = self.scan_ingest(session, scope)?;
+        Ok(objects.into_iter().find(|o| o.version == version))
+    }
+
+    /// Generates the next P-256 key pair of `scope` in the token
+    /// (`CKM_EC_KEY_PAIR_GEN`): active; the previous active version is
+    /// relabelled retired.
+    fn create_ingest(&self, session: &Session, scope: &Scope) -> Result<IngestKeyInfo, Fail> {
+        let (objects, highest) = self.scan_ingest(session, scope)?;
+        let next = highest
+            .checked_add(1)
+            .ok_or_else(|| KeyServiceError::Other("ingest-key version overflow".into()))?;
+        let now = unix_now();
+        let id = self.ingest_id(scope).into_bytes();
+        session.generate_key_pair(
+            &Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::EcParams(P256_PARAMS.to_vec()),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Verify(false),
+                Attribute::Encrypt(false),
+                Attribute::Wrap(false),
+                Attribute::Derive(false),
+                Attribute::Modifiable(true),
+                Attribute::Label(self.ingest_public_label(scope, next, false).into_bytes()),
+                Attribute::Id(id.clone()),
+            ],
+            &[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Derive(true),
+                Attribute::Sign(false),
+                Attribute::Decrypt(false),
+                Attribute::Unwrap(false),
+                Attribute::Modifiable(true),
+                Attribute::Label(self.ingest_label(scope, next, "active", now).into_bytes()),
+                Attribute::Id(id),
+            ],
+        )?;
+        for old in objects.iter().filter(|o| o.state == KeyState::Active) {
+            session.update_attributes(
+                old.private,
+                &[Attribute::Label(
+                    self.ingest_label(scope, old.version, "retired", old.created_at)
+                        .into_bytes(),
+                )],
+            )?;
+        }
+        let (after, _) = self.scan_ingest(session, scope)?;
+        let Some(created) = after.into_iter().find(|o| o.version == next) else {
+            return Err(KeyServiceError::Other(format!(
+                "ingest key v{next} of scope {scope} not found after creation"
+            ))
+            .into());
+        };
+        tracing::info!(scope = %scope, version = next, "ingest key pair created in the token");
+        Ok(IngestKeyInfo {
+            public_key: created.public,
+            state: KeyState::Active,
+            created_at: created.created_at,
+        })
+    }
+
+    fn set_ingest_state(
+        &self,
+        session: &Session,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), Fail> {
+        let (objects, _) = self.scan_ingest(session, scope)?;
+        let Some(object) = objects.iter().find(|o| o.version == version) else {
+            return Err(KeyServiceError::UnknownIngestKey {
+                scope: scope.to_string(),
+                version,
+            }
+            .into());
+        };
+        if state == object.state {
+            return Ok(());
+        }
+        if !object.state.can_become(state) {
+            return Err(KeyServiceError::Other(format!(
+                "ingest key v{version}: state may only move forward ({:?} -> {state:?} refused)",
+                object.state
+            ))
+            .into());
+        }
+        match state {
+            KeyState::Destroyed => {
+                session.destroy_object(object.private)?;
+                // The public half stays as a tombstone: version numbers
+                // are never reused.
+                let publics = session.find_objects(&[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::Id(self.ingest_id(scope).into_bytes()),
+                    Attribute::Label(self.ingest_public_label(scope, version, false).into_bytes()),
+                ])?;
+                for p in publics {
+                    session.update_attributes(
+                        p,
+                        &[Attribute::Label(
+                            self.ingest_public_label(scope, version, true).into_bytes(),
+                        )],
+                    )?;
+                }
+            }
+            KeyState::DecryptOnly => {
+                let label = ingest_state_label(state).unwrap_or("retired");
+                session.update_attributes(
+                    object.private,
+                    &[Attribute::Label(
+                        self.ingest_label(scope, version, label, object.created_at)
+                            .into_bytes(),
+                    )],
+                )?;
+            }
+            other => {
+                return Err(KeyServiceError::Other(format!(
+                    "ingest keys are active, retired or destroyed ({other:?} refused)"
+                ))
+                .into())
+            }
+        }
+        self.scan_ingest(session, scope)?;
+        tracing::info!(scope = %scope, version, state = ?state, "ingest key state changed");
+        Ok(())
+    }
+
+    /// `Z` = x(skR · enc) by `CKM_ECDH1_DERIVE` (`CKD_NULL`) into a session
+    /// object (a 32-byte generic secret, not on the token, extractable
+    /// because it must be read: a per-message secret), read and destroyed
+    /// at once.
+    ///
+    /// The peer point goes as the raw 65 bytes, which every token must
+    /// accept; a token that refuses it as a parameter error gets the DER
+    /// `OCTET STRING` form (`CKA_EC_POINT` encoding) once.
+    fn ecdh(
+        &self,
+        session: &Session,
+        private: ObjectHandle,
+        enc: &[u8],
+    ) -> Result<DhSecret, CkError> {
+        match self.ecdh_with(session, private, enc) {
+            Err(CkError::Pkcs11(
+                RvError::ArgumentsBad
+                | RvError::MechanismParamInvalid
+                | RvError::DomainParamsInvalid,
+                _,
+            )) if enc.len() == INGEST_PUBLIC_KEY_LEN => {
+                let mut der = Vec::with_capacity(2 + enc.len());
+                der.extend_from_slice(&[0x04, 0x41]);
+                der.extend_from_slice(enc);
+                self.ecdh_with(session, private, &der)
+            }
+            other => other,
+        }
+    }
+
+    fn ecdh_with(
+        &self,
+        session: &Session,
+        private: ObjectHandle,
+        public_data: &[u8],
+    ) -> Result<DhSecret, CkError> {
+        let params = Ecdh1DeriveParams::new(EcKdf::null(), public_data);
+        let handle = session.derive_key(
+            &Mechanism::Ecdh1Derive(params),
+            private,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(false),
+                Attribute::Private(true),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Encrypt(false),
+                Attribute::Decrypt(false),
+                Attribute::Sign(false),
+                Attribute::Verify(false),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::Derive(false),
+            ],
+        )?;
+        let read = session.get_attributes(handle, &[AttributeType::Value]);
+        let destroyed = session.destroy_object(handle);
+        let mut z = None;
+        for a in read? {
+            if let Attribute::Value(v) = a {
+                let v = Zeroizing::new(v);
+                z = DhSecret::from_slice(&v).ok();
+            }
+        }
+        destroyed?;
+        z.ok_or(CkError::Pkcs11(
+            RvError::GeneralError,
+            cryptoki::context::Function::GetAttributeValue,
+        ))
+    }
+
+    /// Opens one ingest ciphertext of `scope` in this session: the token
+    /// derives `Z`, the split receiver does the rest. A refusal is typed as
+    /// an admission item error; token failures are `Fail`.
+    fn open_ingest_item(
+        &self,
+        session: &Session,
+        scope: &Scope,
+        sealed: &IngestSealed,
+        context: &Context,
+    ) -> Result<IngestOpen, Fail> {
+        let version = sealed.key_version();
+        let mut rescanned = false;
+        loop {
+            let Some(object) = self.ingest_object(session, scope, version, rescanned)? else {
+                if !rescanned {
+                    rescanned = true;
+                    continue;
+                }
+                return Ok(IngestOpen::Refused(AdmitItemError::UnknownIngestKey(
+                    version,
+                )));
+            };
+            match split::check(&object.public, sealed) {
+                Ok(()) => {}
+                Err(Error::Key(KeyError::IngestKeyMismatch)) => {
+                    return Ok(IngestOpen::Refused(AdmitItemError::KeyMismatch))
+                }
+                Err(_) => return Ok(IngestOpen::Refused(AdmitItemError::OpenFailed)),
+            }
+            let z = match self.ecdh(session, object.private, sealed.enc()) {
+                Ok(z) => z,
+                Err(CkError::Pkcs11(
+                    RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
+                    _,
+                )) if !rescanned => {
+                    // Destroyed (or recreated) by another process.
+                    rescanned = true;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            return Ok(match split::open_pan(&object.public, sealed, context, &z) {
+                Ok(pan) => IngestOpen::Pan(pan),
+                Err(Error::Format(_)) => IngestOpen::Refused(AdmitItemError::Malformed),
+                Err(Error::Key(KeyError::IngestKeyMismatch)) => {
+                    IngestOpen::Refused(AdmitItemError::KeyMismatch)
+                }
+                Err(_) => IngestOpen::Refused(AdmitItemError::OpenFailed),
+            });
+        }
+    }
+
+    /// The whole admission in one session: the record verified, its DEK
+    /// unwrapped into this process's memory (wiped on return), every item
+    /// opened through the token and sealed compact, the blind index of the
+    /// admitted PANs computed with the token's HMAC keys.
+    fn admit_batch(
+        &self,
+        session: &Session,
+        record: &WrappedDek,
+        versions: &[u32],
+        items: &[(IngestSealed, Context)],
+    ) -> Result<Vec<Result<AdmitOutput, AdmitItemError>>, Fail> {
+        if !self.record_verifies(session, record)? {
+            return Err(KeyServiceError::RecordTampered(record.id.to_string()).into());
+        }
+        if !versions.is_empty() {
+            // Unknown versions fail the whole request before any item is
+            // opened.
+            let mut live = self.scan_index(session, &record.scope)?;
+            live.retain(|o| versions.contains(&o.version));
+            if let Some(v) = versions
+                .iter()
+                .find(|v| !live.iter().any(|o| o.version == **v))
+            {
+                return Err(KeyServiceError::UnknownIndexKey {
+                    scope: record.scope.to_string(),
+                    version: *v,
+                }
+                .into());
+            }
+        }
+        let key = self.unwrap_key(session, &record.key_request(), &record.wrapped)?;
+        let dek = Dek::from_unwrapped(&key);
+        drop(key);
+        let cipher = dek.cipher();
+        let mut results = Vec::with_capacity(items.len());
+        let mut digits = Vec::new();
+        for (sealed, context) in items {
+            match self.open_ingest_item(session, &record.scope, sealed, context)? {
+                IngestOpen::Pan(pan) => {
+                    let (nonce, _) = crate::seal::fresh_nonce();
+                    let compact = crate::seal::seal_raw(&cipher, record.id, nonce, &pan, context);
+                    digits.push(Zeroizing::new(pan.expose_digits().as_bytes().to_vec()));
+                    results.push(Ok(compact));
+                }
+                IngestOpen::Refused(e) => results.push(Err(e)),
+            }
+        }
+        let mut macs = if versions.is_empty() || digits.is_empty() {
+            Vec::new()
+        } else {
+            self.hmac_batch(session, &record.scope, versions, &digits)?
+        }
+        .into_iter();
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.map(|sealed| {
+                    AdmitOutput::new(sealed, macs.by_ref().take(versions.len()).collect())
+                })
+            })
+            .collect())
+    }
+}
+
 fn load_module(path: &Path) -> Result<Pkcs11, KeyServiceError> {
     let ctx = Pkcs11::new(path).map_err(|e| {
         KeyServiceError::Other(format!(
@@ -1630,6 +2239,137 @@ impl KeyService for Pkcs11KeyService {
             }
         })
         .await
+    }
+
+    // ----- write-only ingest ----------------------------------------------
+
+    /// The scope's ingest key pairs in the token, newest first, with their
+    /// public points (read from the public-key objects). Any principal.
+    async fn ingest_keys(&self, scope: &Scope) -> Result<Vec<IngestKeyInfo>, KeyServiceError> {
+        let scope = scope.clone();
+        self.run(move |inner, session| {
+            let (objects, _) = inner.scan_ingest(session, &scope)?;
+            Ok(objects
+                .into_iter()
+                .map(|o| IngestKeyInfo {
+                    public_key: o.public,
+                    state: o.state,
+                    created_at: o.created_at,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Generates a P-256 key pair in the token (`CKM_EC_KEY_PAIR_GEN`; the
+    /// private key sensitive, never extractable, `CKA_DERIVE` only).
+    async fn create_ingest_key(&self, scope: &Scope) -> Result<IngestKeyInfo, KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
+        let scope = scope.clone();
+        self.run(move |inner, session| inner.create_ingest(session, &scope))
+            .await
+    }
+
+    /// Retired relabels the private key; destroyed destroys it
+    /// (`C_DestroyObject`) and keeps the public object as a tombstone so
+    /// the version number is never reused.
+    async fn set_ingest_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        self.require(self.inner.permissions.custodian, "custodian")?;
+        let scope = scope.clone();
+        self.run(move |inner, session| inner.set_ingest_state(session, &scope, version, state))
+            .await
+    }
+
+    /// `CKM_ECDH1_DERIVE` with the token's private key and `enc`, then the
+    /// rest of HPKE in this process (`FORMAT.md` §17; the split receiver).
+    /// Needs `unwrap`: this service hands DEKs to its callers, so a
+    /// credential that may unwrap may open ingest ciphertexts too.
+    async fn open_ingest(
+        &self,
+        request: &IngestOpenRequest<'_>,
+        _access: &Access,
+    ) -> Result<Opened, KeyServiceError> {
+        self.require(self.inner.permissions.unwrap, "unwrap")?;
+        let scope = request.scope.clone();
+        let sealed = *request.sealed;
+        let context = request.context.clone();
+        let opened = self
+            .run(move |inner, session| inner.open_ingest_item(session, &scope, &sealed, &context))
+            .await?;
+        match opened {
+            IngestOpen::Pan(pan) => Ok(Opened {
+                pan,
+                needs_reseal: true,
+            }),
+            IngestOpen::Refused(AdmitItemError::UnknownIngestKey(version)) => {
+                Err(KeyServiceError::UnknownIngestKey {
+                    scope: request.scope.to_string(),
+                    version,
+                })
+            }
+            IngestOpen::Refused(_) => Err(KeyServiceError::OpenFailed),
+        }
+    }
+
+    /// Opens each item through the token, seals it compact under the
+    /// record's DEK (unwrapped in the token, held in this process's memory
+    /// for the batch, never returned) and computes its blind index with the
+    /// token's HMAC keys, all in one pooled session.
+    async fn admit(
+        &self,
+        request: &AdmitRequest<'_>,
+        _access: &Access,
+    ) -> Result<Vec<Result<AdmitOutput, AdmitItemError>>, KeyServiceError> {
+        self.require(self.inner.permissions.admit, "admit")?;
+        if request.items.len() > MAX_ADMIT_BATCH {
+            return Err(KeyServiceError::Other(format!(
+                "an admit request carries at most {MAX_ADMIT_BATCH} items ({} sent)",
+                request.items.len()
+            )));
+        }
+        let record = request.record;
+        if record.environment != self.inner.environment {
+            return Err(KeyServiceError::Environment {
+                service: self.inner.environment.to_string(),
+                request: record.environment.to_string(),
+            });
+        }
+        if record.purpose != KeyPurpose::Data
+            || record.state != KeyState::Active
+            || unix_now() >= record.encrypt_until
+        {
+            return Err(KeyServiceError::PermissionDenied(format!(
+                "admit seals only under an active data DEK within its encrypt period ({} is \
+                 {:?}, {:?})",
+                record.id, record.purpose, record.state
+            )));
+        }
+        self.check_kek_id(&record.wrapped)?;
+        if request.items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let record = record.clone();
+        let versions = request.index_versions.to_vec();
+        let items: Vec<(IngestSealed, Context)> = request
+            .items
+            .iter()
+            .map(|i| (*i.sealed, i.context.clone()))
+            .collect();
+        let count = items.len();
+        let results = self
+            .run(move |inner, session| inner.admit_batch(session, &record, &versions, &items))
+            .await?;
+        tracing::info!(
+            items = count,
+            admitted = results.iter().filter(|r| r.is_ok()).count(),
+            "ingest ciphertexts admitted through the token"
+        );
+        Ok(results)
     }
 
     async fn rotate_kek(&self) -> Result<KekInfo, KeyServiceError> {
