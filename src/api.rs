@@ -10,15 +10,18 @@ use arc_swap::ArcSwapOption;
 use crate::audit::{Access, AuditSink, Emitter, Operation};
 use crate::clock;
 use crate::context::Context;
+use crate::error::AdmitItemError;
 use crate::error::{ConfigError, Error, KeyError, KeyServiceError, KeyStoreError};
 use crate::format::SealedPan;
 use crate::index::{self, BlindIndex};
+use crate::ingest::{IngestKeyInfo, IngestSealed, IngestSealer, SealedRef};
 use crate::keys::{
     unix_now, CachedDek, DekCache, Environment, KeyId, KeyPurpose, KeyRequest, KeyState, Policy,
     Scope, WrappedDek, DEK_STRENGTH_BITS,
 };
 use crate::keyservice::IndexKeyInfo;
 use crate::keyservice::KeyService;
+use crate::keyservice::{AdmitItem, AdmitRequest, IngestOpenRequest, MAX_ADMIT_BATCH};
 use crate::keystore::KeyStore;
 use crate::keystore::{change_record, verify};
 use crate::pan::Pan;
@@ -361,6 +364,8 @@ impl Shared {
                 rotate_lock: tokio::sync::Mutex::new(()),
                 index: RwLock::new(None),
                 index_lock: tokio::sync::Mutex::new(()),
+                ingest: RwLock::new(None),
+                admit: tokio::sync::Mutex::new(None),
             })
         }))
     }
@@ -373,6 +378,32 @@ struct ScopeState {
     rotate_lock: tokio::sync::Mutex<()>,
     index: RwLock<Option<IndexKeys>>,
     index_lock: tokio::sync::Mutex<()>,
+    /// The scope's ingest public keys as the key service listed them.
+    ingest: RwLock<Option<(Vec<IngestKeyInfo>, Instant)>>,
+    /// This instance's admission DEK in the scope (its plaintext stays in
+    /// the key service); the lock serializes this instance's admissions.
+    admit: tokio::sync::Mutex<Option<AdmitDek>>,
+}
+
+/// The admission DEK: a data DEK made by [`KeyService::generate_wrapped`],
+/// whose plaintext never entered this process. Only its stored record.
+struct AdmitDek {
+    record: WrappedDek,
+    /// Items sealed under it so far (admitted), counted like seals.
+    uses: u64,
+    /// Uses already added to the store's record.
+    reported: u64,
+}
+
+/// One admitted item: the compact ciphertext (under an admission DEK) and
+/// its blind index under the scope's active index key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Admission {
+    /// The compact 48-byte form, bound to the same context.
+    pub sealed: SealedPan,
+    /// The blind index under the scope's active index-key version.
+    pub index: BlindIndex,
 }
 
 /// This instance's active DEK in a scope. Each writer instance has its own,
@@ -682,25 +713,8 @@ impl Panseal {
                 purpose,
             };
             let (dek, wrapped) = self.shared.key_service.generate(&request).await?;
-            let now = unix_now();
-            let encrypt_until = now.saturating_add(policy.encrypt_period.as_secs());
-            let decrypt_until = encrypt_until.saturating_add(policy.decrypt_period.as_secs());
-            let mut record = WrappedDek {
-                id,
-                purpose,
-                version: 0,
-                scope: self.scope.scope.clone(),
-                environment: self.shared.environment.clone(),
-                state: KeyState::Active,
-                wrapped,
-                created_at: now,
-                encrypt_until,
-                decrypt_until,
-                max_uses: policy.max_uses,
-                uses: 0,
-                sequence: 0,
-                tag: None,
-            };
+            let mut record = self.new_record(id, wrapped);
+            let (encrypt_until, decrypt_until) = (record.encrypt_until, record.decrypt_until);
             record.tag = crate::keystore::sign(
                 self.shared.key_service.as_ref(),
                 None,
@@ -727,6 +741,30 @@ impl Panseal {
             }
         }
         Err(KeyStoreError::Conflict.into())
+    }
+
+    /// A fresh, unsigned, active data-DEK record under the policy's limits.
+    fn new_record(&self, id: KeyId, wrapped: crate::keys::WrappedKey) -> WrappedDek {
+        let policy = &self.shared.policy;
+        let now = unix_now();
+        let encrypt_until = now.saturating_add(policy.encrypt_period.as_secs());
+        let decrypt_until = encrypt_until.saturating_add(policy.decrypt_period.as_secs());
+        WrappedDek {
+            id,
+            purpose: KeyPurpose::Data,
+            version: 0,
+            scope: self.scope.scope.clone(),
+            environment: self.shared.environment.clone(),
+            state: KeyState::Active,
+            wrapped,
+            created_at: now,
+            encrypt_until,
+            decrypt_until,
+            max_uses: policy.max_uses,
+            uses: 0,
+            sequence: 0,
+            tag: None,
+        }
     }
 
     async fn create_active(&self) -> Result<(), Error> {
@@ -899,14 +937,138 @@ impl Panseal {
     /// another context or sealed under another key; [`Error::Key`] if its
     /// key is unknown, destroyed, expired, or from another scope or
     /// environment; key-service, key-store or audit errors.
-    pub async fn open_pan(
+    ///
+    /// An ingest ciphertext ([`IngestSealed`], or a [`crate::StoredPan`]
+    /// holding one) is opened by the key service
+    /// ([`KeyService::open_ingest`]: keyd's reveal path for a reveal-only
+    /// credential; the local service opens in process), audited as one
+    /// [`Operation::Open`] naming the ingest key, and always says
+    /// `needs_reseal` (admit it: [`Panseal::admit`]). Its errors:
+    /// [`KeyError::IngestKeyMismatch`] (sealed for another scope,
+    /// environment or key pair), [`KeyError::UnknownIngestKey`] (never
+    /// created or destroyed), [`Error::Decryption`] (altered, another
+    /// context).
+    pub async fn open_pan<'s>(
         &self,
-        sealed: &SealedPan,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<Opened, Error> {
-        self.open_for(sealed, context, access, OpenFor::Caller)
-            .await
+        match sealed.into() {
+            SealedRef::Compact(sealed) => {
+                self.open_for(sealed, context, access, OpenFor::Caller)
+                    .await
+            }
+            SealedRef::Ingest(sealed) => self.open_ingest(sealed, context, access).await,
+        }
+    }
+
+    /// Opens an ingest ciphertext through the key service; one
+    /// [`Operation::Open`] event naming the ingest key's id.
+    async fn open_ingest(
+        &self,
+        sealed: &IngestSealed,
+        context: &Context,
+        access: &Access,
+    ) -> Result<Opened, Error> {
+        let sink = self.sink()?;
+        let version = sealed.key_version();
+        let id = crate::ingest::ingest_key_id(&self.shared.environment, &self.scope.scope, version);
+        let result = async {
+            self.check_ingest_key(sealed).await?;
+            let request = IngestOpenRequest {
+                scope: &self.scope.scope,
+                sealed,
+                context,
+            };
+            self.shared
+                .key_service
+                .open_ingest(&request, access)
+                .await
+                .map(|o| Opened {
+                    pan: o.pan,
+                    needs_reseal: true,
+                })
+                .map_err(|e| self.ingest_error(e))
+        }
+        .await;
+        let emitter = Emitter {
+            sink,
+            scope: &self.scope.scope,
+        };
+        let outcome = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(failure_kind(e)),
+        };
+        // On an audit failure `result` (and the PAN in it) is dropped.
+        emitter.emit(
+            SystemTime::now(),
+            Operation::Open,
+            outcome,
+            access,
+            Some(id),
+            Some(context),
+        )?;
+        result
+    }
+
+    fn ingest_error(&self, e: KeyServiceError) -> Error {
+        match e {
+            KeyServiceError::OpenFailed => Error::Decryption,
+            KeyServiceError::UnknownIngestKey { scope, version } => {
+                KeyError::UnknownIngestKey { scope, version }.into()
+            }
+            e => e.into(),
+        }
+    }
+
+    /// Checks the ciphertext names a live ingest key of this scope (its
+    /// version and key tag), from the key service's list: another scope,
+    /// environment or key pair is [`KeyError::IngestKeyMismatch`], a
+    /// version not live [`KeyError::UnknownIngestKey`].
+    async fn check_ingest_key(&self, sealed: &IngestSealed) -> Result<(), Error> {
+        let version = sealed.key_version();
+        let mut fresh = false;
+        loop {
+            let infos = self.ingest_infos(fresh).await?;
+            if let Some(info) = infos.iter().find(|k| k.public_key.version() == version) {
+                if info.public_key.key_tag() != sealed.key_tag()
+                    || info.public_key.environment() != &self.shared.environment
+                {
+                    return Err(KeyError::IngestKeyMismatch.into());
+                }
+                return Ok(());
+            }
+            if fresh {
+                return Err(KeyError::UnknownIngestKey {
+                    scope: self.scope.scope.to_string(),
+                    version,
+                }
+                .into());
+            }
+            fresh = true;
+        }
+    }
+
+    /// The scope's ingest keys, cached for [`Policy::recheck_interval`]
+    /// (`refresh`: ask the service again).
+    async fn ingest_infos(&self, refresh: bool) -> Result<Vec<IngestKeyInfo>, Error> {
+        if !refresh {
+            let guard = self.scope.ingest.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((infos, at)) = guard.as_ref() {
+                if at.elapsed() < self.shared.policy.recheck_interval {
+                    return Ok(infos.clone());
+                }
+            }
+        }
+        let infos = self
+            .shared
+            .key_service
+            .ingest_keys(&self.scope.scope)
+            .await?;
+        *self.scope.ingest.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((infos.clone(), Instant::now()));
+        Ok(infos)
     }
 
     async fn open_for(
@@ -1192,15 +1354,23 @@ impl Panseal {
     /// Those of [`Panseal::open_pan`] (except [`KeyError::Compromised`])
     /// and [`Panseal::seal_pan`]. If sealing fails, the opened PAN is wiped
     /// and nothing is returned.
-    pub async fn reseal(
+    ///
+    /// An ingest ciphertext is opened as [`Panseal::open_pan`] opens it
+    /// (the PAN passes through this process); [`Panseal::admit`] does the
+    /// same inside the key service.
+    pub async fn reseal<'s>(
         &self,
-        sealed: &SealedPan,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<SealedPan, Error> {
-        let opened = self
-            .open_for(sealed, context, access, OpenFor::Reseal)
-            .await?;
+        let opened = match sealed.into() {
+            SealedRef::Compact(sealed) => {
+                self.open_for(sealed, context, access, OpenFor::Reseal)
+                    .await?
+            }
+            SealedRef::Ingest(sealed) => self.open_ingest(sealed, context, access).await?,
+        };
         self.seal_pan(&opened.pan, context).await
     }
 
@@ -1392,6 +1562,298 @@ impl Panseal {
         (fresh && !keys.live.is_empty()).then(|| keys.live.clone())
     }
 
+    // ----- write-only ingest: keys and admission ---------------------------
+    //
+    // Front ends seal with the scope's public key ([`IngestSealer`]); the
+    // private key stays in the key service. Admission turns ingest
+    // ciphertexts into the compact form inside the key service, under an
+    // "admission DEK" whose plaintext never enters this process.
+
+    /// The scope's live ingest keys from the key service, newest first,
+    /// with their public keys (any credential may ask).
+    ///
+    /// # Errors
+    ///
+    /// Key-service errors.
+    pub async fn ingest_keys(&self) -> Result<Vec<IngestKeyInfo>, Error> {
+        self.ingest_infos(true).await
+    }
+
+    /// A sealer for the scope's active ingest key, fetched from the key
+    /// service. With `pinned_fingerprint` (an [`crate::IngestPublicKey::fingerprint`]
+    /// configured out of band) the key must be that one. The sealer holds
+    /// no secret: hand it (or its public key's text form) to front ends.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError::UnknownIngestKey`] (version 0) if the scope has no active
+    /// ingest key (a custodian creates one: [`Panseal::rotate_ingest_key`]);
+    /// [`KeyError::IngestKeyMismatch`] if the fetched key is not the pinned
+    /// one or names another environment or scope; key-service errors.
+    pub async fn ingest_sealer(
+        &self,
+        pinned_fingerprint: Option<&str>,
+    ) -> Result<IngestSealer, Error> {
+        let infos = self.ingest_infos(true).await?;
+        let info = infos
+            .iter()
+            .find(|k| k.state == KeyState::Active)
+            .ok_or_else(|| KeyError::UnknownIngestKey {
+                scope: self.scope.scope.to_string(),
+                version: 0,
+            })?;
+        let key = &info.public_key;
+        if key.environment() != &self.shared.environment || key.scope() != &self.scope.scope {
+            return Err(KeyError::IngestKeyMismatch.into());
+        }
+        if let Some(pin) = pinned_fingerprint {
+            if !pin.trim().eq_ignore_ascii_case(&key.fingerprint()) {
+                return Err(KeyError::IngestKeyMismatch.into());
+            }
+        }
+        IngestSealer::from_info(info)
+    }
+
+    /// Creates the scope's next ingest key pair inside the key service
+    /// ([`KeyService::create_ingest_key`], needs `custodian`); the previous
+    /// active version is retired (opens and admits, never seals). Front
+    /// ends fetch the new public key ([`Panseal::ingest_sealer`]).
+    ///
+    /// # Errors
+    ///
+    /// Key-service errors (permission).
+    pub async fn rotate_ingest_key(&self) -> Result<IngestKeyInfo, Error> {
+        let info = self
+            .shared
+            .key_service
+            .create_ingest_key(&self.scope.scope)
+            .await?;
+        *self.scope.ingest.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.lifecycle_event(
+            Operation::KeyCreated,
+            crate::ingest::ingest_key_id(
+                &self.shared.environment,
+                &self.scope.scope,
+                info.public_key.version(),
+            ),
+        );
+        Ok(info)
+    }
+
+    /// Admits one ingest ciphertext ([`Panseal::admit`]).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`Panseal::admit`], and for the item:
+    /// [`KeyError::IngestKeyMismatch`], [`KeyError::UnknownIngestKey`],
+    /// [`Error::Decryption`] (altered, another context).
+    pub async fn admit_one(
+        &self,
+        sealed: &IngestSealed,
+        context: &Context,
+    ) -> Result<Admission, Error> {
+        let mut out = self.admit(&[(*sealed, context.clone())]).await?;
+        match out.pop() {
+            Some(Ok(a)) => Ok(a),
+            Some(Err(e)) => Err(match e {
+                AdmitItemError::Malformed => crate::error::FormatError::Payload.into(),
+                AdmitItemError::KeyMismatch => KeyError::IngestKeyMismatch.into(),
+                AdmitItemError::UnknownIngestKey(version) => KeyError::UnknownIngestKey {
+                    scope: self.scope.scope.to_string(),
+                    version,
+                }
+                .into(),
+                _ => Error::Decryption,
+            }),
+            None => Err(KeyServiceError::Other("key service admitted nothing".into()).into()),
+        }
+    }
+
+    /// Admits ingest ciphertexts into the compact form inside the key
+    /// service ([`KeyService::admit`], needs `admit`): each is opened there
+    /// with the scope's ingest private key, sealed under this instance's
+    /// admission DEK bound to the same context, and blind-indexed under the
+    /// scope's active index key. The PAN and the DEK never enter this
+    /// process. One result per item, in order: a bad item (another scope,
+    /// an unknown key, altered) is reported and does not stop the others.
+    ///
+    /// The admission DEK is a data DEK made by
+    /// [`KeyService::generate_wrapped`], signed and stored like any other
+    /// (it opens through [`Panseal::open_pan`]), one per scope per instance,
+    /// rotated by the same [`Policy`] limits (age; uses = items admitted,
+    /// reported to its record after every request). Batches are split at
+    /// [`MAX_ADMIT_BATCH`] and at the DEK's remaining uses.
+    ///
+    /// # Errors
+    ///
+    /// For the whole call (nothing of the failing request is returned;
+    /// earlier requests of a split batch were sealed and are lost to the
+    /// caller, so admit at most [`MAX_ADMIT_BATCH`] items per call when that
+    /// matters): [`KeyError::NoIndexKey`], key-service (permission, quota,
+    /// outage) and key-store errors.
+    pub async fn admit(
+        &self,
+        items: &[(IngestSealed, Context)],
+    ) -> Result<Vec<Result<Admission, AdmitItemError>>, Error> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let version = self.index_versions().await?[0];
+        let index_id =
+            index::service_index_key_id(&self.shared.environment, &self.scope.scope, version);
+        let access = Access::system("admit");
+        let mut guard = self.scope.admit.lock().await;
+        let mut out = Vec::with_capacity(items.len());
+        let mut rest = items;
+        let mut refusals = 0;
+        while !rest.is_empty() {
+            let room = self.admit_dek(&mut guard).await?;
+            let n = rest.len().min(MAX_ADMIT_BATCH).min(room);
+            let (batch, tail) = rest.split_at(n);
+            let Some(dek) = guard.as_mut() else {
+                return Err(ConfigError::Policy("no admission DEK".into()).into());
+            };
+            let admit_items: Vec<AdmitItem<'_>> = batch
+                .iter()
+                .map(|(sealed, context)| AdmitItem { sealed, context })
+                .collect();
+            let request = AdmitRequest {
+                record: &dek.record,
+                index_versions: &[version],
+                items: &admit_items,
+            };
+            let results = match self.shared.key_service.admit(&request, &access).await {
+                Ok(r) => r,
+                Err(e) => {
+                    if matches!(e, KeyServiceError::UnknownIndexKey { .. }) {
+                        *self.scope.index.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
+                    let refused = matches!(
+                        e,
+                        KeyServiceError::RecordTampered(_)
+                            | KeyServiceError::RecordStale(_)
+                            | KeyServiceError::PermissionDenied(_)
+                    );
+                    if refused && refusals == 0 {
+                        // The admission DEK's record changed under us (a
+                        // custodian retired it) or was refused: make a
+                        // fresh one and try once more.
+                        tracing::warn!(key_id = %dek.record.id, error = %e, "admission DEK refused; making a new one");
+                        *guard = None;
+                        refusals += 1;
+                        continue;
+                    }
+                    return Err(e.into());
+                }
+            };
+            if results.len() != n {
+                return Err(KeyServiceError::Other(format!(
+                    "key service returned {} admit results for {n} items",
+                    results.len()
+                ))
+                .into());
+            }
+            for r in results {
+                out.push(match r {
+                    Ok(o) => {
+                        if o.sealed.key_id() != dek.record.id || o.index.len() != 1 {
+                            return Err(KeyServiceError::Other(
+                                "key service returned an admission under another key".into(),
+                            )
+                            .into());
+                        }
+                        dek.uses += 1;
+                        Ok(Admission {
+                            sealed: o.sealed,
+                            index: BlindIndex::new(index_id, version, o.index[0]),
+                        })
+                    }
+                    Err(e) => Err(e),
+                });
+            }
+            if let Err(e) = self.report_admit(dek).await {
+                tracing::warn!(key_id = %dek.record.id, error = %e, "could not report admission DEK uses (kept for the next report)");
+            }
+            rest = tail;
+        }
+        Ok(out)
+    }
+
+    /// With the admit lock held: the uses left on this instance's
+    /// admission DEK, retiring a spent one and making a fresh one first if
+    /// needed (never 0).
+    async fn admit_dek(&self, slot: &mut Option<AdmitDek>) -> Result<usize, Error> {
+        if let Some(dek) = slot.as_mut() {
+            let r = &dek.record;
+            let left = r.max_uses.saturating_sub(dek.uses.max(r.uses));
+            if r.state == KeyState::Active && unix_now() < r.encrypt_until && left > 0 {
+                return Ok(usize::try_from(left).unwrap_or(usize::MAX));
+            }
+            if let Err(e) = self.report_admit(dek).await {
+                tracing::warn!(key_id = %dek.record.id, error = %e, "could not report admission DEK uses");
+            }
+            if dek.record.state == KeyState::Active {
+                self.retire(dek.record.id).await;
+            }
+            *slot = None;
+        }
+        let policy = &self.shared.policy;
+        for _ in 0..ID_ATTEMPTS {
+            let id = KeyId::random();
+            let request = KeyRequest {
+                id,
+                scope: self.scope.scope.clone(),
+                environment: self.shared.environment.clone(),
+                purpose: KeyPurpose::Data,
+            };
+            let wrapped = self.shared.key_service.generate_wrapped(&request).await?;
+            let mut record = self.new_record(id, wrapped);
+            record.tag = crate::keystore::sign(
+                self.shared.key_service.as_ref(),
+                None,
+                &record,
+                policy.require_signed_records,
+            )
+            .await?;
+            match self.shared.key_store.insert(&record).await {
+                Ok(()) => {
+                    self.lifecycle_event(Operation::KeyCreated, id);
+                    let left = usize::try_from(record.max_uses).unwrap_or(usize::MAX);
+                    *slot = Some(AdmitDek {
+                        record,
+                        uses: 0,
+                        reported: 0,
+                    });
+                    if left == 0 {
+                        return Err(ConfigError::Policy("max_uses is 0".into()).into());
+                    }
+                    return Ok(left);
+                }
+                Err(KeyStoreError::Duplicate(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(KeyStoreError::Conflict.into())
+    }
+
+    /// Adds the admission DEK's unreported uses to its stored record.
+    async fn report_admit(&self, dek: &mut AdmitDek) -> Result<(), Error> {
+        let delta = dek.uses.saturating_sub(dek.reported);
+        if delta == 0 {
+            return Ok(());
+        }
+        let record = self
+            .change(dek.record.id, |r| {
+                let mut next = r.clone();
+                next.uses = r.uses.saturating_add(delta);
+                Ok(Some(next))
+            })
+            .await?;
+        dek.record = record;
+        dek.reported = dek.uses;
+        Ok(())
+    }
+
     // ----- authenticated records --------------------------------------------
 
     /// The record upgrade step (`FORMAT.md` §9): has the key service sign
@@ -1468,6 +1930,8 @@ fn failure_kind(e: &Error) -> &'static str {
         Error::Key(KeyError::RecordTampered(_)) => "key record tampered",
         Error::Key(KeyError::RecordStale(_)) => "key record rolled back",
         Error::Key(KeyError::Untagged(_)) => "key record unsigned",
+        Error::Key(KeyError::IngestKeyMismatch) => "another ingest key",
+        Error::Key(KeyError::UnknownIngestKey { .. }) => "unknown ingest key",
         Error::Key(_) => "key refused",
         Error::KeyService(_) => "key service error",
         Error::KeyStore(_) => "key store error",

@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
-use crate::api::{OpenFor, Opened, PansealBuilder};
+use crate::api::{Admission, OpenFor, Opened, PansealBuilder};
 use crate::audit::Access;
 use crate::context::Context;
-use crate::error::{ConfigError, Error};
+use crate::error::{AdmitItemError, ConfigError, Error};
 use crate::format::SealedPan;
 use crate::index::BlindIndex;
+use crate::ingest::{IngestKeyInfo, IngestSealed, IngestSealer, SealedRef};
 use crate::keys::{KeyId, KeyState};
 use crate::pan::Pan;
 
@@ -79,17 +80,20 @@ impl Panseal {
     /// # Errors
     ///
     /// As [`crate::Panseal::open_pan`].
-    pub fn open_pan(
+    pub fn open_pan<'s>(
         &self,
-        sealed: &SealedPan,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<Opened, Error> {
-        if let Some(result) = self
-            .inner
-            .try_open_cached(sealed, context, access, OpenFor::Caller)
-        {
-            return result;
+        let sealed = sealed.into();
+        if let SealedRef::Compact(compact) = sealed {
+            if let Some(result) =
+                self.inner
+                    .try_open_cached(compact, context, access, OpenFor::Caller)
+            {
+                return result;
+            }
         }
         self.runtime
             .block_on(self.inner.open_pan(sealed, context, access))
@@ -100,21 +104,75 @@ impl Panseal {
     /// # Errors
     ///
     /// As [`crate::Panseal::reseal`].
-    pub fn reseal(
+    pub fn reseal<'s>(
         &self,
-        sealed: &SealedPan,
+        sealed: impl Into<SealedRef<'s>>,
         context: &Context,
         access: &Access,
     ) -> Result<SealedPan, Error> {
-        match self
-            .inner
-            .try_open_cached(sealed, context, access, OpenFor::Reseal)
-        {
+        let sealed = sealed.into();
+        let cached = match sealed {
+            SealedRef::Compact(compact) => {
+                self.inner
+                    .try_open_cached(compact, context, access, OpenFor::Reseal)
+            }
+            _ => None,
+        };
+        match cached {
             Some(opened) => self.seal_pan(&opened?.pan, context),
             None => self
                 .runtime
                 .block_on(self.inner.reseal(sealed, context, access)),
         }
+    }
+
+    /// See [`crate::Panseal::admit`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::admit`].
+    pub fn admit(
+        &self,
+        items: &[(IngestSealed, Context)],
+    ) -> Result<Vec<Result<Admission, AdmitItemError>>, Error> {
+        self.runtime.block_on(self.inner.admit(items))
+    }
+
+    /// See [`crate::Panseal::admit_one`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::admit_one`].
+    pub fn admit_one(&self, sealed: &IngestSealed, context: &Context) -> Result<Admission, Error> {
+        self.runtime.block_on(self.inner.admit_one(sealed, context))
+    }
+
+    /// See [`crate::Panseal::ingest_keys`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::ingest_keys`].
+    pub fn ingest_keys(&self) -> Result<Vec<IngestKeyInfo>, Error> {
+        self.runtime.block_on(self.inner.ingest_keys())
+    }
+
+    /// See [`crate::Panseal::ingest_sealer`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::ingest_sealer`].
+    pub fn ingest_sealer(&self, pinned_fingerprint: Option<&str>) -> Result<IngestSealer, Error> {
+        self.runtime
+            .block_on(self.inner.ingest_sealer(pinned_fingerprint))
+    }
+
+    /// See [`crate::Panseal::rotate_ingest_key`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Panseal::rotate_ingest_key`].
+    pub fn rotate_ingest_key(&self) -> Result<IngestKeyInfo, Error> {
+        self.runtime.block_on(self.inner.rotate_ingest_key())
     }
 
     /// See [`crate::Panseal::blind_index`].

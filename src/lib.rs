@@ -81,7 +81,7 @@ pub mod reencrypt;
 pub mod reindex;
 mod seal;
 
-pub use api::{Opened, Panseal, PansealBuilder};
+pub use api::{Admission, Opened, Panseal, PansealBuilder};
 pub use audit::{
     read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, Access, AuditEvent,
     AuditKey, AuditSink, ChainSummary, ChainedAuditLog, JsonLinesAuditSink, MemoryAuditSink,

@@ -44,5 +44,6 @@ async fn local_key_service_passes_the_conformance_suite() {
     let backend = Local(ks.clone());
     let ks: Arc<dyn KeyService> = Arc::new(ks);
     keyservice_conformance::run(Arc::clone(&ks), &backend, "test").await;
-    keyservice_conformance::run_index_and_records(ks, &backend, "test").await;
+    keyservice_conformance::run_index_and_records(Arc::clone(&ks), &backend, "test").await;
+    keyservice_conformance::run_ingest(ks, &backend, "test").await;
 }

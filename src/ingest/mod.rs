@@ -85,6 +85,28 @@ pub(crate) fn info_bytes(environment: &Environment, scope: &Scope, version: u32)
     info
 }
 
+/// The [`KeyId`] audit events name an ingest key by: the first 8 bytes of
+/// SHA-256(`"panseal-ingest-key-id-v1"` ‖ environment ‖ `0x00` ‖ scope ‖
+/// `0x00` ‖ version u32 BE) (`FORMAT.md` §17.5). Deterministic, so every
+/// instance names the same key pair the same way; never a DEK's id.
+pub(crate) fn ingest_key_id(
+    environment: &Environment,
+    scope: &Scope,
+    version: u32,
+) -> crate::keys::KeyId {
+    let mut h = Sha256::new();
+    h.update(b"panseal-ingest-key-id-v1");
+    h.update(environment.as_str().as_bytes());
+    h.update([0]);
+    h.update(scope.as_str().as_bytes());
+    h.update([0]);
+    h.update(version.to_be_bytes());
+    let d = h.finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&d[..8]);
+    crate::keys::KeyId::from_bytes(id)
+}
+
 /// The 4-byte key tag of a public key.
 pub(crate) fn key_tag(point: &[u8; INGEST_PUBLIC_KEY_LEN]) -> [u8; 4] {
     let mut h = Sha256::new();

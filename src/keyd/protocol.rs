@@ -28,6 +28,12 @@
 //! | `/v1/index/state` | [`IndexStateRequest`] | [`IndexKeysResponse`] | `custodian` |
 //! | `/v1/record/sign` | [`RecordSignRequest`] | [`RecordSignResponse`] | `wrap`, `rewrap` or `custodian`, by transition |
 //! | `/v1/record/verify` | [`RecordVerifyRequest`] | [`RecordVerifyResponse`] | any key permission in the scope |
+//! | `/v1/ingest/keys` | [`KekTarget`] | [`IngestKeysResponse`] | any principal of the environment and scope |
+//! | `/v1/ingest/create` | [`KekTarget`] | [`IngestKeysResponse`] | `custodian` |
+//! | `/v1/ingest/state` | [`IngestStateRequest`] | [`IngestKeysResponse`] | `custodian` |
+//! | `/v1/ingest/open` | [`IngestOpenRequest`] | [`RevealResponse`] | `reveal` (counted as a reveal) or `unwrap` |
+//! | `/v1/generate-wrapped` | [`GenerateRequest`] | [`WrappedResponse`] | `wrap` |
+//! | `/v1/admit` | [`AdmitRequest`] | [`AdmitResponse`] | `admit` (counted per item) |
 //!
 //! Every failure is an HTTP error status with an [`ErrorBody`]. Key bytes
 //! travel base64-encoded in [`KeyMaterial`], which wipes its buffer.
@@ -136,6 +142,24 @@ pub const INDEX_STATE: &str = "/v1/index/state";
 pub const RECORD_SIGN: &str = "/v1/record/sign";
 /// `POST /v1/record/verify`: checks a key-store record's MAC and freshness.
 pub const RECORD_VERIFY: &str = "/v1/record/verify";
+
+/// `POST /v1/ingest/keys`: the live ingest-key versions of a scope.
+pub const INGEST_KEYS: &str = "/v1/ingest/keys";
+/// `POST /v1/ingest/create`: a scope's next ingest key pair.
+pub const INGEST_CREATE: &str = "/v1/ingest/create";
+/// `POST /v1/ingest/state`: moves an ingest-key version forward.
+pub const INGEST_STATE: &str = "/v1/ingest/state";
+/// `POST /v1/ingest/open`: opens one ingest ciphertext inside keyd.
+pub const INGEST_OPEN: &str = "/v1/ingest/open";
+/// `POST /v1/generate-wrapped`: a fresh DEK of which only the wrap leaves keyd.
+pub const GENERATE_WRAPPED: &str = "/v1/generate-wrapped";
+/// `POST /v1/admit`: ingest ciphertexts turned into compact ones inside keyd.
+pub const ADMIT: &str = "/v1/admit";
+
+/// Largest `/v1/admit` request or answer body (a full batch of
+/// [`crate::MAX_ADMIT_BATCH`] items with long row keys); every other path
+/// keeps [`MAX_BODY_BYTES`].
+pub const MAX_ADMIT_BODY_BYTES: usize = 1024 * 1024;
 
 /// Most keyed hashes (PANs × versions) one [`IndexHashRequest`] may ask
 /// for; the client splits larger batches.
@@ -884,6 +908,145 @@ pub struct WhoamiResponse {
     pub permissions: Vec<Permission>,
 }
 
+/// One live ingest-key version: its public key and lifecycle (the private
+/// scalar never leaves keyd).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestKeyVersion {
+    /// Version, from 1.
+    pub version: u32,
+    /// `active` (front ends seal with it) or `decrypt-only` (retired:
+    /// opens and admits, never seals).
+    pub state: KeyState,
+    /// Creation time, Unix seconds.
+    pub created_at: u64,
+    /// The public key, text form (`PIK1/env/scope/version/base64url`).
+    pub public_key: String,
+}
+
+/// Answer to `/v1/ingest/keys`, `/v1/ingest/create` and `/v1/ingest/state`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestKeysResponse {
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+    /// Live versions, newest first (destroyed ones are not listed).
+    pub versions: Vec<IngestKeyVersion>,
+}
+
+/// `POST /v1/ingest/state`: a custodian moves an ingest-key version
+/// forward (`decrypt-only`: retired; `destroyed`: the scalar is erased).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestStateRequest {
+    /// Environment tag.
+    pub environment: Environment,
+    /// Scope.
+    pub scope: Scope,
+    /// The version.
+    pub version: u32,
+    /// The new state.
+    pub state: KeyState,
+}
+
+/// `POST /v1/ingest/open`: open one ingest ciphertext inside keyd and
+/// answer its PAN (as `/v1/reveal`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestOpenRequest {
+    /// Environment tag.
+    pub environment: Environment,
+    /// The scope whose ingest key sealed it.
+    pub scope: Scope,
+    /// The ingest ciphertext: its text form (`I1…`) or its binary form in
+    /// standard base64.
+    pub sealed: String,
+    /// The context it was sealed under.
+    pub context: WireContext,
+    /// The user or service the caller acts for (audited).
+    pub on_behalf_of: String,
+    /// Why (audited).
+    pub purpose: String,
+}
+
+/// One item of an [`AdmitRequest`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireAdmitItem {
+    /// The ingest ciphertext (text form or standard base64 of the bytes).
+    pub sealed: String,
+    /// The context it was sealed under; the compact form is bound to it.
+    pub context: WireContext,
+}
+
+/// `POST /v1/admit`: open each item with the scope's ingest key, seal it
+/// compact under the record's DEK bound to the same context, and compute
+/// its blind-index values, all inside keyd. At most
+/// [`crate::MAX_ADMIT_BATCH`] items.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitRequest {
+    /// The DEK's key-store record (with its tag), base64.
+    #[serde(with = "b64")]
+    pub record: Vec<u8>,
+    /// Index-key versions of the record's scope to compute (may be empty).
+    #[serde(default)]
+    pub index_versions: Vec<u32>,
+    /// The items.
+    pub items: Vec<WireAdmitItem>,
+    /// The user or job the caller acts for (audited).
+    #[serde(default)]
+    pub on_behalf_of: String,
+    /// Why (audited).
+    #[serde(default)]
+    pub purpose: String,
+}
+
+/// Why one admit item was refused (`panseal::AdmitItemError` on the wire).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AdmitItemErrorKind {
+    /// Not a well-formed ingest ciphertext.
+    Malformed,
+    /// Sealed for another ingest key (scope, environment or key pair).
+    KeyMismatch,
+    /// The ingest-key version is not live (never created, or destroyed).
+    UnknownIngestKey,
+    /// Altered, or bound to another context.
+    OpenFailed,
+}
+
+/// One item's outcome in an [`AdmitResponse`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum WireAdmitResult {
+    /// Admitted.
+    Ok {
+        /// The compact ciphertext (binary form), base64.
+        #[serde(with = "b64")]
+        sealed: Vec<u8>,
+        /// One 32-byte HMAC per requested index version, concatenated,
+        /// base64.
+        #[serde(with = "b64")]
+        index: Vec<u8>,
+    },
+    /// Refused.
+    Error {
+        /// Why.
+        error: AdmitItemErrorKind,
+        /// For `unknown-ingest-key`: the version the item names.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
+    },
+}
+
+/// Answer to [`AdmitRequest`]: one result per item, in order.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AdmitResponse {
+    /// The results.
+    pub results: Vec<WireAdmitResult>,
+}
+
 /// What went wrong, in a form each side maps to the same
 /// [`KeyServiceError`] variant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -938,6 +1101,9 @@ pub enum ErrorKind {
     RecordStale,
     /// The record change is not one the lifecycle allows.
     RecordTransition,
+    /// The ingest-key version is not live in the scope (never created, or
+    /// destroyed).
+    UnknownIngestKey,
 }
 
 impl ErrorKind {
@@ -953,7 +1119,9 @@ impl ErrorKind {
             ErrorKind::PermissionDenied | ErrorKind::Environment | ErrorKind::RecordTransition => {
                 403
             }
-            ErrorKind::UnknownKek | ErrorKind::UnknownIndexKey => 404,
+            ErrorKind::UnknownKek | ErrorKind::UnknownIndexKey | ErrorKind::UnknownIngestKey => {
+                404
+            }
             ErrorKind::Conflict
             | ErrorKind::KekRetired
             | ErrorKind::RecordTampered
@@ -1041,6 +1209,10 @@ impl ErrorBody {
             ErrorKind::RecordTampered => KeyServiceError::RecordTampered(self.message),
             ErrorKind::RecordStale => KeyServiceError::RecordStale(self.message),
             ErrorKind::RecordTransition => KeyServiceError::RecordTransition(self.message),
+            ErrorKind::UnknownIngestKey => KeyServiceError::UnknownIngestKey {
+                scope: self.scope.unwrap_or_default(),
+                version: self.version.unwrap_or(0),
+            },
             ErrorKind::ShareRefused
             | ErrorKind::BadRequest
             | ErrorKind::Conflict

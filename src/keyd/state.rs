@@ -1,6 +1,6 @@
 //! The bytes of `panseal-keyd`'s persisted state (`FORMAT.md`, "keyd
-//! state"): the snapshot `state.bin` (version 1 and 2, read and migrated;
-//! version 3, written),
+//! state"): the snapshot `state.bin` (versions 1, 2 and 3, read and
+//! migrated; version 4, written),
 //! the authenticated change journal `state.journal`, and the rollback
 //! anchor `state.anchor`. Parsers only; the server owns the files.
 //!
@@ -26,12 +26,18 @@ pub const V1: u8 = 1;
 /// The second format: JSON, HMAC under the state key, SHA-256 (read, then
 /// migrated to version 3).
 pub const V2: u8 = 2;
-/// The current format: version 2 plus index keys, record keys and the
-/// record registry (FORMAT.md §13.7); its own snapshot MAC label.
+/// The third format: version 2 plus index keys, record keys and the
+/// record registry (FORMAT.md §13.7); its own snapshot MAC label (read,
+/// then migrated to version 4).
 pub const V3: u8 = 3;
+/// The current format: version 3 plus ingest (HPKE) private keys
+/// (FORMAT.md §18); its own snapshot MAC label.
+pub const V4: u8 = 4;
 
 const SNAPSHOT_LABEL: &[u8] = b"panseal-keyd-state-v2\n";
 const SNAPSHOT_LABEL_V3: &[u8] = b"panseal-keyd-state-v3\n";
+const SNAPSHOT_LABEL_V4: &[u8] = b"panseal-keyd-state-v4\n";
+const INGEST_KEY_LABEL: &[u8] = b"panseal-keyd-ingest-key-v4";
 const INDEX_KEY_LABEL: &[u8] = b"panseal-keyd-index-key-v3";
 const RECORD_KEY_LABEL: &[u8] = b"panseal-keyd-record-key-v3";
 const JOURNAL_LABEL: &[u8] = b"panseal-keyd-journal-v2\n";
@@ -66,6 +72,9 @@ pub struct StateKeys {
     pub index_seal: Zeroizing<[u8; 32]>,
     /// AES-256-GCM key sealing record-MAC keys (state version 3).
     pub record_seal: Zeroizing<[u8; 32]>,
+    /// AES-256-GCM key sealing ingest (P-256) private scalars (state
+    /// version 4).
+    pub ingest_seal: Zeroizing<[u8; 32]>,
 }
 
 impl StateKeys {
@@ -86,6 +95,7 @@ impl StateKeys {
             check: sub(b"panseal-keyd v2 master check"),
             index_seal: sub(b"panseal-keyd v3 index-key sealing"),
             record_seal: sub(b"panseal-keyd v3 record-key sealing"),
+            ingest_seal: sub(b"panseal-keyd v4 ingest-key sealing"),
         }
     }
 }
@@ -226,6 +236,43 @@ pub struct State {
     /// `environment/scope/id`.
     #[serde(default)]
     pub registry: BTreeMap<String, RegistryEntry>,
+    /// Version 4: ingest (HPKE) key pairs by `environment/scope`.
+    #[serde(default)]
+    pub ingest_keys: BTreeMap<String, IngestScopeRecord>,
+}
+
+/// One version of a scope's ingest key pair (state version 4).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestKeyRecord {
+    /// Version, from 1.
+    pub version: u32,
+    /// Active (front ends seal with it), decrypt-only (retired: opens and
+    /// admits, never seals) or destroyed (the scalar is erased).
+    pub state: KeyState,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The custodian who created it.
+    pub created_by: String,
+    /// The public key, text form (`PIK1/env/scope/version/…`): listed
+    /// without unsealing anything.
+    pub public_key: String,
+    /// The 32-byte P-256 private scalar sealed under the ingest-sealing
+    /// subkey (hex, [`seal_secret`] with [`ingest_key_aad`]); `None` once
+    /// destroyed.
+    pub sealed: Option<String>,
+}
+
+/// One scope's ingest key versions (state version 4).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestScopeRecord {
+    /// Environment tag.
+    pub environment: String,
+    /// Scope.
+    pub scope: String,
+    /// Versions, oldest first.
+    pub versions: Vec<IngestKeyRecord>,
 }
 
 /// One version of a scope's blind-index key (state version 3).
@@ -302,6 +349,13 @@ fn aad_of(label: &[u8], parts: &[&str], version: Option<u32>) -> Vec<u8> {
 /// u16 len || environment || u16 len || scope || u32 version` (big-endian).
 pub fn index_key_aad(environment: &str, scope: &str, version: u32) -> Vec<u8> {
     aad_of(INDEX_KEY_LABEL, &[environment, scope], Some(version))
+}
+
+/// Associated data of a sealed ingest private scalar:
+/// `"panseal-keyd-ingest-key-v4" || u16 len || environment || u16 len ||
+/// scope || u32 version` (big-endian).
+pub fn ingest_key_aad(environment: &str, scope: &str, version: u32) -> Vec<u8> {
+    aad_of(INGEST_KEY_LABEL, &[environment, scope], Some(version))
 }
 
 /// Associated data of a sealed record key: `"panseal-keyd-record-key-v3"
@@ -403,6 +457,13 @@ pub enum Change {
         /// The whole entry.
         value: RegistryEntry,
     },
+    /// Version 4: a scope's ingest-key record.
+    IngestScope {
+        /// `environment/scope`.
+        key: String,
+        /// The whole record.
+        value: IngestScopeRecord,
+    },
 }
 
 impl Change {
@@ -412,6 +473,11 @@ impl Change {
             self,
             Change::IndexScope { .. } | Change::RecordKey { .. } | Change::Registry { .. }
         )
+    }
+
+    /// Whether this change exists only in state version 4.
+    pub fn is_v4(&self) -> bool {
+        matches!(self, Change::IngestScope { .. })
     }
 }
 
@@ -436,6 +502,9 @@ impl State {
             }
             Change::Registry { key, value } => {
                 self.registry.insert(key, value);
+            }
+            Change::IngestScope { key, value } => {
+                self.ingest_keys.insert(key, value);
             }
         }
     }
@@ -467,10 +536,10 @@ impl Snapshot {
         if self.version == V1 {
             return Ok(());
         }
-        let label = if self.version == V3 {
-            SNAPSHOT_LABEL_V3
-        } else {
-            SNAPSHOT_LABEL
+        let label = match self.version {
+            V4 => SNAPSHOT_LABEL_V4,
+            V3 => SNAPSHOT_LABEL_V3,
+            _ => SNAPSHOT_LABEL,
         };
         let mac = hmac(&keys.state_mac, label, &[&self.authenticated]);
         if ct_eq(&mac, &self.mac) {
@@ -483,14 +552,27 @@ impl Snapshot {
     }
 }
 
-/// `MAGIC | 0x03 | JSON | HMAC (32) | SHA-256 of all before (32)`: the
-/// current version (3; its MAC label is `panseal-keyd-state-v3\n`).
+/// `MAGIC | 0x04 | JSON | HMAC (32) | SHA-256 of all before (32)`: the
+/// current version (4; its MAC label is `panseal-keyd-state-v4\n`).
 pub fn encode_snapshot(state: &State, keys: &StateKeys) -> (Vec<u8>, [u8; 32]) {
+    encode_snapshot_as(V4, state, keys)
+}
+
+/// As [`encode_snapshot`] in an older version 2 or 3 (tests and vector
+/// checks: what an earlier keyd wrote). Fields the version lacks must be
+/// empty.
+#[doc(hidden)]
+pub fn encode_snapshot_as(version: u8, state: &State, keys: &StateKeys) -> (Vec<u8>, [u8; 32]) {
+    let label = match version {
+        V4 => SNAPSHOT_LABEL_V4,
+        V3 => SNAPSHOT_LABEL_V3,
+        _ => SNAPSHOT_LABEL,
+    };
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
-    out.push(V3);
+    out.push(version);
     out.extend_from_slice(&serde_json::to_vec(state).unwrap_or_default());
-    let mac = hmac(&keys.state_mac, SNAPSHOT_LABEL_V3, &[&out]);
+    let mac = hmac(&keys.state_mac, label, &[&out]);
     out.extend_from_slice(&mac);
     let digest = Sha256::digest(&out);
     out.extend_from_slice(&digest);
@@ -571,13 +653,14 @@ fn from_v1(v: V1State, now: u64) -> State {
         index_keys: BTreeMap::new(),
         record_keys: BTreeMap::new(),
         registry: BTreeMap::new(),
+        ingest_keys: BTreeMap::new(),
     }
 }
 
-/// Reads `state.bin` of version 1, 2 or 3 (`now` dates version 1
+/// Reads `state.bin` of version 1, 2, 3 or 4 (`now` dates version 1
 /// approvals). The MAC of versions 2 and 3 is checked later with
-/// [`Snapshot::verify`]. A version 2 body carrying a version 3 field is
-/// refused.
+/// [`Snapshot::verify`]. A version 2 body carrying a version 3 field, or a
+/// version 2 or 3 body carrying a version 4 field, is refused.
 ///
 /// # Errors
 ///
@@ -605,7 +688,7 @@ pub fn decode_snapshot(bytes: &[u8], now: u64) -> Result<Snapshot, FormatError> 
                 authenticated: Vec::new(),
             })
         }
-        v @ (V2 | V3) => {
+        v @ (V2 | V3 | V4) => {
             if body.len() < MAGIC.len() + 1 + 32 {
                 return Err(corrupt("file too short"));
             }
@@ -618,6 +701,9 @@ pub fn decode_snapshot(bytes: &[u8], now: u64) -> Result<Snapshot, FormatError> 
                     && state.registry.is_empty())
             {
                 return Err(corrupt("version 2 state with version 3 fields"));
+            }
+            if v < V4 && !state.ingest_keys.is_empty() {
+                return Err(corrupt("version 2 or 3 state with version 4 fields"));
             }
             let mut m = [0u8; 32];
             m.copy_from_slice(mac);
@@ -832,6 +918,7 @@ mod tests {
             index_keys: BTreeMap::new(),
             record_keys: BTreeMap::new(),
             registry: BTreeMap::new(),
+            ingest_keys: BTreeMap::new(),
         }
     }
 
@@ -894,7 +981,7 @@ mod tests {
             },
         );
         let (bytes, _) = encode_snapshot(&st, &keys);
-        assert_eq!(bytes[8], V3);
+        assert_eq!(bytes[8], V4);
         let s = decode_snapshot(&bytes, 0).unwrap();
         s.verify(&keys).unwrap();
         assert_eq!(s.state, st);

@@ -16,14 +16,19 @@ use rand::RngCore;
 use sha2::digest::generic_array::GenericArray;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions};
+use super::{
+    sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
+    Permissions, MAX_ADMIT_BATCH,
+};
 use crate::audit::Access;
-use crate::error::KeyServiceError;
+use crate::error::{AdmitItemError, Error, KeyError, KeyServiceError};
+use crate::ingest::{IngestKeyInfo, IngestPrivateKey, IngestSealed};
 use crate::keys::{
-    unix_now, Dek, Environment, KekRef, KeyId, KeyRequest, KeyState, RecordTag, Scope, WrappedDek,
-    WrappedKey,
+    unix_now, Dek, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, RecordTag, Scope,
+    WrappedDek, WrappedKey,
 };
 use crate::pan::Pan;
+use crate::Opened;
 
 const KEK_ID: &str = "local";
 const WRAPPED_LEN: usize = 12 + 32 + 16;
@@ -34,6 +39,9 @@ pub(crate) const RECORD_KEY_INFO: &[u8] = b"panseal-local-record-key-v1";
 /// HKDF-SHA-256 `info` prefix of the index keys derived from the KEK bytes
 /// in [`LocalKeyService::from_kek_bytes_insecure`] (`FORMAT.md` §11).
 pub(crate) const INDEX_KEY_INFO: &[u8] = b"panseal-local-index-key-v1";
+/// HKDF-SHA-256 `info` prefix of the ingest scalars derived from the KEK
+/// bytes in [`LocalKeyService::from_kek_bytes_insecure`] (`FORMAT.md` §17).
+pub(crate) const INGEST_KEY_INFO: &[u8] = b"panseal-local-ingest-key-v1";
 /// Most PANs × versions one `blind_index` request may ask for.
 pub(crate) const MAX_INDEX_BATCH: usize = 100_000;
 /// Most freshly wrapped, not yet signed key ids remembered (see
@@ -47,6 +55,17 @@ struct IndexKey {
     created_at: u64,
     /// `None` once destroyed (wiped).
     key: Option<Zeroizing<[u8; 32]>>,
+}
+
+/// One version of a scope's ingest key pair, held only here.
+struct IngestKey {
+    version: u32,
+    state: KeyState,
+    created_at: u64,
+    /// The public half (kept after destruction, never listed then).
+    public: crate::ingest::IngestPublicKey,
+    /// `None` once destroyed (the scalar is wiped on drop).
+    key: Option<IngestPrivateKey>,
 }
 
 /// Record authentication state.
@@ -72,6 +91,8 @@ struct Inner {
     keks: RwLock<Vec<Kek>>,
     /// Index keys per scope, oldest version first.
     index: RwLock<HashMap<Scope, Vec<IndexKey>>>,
+    /// Ingest key pairs per scope, oldest version first.
+    ingest: RwLock<HashMap<Scope, Vec<IngestKey>>>,
     /// The key record tags are made with.
     record_key: Zeroizing<[u8; 32]>,
     /// Set only by `from_kek_bytes_insecure`: index keys are derived from
@@ -139,6 +160,7 @@ impl LocalKeyService {
                     cipher: Some(Aes256Gcm::new(key.into())),
                 }]),
                 index: RwLock::new(HashMap::new()),
+                ingest: RwLock::new(HashMap::new()),
                 record_key,
                 seed,
                 records: Mutex::new(Records {
@@ -342,6 +364,65 @@ impl LocalKeyService {
             .collect();
         out.sort_by_key(|k| std::cmp::Reverse(k.version));
         out
+    }
+
+    fn ingest_infos(&self, scope: &Scope) -> Vec<IngestKeyInfo> {
+        let ingest = self.inner.ingest.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<IngestKeyInfo> = ingest
+            .get(scope)
+            .into_iter()
+            .flatten()
+            .filter(|k| k.state != KeyState::Destroyed)
+            .map(|k| IngestKeyInfo {
+                public_key: k.public.clone(),
+                state: k.state,
+                created_at: k.created_at,
+            })
+            .collect();
+        out.sort_by_key(|k| std::cmp::Reverse(k.public_key.version()));
+        out
+    }
+
+    /// A fresh ingest key pair: from the CSPRNG, or (hazmat test services)
+    /// derived from the seed so vectors reproduce.
+    fn new_ingest_key(&self, scope: &Scope, version: u32) -> IngestPrivateKey {
+        let env = &self.inner.environment;
+        if let Some(seed) = &self.inner.seed {
+            let mut info = INGEST_KEY_INFO.to_vec();
+            info.extend_from_slice(&index_key_info(env, scope, version)[INDEX_KEY_INFO.len()..]);
+            // A scalar at or above the group order (probability ~2^-32):
+            // derive again with a counter byte.
+            for counter in 0u8..=255 {
+                let scalar = hkdf32(seed, &[&info, &[counter]]);
+                if let Ok(k) = IngestPrivateKey::from_scalar(env, scope, version, &scalar) {
+                    return k;
+                }
+            }
+        }
+        IngestPrivateKey::generate(env, scope, version)
+    }
+
+    /// Opens one ingest ciphertext with `scope`'s key of its version;
+    /// the packed PAN comes back unpacked.
+    fn open_ingest_now(
+        &self,
+        scope: &Scope,
+        sealed: &IngestSealed,
+        context: &crate::Context,
+    ) -> Result<Pan, AdmitItemError> {
+        let version = sealed.key_version();
+        let ingest = self.inner.ingest.read().unwrap_or_else(|p| p.into_inner());
+        let key = ingest
+            .get(scope)
+            .into_iter()
+            .flatten()
+            .find(|k| k.version == version)
+            .and_then(|k| k.key.as_ref())
+            .ok_or(AdmitItemError::UnknownIngestKey(version))?;
+        key.open(sealed, context).map_err(|e| match e {
+            Error::Key(KeyError::IngestKeyMismatch) => AdmitItemError::KeyMismatch,
+            _ => AdmitItemError::OpenFailed,
+        })
     }
 
     fn info(&self) -> KekInfo {
@@ -695,6 +776,155 @@ impl KeyService for LocalKeyService {
             key.key = None;
         }
         Ok(())
+    }
+
+    async fn ingest_keys(&self, scope: &Scope) -> Result<Vec<IngestKeyInfo>, KeyServiceError> {
+        Ok(self.ingest_infos(scope))
+    }
+
+    async fn create_ingest_key(&self, scope: &Scope) -> Result<IngestKeyInfo, KeyServiceError> {
+        self.require(self.permissions.custodian, "custodian")?;
+        let mut ingest = self.inner.ingest.write().unwrap_or_else(|p| p.into_inner());
+        let keys = ingest.entry(scope.clone()).or_default();
+        let version = keys.last().map(|k| k.version).unwrap_or(0) + 1;
+        let key = self.new_ingest_key(scope, version);
+        for k in keys.iter_mut().filter(|k| k.state == KeyState::Active) {
+            k.state = KeyState::DecryptOnly;
+        }
+        let created_at = unix_now();
+        let public = key.public_key().clone();
+        keys.push(IngestKey {
+            version,
+            state: KeyState::Active,
+            created_at,
+            public: public.clone(),
+            key: Some(key),
+        });
+        Ok(IngestKeyInfo {
+            public_key: public,
+            state: KeyState::Active,
+            created_at,
+        })
+    }
+
+    async fn set_ingest_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        self.require(self.permissions.custodian, "custodian")?;
+        let mut ingest = self.inner.ingest.write().unwrap_or_else(|p| p.into_inner());
+        let key = ingest
+            .get_mut(scope)
+            .and_then(|keys| {
+                keys.iter_mut()
+                    .find(|k| k.version == version && k.state != KeyState::Destroyed)
+            })
+            .ok_or_else(|| KeyServiceError::UnknownIngestKey {
+                scope: scope.to_string(),
+                version,
+            })?;
+        if key.state == state {
+            return Ok(());
+        }
+        if !key.state.can_become(state) {
+            return Err(KeyServiceError::Other(format!(
+                "ingest key {scope} v{version} cannot go from {:?} to {state:?}",
+                key.state
+            )));
+        }
+        key.state = state;
+        if state == KeyState::Destroyed {
+            // The private key's scalar is wiped on drop.
+            key.key = None;
+        }
+        Ok(())
+    }
+
+    async fn open_ingest(
+        &self,
+        request: &IngestOpenRequest<'_>,
+        _access: &Access,
+    ) -> Result<Opened, KeyServiceError> {
+        self.require(
+            self.permissions.reveal || self.permissions.unwrap,
+            "reveal or unwrap",
+        )?;
+        match self.open_ingest_now(request.scope, request.sealed, request.context) {
+            Ok(pan) => Ok(Opened {
+                pan,
+                needs_reseal: true,
+            }),
+            Err(AdmitItemError::UnknownIngestKey(version)) => {
+                Err(KeyServiceError::UnknownIngestKey {
+                    scope: request.scope.to_string(),
+                    version,
+                })
+            }
+            Err(_) => Err(KeyServiceError::OpenFailed),
+        }
+    }
+
+    async fn admit(
+        &self,
+        request: &AdmitRequest<'_>,
+        _access: &Access,
+    ) -> Result<Vec<Result<AdmitOutput, AdmitItemError>>, KeyServiceError> {
+        self.require(self.permissions.admit, "admit")?;
+        if request.items.len() > MAX_ADMIT_BATCH {
+            return Err(KeyServiceError::BatchItem {
+                index: MAX_ADMIT_BATCH,
+                reason: format!("an admit request holds at most {MAX_ADMIT_BATCH} items"),
+            });
+        }
+        let record = request.record;
+        // The record must be one this service signed, not rolled back, and
+        // an active data DEK that may still encrypt.
+        self.verify_record(record).await?;
+        if record.purpose != KeyPurpose::Data
+            || record.state != KeyState::Active
+            || unix_now() >= record.encrypt_until
+            || record.uses >= record.max_uses
+        {
+            return Err(KeyServiceError::PermissionDenied(format!(
+                "key record {} is not an active data key that may encrypt",
+                record.id
+            )));
+        }
+        let dek = self.unwrap_now(&record.key_request(), &record.wrapped)?;
+        let cipher = dek.cipher();
+        let index = self.inner.index.read().unwrap_or_else(|p| p.into_inner());
+        let live = index.get(&record.scope);
+        let mut keys = Vec::with_capacity(request.index_versions.len());
+        for &version in request.index_versions {
+            let key = live
+                .into_iter()
+                .flatten()
+                .find(|k| k.version == version)
+                .and_then(|k| k.key.as_ref())
+                .ok_or_else(|| KeyServiceError::UnknownIndexKey {
+                    scope: record.scope.to_string(),
+                    version,
+                })?;
+            keys.push(key);
+        }
+        let mut out = Vec::with_capacity(request.items.len());
+        for item in request.items {
+            let pan = match self.open_ingest_now(&record.scope, item.sealed, item.context) {
+                Ok(pan) => pan,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            let (nonce, _) = crate::seal::fresh_nonce();
+            let sealed = crate::seal::seal_raw(&cipher, record.id, nonce, &pan, item.context);
+            let digits = pan.expose_digits().as_bytes();
+            let index = keys.iter().map(|k| hmac_sha256(k, digits)).collect();
+            out.push(Ok(AdmitOutput::new(sealed, index)));
+        }
+        Ok(out)
     }
 
     async fn authenticate_record(

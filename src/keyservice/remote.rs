@@ -42,7 +42,13 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use super::{sealed, IndexKeyInfo, KekInfo, KeyService, Permissions, RevealRequest};
+use super::{
+    sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
+    Permissions, RevealRequest, MAX_ADMIT_BATCH,
+};
+use crate::error::AdmitItemError;
+use crate::format::SealedPan;
+use crate::ingest::{IngestKeyInfo, IngestPublicKey};
 use crate::audit::Access;
 use crate::error::{ConfigError, Error, KeyServiceError};
 use crate::keyd::protocol::{
@@ -525,7 +531,8 @@ impl Inner {
                 Ok(Some(Ok(f))) => f,
             };
             if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > proto::MAX_BODY_BYTES {
+                // The largest answer is an admit batch's.
+                if buf.len() + data.len() > proto::MAX_ADMIT_BODY_BYTES {
                     return Err(Transport::sent("answer too large"));
                 }
                 // The answer may hold a key: no unwiped copy when it grows.
@@ -1181,6 +1188,203 @@ impl KeyService for RemoteKeyService {
             proto::RecordCheck::Stale => Err(KeyServiceError::RecordStale(record.id.to_string())),
         }
     }
+
+    async fn ingest_keys(&self, scope: &Scope) -> Result<Vec<IngestKeyInfo>, KeyServiceError> {
+        let a: proto::IngestKeysResponse = self
+            .call(proto::INGEST_KEYS, &self.target(scope), Repeat::Safe)
+            .await?;
+        ingest_infos(a)
+    }
+
+    async fn create_ingest_key(&self, scope: &Scope) -> Result<IngestKeyInfo, KeyServiceError> {
+        let a: proto::IngestKeysResponse = self
+            .call(
+                proto::INGEST_CREATE,
+                &self.target(scope),
+                Repeat::OnlyIfUnsent,
+            )
+            .await?;
+        ingest_infos(a)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| KeyServiceError::Other("keyd created no ingest key".into()))
+    }
+
+    async fn set_ingest_key_state(
+        &self,
+        scope: &Scope,
+        version: u32,
+        state: KeyState,
+    ) -> Result<(), KeyServiceError> {
+        let r = proto::IngestStateRequest {
+            environment: self.inner.environment.clone(),
+            scope: scope.clone(),
+            version,
+            state,
+        };
+        let _: proto::IngestKeysResponse = self
+            .call(proto::INGEST_STATE, &r, Repeat::OnlyIfUnsent)
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /v1/ingest/open`. Sent again only if it never reached keyd
+    /// (a repeat would be counted and audited twice).
+    async fn open_ingest(
+        &self,
+        request: &IngestOpenRequest<'_>,
+        access: &Access,
+    ) -> Result<Opened, KeyServiceError> {
+        let r = proto::IngestOpenRequest {
+            environment: self.inner.environment.clone(),
+            scope: request.scope.clone(),
+            sealed: request.sealed.to_text(),
+            context: wire_context(request.context),
+            on_behalf_of: access.principal().to_owned(),
+            purpose: access.purpose().to_owned(),
+        };
+        let a: RevealResponse = self
+            .call(proto::INGEST_OPEN, &r, Repeat::OnlyIfUnsent)
+            .await?;
+        let rules =
+            PanRules::with_min_digits(8).map_err(|_| KeyServiceError::Other("PAN rules".into()))?;
+        let pan = Pan::parse_with(a.pan.expose_secret(), &rules)
+            .map_err(|_| KeyServiceError::Other("keyd answered a malformed PAN".into()))?;
+        Ok(Opened {
+            pan,
+            needs_reseal: a.needs_reseal,
+        })
+    }
+
+    /// `POST /v1/generate-wrapped`: only the wrap comes back.
+    async fn generate_wrapped(&self, request: &KeyRequest) -> Result<WrappedKey, KeyServiceError> {
+        super::refuse_index_purpose(request)?;
+        let r = GenerateRequest {
+            key: request.into(),
+        };
+        let a: WrappedResponse = self
+            .call(proto::GENERATE_WRAPPED, &r, Repeat::Safe)
+            .await?;
+        Ok(a.wrapped.into())
+    }
+
+    /// `POST /v1/admit`, split into requests of at most
+    /// [`MAX_ADMIT_BATCH`] items and [`proto::MAX_ADMIT_BODY_BYTES`].
+    /// Never sent twice once it may have reached keyd (charged and
+    /// audited); an error in a later chunk returns the error alone.
+    async fn admit(
+        &self,
+        request: &AdmitRequest<'_>,
+        access: &Access,
+    ) -> Result<Vec<Result<AdmitOutput, AdmitItemError>>, KeyServiceError> {
+        if request.items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let record = request.record.to_bytes();
+        // Room for the record, the versions and the JSON around them.
+        let budget = proto::MAX_ADMIT_BODY_BYTES - 16 * 1024 - record.len() * 2;
+        let mut chunks: Vec<&[super::AdmitItem<'_>]> = Vec::new();
+        let (mut start, mut size) = (0usize, 0usize);
+        for (i, item) in request.items.iter().enumerate() {
+            let c = item.context;
+            let n = 200 + c.table().len() * 6 + c.column().len() * 6 + c.row_key().len() * 4 / 3;
+            if i > start && (i - start >= MAX_ADMIT_BATCH || size + n > budget) {
+                chunks.push(&request.items[start..i]);
+                start = i;
+                size = 0;
+            }
+            size += n;
+        }
+        chunks.push(&request.items[start..]);
+        let versions = request.index_versions.len();
+        let mut out = Vec::with_capacity(request.items.len());
+        for chunk in chunks {
+            let r = proto::AdmitRequest {
+                record: record.clone(),
+                index_versions: request.index_versions.to_vec(),
+                items: chunk
+                    .iter()
+                    .map(|it| proto::WireAdmitItem {
+                        sealed: it.sealed.to_text(),
+                        context: wire_context(it.context),
+                    })
+                    .collect(),
+                on_behalf_of: access.principal().to_owned(),
+                purpose: access.purpose().to_owned(),
+            };
+            let a: proto::AdmitResponse =
+                self.call(proto::ADMIT, &r, Repeat::OnlyIfUnsent).await?;
+            if a.results.len() != chunk.len() {
+                return Err(KeyServiceError::Other(
+                    "keyd answered an admit batch of the wrong size".into(),
+                ));
+            }
+            for res in a.results {
+                out.push(match res {
+                    proto::WireAdmitResult::Ok { sealed, index } => {
+                        let sealed = SealedPan::from_bytes(&sealed).map_err(|_| {
+                            KeyServiceError::Other("keyd answered a malformed ciphertext".into())
+                        })?;
+                        if index.len() != versions * 32 {
+                            return Err(KeyServiceError::Other(
+                                "keyd answered index values of the wrong size".into(),
+                            ));
+                        }
+                        let index = index
+                            .chunks_exact(32)
+                            .map(|c| {
+                                let mut h = [0u8; 32];
+                                h.copy_from_slice(c);
+                                h
+                            })
+                            .collect();
+                        Ok(AdmitOutput::new(sealed, index))
+                    }
+                    proto::WireAdmitResult::Error { error, version } => Err(match error {
+                        proto::AdmitItemErrorKind::Malformed => AdmitItemError::Malformed,
+                        proto::AdmitItemErrorKind::KeyMismatch => AdmitItemError::KeyMismatch,
+                        proto::AdmitItemErrorKind::UnknownIngestKey => {
+                            AdmitItemError::UnknownIngestKey(version.unwrap_or(0))
+                        }
+                        proto::AdmitItemErrorKind::OpenFailed => AdmitItemError::OpenFailed,
+                    }),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn wire_context(c: &crate::Context) -> WireContext {
+    WireContext {
+        table: c.table().to_owned(),
+        column: c.column().to_owned(),
+        row_key: c.row_key().to_vec(),
+    }
+}
+
+fn ingest_infos(a: proto::IngestKeysResponse) -> Result<Vec<IngestKeyInfo>, KeyServiceError> {
+    a.versions
+        .into_iter()
+        .map(|v| {
+            let public_key = IngestPublicKey::from_text(&v.public_key).map_err(|_| {
+                KeyServiceError::Other("keyd answered a malformed ingest public key".into())
+            })?;
+            if public_key.scope() != &a.scope
+                || public_key.environment() != &a.environment
+                || public_key.version() != v.version
+            {
+                return Err(KeyServiceError::Other(
+                    "keyd answered an ingest public key of another scope or version".into(),
+                ));
+            }
+            Ok(IngestKeyInfo {
+                public_key,
+                state: v.state,
+                created_at: v.created_at,
+            })
+        })
+        .collect()
 }
 
 fn index_infos(a: proto::IndexKeysResponse) -> Vec<IndexKeyInfo> {

@@ -1030,6 +1030,7 @@ pub async fn restricted(
         index: false,
         reveal: false,
         rewrap: false,
+        admit: false,
         custodian: false,
     };
     let Some(front) = backend.restricted(wrap_only).await else {
@@ -1099,6 +1100,7 @@ pub async fn restricted(
             index: false,
             reveal: false,
             rewrap: false,
+            admit: false,
             custodian: false,
         }
     };
@@ -1148,4 +1150,401 @@ pub async fn index_outage(
     backend.end_outage().await;
     assert_eq!(one(&*ks, scope, 3, &pans[0]).await, before);
     ks.verify_record(&record).await.unwrap();
+}
+
+// ----- write-only ingest (HPKE): ingest keys, open_ingest, admit -------------
+
+/// The ingest checks, for any `KeyService` with every permission (`ks`),
+/// plus restricted handles through [`Backend::restricted`]:
+/// 1. `ingest_keys` empty, `create_ingest_key` makes v1 (active, the
+///    service's environment and the scope), v2 retires v1;
+/// 2. `open_ingest` opens what an `IngestSealer` sealed (`needs_reseal`),
+///    a retired key still opens, a retired key never seals;
+/// 3. `admit` (record made by `generate_wrapped`, signed): the good items
+///    come back as compact ciphertexts under the record's DEK bound to the
+///    same context, with the service's blind index; altered, wrong context,
+///    another scope's ciphertext are per-item errors that do not stop the
+///    batch; more than `MAX_ADMIT_BATCH` items are refused;
+/// 4. another scope's key refuses; truncated ciphertexts do not parse;
+/// 5. destroying a version: `UnknownIngestKey` for open and admit;
+/// 6. permissions: a credential without admit/reveal/unwrap opens 0 and
+///    admits 0 of everything it is given; without custodian it creates and
+///    destroys no ingest key.
+pub async fn run_ingest(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment: &str) {
+    use panseal::{
+        AdmitItem, AdmitItemError, AdmitRequest, IngestOpenRequest, IngestSealed, IngestSealer,
+        MAX_ADMIT_BATCH,
+    };
+    let tag = hex::encode(rand::random::<[u8; 4]>());
+    let scope = Scope::new(&format!("ing.m:{tag}")).unwrap();
+    let other = Scope::new(&format!("ing-other-{tag}")).unwrap();
+    let env = Environment::new(environment).unwrap();
+    let pans = pans();
+    let a = access();
+
+    step(backend, "ingest keys: create, list, retire");
+    assert_eq!(ks.ingest_keys(&scope).await.unwrap(), vec![]);
+    let v1 = ks.create_ingest_key(&scope).await.unwrap();
+    assert_eq!(v1.public_key.version(), 1);
+    assert_eq!(v1.state, KeyState::Active);
+    assert_eq!(v1.public_key.scope(), &scope);
+    assert_eq!(v1.public_key.environment(), &env);
+    let s1 = IngestSealer::from_info(&v1).unwrap();
+    let sealed1: Vec<IngestSealed> = pans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| s1.seal(p, &ctx(&format!("i{i}"))).unwrap())
+        .collect();
+    let v2 = ks.create_ingest_key(&scope).await.unwrap();
+    assert_eq!(v2.public_key.version(), 2);
+    assert_ne!(v2.public_key.as_bytes(), v1.public_key.as_bytes());
+    let listed = ks.ingest_keys(&scope).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|k| (k.public_key.version(), k.state))
+            .collect::<Vec<_>>(),
+        vec![(2, KeyState::Active), (1, KeyState::DecryptOnly)],
+        "newest first; v1 retired"
+    );
+    assert_eq!(
+        listed[1].public_key, v1.public_key,
+        "the public key is stable"
+    );
+    assert!(
+        IngestSealer::from_info(&listed[1]).is_err(),
+        "a retired ingest key never seals"
+    );
+    let s2 = IngestSealer::from_info(&listed[0]).unwrap();
+    let sealed2: Vec<IngestSealed> = pans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| s2.seal(p, &ctx(&format!("j{i}"))).unwrap())
+        .collect();
+
+    step(
+        backend,
+        "open_ingest: active and retired keys open; bad input refused",
+    );
+    let open = |sealed: IngestSealed, c: Context, sc: Scope| {
+        let ks = Arc::clone(&ks);
+        let a = a.clone();
+        async move {
+            ks.open_ingest(
+                &IngestOpenRequest {
+                    scope: &sc,
+                    sealed: &sealed,
+                    context: &c,
+                },
+                &a,
+            )
+            .await
+        }
+    };
+    for (i, (s, p)) in sealed1.iter().zip(&pans).enumerate() {
+        let o = open(*s, ctx(&format!("i{i}")), scope.clone())
+            .await
+            .unwrap();
+        assert_eq!(&o.pan, p, "retired v1 still opens");
+        assert!(o.needs_reseal);
+    }
+    for (i, (s, p)) in sealed2.iter().zip(&pans).enumerate() {
+        let o = open(*s, ctx(&format!("j{i}")), scope.clone())
+            .await
+            .unwrap();
+        assert_eq!(&o.pan, p);
+    }
+    let mut altered = 0;
+    for at in [2usize, 12, 80, 90, 100] {
+        let mut b = sealed2[0].as_bytes().to_vec();
+        b[at] ^= 0x01;
+        let bad = IngestSealed::from_bytes(&b).unwrap();
+        match open(bad, ctx("j0"), scope.clone()).await {
+            Err(KeyServiceError::OpenFailed) => altered += 1,
+            other => panic!("altered byte {at}: {other:?}"),
+        }
+    }
+    assert_eq!(altered, 5, "every altered ciphertext refused");
+    assert!(matches!(
+        open(sealed2[0], ctx("j1"), scope.clone()).await,
+        Err(KeyServiceError::OpenFailed)
+    ));
+    // Another scope (its own key v1): refused, opaque.
+    ks.create_ingest_key(&other).await.unwrap();
+    assert!(matches!(
+        open(sealed1[0], ctx("i0"), other.clone()).await,
+        Err(KeyServiceError::OpenFailed)
+    ));
+    assert!(IngestSealed::from_bytes(&sealed1[0].as_bytes()[..100]).is_err());
+    assert!(IngestSealed::from_text(&sealed1[0].to_text()[..133]).is_err());
+
+    step(backend, "admit: batches, per-item errors, blind index");
+    let index_version = ks.create_index_key(&scope).await.unwrap().version;
+    let record = admission_record(Arc::clone(&ks), environment, &scope).await;
+    let other_sealer = IngestSealer::from_info(&ks.ingest_keys(&other).await.unwrap()[0]).unwrap();
+    let foreign = other_sealer.seal(&pans[0], &ctx("f")).unwrap();
+    let mut flipped = sealed2[1].as_bytes().to_vec();
+    flipped[95] ^= 0x80;
+    let flipped = IngestSealed::from_bytes(&flipped).unwrap();
+    let contexts: Vec<Context> = (0..pans.len()).map(|i| ctx(&format!("i{i}"))).collect();
+    let jctx: Vec<Context> = (0..pans.len()).map(|i| ctx(&format!("j{i}"))).collect();
+    let (c_f, c_wrong) = (ctx("f"), ctx("wrong"));
+    let mut items: Vec<AdmitItem<'_>> = Vec::new();
+    items.push(AdmitItem {
+        sealed: &sealed1[0],
+        context: &contexts[0],
+    });
+    items.push(AdmitItem {
+        sealed: &flipped,
+        context: &jctx[1],
+    });
+    items.push(AdmitItem {
+        sealed: &sealed2[2],
+        context: &jctx[2],
+    });
+    items.push(AdmitItem {
+        sealed: &foreign,
+        context: &c_f,
+    });
+    items.push(AdmitItem {
+        sealed: &sealed2[3],
+        context: &c_wrong,
+    });
+    items.push(AdmitItem {
+        sealed: &sealed2[4],
+        context: &jctx[4],
+    });
+    let out = ks
+        .admit(
+            &AdmitRequest {
+                record: &record,
+                index_versions: &[index_version],
+                items: &items,
+            },
+            &a,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 6);
+    assert!(
+        matches!(out[1], Err(AdmitItemError::OpenFailed)),
+        "{:?}",
+        out[1]
+    );
+    assert!(
+        matches!(out[3], Err(AdmitItemError::KeyMismatch)),
+        "{:?}",
+        out[3]
+    );
+    assert!(
+        matches!(out[4], Err(AdmitItemError::OpenFailed)),
+        "{:?}",
+        out[4]
+    );
+    let dek = ks
+        .unwrap(&record.key_request(), &record.wrapped, &a)
+        .await
+        .unwrap();
+    let mut admitted = 0;
+    for (i, pan_i, c) in [
+        (0usize, 0usize, &contexts[0]),
+        (2, 2, &jctx[2]),
+        (5, 4, &jctx[4]),
+    ] {
+        let o = out[i].as_ref().unwrap();
+        assert_eq!(o.sealed.key_id(), record.id);
+        let opened = panseal::hazmat::open_with_dek(&dek, &o.sealed, c).unwrap();
+        assert_eq!(opened, pans[pan_i]);
+        assert!(
+            panseal::hazmat::open_with_dek(&dek, &o.sealed, &c_wrong).is_err(),
+            "bound to its context"
+        );
+        assert_eq!(
+            o.index,
+            vec![one(&*ks, &scope, index_version, &pans[pan_i]).await]
+        );
+        admitted += 1;
+    }
+    assert_eq!(admitted, 3, "3 of 6 admitted, 3 reported per item");
+    let many: Vec<AdmitItem<'_>> = (0..=MAX_ADMIT_BATCH)
+        .map(|_| AdmitItem {
+            sealed: &sealed2[0],
+            context: &jctx[0],
+        })
+        .collect();
+    assert!(
+        ks.admit(
+            &AdmitRequest {
+                record: &record,
+                index_versions: &[index_version],
+                items: &many,
+            },
+            &a,
+        )
+        .await
+        .is_err(),
+        "more than MAX_ADMIT_BATCH items refused"
+    );
+
+    step(backend, "destroyed ingest key: UnknownIngestKey");
+    ks.set_ingest_key_state(&scope, 1, KeyState::Destroyed)
+        .await
+        .unwrap();
+    assert_eq!(
+        ks.ingest_keys(&scope)
+            .await
+            .unwrap()
+            .iter()
+            .map(|k| k.public_key.version())
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+    match open(sealed1[0], ctx("i0"), scope.clone()).await {
+        Err(KeyServiceError::UnknownIngestKey { version: 1, .. }) => {}
+        other => panic!("destroyed v1: {other:?}"),
+    }
+    let out = ks
+        .admit(
+            &AdmitRequest {
+                record: &record,
+                index_versions: &[index_version],
+                items: &[AdmitItem {
+                    sealed: &sealed1[1],
+                    context: &contexts[1],
+                }],
+            },
+            &a,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, vec![Err(AdmitItemError::UnknownIngestKey(1))]);
+    assert!(matches!(
+        ks.set_ingest_key_state(&scope, 1, KeyState::Active).await,
+        Err(_)
+    ));
+
+    step(backend, "ingest permissions");
+    let none = Permissions {
+        wrap: true,
+        unwrap: false,
+        index: true,
+        reveal: false,
+        rewrap: false,
+        admit: false,
+        custodian: false,
+    };
+    let Some(front) = backend.restricted(none).await else {
+        step(
+            backend,
+            "ingest permissions: not applicable (no restricted credential)",
+        );
+        return;
+    };
+    // A front end may list public keys...
+    assert_eq!(front.ingest_keys(&scope).await.unwrap().len(), 1);
+    // ...and nothing else: it opens 0 and admits 0.
+    let mut opened = 0;
+    let mut admitted = 0;
+    for (i, s) in sealed2.iter().enumerate() {
+        let r = front
+            .open_ingest(
+                &IngestOpenRequest {
+                    scope: &scope,
+                    sealed: s,
+                    context: &jctx[i],
+                },
+                &a,
+            )
+            .await;
+        match r {
+            Ok(_) => opened += 1,
+            Err(KeyServiceError::PermissionDenied(_)) => {}
+            Err(e) => panic!("open_ingest with a wrap-only credential: {e:?}"),
+        }
+        let r = front
+            .admit(
+                &AdmitRequest {
+                    record: &record,
+                    index_versions: &[index_version],
+                    items: &[AdmitItem {
+                        sealed: s,
+                        context: &jctx[i],
+                    }],
+                },
+                &a,
+            )
+            .await;
+        match r {
+            Ok(v) => admitted += v.iter().filter(|r| r.is_ok()).count(),
+            Err(KeyServiceError::PermissionDenied(_)) => {}
+            Err(e) => panic!("admit with a wrap-only credential: {e:?}"),
+        }
+    }
+    assert_eq!(
+        (opened, admitted),
+        (0, 0),
+        "a front end opens 0 and admits 0"
+    );
+    assert!(matches!(
+        front.create_ingest_key(&scope).await,
+        Err(KeyServiceError::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        front
+            .set_ingest_key_state(&scope, 2, KeyState::Destroyed)
+            .await,
+        Err(KeyServiceError::PermissionDenied(_))
+    ));
+    // An admission credential admits but does not open.
+    let admitter = backend
+        .restricted(Permissions {
+            wrap: true,
+            admit: true,
+            index: false,
+            ..none
+        })
+        .await
+        .unwrap();
+    let out = admitter
+        .admit(
+            &AdmitRequest {
+                record: &record,
+                index_versions: &[index_version],
+                items: &[AdmitItem {
+                    sealed: &sealed2[0],
+                    context: &jctx[0],
+                }],
+            },
+            &a,
+        )
+        .await
+        .unwrap();
+    assert!(out[0].is_ok());
+    assert!(matches!(
+        admitter
+            .open_ingest(
+                &IngestOpenRequest {
+                    scope: &scope,
+                    sealed: &sealed2[0],
+                    context: &jctx[0],
+                },
+                &a,
+            )
+            .await,
+        Err(KeyServiceError::PermissionDenied(_))
+    ));
+    step(backend, "ingest checks passed");
+}
+
+/// A signed, active data-DEK record of `scope` whose key was made by
+/// `generate_wrapped` (the plaintext never left the service).
+pub async fn admission_record(
+    ks: Arc<dyn KeyService>,
+    environment: &str,
+    scope: &Scope,
+) -> WrappedDek {
+    let mut r = fresh_record(Arc::clone(&ks), environment).await;
+    r.scope = scope.clone();
+    r.wrapped = ks.generate_wrapped(&r.key_request()).await.unwrap();
+    sign(&*ks, None, &r).await.unwrap()
 }

@@ -36,6 +36,8 @@ use crate::config::{Config, Principal};
 use crate::seal::{self, MasterKey};
 use crate::state::{StateError, StateStore};
 
+#[path = "ingest.rs"]
+mod ingest;
 #[path = "reveal.rs"]
 mod reveal;
 
@@ -310,10 +312,17 @@ impl Server {
         let lockout = cfg
             .principals
             .iter()
-            .flat_map(|p| [p.reveal_quota.window_seconds, p.index_quota.window_seconds])
+            .flat_map(|p| {
+                [
+                    p.reveal_quota.window_seconds,
+                    p.index_quota.window_seconds,
+                    p.admit_quota.window_seconds,
+                ]
+            })
             .chain([
                 cfg.default_quotas.reveal.window_seconds,
                 cfg.default_quotas.index.window_seconds,
+                cfg.default_quotas.admit.window_seconds,
             ])
             .max()
             .unwrap_or(crate::quota::DEFAULT_REVEAL_WINDOW);
@@ -439,7 +448,12 @@ impl Server {
         }
         let path = req.uri().path().to_owned();
         // Body deadline: a client trickling its body is cut off.
-        let body = tokio::time::timeout(self.cfg.request_timeout, read_body(req))
+        let limit = if path == proto::ADMIT {
+            proto::MAX_ADMIT_BODY_BYTES
+        } else {
+            proto::MAX_BODY_BYTES
+        };
+        let body = tokio::time::timeout(self.cfg.request_timeout, read_body(req, limit))
             .await
             .map_err(|_| {
                 Failure::new(
@@ -477,6 +491,12 @@ impl Server {
             proto::INDEX_STATE => self.index_set_state(p, &body, rec),
             proto::RECORD_SIGN => self.record_sign(p, &body, rec),
             proto::RECORD_VERIFY => self.record_verify(p, &body, rec),
+            proto::INGEST_KEYS => self.ingest_keys(p, &body, rec),
+            proto::INGEST_CREATE => self.ingest_create(p, &body, rec),
+            proto::INGEST_STATE => self.ingest_set_state(p, &body, rec),
+            proto::INGEST_OPEN => self.ingest_open(p, &body, rec),
+            proto::GENERATE_WRAPPED => self.generate_wrapped(p, &body, rec),
+            proto::ADMIT => self.admit(p, &body, rec),
             _ => Err(Failure::new(ErrorKind::BadRequest, "unknown path")),
         }
     }
@@ -1590,8 +1610,8 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
     })
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Failure> {
-    let mut body = Limited::new(req.into_body(), proto::MAX_BODY_BYTES);
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Zeroizing<Vec<u8>>, Failure> {
+    let mut body = Limited::new(req.into_body(), limit);
     let mut buf = Zeroizing::new(Vec::new());
     while let Some(frame) = body.frame().await {
         let frame = frame
@@ -1639,6 +1659,12 @@ fn operation_name(path: &str) -> &'static str {
         proto::INDEX_STATE => "index-state",
         proto::RECORD_SIGN => "record-sign",
         proto::RECORD_VERIFY => "record-verify",
+        proto::INGEST_KEYS => "ingest-keys",
+        proto::INGEST_CREATE => "ingest-create",
+        proto::INGEST_STATE => "ingest-state",
+        proto::INGEST_OPEN => "ingest-open",
+        proto::GENERATE_WRAPPED => "generate-wrapped",
+        proto::ADMIT => "admit",
         _ => "unknown",
     }
 }
@@ -1768,6 +1794,16 @@ fn reseal_v3(
         let key = v3::open_secret(&old.record_seal, &aad, &r.sealed)?;
         r.sealed = v3::seal_secret(&new.record_seal, random_nonce(), &aad, &key);
     }
+    // State version 4: ingest private scalars.
+    for r in next.ingest_keys.values_mut() {
+        for k in r.versions.iter_mut() {
+            if let Some(sealed) = &k.sealed {
+                let aad = v3::ingest_key_aad(&r.environment, &r.scope, k.version);
+                let key = v3::open_secret(&old.ingest_seal, &aad, sealed)?;
+                k.sealed = Some(v3::seal_secret(&new.ingest_seal, random_nonce(), &aad, &key));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1781,10 +1817,12 @@ impl Server {
         }
     }
 
-    /// Rewrites a version 2 state as version 3 (one atomic snapshot, as the
-    /// version 1 migration; a crash before it leaves version 2, read again).
+    /// Rewrites a version 2 or 3 state as version 4 (one atomic snapshot,
+    /// as the version 1 migration; a crash before it leaves the old
+    /// version, read again).
     fn migrate_v2(&self) -> Result<(), Failure> {
-        if self.state.version() != seal::V2 {
+        let from = self.state.version();
+        if from != seal::V2 && from != v3::V3 {
             return Ok(());
         }
         let keys = self.state_keys()?;
@@ -1796,7 +1834,7 @@ impl Server {
         self.audit
             .append(&system_record(
                 "state-migrate",
-                "state version 2 rewritten as version 3".into(),
+                format!("state version {from} rewritten as version 4"),
             ))
             .map_err(|_| Failure::new(ErrorKind::Internal, "audit log unavailable"))?;
         Ok(())
@@ -1869,28 +1907,7 @@ impl Server {
                 return Err(batch_item(i, reason));
             }
         }
-        let keys = self.state_keys()?;
-        let macs: Vec<HmacSha256> = {
-            let state = self.state.read();
-            let scope_rec = state
-                .index_keys
-                .get(&slot(r.environment.as_str(), r.scope.as_str()));
-            let mut macs = Vec::with_capacity(r.versions.len());
-            for &v in &r.versions {
-                let k = scope_rec
-                    .and_then(|s| s.versions.iter().find(|k| k.version == v))
-                    .filter(|k| matches!(k.state, KeyState::Active | KeyState::DecryptOnly));
-                let Some(sealed) = k.and_then(|k| k.sealed.as_ref()) else {
-                    return Err(unknown_index_key(r.scope.as_str(), v));
-                };
-                let aad = v3::index_key_aad(r.environment.as_str(), r.scope.as_str(), v);
-                let key = v3::open_secret(&keys.index_seal, &aad, sealed).map_err(|_| {
-                    Failure::new(ErrorKind::Internal, "a sealed index key failed to open")
-                })?;
-                macs.push(keyed(&key));
-            }
-            macs
-        };
+        let macs = self.index_macs(r.environment.as_str(), r.scope.as_str(), &r.versions)?;
         self.charge_index(p, n as u64)?;
         let mut hashes = Vec::with_capacity(n * 32);
         for pan in &r.pans {
@@ -1905,6 +1922,34 @@ impl Server {
             count: r.pans.len() as u64,
             hashes,
         })
+    }
+
+    /// The keyed hashes of `versions` of a scope's index key, each live
+    /// (the code of `/v1/index/hash` and `/v1/admit`).
+    pub(crate) fn index_macs(
+        &self,
+        environment: &str,
+        scope: &str,
+        versions: &[u32],
+    ) -> Result<Vec<HmacSha256>, Failure> {
+        let keys = self.state_keys()?;
+        let state = self.state.read();
+        let scope_rec = state.index_keys.get(&slot(environment, scope));
+        let mut macs = Vec::with_capacity(versions.len());
+        for &v in versions {
+            let k = scope_rec
+                .and_then(|s| s.versions.iter().find(|k| k.version == v))
+                .filter(|k| matches!(k.state, KeyState::Active | KeyState::DecryptOnly));
+            let Some(sealed) = k.and_then(|k| k.sealed.as_ref()) else {
+                return Err(unknown_index_key(scope, v));
+            };
+            let aad = v3::index_key_aad(environment, scope, v);
+            let key = v3::open_secret(&keys.index_seal, &aad, sealed).map_err(|_| {
+                Failure::new(ErrorKind::Internal, "a sealed index key failed to open")
+            })?;
+            macs.push(keyed(&key));
+        }
+        Ok(macs)
     }
 
     fn index_create(&self, p: &Principal, body: &[u8], rec: &mut AuditRecord) -> Answer {

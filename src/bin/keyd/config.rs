@@ -191,6 +191,8 @@ struct RawPrincipal {
     reveal_quota: Option<crate::quota::RevealLimit>,
     #[serde(default)]
     index_quota: Option<crate::quota::IndexLimit>,
+    #[serde(default)]
+    admit_quota: Option<crate::quota::AdmitLimit>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -237,6 +239,8 @@ pub(crate) struct Principal {
     pub(crate) reveal_quota: crate::quota::RevealLimit,
     /// `index` limits (configured or the default).
     pub(crate) index_quota: crate::quota::IndexLimit,
+    /// `admit` limits (configured or the default).
+    pub(crate) admit_quota: crate::quota::AdmitLimit,
 }
 
 impl Principal {
@@ -397,6 +401,7 @@ impl Config {
         };
         crate::quota::check_reveal(&cfg.default_quotas.reveal)
             .and_then(|_| crate::quota::check_index(&cfg.default_quotas.index))
+            .and_then(|_| crate::quota::check_index(&cfg.default_quotas.admit.as_index()))
             .map_err(|m| invalid(format!("default_quotas: {m}")))?;
         for (i, p) in raw.principals.into_iter().enumerate() {
             let who = format!("principal {:?}", p.name);
@@ -479,8 +484,10 @@ impl Config {
             };
             let reveal_quota = p.reveal_quota.unwrap_or(cfg.default_quotas.reveal);
             let index_quota = p.index_quota.unwrap_or(cfg.default_quotas.index);
+            let admit_quota = p.admit_quota.unwrap_or(cfg.default_quotas.admit);
             crate::quota::check_reveal(&reveal_quota)
                 .and_then(|_| crate::quota::check_index(&index_quota))
+                .and_then(|_| crate::quota::check_index(&admit_quota.as_index()))
                 .map_err(|m| invalid(format!("{who}: {m}")))?;
             cfg.principals.push(Principal {
                 name: p.name,
@@ -490,6 +497,7 @@ impl Config {
                 quota,
                 reveal_quota,
                 index_quota,
+                admit_quota,
             });
         }
         Ok(cfg)

@@ -21,7 +21,8 @@ disclose it, I use it only to unseal this service, and I report any suspected co
 
 pub(crate) const ACTIONS: &str = "status | acknowledge | collect-share | unseal | seal | \
 kek-status | rotate | retire | approve-destroy | approve-destroy-dek | withdraw | withdraw-dek | reshare | \
-index-create | index-list | index-retire | index-destroy";
+index-create | index-list | index-retire | index-destroy | \
+ingest-create | ingest-list | ingest-retire | ingest-destroy";
 
 pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
     args.check(&[
@@ -183,6 +184,23 @@ pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
                     .await
                     .map_err(err)?;
                 json(&client.index_keys(&s).await.map_err(err)?)
+            }
+            // Ingest (HPKE) key pairs: the private scalar stays inside
+            // keyd; the public key, version, state and date are shown.
+            "ingest-create" => json(&client.create_ingest_key(&scope()?).await.map_err(err)?),
+            "ingest-list" => json(&client.ingest_keys(&scope()?).await.map_err(err)?),
+            "ingest-retire" | "ingest-destroy" => {
+                let to = if action == "ingest-retire" {
+                    KeyState::DecryptOnly
+                } else {
+                    KeyState::Destroyed
+                };
+                let s = scope()?;
+                client
+                    .set_ingest_key_state(&s, version()?, to)
+                    .await
+                    .map_err(err)?;
+                json(&client.ingest_keys(&s).await.map_err(err)?)
             }
             other => return Err(format!("unknown custodian action {other:?}: {ACTIONS}")),
         })

@@ -260,6 +260,7 @@ fn init(args: &Args) -> Result<(), String> {
         index_keys: Default::default(),
         record_keys: Default::default(),
         registry: Default::default(),
+        ingest_keys: Default::default(),
     };
     StateStore::create(&paths, &state, master.keys()).map_err(|e| e.to_string())?;
     log.write_anchor(cfg.audit_anchor_path())

@@ -62,6 +62,36 @@ pub(crate) const DEFAULT_REVEAL_REQUESTS: u64 = 1000;
 pub(crate) const DEFAULT_INDEX_WINDOW: u64 = 60;
 /// Default HMACs per `index` window.
 pub(crate) const DEFAULT_INDEX_HASHES: u64 = 1000;
+/// Default `admit` window, seconds.
+pub(crate) const DEFAULT_ADMIT_WINDOW: u64 = 3600;
+/// Default items admitted per `admit` window.
+pub(crate) const DEFAULT_ADMIT_ITEMS: u64 = 100_000;
+
+/// `admit_quota = { window_seconds, items }`: ingest ciphertexts admitted
+/// per window. Kept in `quota.state` as an `index` counter named
+/// `PRINCIPAL/admit` (a `/` never occurs in a principal's name), so its
+/// durability is the index quota's.
+#[derive(Deserialize, Clone, Copy, Debug)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdmitLimit {
+    pub(crate) window_seconds: u64,
+    pub(crate) items: u64,
+}
+
+impl AdmitLimit {
+    /// The same limit as an index counter.
+    pub(crate) fn as_index(&self) -> IndexLimit {
+        IndexLimit {
+            window_seconds: self.window_seconds,
+            hashes: self.items,
+        }
+    }
+}
+
+/// The `quota.state` counter of `principal`'s admissions.
+pub(crate) fn admit_counter(principal: &str) -> String {
+    format!("{principal}/admit")
+}
 
 /// `reveal_quota = { window_seconds, distinct_records, requests }`.
 #[derive(Deserialize, Clone, Copy, Debug)]
@@ -88,6 +118,8 @@ pub(crate) struct Defaults {
     pub(crate) reveal: RevealLimit,
     #[serde(default = "default_index")]
     pub(crate) index: IndexLimit,
+    #[serde(default = "default_admit")]
+    pub(crate) admit: AdmitLimit,
 }
 
 impl Default for Defaults {
@@ -95,7 +127,15 @@ impl Default for Defaults {
         Defaults {
             reveal: default_reveal(),
             index: default_index(),
+            admit: default_admit(),
         }
+    }
+}
+
+fn default_admit() -> AdmitLimit {
+    AdmitLimit {
+        window_seconds: DEFAULT_ADMIT_WINDOW,
+        items: DEFAULT_ADMIT_ITEMS,
     }
 }
 

@@ -44,7 +44,7 @@ pub(crate) struct AuditContext {
 }
 
 impl AuditContext {
-    fn of(c: &Context) -> Self {
+    pub(super) fn of(c: &Context) -> Self {
         let (row_key, row_key_hex) = match std::str::from_utf8(c.row_key()) {
             Ok(t) => (Some(t.to_owned()), None),
             Err(_) => (None, Some(hex::encode(c.row_key()))),
@@ -120,11 +120,11 @@ impl RevealCache {
     }
 }
 
-fn bad(message: &str) -> Failure {
+pub(super) fn bad(message: &str) -> Failure {
     Failure::new(ErrorKind::BadRequest, message)
 }
 
-fn open_failed() -> Failure {
+pub(super) fn open_failed() -> Failure {
     Failure::new(ErrorKind::OpenFailed, "sealed record failed to open")
 }
 
@@ -208,7 +208,7 @@ impl Server {
     }
 
     /// The record's DEK from keyd's cache, or unwrapped into it.
-    fn reveal_key(&self, record: &WrappedDek) -> Result<Arc<Zeroizing<[u8; 32]>>, Failure> {
+    pub(super) fn reveal_key(&self, record: &WrappedDek) -> Result<Arc<Zeroizing<[u8; 32]>>, Failure> {
         let request = record.key_request();
         let ck = cache_key(record);
         if let Some(k) = self.reveal_cache.get(&ck) {

@@ -45,7 +45,7 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use panseal::keyd::state::{
     self as fmt, Acknowledgement, Anchor, AuditPosition, Change, DekRecord, FormatError,
-    IndexScopeRecord, JournalEntry, JournalHeader, RecordKeyRecord, RegistryEntry, ScopeRecord,
+    IndexScopeRecord, IngestScopeRecord, JournalEntry, JournalHeader, RecordKeyRecord, RegistryEntry, ScopeRecord,
     State, StateKeys,
 };
 use panseal::{ChainSummary, ChainedAuditLog};
@@ -194,9 +194,20 @@ pub(crate) struct Draft<'a> {
     index_keys: BTreeMap<String, IndexScopeRecord>,
     record_keys: BTreeMap<String, RecordKeyRecord>,
     registry: BTreeMap<String, RegistryEntry>,
+    ingest_keys: BTreeMap<String, IngestScopeRecord>,
 }
 
 impl Draft<'_> {
+    pub(crate) fn ingest_scope(&self, key: &str) -> Option<&IngestScopeRecord> {
+        self.ingest_keys
+            .get(key)
+            .or_else(|| self.base.ingest_keys.get(key))
+    }
+
+    pub(crate) fn put_ingest_scope(&mut self, key: &str, r: IngestScopeRecord) {
+        self.ingest_keys.insert(key.to_owned(), r);
+    }
+
     pub(crate) fn scope(&self, key: &str) -> Option<&ScopeRecord> {
         self.scopes.get(key).or_else(|| self.base.scopes.get(key))
     }
@@ -285,6 +296,11 @@ impl Draft<'_> {
             self.registry
                 .into_iter()
                 .map(|(key, value)| Change::Registry { key, value }),
+        );
+        out.extend(
+            self.ingest_keys
+                .into_iter()
+                .map(|(key, value)| Change::IngestScope { key, value }),
         );
         out
     }
@@ -381,6 +397,12 @@ impl StateStore {
                         FormatError::Corrupt("version 3 change after a version 2 snapshot"),
                     ));
                 }
+                if snapshot.version < fmt::V4 && e.header.changes.iter().any(Change::is_v4) {
+                    return Err(corrupt(
+                        &paths.journal,
+                        FormatError::Corrupt("version 4 change after a version 2 or 3 snapshot"),
+                    ));
+                }
                 state.generation = e.header.generation;
                 state.audit = e.header.audit.clone();
                 for c in e.header.changes.iter().cloned() {
@@ -446,7 +468,7 @@ impl StateStore {
         })
     }
 
-    /// Writes the first state of a new server (version 3) and its anchor.
+    /// Writes the first state of a new server (version 4) and its anchor.
     pub(crate) fn create(paths: &Paths, state: &State, keys: &StateKeys) -> Result<(), StateError> {
         if paths.state.exists() {
             return Err(StateError::Io {
@@ -467,7 +489,7 @@ impl StateStore {
         .map_err(io(&paths.anchor))
     }
 
-    /// The format version on disk (1 or 2 until migrated, then 3).
+    /// The format version on disk (1, 2 or 3 until migrated, then 4).
     pub(crate) fn version(&self) -> u8 {
         self.version.load(Ordering::SeqCst)
     }
@@ -601,6 +623,7 @@ impl StateStore {
                 index_keys: BTreeMap::new(),
                 record_keys: BTreeMap::new(),
                 registry: BTreeMap::new(),
+                ingest_keys: BTreeMap::new(),
             };
             let r = change(&mut d)?;
             (r, d.into_changes())
@@ -741,7 +764,7 @@ impl StateStore {
         let (bytes, mac) = fmt::encode_snapshot(&next, &keys);
         panseal::keyd::write_atomically(&self.paths.state, &bytes)
             .map_err(io(&self.paths.state))?;
-        self.version.store(fmt::V3, Ordering::SeqCst);
+        self.version.store(fmt::V4, Ordering::SeqCst);
         // Entries of the old journal are older than the snapshot: ignored
         // at load, then dropped here.
         w.journal = None;
