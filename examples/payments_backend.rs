@@ -138,6 +138,10 @@ struct Args {
     /// writes `tests/js/dist/checkout.mjs`).
     #[arg(long)]
     checkout_script: Option<PathBuf>,
+    /// Browser checkout: seconds a fetched list of ingest keys is used
+    /// before asking keyd again (a rotation reaches pages this late).
+    #[arg(long, default_value_t = 30)]
+    ingest_keys_ttl_secs: u64,
 }
 
 // ---------------------------------------------------------------- callers
@@ -740,8 +744,6 @@ const ORDERS_TABLE: &str = "orders";
 const ORDERS_COLUMN: &str = "card_sealed";
 /// The demo order's amount.
 const ORDER_AMOUNT: &str = "EUR 42.00";
-/// How long a fetched list of ingest keys is used before asking keyd again.
-const INGEST_KEYS_TTL: Duration = Duration::from_secs(30);
 /// At most one extra fetch per this interval when a ciphertext names a key
 /// the cached list lacks (a rotation since the last fetch).
 const INGEST_KEYS_REFRESH: Duration = Duration::from_secs(5);
@@ -806,6 +808,7 @@ impl IntoResponse for CheckoutRejection {
 struct Checkout {
     keys: RemoteKeyService,
     scope: Scope,
+    ttl: Duration,
     listed: tokio::sync::Mutex<Option<(Instant, Vec<IngestKeyInfo>)>>,
     last_refresh: Mutex<Option<Instant>>,
     script: Bytes,
@@ -816,7 +819,7 @@ struct Checkout {
 }
 
 impl Checkout {
-    fn new(keys: RemoteKeyService, scope: Scope, script: Vec<u8>) -> Checkout {
+    fn new(keys: RemoteKeyService, scope: Scope, ttl: Duration, script: Vec<u8>) -> Checkout {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let script_integrity = format!("sha384-{}", b64.encode(sha2::Sha384::digest(&script)));
@@ -832,6 +835,7 @@ impl Checkout {
         Checkout {
             keys,
             scope,
+            ttl,
             listed: tokio::sync::Mutex::new(None),
             last_refresh: Mutex::new(None),
             script: Bytes::from(script),
@@ -841,11 +845,11 @@ impl Checkout {
     }
 
     /// The scope's live ingest keys, from keyd at most every
-    /// [`INGEST_KEYS_TTL`] (or sooner when `refresh`).
+    /// `--ingest-keys-ttl-secs` (or sooner when `refresh`).
     async fn ingest_keys(&self, refresh: bool) -> Result<Vec<IngestKeyInfo>, ApiError> {
         let mut listed = self.listed.lock().await;
         if let Some((at, keys)) = listed.as_ref() {
-            if !refresh && at.elapsed() < INGEST_KEYS_TTL {
+            if !refresh && at.elapsed() < self.ttl {
                 return Ok(keys.clone());
             }
         }
@@ -1006,6 +1010,24 @@ async fn checkout_submit(
         .map_err(|_| CheckoutRejection::UnknownOrder.into_response())?;
     let sealed = IngestSealed::from_text(&body.card)
         .map_err(|_| CheckoutRejection::MalformedCiphertext.into_response())?;
+    let client = app
+        .db
+        .pool()
+        .get()
+        .await
+        .map_err(|e| db_err(e).into_response())?;
+    let paid = client
+        .query_opt(
+            "SELECT card_sealed IS NOT NULL FROM orders WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(|e| db_err(e).into_response())?
+        .ok_or_else(|| CheckoutRejection::UnknownOrder.into_response())?
+        .get::<_, bool>(0);
+    if paid {
+        return Err(CheckoutRejection::AlreadyPaid.into_response());
+    }
     let key = checkout
         .key_of(&sealed)
         .await
@@ -1013,13 +1035,7 @@ async fn checkout_submit(
     if key.state != KeyState::Active {
         return Err(CheckoutRejection::RetiredIngestKey.into_response());
     }
-    let client = app
-        .db
-        .pool()
-        .get()
-        .await
-        .map_err(|e| db_err(e).into_response())?;
-    let version = sealed.key_version() as i64;
+    let version = i64::from(sealed.key_version());
     let updated = client
         .execute(
             "UPDATE orders SET card_sealed = $2, ingest_key_version = $3, status = 'paid',
@@ -1030,17 +1046,8 @@ async fn checkout_submit(
         .await
         .map_err(|e| db_err(e).into_response())?;
     if updated != 1 {
-        let exists = client
-            .query_opt("SELECT 1 FROM orders WHERE id = $1", &[&id])
-            .await
-            .map_err(|e| db_err(e).into_response())?
-            .is_some();
-        return Err(if exists {
-            CheckoutRejection::AlreadyPaid
-        } else {
-            CheckoutRejection::UnknownOrder
-        }
-        .into_response());
+        // A concurrent payment won.
+        return Err(CheckoutRejection::AlreadyPaid.into_response());
     }
     eprintln!(
         "checkout: order {id} paid, card stored sealed (ingest key v{})",
@@ -1223,7 +1230,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             let script = std::fs::read(script)
                 .map_err(|e| format!("--checkout-script {}: {e}", script.display()))?;
-            Some(Checkout::new(keys, Scope::new(&front.scope)?, script))
+            Some(Checkout::new(
+                keys,
+                Scope::new(&front.scope)?,
+                Duration::from_secs(args.ingest_keys_ttl_secs),
+                script,
+            ))
         }
         _ => None,
     };

@@ -6,7 +6,7 @@
 //       over Node's WebCrypto) and writes {"sealed": [text, ...]}.
 //
 //   node tests/js/checkout.e2e.mjs browser --url https://127.0.0.1:PORT \
-//       --spki BASE64 --card-file card.txt --screenshot docs/checkout.png --out result.json
+//       --server-cert server.pem --card-file card.txt --screenshot docs/checkout.png --out result.json
 //       Drives Debian's chromium (playwright-core, /usr/bin/chromium): opens
 //       /checkout, posts garbage from the page, types the card number, pays,
 //       and writes what it observed. Prints counts only, never the card.
@@ -15,6 +15,7 @@
 // the payments_backend example and checks the database, logs and back
 // office. Only 127.0.0.1 is contacted.
 
+import { createHash, X509Certificate } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
@@ -53,6 +54,12 @@ async function browserMode(a) {
   const { chromium } = await import("playwright-core");
   const card = readFileSync(a["card-file"], "utf8").trim();
   const forms = variants(card);
+  // Chromium trusts exactly this server key (SPKI pin), not every certificate.
+  const spkiDer = new X509Certificate(readFileSync(a["server-cert"])).publicKey.export({
+    type: "spki",
+    format: "der",
+  });
+  const spki = createHash("sha256").update(spkiDer).digest("base64");
   const userDataDir = mkdtempSync(join(tmpdir(), "panseal-chromium-"));
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: "/usr/bin/chromium",
@@ -67,8 +74,7 @@ async function browserMode(a) {
       "--disable-background-networking",
       "--disable-component-update",
       "--disable-sync",
-      // Trust exactly the test server's key (SPKI pin), not every certificate.
-      `--ignore-certificate-errors-spki-list=${a.spki}`,
+      `--ignore-certificate-errors-spki-list=${spki}`,
     ],
   });
   const result = {
