@@ -24,8 +24,9 @@
 //! * `GET /orders/{id}` (role `lookup` or `reveal`) and
 //!   `POST /orders/{id}/reveal {"purpose": "refund"}` (role `reveal`): the
 //!   back office's view of a browser checkout order; the reveal opens the
-//!   ingest ciphertext inside panseal-keyd (`--reveal-config`), limited and
-//!   audited like card reveals.
+//!   ingest ciphertext with `Panseal::open_pan` under `--reveal-config`
+//!   (inside panseal-keyd for a `reveal` credential), limited and audited
+//!   like card reveals.
 //!
 //! Errors are JSON `{"error": "..."}` written by this program: they never
 //! quote the request (no PAN sent in a malformed body comes back).
@@ -86,8 +87,8 @@ use axum::{Json, Router};
 use clap::Parser;
 use panseal::config::{ClientConfig, KeyStoreConfig};
 use panseal::{
-    Access, Context, Error, IngestKeyInfo, IngestOpenRequest, IngestSealed, KeyService, KeyState,
-    Pan, Panseal, PostgresKeyStore, RemoteKeyService, Scope, SealedPan,
+    Access, Context, Error, IngestKeyInfo, IngestSealed, KeyService, KeyState, Pan, Panseal,
+    PostgresKeyStore, RemoteKeyService, Scope, SealedPan,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
@@ -527,8 +528,6 @@ struct App {
     audit: AppAudit,
     /// The browser checkout (`--checkout-*`), if enabled.
     checkout: Option<Checkout>,
-    /// Opens orders' ingest ciphertexts (`--reveal-config` naming keyd).
-    ingest_opener: Option<IngestOpener>,
 }
 
 type Shared = Arc<App>;
@@ -1086,9 +1085,10 @@ async fn order_show(
 }
 
 /// `POST /orders/{id}/reveal` (back office, role `reveal`): opens the
-/// order's ingest ciphertext inside panseal-keyd (`--reveal-config`: the
-/// keyd `reveal` credential; counted and audited there as a reveal), under
-/// the same per-caller limit and app audit as card reveals.
+/// order's ingest ciphertext through the reveal credential
+/// (`--reveal-config`; with panseal-keyd's `reveal` permission it opens
+/// inside keyd, counted and audited there), under the same per-caller
+/// limit and app audit as card reveals.
 async fn order_reveal(
     State(app): State<Shared>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -1108,12 +1108,7 @@ async fn order_reveal(
     };
     let id = card_id(path)?;
     let body: Reveal = parse_body(body)?;
-    let Some(opener) = app.ingest_opener.as_ref() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "order reveals need --reveal-config naming panseal-keyd",
-        ));
-    };
+    let checkout = checkout_of(&app)?;
     if let Err(retry) = app.reveals.charge(&caller.name, caller.reveals_per_window) {
         app.audit
             .record(json!({ "event": "order-reveal", "principal": caller.name,
@@ -1139,32 +1134,26 @@ async fn order_reveal(
     };
     let sealed = IngestSealed::from_text(&stored)?;
     let context = Context::new(ORDERS_TABLE, ORDERS_COLUMN, id.as_str()).map_err(Error::from)?;
-    let request = IngestOpenRequest {
-        scope: &opener.scope,
-        sealed: &sealed,
-        context: &context,
-    };
-    let opened = opener
-        .keys
-        .open_ingest(&request, &access)
-        .await
-        .map_err(Error::from);
+    // panseal sends it to the key service (`open_ingest`: keyd's reveal
+    // path for a reveal-only credential, counted and audited there) and
+    // audits one open under the authenticated principal.
+    let opened = app
+        .revealer
+        .with_scope(checkout.scope.as_str())?
+        .open_pan(&sealed, &context, &access)
+        .await;
     app.audit
         .record(json!({ "event": "order-reveal", "principal": caller.name,
         "purpose": body.purpose.as_str(), "order": id,
         "outcome": if opened.is_ok() { "success" } else { "failure" } }))?;
     let opened = opened?;
+    // Not re-sealed here: admission (`Panseal::admit`) turns ingest
+    // ciphertexts into the compact form inside the key service.
     Ok(Json(json!({
         "id": id,
         "pan": opened.pan.expose_digits(),
         "masked": opened.pan.masked(),
     })))
-}
-
-/// Opens ingest ciphertexts of one scope inside panseal-keyd.
-struct IngestOpener {
-    keys: RemoteKeyService,
-    scope: Scope,
 }
 
 async fn fallback() -> ApiError {
@@ -1204,19 +1193,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .await?;
     let panseal = config.builder()?.build().await?;
-    let (revealer, ingest_opener) = match &args.reveal_config {
-        Some(path) => {
-            let reveal = ClientConfig::from_file(path)?;
-            let opener = match reveal.keyd_client() {
-                Ok(keys) => Some(IngestOpener {
-                    keys,
-                    scope: Scope::new(&reveal.scope)?,
-                }),
-                Err(_) => None,
-            };
-            (reveal.builder()?.build().await?, opener)
-        }
-        None => (panseal.clone(), None),
+    let revealer = match &args.reveal_config {
+        Some(path) => ClientConfig::from_file(path)?.builder()?.build().await?,
+        None => panseal.clone(),
     };
     let checkout = match (&args.checkout_config, &args.checkout_script) {
         (Some(config), Some(script)) => {
@@ -1253,7 +1232,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         lookups: Limiter::new(callers.window),
         audit,
         checkout,
-        ingest_opener,
     });
     let router = Router::new()
         .route("/health", get(|| async { "ok" }))

@@ -567,6 +567,28 @@ fn browser_checkout_end_to_end() {
         r#"{"purpose":"refund"}"#,
     );
     assert_eq!(status, 404);
+    // panseal's audit: exactly one open, by the authenticated desk, of that order.
+    let audit_text = std::fs::read_to_string(&audit).unwrap();
+    let opens: Vec<serde_json::Value> = audit_text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["operation"] == "open")
+        .collect();
+    assert_eq!(opens.len(), 1, "{audit_text}");
+    assert_eq!(opens[0]["principal"], "refund-desk");
+    assert_eq!(opens[0]["outcome"], "success");
+    assert_eq!(opens[0]["context"]["row_key"], order.as_str());
+    // keyd's audit: exactly one ingest open by the back office's
+    // credential, on behalf of the desk, naming the order.
+    let keyd_opens: Vec<serde_json::Value> = keyd
+        .audit_lines()
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].clone())
+        .filter(|e| e["operation"] == "ingest-open" && e["principal"] == "refunds")
+        .collect();
+    assert_eq!(keyd_opens.len(), 1);
+    assert_eq!(keyd_opens[0]["on_behalf_of"], "refund-desk");
+    assert_eq!(keyd_opens[0]["context"]["row_key"], order.as_str());
 
     // 5. The page's credential as the attacker's: it opens 0 of the stored cards.
     let sealed = IngestSealed::from_text(&stored).unwrap();
