@@ -772,6 +772,10 @@ enum CheckoutRejection {
     /// Sealed with a retired key (the page is older than a rotation).
     #[error("the card is sealed with a retired ingest key: reload the page")]
     RetiredIngestKey,
+    /// The same ciphertext is already stored (for this or another order):
+    /// a captured request played again.
+    #[error("the card ciphertext was already submitted")]
+    ReplayedCiphertext,
 }
 
 impl CheckoutRejection {
@@ -783,6 +787,7 @@ impl CheckoutRejection {
             CheckoutRejection::MalformedCiphertext => "malformed-ciphertext",
             CheckoutRejection::UnknownIngestKey => "unknown-ingest-key",
             CheckoutRejection::RetiredIngestKey => "retired-ingest-key",
+            CheckoutRejection::ReplayedCiphertext => "replayed-ciphertext",
         }
     }
 }
@@ -1035,15 +1040,26 @@ async fn checkout_submit(
         return Err(CheckoutRejection::RetiredIngestKey.into_response());
     }
     let version = i64::from(sealed.key_version());
+    let text = sealed.to_text();
+    let replayed = client
+        .query_opt("SELECT 1 FROM orders WHERE card_sealed = $1", &[&text])
+        .await
+        .map_err(|e| db_err(e).into_response())?
+        .is_some();
+    if replayed {
+        return Err(CheckoutRejection::ReplayedCiphertext.into_response());
+    }
     let updated = client
         .execute(
             "UPDATE orders SET card_sealed = $2, ingest_key_version = $3, status = 'paid',
                  paid_at = now()
              WHERE id = $1 AND card_sealed IS NULL",
-            &[&id, &sealed.to_text(), &version],
+            &[&id, &text, &version],
         )
         .await
-        .map_err(|e| db_err(e).into_response())?;
+        // A concurrent submission of the same ciphertext loses on the
+        // unique index.
+        .map_err(|_| CheckoutRejection::ReplayedCiphertext.into_response())?;
     if updated != 1 {
         // A concurrent payment won.
         return Err(CheckoutRejection::AlreadyPaid.into_response());
@@ -1189,7 +1205,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                  card_sealed varchar(140),
                  ingest_key_version bigint,
                  created_at timestamptz NOT NULL DEFAULT now(),
-                 paid_at timestamptz);",
+                 paid_at timestamptz);
+             CREATE UNIQUE INDEX IF NOT EXISTS orders_card_sealed ON orders (card_sealed);",
         )
         .await?;
     let panseal = config.builder()?.build().await?;

@@ -635,6 +635,60 @@ fn browser_checkout_end_to_end() {
     println!("keyd opened {opened20}/20 ciphertexts sealed by the page's module under Node");
     assert_eq!(opened20, 20);
 
+    // 6b. The attacker posts a captured ciphertext again, for another
+    // order: refused as a replay. Altered by one bit, the server cannot
+    // tell (it has no private key) and stores it, but opening it fails
+    // (typed, 409) and recovers nothing: 0 PANs.
+    let public = pki.tls(None);
+    let fresh_order = |pg: &PgServer| {
+        let (status, _) = https(&storefront, &public, "GET", "/checkout", "");
+        assert_eq!(status, 200);
+        pg.psql(
+            "shop",
+            "SELECT id FROM orders WHERE status = 'open' ORDER BY created_at DESC LIMIT 1",
+        )
+        .trim()
+        .to_owned()
+    };
+    let victim = fresh_order(&pg);
+    let post = |order: &str, card: &str| {
+        https(
+            &storefront,
+            &public,
+            "POST",
+            "/checkout",
+            &serde_json::json!({ "order_id": order, "card": card }).to_string(),
+        )
+    };
+    let (status, body) = post(&victim, &stored);
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (400, Some("replayed-ciphertext"))
+    );
+    let (status, body) = post(&order, &stored);
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (409, Some("already-paid"))
+    );
+    let mut altered = sealed.as_bytes().to_vec();
+    altered[100] ^= 1; // the last byte of the GCM tag
+    let altered = IngestSealed::from_bytes(&altered).unwrap().to_text();
+    let (status, _) = post(&victim, &altered);
+    assert_eq!(
+        status, 201,
+        "a well-formed ciphertext under the right key is stored"
+    );
+    let (status, body) = https(
+        &back_office,
+        &as_desk,
+        "POST",
+        &format!("/orders/{victim}/reveal"),
+        r#"{"purpose":"refund"}"#,
+    );
+    let recovered = usize::from(body["pan"].is_string());
+    println!("altered ciphertext: stored, opened with status {status}, PANs recovered {recovered}");
+    assert_eq!((status, recovered), (409, 0), "{body}");
+
     // 7. A rotation retires v1: a page still holding it is refused
     // (typed), and new pages get v2.
     let v2 = rt
@@ -642,27 +696,14 @@ fn browser_checkout_end_to_end() {
         .unwrap();
     assert_eq!(v2.public_key.version(), 2);
     std::thread::sleep(Duration::from_millis(1200));
-    let public = pki.tls(None);
-    let (status, _) = https(&storefront, &public, "GET", "/checkout", "");
-    assert_eq!(status, 200);
-    let new_order = pg.psql(
-        "shop",
-        "SELECT id FROM orders WHERE status = 'open' ORDER BY created_at DESC LIMIT 1",
-    );
-    let new_order = new_order.trim().to_owned();
+    let new_order = fresh_order(&pg);
     let old_key = node_seal(
         &v1.public_key.to_text(),
         "orders",
         "card_sealed",
         &[(pans[0].clone(), new_order.clone())],
     );
-    let (status, body) = https(
-        &storefront,
-        &public,
-        "POST",
-        "/checkout",
-        &serde_json::json!({ "order_id": new_order, "card": old_key[0] }).to_string(),
-    );
+    let (status, body) = post(&new_order, &old_key[0]);
     assert_eq!(
         (status, body["reason"].as_str()),
         (400, Some("retired-ingest-key"))
