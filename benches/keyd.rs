@@ -1,5 +1,7 @@
 //! Unwrap latency and throughput: `panseal-keyd` over loopback TLS with
 //! connection reuse, against the in-process `LocalKeyService`, in one run;
+//! admission of ingest (HPKE) ciphertexts inside keyd, batched, as items/s
+//! beside the same run's `/v1/index/hash` and unwrap rates (issue 11);
 //! the cost of the audit fsync policy (every record vs periodic, raw
 //! appends and keyd throughput, as ratios in the same run); and the cost
 //! of one state change with few and with many scopes (journal layout).
@@ -44,6 +46,35 @@ async fn keys(ks: &dyn KeyService, n: usize) -> Vec<(KeyRequest, WrappedKey)> {
         out.push((r, w));
     }
     out
+}
+
+/// A key-store record of a DEK keyd generated and kept (only its wrap
+/// left), signed by the admission job's `wrap` credential.
+async fn admit_record(ks: &panseal::RemoteKeyService, sc: &Scope) -> panseal::WrappedDek {
+    let v: serde_json::Value =
+        serde_json::from_str(include_str!("../tests/vectors/record_v1.json")).unwrap();
+    let bytes = hex::decode(v["records"][0]["record_hex"].as_str().unwrap()).unwrap();
+    let mut r = panseal::WrappedDek::from_bytes(&bytes).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    r.id = KeyId::random();
+    r.scope = sc.clone();
+    r.environment = Environment::new("test").unwrap();
+    r.purpose = KeyPurpose::Data;
+    r.version = 0;
+    r.state = panseal::KeyState::Active;
+    r.created_at = now;
+    r.encrypt_until = now + 86_400;
+    r.decrypt_until = now + 10 * 86_400;
+    r.max_uses = 1 << 30;
+    r.uses = 0;
+    r.sequence = 0;
+    r.tag = None;
+    r.wrapped = ks.generate_wrapped(&r.key_request()).await.unwrap();
+    r.tag = Some(ks.authenticate_record(None, &r).await.unwrap());
+    r
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -150,6 +181,7 @@ fn main() {
             client.connections_opened()
         );
 
+        let hmac_rate: f64;
         // State changes: 50 new scopes on a fresh server, then 50 more
         // after `KEYD_BENCH_SCOPES` (default 500) scopes exist.
         // Keyed hashes inside keyd (issue 10), beside the unwrap baseline
@@ -200,6 +232,7 @@ fn main() {
             }
             let batch_rate = (batch_n * 1000) as f64 / started.elapsed().as_secs_f64();
             batch.sort();
+            hmac_rate = batch_rate;
             let unwrap_p50 = pct(&r_lat, 0.50).as_secs_f64();
             println!(
                 "
@@ -213,6 +246,98 @@ keyd HMAC, 1 PAN per request:       p50 {:>9.1} µs   p99 {:>9.1} µs   ratio to
                 pct(&batch, 0.50).as_secs_f64() * 1e6,
                 batch_rate,
                 1000.0 / pct(&batch, 0.50).as_secs_f64()
+            );
+        }
+
+        // Admission (issue 11): ingest ciphertexts opened, re-sealed compact
+        // and blind-indexed inside keyd, `KEYD_BENCH_ADMIT_BATCH` (default
+        // 1024) per request, 2 requests in flight (2 cores), against the
+        // same run's keyed-hash batch rate and unwrap throughput.
+        {
+            let sc = Scope::new("bench-admit").unwrap();
+            let root = k.client("root");
+            root.create_ingest_key(&sc).await.unwrap();
+            root.create_index_key(&sc).await.unwrap();
+            let info = k.client("ingest-frontend").ingest_keys(&sc).await.unwrap();
+            let sealer = panseal::IngestSealer::from_info(&info[0]).unwrap();
+            let batch = env_or("KEYD_BENCH_ADMIT_BATCH", 1024) as usize;
+            let rows: Arc<Vec<(panseal::IngestSealed, panseal::Context)>> = Arc::new(
+                (0..batch)
+                    .map(|i| {
+                        let c = panseal::Context::new("cards", "pan", format!("row-{i}")).unwrap();
+                        let p = panseal::Pan::parse("4111111111111111").unwrap();
+                        (sealer.seal(&p, &c).unwrap(), c)
+                    })
+                    .collect(),
+            );
+            let admitter = k.client_with("admitter", |b| {
+                b.max_idle_connections(8)
+                    .request_timeout(Duration::from_secs(60))
+            });
+            let record = Arc::new(admit_record(&admitter, &sc).await);
+            let access = Access::new("bench", "admit").unwrap();
+            // Warm up (connections, keyd's DEK cache).
+            let its: Vec<panseal::AdmitItem<'_>> = rows
+                .iter()
+                .map(|(s, c)| panseal::AdmitItem {
+                    sealed: s,
+                    context: c,
+                })
+                .collect();
+            let out = admitter
+                .admit(
+                    &panseal::AdmitRequest {
+                        record: &record,
+                        index_versions: &[1],
+                        items: &its,
+                    },
+                    &access,
+                )
+                .await
+                .unwrap();
+            assert!(out.iter().all(Result::is_ok));
+            let deadline = Instant::now() + Duration::from_secs(secs);
+            let started = Instant::now();
+            let mut handles = Vec::new();
+            for _ in 0..2 {
+                let (admitter, rows, record) = (admitter.clone(), rows.clone(), record.clone());
+                handles.push(tokio::spawn(async move {
+                    let access = Access::new("bench", "admit").unwrap();
+                    let its: Vec<panseal::AdmitItem<'_>> = rows
+                        .iter()
+                        .map(|(s, c)| panseal::AdmitItem {
+                            sealed: s,
+                            context: c,
+                        })
+                        .collect();
+                    let mut n = 0usize;
+                    while Instant::now() < deadline && n < 10_000_000 {
+                        let out = admitter
+                            .admit(
+                                &panseal::AdmitRequest {
+                                    record: &record,
+                                    index_versions: &[1],
+                                    items: &its,
+                                },
+                                &access,
+                            )
+                            .await
+                            .unwrap();
+                        n += out.len();
+                    }
+                    n
+                }));
+            }
+            let mut total = 0;
+            for h in handles {
+                total += h.await.unwrap();
+            }
+            let admit_rate = total as f64 / started.elapsed().as_secs_f64();
+            println!(
+                "\nkeyd admit, {batch} items per request, 2 in flight: {admit_rate:>10.0} items/s \
+                 ({total} in total); ratio to keyd HMACs/s {:.3}, to keyd unwraps/s {:.2}",
+                admit_rate / hmac_rate,
+                admit_rate / r_tput.1
             );
         }
 

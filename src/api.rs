@@ -1584,17 +1584,30 @@ impl Panseal {
     /// configured out of band) the key must be that one. The sealer holds
     /// no secret: hand it (or its public key's text form) to front ends.
     ///
+    /// If the scope has no active ingest key yet, a credential with
+    /// `custodian` (e.g. a [`crate::LocalKeyService`] with every
+    /// permission) creates the first one.
+    ///
     /// # Errors
     ///
     /// [`KeyError::UnknownIngestKey`] (version 0) if the scope has no active
-    /// ingest key (a custodian creates one: [`Panseal::rotate_ingest_key`]);
+    /// ingest key and this credential may not create one (a custodian
+    /// does: [`Panseal::rotate_ingest_key`]);
     /// [`KeyError::IngestKeyMismatch`] if the fetched key is not the pinned
     /// one or names another environment or scope; key-service errors.
     pub async fn ingest_sealer(
         &self,
         pinned_fingerprint: Option<&str>,
     ) -> Result<IngestSealer, Error> {
-        let infos = self.ingest_infos(true).await?;
+        let mut infos = self.ingest_infos(true).await?;
+        if !infos.iter().any(|k| k.state == KeyState::Active)
+            && self.shared.key_service.permissions().await?.custodian
+        {
+            // As for the index key: a custodian credential creates the
+            // scope's first ingest key.
+            self.rotate_ingest_key().await?;
+            infos = self.ingest_infos(true).await?;
+        }
         let info = infos
             .iter()
             .find(|k| k.state == KeyState::Active)

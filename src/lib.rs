@@ -55,6 +55,8 @@
 #![warn(unreachable_pub, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[cfg(feature = "postgres")]
+pub mod admit;
 mod api;
 mod audit;
 pub mod blocking;

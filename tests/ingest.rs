@@ -160,9 +160,17 @@ async fn bad_ingest_input_gets_typed_errors() {
     let s = Setup::new("test");
     let ps = s.custodian("m1").await;
     let other = s.custodian("m2").await;
-    // No key yet: a sealer cannot be made.
+    // No key yet: a front end's credential cannot make a sealer (a
+    // custodian's creates the first key).
+    let front = s
+        .panseal(
+            s.ks.restricted(Permissions::wrap_only()),
+            "m1",
+            Policy::default(),
+        )
+        .await;
     assert!(matches!(
-        ps.ingest_sealer(None).await,
+        front.ingest_sealer(None).await,
         Err(Error::Key(KeyError::UnknownIngestKey { version: 0, .. }))
     ));
     ps.rotate_ingest_key().await.unwrap();

@@ -1786,10 +1786,10 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
     k.unseal().await;
     let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
     assert_eq!(dek_bytes(&got), dek);
-    // Migrated: the current version (3) on disk, generation kept growing,
-    // anchor written.
+    // Migrated: the current version (4 since issue 11) on disk,
+    // generation kept growing, anchor written.
     let on_disk = std::fs::read(k.path("data/state.bin")).unwrap();
-    assert_eq!(on_disk[8], 3);
+    assert_eq!(on_disk[8], 4);
     assert!(k.path("data/state.anchor").exists());
     assert!(k.client("alice").status().await.unwrap().state_generation > 7);
     // And it serves after a restart, under the new format.

@@ -690,10 +690,10 @@ async fn a_version_2_data_directory_opens_and_migrates_to_version_3() {
     // no version 3 fields, v2 MAC label, empty journal, matching anchor.
     let keys = StateKeys::derive(&master(&k));
     let (mut s, v) = disk_state(&k);
-    assert_eq!(v, st::V3);
+    assert_eq!(v, st::V4);
     s.generation += 1;
     let mut body = serde_json::to_value(&s).unwrap();
-    for f in ["index_keys", "record_keys", "registry"] {
+    for f in ["index_keys", "record_keys", "registry", "ingest_keys"] {
         body.as_object_mut().unwrap().remove(f);
     }
     let mut out = b"PANSEALD\x02".to_vec();
@@ -719,14 +719,14 @@ async fn a_version_2_data_directory_opens_and_migrates_to_version_3() {
     );
     k.start();
     k.unseal().await;
-    // Migrated: version 3 on disk, audited, old wraps still open, new
+    // Migrated: version 4 on disk (issue 11), audited, old wraps still open, new
     // features work.
     let (_, v) = disk_state(&k);
-    assert_eq!(v, st::V3);
+    assert_eq!(v, st::V4);
     let migrations = k
         .audit_lines()
         .iter()
-        .filter(|l| l.contains("state version 2 rewritten as version 3"))
+        .filter(|l| l.contains("state version 2 rewritten as version 4"))
         .count();
     assert_eq!(migrations, 1);
     let got = k.client("app").unwrap(&d, &w, &access()).await.unwrap();
@@ -738,14 +738,14 @@ async fn a_version_2_data_directory_opens_and_migrates_to_version_3() {
         .create_index_key(&scope("mig-1"))
         .await
         .unwrap();
-    // A restart reads version 3 and does not migrate again.
+    // A restart reads version 4 and does not migrate again.
     k.kill();
     k.start();
     k.unseal().await;
     let migrations = k
         .audit_lines()
         .iter()
-        .filter(|l| l.contains("state version 2 rewritten as version 3"))
+        .filter(|l| l.contains("state version 2 rewritten as version 4"))
         .count();
     assert_eq!(migrations, 1);
     assert_eq!(

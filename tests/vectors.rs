@@ -357,3 +357,134 @@ fn blind_index_v2_vectors_through_the_key_service() {
     }
     assert_eq!(matched, 16);
 }
+
+// ----- ingest_v1.json: FORMAT.md §17, made by @hpke/core under Node ----------
+
+fn ingest_key(doc: &Value, name: &str) -> hazmat::IngestPrivateKey {
+    let k = &doc["keys"][name];
+    let key = hazmat::IngestPrivateKey::from_scalar(
+        &Environment::new(k["environment"].as_str().unwrap()).unwrap(),
+        &Scope::new(k["scope"].as_str().unwrap()).unwrap(),
+        k["version"].as_u64().unwrap() as u32,
+        &hex32(&k["scalar_hex"]),
+    )
+    .unwrap();
+    // The public key the generator derived, its text form and key tag.
+    assert_eq!(
+        key.public_key().as_bytes().to_vec(),
+        bytes(&k["public_key_hex"]),
+        "{name}"
+    );
+    assert_eq!(
+        key.public_key().to_text(),
+        k["public_key_text"].as_str().unwrap()
+    );
+    assert_eq!(
+        &panseal::IngestPublicKey::from_text(k["public_key_text"].as_str().unwrap()).unwrap(),
+        key.public_key()
+    );
+    assert_eq!(
+        key.public_key().key_tag().to_vec(),
+        bytes(&k["key_tag_hex"])
+    );
+    key
+}
+
+#[test]
+fn ingest_v1_positive_vectors_open() {
+    let doc = load("ingest_v1.json");
+    let vectors = doc["vectors"].as_array().unwrap();
+    assert!(vectors.len() >= 6);
+    let mut opened = 0;
+    for v in vectors {
+        let name = v["name"].as_str().unwrap();
+        let key = ingest_key(&doc, v["key"].as_str().unwrap());
+        let ct = bytes(&v["ciphertext_hex"]);
+        assert_eq!(ct.len(), panseal::INGEST_LEN, "{name}");
+        let sealed = panseal::IngestSealed::from_bytes(&ct).unwrap();
+        let text = v["text"].as_str().unwrap();
+        assert_eq!(text.len(), panseal::INGEST_TEXT_LEN);
+        assert_eq!(sealed.to_text(), text, "{name}");
+        assert_eq!(panseal::IngestSealed::from_text(text).unwrap(), sealed);
+        assert!(matches!(
+            panseal::StoredPan::from_text(text).unwrap(),
+            panseal::StoredPan::Ingest(_)
+        ));
+        assert_eq!(sealed.key_version(), key.public_key().version());
+        let ctx = context(&v["context"]);
+        // FORMAT §17 AAD = header || context (§2).
+        let mut aad = ct[..10].to_vec();
+        aad.extend_from_slice(ctx.encoded());
+        assert_eq!(aad, bytes(&v["aad_hex"]), "{name}");
+        assert_eq!(
+            hazmat::pack_pan(
+                &Pan::parse_with(
+                    v["pan"].as_str().unwrap(),
+                    &PanRules::with_min_digits(8).unwrap()
+                )
+                .unwrap()
+            )
+            .to_vec(),
+            bytes(&v["packed_hex"])
+        );
+        let pan = key.open(&sealed, &ctx).unwrap();
+        assert_eq!(pan.expose_digits(), v["pan"].as_str().unwrap(), "{name}");
+        opened += 1;
+    }
+    assert_eq!(opened, vectors.len());
+}
+
+#[test]
+fn ingest_v1_negative_vectors_are_refused_with_their_class() {
+    let doc = load("ingest_v1.json");
+    let negative = doc["negative"].as_array().unwrap();
+    assert!(negative.len() >= 20);
+    let mut refused = 0;
+    for v in negative {
+        let name = v["name"].as_str().unwrap();
+        let expect = v["expect"].as_str().unwrap();
+        let key = ingest_key(&doc, v["key"].as_str().unwrap());
+        let parsed = match (v.get("ciphertext_hex"), v.get("text")) {
+            (Some(h), _) => panseal::IngestSealed::from_bytes(&bytes(h)),
+            (_, Some(t)) => panseal::IngestSealed::from_text(t.as_str().unwrap()),
+            _ => panic!("{name}: no input"),
+        };
+        let result = parsed.and_then(|s| key.open(&s, &context(&v["context"])));
+        let ok = match expect {
+            "format" => matches!(result, Err(Error::Format(_))),
+            "payload" => matches!(result, Err(Error::Format(FormatError::Payload))),
+            "decryption" => matches!(result, Err(Error::Decryption)),
+            "key_mismatch" => matches!(
+                result,
+                Err(Error::Key(panseal::KeyError::IngestKeyMismatch))
+            ),
+            other => panic!("{name}: unknown class {other}"),
+        };
+        assert!(ok, "{name}: expected {expect}, got {result:?}");
+        refused += 1;
+    }
+    assert_eq!(refused, negative.len(), "0 negative vectors accepted");
+}
+
+#[test]
+fn ingest_v1_public_keys_off_the_curve_are_refused() {
+    let doc = load("ingest_v1.json");
+    let env = Environment::new("test").unwrap();
+    let scope = Scope::new("merchant-42").unwrap();
+    let cases = doc["public_key_negative"].as_array().unwrap();
+    let mut refused = 0;
+    for v in cases {
+        let name = v["name"].as_str().unwrap();
+        let r = match (v.get("public_key_hex"), v.get("public_key_text")) {
+            (Some(h), _) => panseal::IngestPublicKey::from_parts(&env, &scope, 1, &bytes(h)),
+            (_, Some(t)) => panseal::IngestPublicKey::from_text(t.as_str().unwrap()),
+            _ => panic!("{name}: no input"),
+        };
+        assert!(
+            matches!(r, Err(Error::Format(FormatError::PublicKey))),
+            "{name}: {r:?}"
+        );
+        refused += 1;
+    }
+    assert_eq!(refused, cases.len());
+}

@@ -569,12 +569,20 @@ impl StoredPan {
 /// The private half of an ingest key pair. Lives only inside a key service
 /// (keyd's state, the local service's memory); zeroized on drop, never
 /// printed.
+#[cfg_attr(
+    not(any(feature = "keyd-client", feature = "hazmat-test-keys")),
+    allow(unreachable_pub, dead_code)
+)]
 pub struct IngestPrivateKey {
     sk: <Kem as hpke::Kem>::PrivateKey,
     public: IngestPublicKey,
     info: Vec<u8>,
 }
 
+#[cfg_attr(
+    not(any(feature = "keyd-client", feature = "hazmat-test-keys")),
+    allow(unreachable_pub, dead_code)
+)]
 impl IngestPrivateKey {
     /// A fresh key pair from the OS CSPRNG.
     pub fn generate(environment: &Environment, scope: &Scope, version: u32) -> Self {

@@ -969,6 +969,21 @@ pub struct IngestOpenRequest {
     pub purpose: String,
 }
 
+/// Reads the `sealed` string of an [`IngestOpenRequest`] or
+/// [`WireAdmitItem`]: the ingest text form (`I1…`) or standard base64 of
+/// the 101 bytes. `None` for anything else.
+pub fn parse_ingest_sealed(s: &str) -> Option<crate::IngestSealed> {
+    if s.starts_with("I1") {
+        return crate::IngestSealed::from_text(s).ok();
+    }
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .ok()?,
+    );
+    crate::IngestSealed::from_bytes(&bytes).ok()
+}
+
 /// One item of an [`AdmitRequest`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -90,6 +90,32 @@ const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
         "reveal_quota = { window_seconds = 3600, distinct_records = 25, requests = 1000 }",
     ),
     ("settlement", "test", r#"["*"]"#, r#"["unwrap"]"#, ""),
+    // Issue 11 (write-only ingest): the admission job (admit + wrap: it
+    // makes the DEKs it seals under with /v1/generate-wrapped), a front end
+    // that only fetches ingest public keys, and a reveal credential with a
+    // small record quota.
+    (
+        "admitter",
+        "test",
+        r#"["*"]"#,
+        r#"["admit", "wrap"]"#,
+        "admit_quota = { window_seconds = 3600, items = 100000000 }",
+    ),
+    ("ingest-frontend", "test", r#"["*"]"#, r#"[]"#, ""),
+    (
+        "opener",
+        "test",
+        r#"["*"]"#,
+        r#"["reveal"]"#,
+        "reveal_quota = { window_seconds = 3600, distinct_records = 4, requests = 100 }",
+    ),
+    (
+        "admit-limited",
+        "test",
+        r#"["*"]"#,
+        r#"["admit", "wrap"]"#,
+        "admit_quota = { window_seconds = 3600, items = 10 }",
+    ),
 ];
 
 pub const CUSTODIANS: [&str; 3] = ["alice", "bob", "carol"];

@@ -26,7 +26,7 @@ FILES = [
 ]
 # keyd's state format v2 has its own independent generator.
 KEYD_GENERATOR = VECTORS / "gen_keyd_vectors.py"
-KEYD_FILES = ["keyd_state_v2.json", "keyd_state_v3.json"]
+KEYD_FILES = ["keyd_state_v2.json", "keyd_state_v3.json", "keyd_state_v4.json"]
 
 
 def load_generator():

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Independent implementation of panseal-keyd's state formats version 2 and
-3 (FORMAT.md sections 13 and 14: subkeys, state.bin, state.journal,
+"""Independent implementation of panseal-keyd's state formats version 2, 3
+and 4 (FORMAT.md sections 13 and 14: subkeys, state.bin, state.journal,
 state.anchor, audit anchor and key id; version 3: sealed index and record
-keys, the record registry, record tags and keyed hashes), and the generator
-of tests/vectors/keyd_state_v2.json and keyd_state_v3.json.
+keys, the record registry, record tags and keyed hashes; version 4, section
+18: sealed ingest (P-256) private scalars and their public keys), and the
+generator of tests/vectors/keyd_state_v2.json, keyd_state_v3.json and
+keyd_state_v4.json.
 
 Written from FORMAT.md, not from the Rust sources. Deterministic: every key
 and nonce is derived from a label with SHA-256 (test values only; never
@@ -17,13 +19,16 @@ Needs Python 3.9+ and the `cryptography` package.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import hmac
 import json
 import os
 import struct
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 
 def fixed(label: str, n: int = 32) -> bytes:
@@ -238,9 +243,9 @@ def write_v3(out_dir: str, master: bytes, keys2: dict, state2: dict) -> None:
         # A version 2 file carrying version 3 fields: refused when read.
         {"name": "v2 snapshot with v3 fields", "expect": "corrupt",
          "state_bin": v3_snapshot(keys, state, 2, b"panseal-keyd-state-v2\n")[0].hex()},
-        # A version byte past 3.
-        {"name": "unknown version 4", "expect": "corrupt",
-         "state_bin": v3_snapshot(keys, state, 4)[0].hex()},
+        # A version byte past the newest (4 since issue 11).
+        {"name": "unknown version 5", "expect": "corrupt",
+         "state_bin": v3_snapshot(keys, state, 5)[0].hex()},
     ]
     moved = seal(keys["index_seal"], fixed("index nonce", 12),
                  aad_parts(b"panseal-keyd-index-key-v3", ["test", "m-2"], 1), index_key)
@@ -263,6 +268,78 @@ def write_v3(out_dir: str, master: bytes, keys2: dict, state2: dict) -> None:
         "negative": negatives,
     }
     with open(os.path.join(out_dir, "keyd_state_v3.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    write_v4(out_dir, master, keys, state, snapshot)
+
+
+def b64url(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def write_v4(out_dir: str, master: bytes, keys3: dict, state3: dict, v3_bin: bytes) -> None:
+    """FORMAT.md 18.1: version 3 plus `ingest_keys`; MAC label
+    `panseal-keyd-state-v4`; scalars sealed under their own HKDF subkey."""
+    keys = dict(keys3)
+    keys["ingest_seal"] = hkdf_sha256(master, b"panseal-keyd v4 ingest-key sealing")
+    n = ec.SECP256R1()
+    versions = []
+    pairs = {}
+    for version, st in ((1, "decrypt-only"), (2, "active")):
+        scalar = fixed(f"ingest key test/m-1 v{version}")
+        sk = ec.derive_private_key(int.from_bytes(scalar, "big"), n)
+        point = sk.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        aad = aad_parts(b"panseal-keyd-ingest-key-v4", ["test", "m-1"], version)
+        sealed = seal(keys["ingest_seal"], fixed(f"ingest nonce v{version}", 12), aad, scalar)
+        text = f"PIK1/test/m-1/{version}/{b64url(point)}"
+        pairs[version] = {"scalar": scalar.hex(), "point": point.hex(), "public_key": text,
+                          "aad_hex": aad.hex(), "sealed": sealed}
+        versions.append({"version": version, "state": st, "created_at": 1700000000 + version,
+                         "created_by": "alice", "public_key": text, "sealed": sealed})
+    state = dict(state3)
+    state["ingest_keys"] = {"test/m-1": {"environment": "test", "scope": "m-1",
+                                         "versions": versions}}
+    snapshot, snap_mac = v3_snapshot(keys, state, 4, b"panseal-keyd-state-v4\n")
+    # A journal entry destroying version 1: the scalar is gone.
+    destroyed = [dict(versions[0], state="destroyed", sealed=None), versions[1]]
+    entry = {
+        "generation": 6,
+        "prev": snap_mac.hex(),
+        "audit": {"records": 3, "head": "ab" * 32},
+        "changes": [{"kind": "ingest-scope", "key": "test/m-1", "value": {
+            "environment": "test", "scope": "m-1", "versions": destroyed}}],
+    }
+    line = compact(entry)[:-1]
+    entry_mac = hm(keys["state_mac"], b"panseal-keyd-journal-v2\n", line)
+    journal = line + b',"mac":"' + entry_mac.hex().encode() + b'"}\n'
+    moved = seal(keys["ingest_seal"], fixed("ingest nonce v2", 12),
+                 aad_parts(b"panseal-keyd-ingest-key-v4", ["test", "m-2"], 2),
+                 bytes.fromhex(pairs[2]["scalar"]))
+    under_index_key = seal(keys["index_seal"], fixed("ingest nonce v2", 12),
+                           bytes.fromhex(pairs[2]["aad_hex"]), bytes.fromhex(pairs[2]["scalar"]))
+    negatives = [
+        {"name": "v4 snapshot under the v3 label", "expect": "unauthentic",
+         "state_bin": v3_snapshot(keys, state, 4, b"panseal-keyd-state-v3\n")[0].hex()},
+        {"name": "v3 snapshot with v4 fields", "expect": "corrupt",
+         "state_bin": v3_snapshot(keys, state, 3)[0].hex()},
+        {"name": "unknown version 5", "expect": "corrupt",
+         "state_bin": v3_snapshot(keys, state, 5, b"panseal-keyd-state-v4\n")[0].hex()},
+    ]
+    doc = {
+        "description": "panseal-keyd state v4 (FORMAT.md 18), from gen_keyd_vectors.py",
+        "master_key": master.hex(),
+        "subkeys": {k: v.hex() for k, v in keys.items()},
+        "ingest_keys": {"environment": "test", "scope": "m-1", "pairs": pairs},
+        "sealed_v2_for_m_2": moved,
+        "sealed_v2_under_index_subkey": under_index_key,
+        "state_bin": snapshot.hex(),
+        "snapshot_mac": snap_mac.hex(),
+        "state_journal": journal.decode(),
+        "journal_mac": entry_mac.hex(),
+        "v3_state_bin": v3_bin.hex(),
+        "negative": negatives,
+    }
+    with open(os.path.join(out_dir, "keyd_state_v4.json"), "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
 

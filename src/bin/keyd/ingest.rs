@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine as _;
 use panseal::keyd::protocol::{
     AdmitItemErrorKind, AdmitRequest, AdmitResponse, ErrorBody, ErrorKind, GenerateRequest,
     IngestKeyVersion, IngestKeysResponse, IngestOpenRequest, IngestStateRequest, KekTarget,
@@ -41,18 +40,9 @@ pub(super) fn unknown_ingest_key(scope: &str, version: u32) -> Failure {
     Failure(Box::new(b))
 }
 
-/// Parses an ingest ciphertext given as its text form (`I1…`) or as
-/// standard base64 of its bytes. `None` for anything else.
+/// The `sealed` string of a request (text form or base64 bytes).
 pub(crate) fn parse_ingest(s: &str) -> Option<IngestSealed> {
-    if s.starts_with("I1") {
-        return IngestSealed::from_text(s).ok();
-    }
-    let bytes = zeroize::Zeroizing::new(
-        base64::engine::general_purpose::STANDARD
-            .decode(s.as_bytes())
-            .ok()?,
-    );
-    IngestSealed::from_bytes(&bytes).ok()
+    panseal::keyd::protocol::parse_ingest_sealed(s)
 }
 
 fn context_of(c: &WireContext) -> Result<Context, Failure> {
