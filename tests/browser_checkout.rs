@@ -334,11 +334,11 @@ fn browser_checkout_end_to_end() {
     .unwrap();
     let audit = d.join("audit.jsonl");
     // The process's credentials: capture (wrap + index), the page's
-    // (`checkout`: wrap + index, no unwrap, no reveal: it only reads
-    // public keys here) and the back office's (`refunds`: reveal only).
+    // (`ingest-frontend`: no permission at all; any principal reads public
+    // keys) and the back office's (`refunds`: reveal only).
     for (file, principal) in [
         ("main.json", "frontend"),
-        ("checkout.json", "checkout"),
+        ("checkout.json", "ingest-frontend"),
         ("reveal.json", "refunds"),
     ] {
         std::fs::write(
@@ -599,7 +599,10 @@ fn browser_checkout_end_to_end() {
         sealed: &sealed,
         context: &ctx,
     };
-    let by_front_end = rt.block_on(keyd.client("checkout").open_ingest(&request, &access));
+    let by_front_end = rt.block_on(
+        keyd.client("ingest-frontend")
+            .open_ingest(&request, &access),
+    );
     assert!(
         matches!(by_front_end, Err(KeyServiceError::PermissionDenied(_))),
         "the page's credential: {:?}",
