@@ -88,7 +88,7 @@ use clap::Parser;
 use panseal::config::{ClientConfig, KeyStoreConfig};
 use panseal::{
     Access, Context, Error, IngestKeyInfo, IngestSealed, KeyService, KeyState, Pan, Panseal,
-    PostgresKeyStore, RemoteKeyService, Scope, SealedPan,
+    PostgresKeyStore, RemoteKeyService, Scope, SealedPan, StoredPan,
 };
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
@@ -1148,7 +1148,9 @@ async fn order_reveal(
             "the order has no card",
         ));
     };
-    let sealed = IngestSealed::from_text(&stored)?;
+    // Either form: the ingest ciphertext the page posted, or the compact
+    // one an admission job (examples/admit.rs) replaced it with.
+    let sealed = StoredPan::from_text(&stored)?;
     let context = Context::new(ORDERS_TABLE, ORDERS_COLUMN, id.as_str()).map_err(Error::from)?;
     // panseal sends it to the key service (`open_ingest`: keyd's reveal
     // path for a reveal-only credential, counted and audited there) and
