@@ -21,8 +21,27 @@
 //!   never through masked values; limited per principal per window and
 //!   written to the service's own audit log (`--app-audit`), allowed or not.
 //!
+//! * `GET /orders/{id}` (role `lookup` or `reveal`) and
+//!   `POST /orders/{id}/reveal {"purpose": "refund"}` (role `reveal`): the
+//!   back office's view of a browser checkout order; the reveal opens the
+//!   ingest ciphertext with `Panseal::open_pan` under `--reveal-config`
+//!   (inside panseal-keyd for a `reveal` credential), limited and audited
+//!   like card reveals.
+//!
 //! Errors are JSON `{"error": "..."}` written by this program: they never
 //! quote the request (no PAN sent in a malformed body comes back).
+//!
+//! **Browser checkout** (`--checkout-listen`, `--checkout-config`,
+//! `--checkout-script`; README "Browser checkout"): a second HTTPS listener
+//! for customers (server certificate only) serves `GET /checkout` (a new
+//! order and the page, `examples/checkout/index.html`, with the scope's
+//! active ingest public key fetched from panseal-keyd with a credential that
+//! holds no `unwrap` and no `reveal`), `GET /checkout.js` (the page's script
+//! bundled by `tests/js/build.mjs`, pinned by Subresource Integrity) and
+//! `POST /checkout {"order_id", "card"}`: the page seals the card number
+//! itself (HPKE, `FORMAT.md` §17) and posts only the 134-character
+//! ciphertext, which is stored as it is. This process never sees a PAN on
+//! that path; garbage gets 400 with a typed `reason` and stores nothing.
 //!
 //! ```text
 //! cargo run --features postgres,keyd-client --example payments_backend -- \
@@ -67,7 +86,10 @@ use axum::serve::{IncomingStream, Listener};
 use axum::{Json, Router};
 use clap::Parser;
 use panseal::config::{ClientConfig, KeyStoreConfig};
-use panseal::{Access, Context, Error, Pan, Panseal, PostgresKeyStore, SealedPan};
+use panseal::{
+    Access, Context, Error, IngestKeyInfo, IngestSealed, KeyService, KeyState, Pan, Panseal,
+    PostgresKeyStore, RemoteKeyService, Scope, SealedPan, StoredPan,
+};
 use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use serde_json::json;
@@ -104,6 +126,23 @@ struct Args {
     /// record quotas. Default: `--config`.
     #[arg(long)]
     reveal_config: Option<PathBuf>,
+    /// Browser checkout: address of the customers' HTTPS listener (server
+    /// certificate only, no client certificate).
+    #[arg(long, requires_all = ["checkout_config", "checkout_script"])]
+    checkout_listen: Option<SocketAddr>,
+    /// Browser checkout: client configuration naming a panseal-keyd
+    /// credential without `unwrap` or `reveal` (it only reads the scope's
+    /// ingest public keys) and the scope whose key the page seals with.
+    #[arg(long)]
+    checkout_config: Option<PathBuf>,
+    /// Browser checkout: the page's bundled script (`node tests/js/build.mjs`
+    /// writes `tests/js/dist/checkout.mjs`).
+    #[arg(long)]
+    checkout_script: Option<PathBuf>,
+    /// Browser checkout: seconds a fetched list of ingest keys is used
+    /// before asking keyd again (a rotation reaches pages this late).
+    #[arg(long, default_value_t = 30)]
+    ingest_keys_ttl_secs: u64,
 }
 
 // ---------------------------------------------------------------- callers
@@ -310,6 +349,20 @@ fn tls_acceptor(args: &Args) -> Result<TlsAcceptor, Box<dyn std::error::Error>> 
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The customers' listener: the same server certificate, no client
+/// certificate (a browser has none).
+fn tls_acceptor_public(args: &Args) -> Result<TlsAcceptor, Box<dyn std::error::Error>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain = CertificateDer::pem_file_iter(&args.tls_cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&args.tls_key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
 // ---------------------------------------------------------- rate limits
 
 /// Fixed-window counters per principal. Every attempt is charged before it
@@ -473,6 +526,8 @@ struct App {
     reveals: Limiter,
     lookups: Limiter,
     audit: AppAudit,
+    /// The browser checkout (`--checkout-*`), if enabled.
+    checkout: Option<Checkout>,
 }
 
 type Shared = Arc<App>;
@@ -680,6 +735,445 @@ async fn lookup(
     Ok(Json(json!({ "cards": cards })))
 }
 
+// ------------------------------------------------------ browser checkout
+
+/// Where a checkout order's card is stored: the context the page binds
+/// the ciphertext to (row key = the order id).
+const ORDERS_TABLE: &str = "orders";
+const ORDERS_COLUMN: &str = "card_sealed";
+/// The demo order's amount.
+const ORDER_AMOUNT: &str = "EUR 42.00";
+/// At most one extra fetch per this interval when a ciphertext names a key
+/// the cached list lacks (a rotation since the last fetch).
+const INGEST_KEYS_REFRESH: Duration = Duration::from_secs(5);
+
+/// The page, with `{{NAME}}` placeholders.
+const CHECKOUT_HTML: &str = include_str!("checkout/index.html");
+
+/// Why `POST /checkout` refused a body: the `reason` of the 400 answer.
+/// Nothing is stored on any of them.
+#[derive(Debug, thiserror::Error)]
+enum CheckoutRejection {
+    /// Not `{"order_id": "...", "card": "..."}` (also: any other field).
+    #[error("the body is not the JSON object {{\"order_id\", \"card\"}}")]
+    MalformedBody,
+    /// No open order has this id.
+    #[error("no such order")]
+    UnknownOrder,
+    /// The order already has a card.
+    #[error("the order is already paid")]
+    AlreadyPaid,
+    /// `card` is not the text form of an ingest ciphertext.
+    #[error("the card is not an ingest ciphertext (FORMAT.md section 17)")]
+    MalformedCiphertext,
+    /// Sealed with a key version or key tag this scope does not have.
+    #[error("the card is sealed with an unknown ingest key")]
+    UnknownIngestKey,
+    /// Sealed with a retired key (the page is older than a rotation).
+    #[error("the card is sealed with a retired ingest key: reload the page")]
+    RetiredIngestKey,
+    /// The same ciphertext is already stored (for this or another order):
+    /// a captured request played again.
+    #[error("the card ciphertext was already submitted")]
+    ReplayedCiphertext,
+}
+
+impl CheckoutRejection {
+    fn reason(&self) -> &'static str {
+        match self {
+            CheckoutRejection::MalformedBody => "malformed-body",
+            CheckoutRejection::UnknownOrder => "unknown-order",
+            CheckoutRejection::AlreadyPaid => "already-paid",
+            CheckoutRejection::MalformedCiphertext => "malformed-ciphertext",
+            CheckoutRejection::UnknownIngestKey => "unknown-ingest-key",
+            CheckoutRejection::RetiredIngestKey => "retired-ingest-key",
+            CheckoutRejection::ReplayedCiphertext => "replayed-ciphertext",
+        }
+    }
+}
+
+impl IntoResponse for CheckoutRejection {
+    fn into_response(self) -> Response {
+        let status = match self {
+            CheckoutRejection::AlreadyPaid => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        eprintln!("checkout: refused a card ({})", self.reason());
+        (
+            status,
+            Json(json!({ "error": self.to_string(), "reason": self.reason() })),
+        )
+            .into_response()
+    }
+}
+
+/// The checkout front end: a keyd client that can read public keys and
+/// nothing else, and the page's assets.
+struct Checkout {
+    keys: RemoteKeyService,
+    scope: Scope,
+    ttl: Duration,
+    listed: tokio::sync::Mutex<Option<(Instant, Vec<IngestKeyInfo>)>>,
+    last_refresh: Mutex<Option<Instant>>,
+    script: Bytes,
+    /// `sha384-…` of the script (Subresource Integrity).
+    script_integrity: String,
+    /// Content-Security-Policy of the page (the style block by hash).
+    csp: String,
+}
+
+impl Checkout {
+    fn new(keys: RemoteKeyService, scope: Scope, ttl: Duration, script: Vec<u8>) -> Checkout {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let script_integrity = format!("sha384-{}", b64.encode(sha2::Sha384::digest(&script)));
+        let style = CHECKOUT_HTML
+            .split_once("<style>")
+            .and_then(|(_, rest)| rest.split_once("</style>"))
+            .map_or("", |(style, _)| style);
+        let style_hash = b64.encode(Sha256::digest(style.as_bytes()));
+        let csp = format!(
+            "default-src 'none'; script-src 'self'; style-src 'sha256-{style_hash}'; \
+             connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+        );
+        Checkout {
+            keys,
+            scope,
+            ttl,
+            listed: tokio::sync::Mutex::new(None),
+            last_refresh: Mutex::new(None),
+            script: Bytes::from(script),
+            script_integrity,
+            csp,
+        }
+    }
+
+    /// The scope's live ingest keys, from keyd at most every
+    /// `--ingest-keys-ttl-secs` (or sooner when `refresh`).
+    async fn ingest_keys(&self, refresh: bool) -> Result<Vec<IngestKeyInfo>, ApiError> {
+        let mut listed = self.listed.lock().await;
+        if let Some((at, keys)) = listed.as_ref() {
+            if !refresh && at.elapsed() < self.ttl {
+                return Ok(keys.clone());
+            }
+        }
+        let keys = self
+            .keys
+            .ingest_keys(&self.scope)
+            .await
+            .map_err(Error::from)?;
+        *listed = Some((Instant::now(), keys.clone()));
+        Ok(keys)
+    }
+
+    /// The listed key that `sealed` names (version and key tag), fetching
+    /// the list again (rate-limited) if the cached one lacks it.
+    async fn key_of(&self, sealed: &IngestSealed) -> Result<IngestKeyInfo, CheckoutRejection> {
+        let find = |keys: &[IngestKeyInfo]| {
+            keys.iter()
+                .find(|k| {
+                    k.public_key.version() == sealed.key_version()
+                        && k.public_key.key_tag() == sealed.key_tag()
+                })
+                .cloned()
+        };
+        let keys = self
+            .ingest_keys(false)
+            .await
+            .map_err(|_| CheckoutRejection::UnknownIngestKey)?;
+        if let Some(k) = find(&keys) {
+            return Ok(k);
+        }
+        let may_refresh = {
+            let mut last = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+            let ok = last.is_none_or(|t| t.elapsed() >= INGEST_KEYS_REFRESH);
+            if ok {
+                *last = Some(Instant::now());
+            }
+            ok
+        };
+        if may_refresh {
+            if let Ok(keys) = self.ingest_keys(true).await {
+                if let Some(k) = find(&keys) {
+                    return Ok(k);
+                }
+            }
+        }
+        Err(CheckoutRejection::UnknownIngestKey)
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn checkout_of(app: &App) -> Result<&Checkout, ApiError> {
+    app.checkout
+        .as_ref()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such endpoint"))
+}
+
+/// `GET /checkout`: a new order and the page, with the active ingest
+/// public key embedded.
+async fn checkout_page(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let checkout = checkout_of(&app)?;
+    let keys = checkout.ingest_keys(false).await?;
+    let Some(active) = keys.iter().find(|k| k.state == KeyState::Active) else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the scope has no active ingest key",
+        ));
+    };
+    let key = &active.public_key;
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    let client = app.db.pool().get().await.map_err(db_err)?;
+    client
+        .execute(
+            "INSERT INTO orders (id, amount) VALUES ($1, $2)",
+            &[&id, &ORDER_AMOUNT],
+        )
+        .await
+        .map_err(db_err)?;
+    eprintln!(
+        "checkout: order {id} opened (ingest key {}/{} v{})",
+        key.environment(),
+        key.scope(),
+        key.version()
+    );
+    let fingerprint = key.fingerprint();
+    let html = CHECKOUT_HTML
+        .replace("{{ORDER_ID}}", &id)
+        .replace("{{AMOUNT}}", ORDER_AMOUNT)
+        .replace("{{INGEST_KEY}}", &html_escape(&key.to_text()))
+        .replace("{{TABLE}}", ORDERS_TABLE)
+        .replace("{{COLUMN}}", ORDERS_COLUMN)
+        .replace(
+            "{{KEY_NAME}}",
+            &html_escape(&format!("{} v{}", key.scope(), key.version())),
+        )
+        .replace("{{KEY_FINGERPRINT}}", &fingerprint[..16])
+        .replace("{{SCRIPT_INTEGRITY}}", &checkout.script_integrity);
+    let mut resp = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&checkout.csp) {
+        h.insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    Ok(resp)
+}
+
+/// `GET /checkout.js`: the page's script (pinned by the page's SRI hash).
+async fn checkout_script(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let checkout = checkout_of(&app)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        checkout.script.clone(),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutBody {
+    order_id: String,
+    card: String,
+}
+
+/// `POST /checkout`: stores the ingest ciphertext the page sealed. The
+/// server holds no private key, so it checks the form and the key the
+/// ciphertext names; the context binding is checked when keyd opens or
+/// admits it.
+async fn checkout_submit(
+    State(app): State<Shared>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Response> {
+    let checkout = checkout_of(&app).map_err(IntoResponse::into_response)?;
+    let body: CheckoutBody = body
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or(CheckoutRejection::MalformedBody)
+        .map_err(IntoResponse::into_response)?;
+    let id = card_id(Ok(Path(body.order_id)))
+        .map_err(|_| CheckoutRejection::UnknownOrder.into_response())?;
+    let sealed = IngestSealed::from_text(&body.card)
+        .map_err(|_| CheckoutRejection::MalformedCiphertext.into_response())?;
+    let client = app
+        .db
+        .pool()
+        .get()
+        .await
+        .map_err(|e| db_err(e).into_response())?;
+    let paid = client
+        .query_opt(
+            "SELECT card_sealed IS NOT NULL FROM orders WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(|e| db_err(e).into_response())?
+        .ok_or_else(|| CheckoutRejection::UnknownOrder.into_response())?
+        .get::<_, bool>(0);
+    if paid {
+        return Err(CheckoutRejection::AlreadyPaid.into_response());
+    }
+    let key = checkout
+        .key_of(&sealed)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    if key.state != KeyState::Active {
+        return Err(CheckoutRejection::RetiredIngestKey.into_response());
+    }
+    let version = i64::from(sealed.key_version());
+    let text = sealed.to_text();
+    let replayed = client
+        .query_opt("SELECT 1 FROM orders WHERE card_sealed = $1", &[&text])
+        .await
+        .map_err(|e| db_err(e).into_response())?
+        .is_some();
+    if replayed {
+        return Err(CheckoutRejection::ReplayedCiphertext.into_response());
+    }
+    let updated = client
+        .execute(
+            "UPDATE orders SET card_sealed = $2, ingest_key_version = $3, status = 'paid',
+                 paid_at = now()
+             WHERE id = $1 AND card_sealed IS NULL",
+            &[&id, &text, &version],
+        )
+        .await
+        // A concurrent submission of the same ciphertext loses on the
+        // unique index.
+        .map_err(|_| CheckoutRejection::ReplayedCiphertext.into_response())?;
+    if updated != 1 {
+        // A concurrent payment won.
+        return Err(CheckoutRejection::AlreadyPaid.into_response());
+    }
+    eprintln!(
+        "checkout: order {id} paid, card stored sealed (ingest key v{})",
+        sealed.key_version()
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "order_id": id, "status": "paid" })),
+    )
+        .into_response())
+}
+
+/// `GET /orders/{id}` (back office): the order without its card.
+async fn order_show(
+    State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    peer.require(&[Role::Lookup, Role::Reveal])?;
+    let id = card_id(path)?;
+    let client = app.db.pool().get().await.map_err(db_err)?;
+    let row = client
+        .query_opt(
+            "SELECT status, amount, ingest_key_version FROM orders WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such order"))?;
+    Ok(Json(json!({
+        "id": id,
+        "status": row.get::<_, String>(0),
+        "amount": row.get::<_, String>(1),
+        "ingest_key_version": row.get::<_, Option<i64>>(2),
+    })))
+}
+
+/// `POST /orders/{id}/reveal` (back office, role `reveal`): opens the
+/// order's ingest ciphertext through the reveal credential
+/// (`--reveal-config`; with panseal-keyd's `reveal` permission it opens
+/// inside keyd, counted and audited there), under the same per-caller
+/// limit and app audit as card reveals.
+async fn order_reveal(
+    State(app): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let caller = match peer.require(&[Role::Reveal]) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(c) = &peer.caller {
+                app.audit
+                    .record(json!({ "event": "order-reveal", "principal": c.name,
+                    "outcome": "refused", "reason": "role" }))?;
+            }
+            return Err(e);
+        }
+    };
+    let id = card_id(path)?;
+    let body: Reveal = parse_body(body)?;
+    let checkout = checkout_of(&app)?;
+    if let Err(retry) = app.reveals.charge(&caller.name, caller.reveals_per_window) {
+        app.audit
+            .record(json!({ "event": "order-reveal", "principal": caller.name,
+            "purpose": body.purpose.as_str(), "order": id, "outcome": "refused",
+            "reason": "rate-limit" }))?;
+        return Err(ApiError {
+            retry_after: Some(retry),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "reveal limit reached")
+        });
+    }
+    let access = Access::new(&caller.name, body.purpose.as_str()).map_err(Error::from)?;
+    let client = app.db.pool().get().await.map_err(db_err)?;
+    let row = client
+        .query_opt("SELECT card_sealed FROM orders WHERE id = $1", &[&id])
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no such order"))?;
+    let Some(stored) = row.get::<_, Option<String>>(0) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "the order has no card",
+        ));
+    };
+    // Either form: the ingest ciphertext the page posted, or the compact
+    // one an admission job (examples/admit.rs) replaced it with.
+    let sealed = StoredPan::from_text(&stored)?;
+    let context = Context::new(ORDERS_TABLE, ORDERS_COLUMN, id.as_str()).map_err(Error::from)?;
+    // panseal sends it to the key service (`open_ingest`: keyd's reveal
+    // path for a reveal-only credential, counted and audited there) and
+    // audits one open under the authenticated principal.
+    let opened = app
+        .revealer
+        .with_scope(checkout.scope.as_str())?
+        .open_pan(&sealed, &context, &access)
+        .await;
+    app.audit
+        .record(json!({ "event": "order-reveal", "principal": caller.name,
+        "purpose": body.purpose.as_str(), "order": id,
+        "outcome": if opened.is_ok() { "success" } else { "failure" } }))?;
+    let opened = opened?;
+    // Not re-sealed here: admission (`Panseal::admit`) turns ingest
+    // ciphertexts into the compact form inside the key service.
+    Ok(Json(json!({
+        "id": id,
+        "pan": opened.pan.expose_digits(),
+        "masked": opened.pan.masked(),
+    })))
+}
+
 async fn fallback() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
@@ -705,13 +1199,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                  pan_index_version int NOT NULL,
                  masked varchar(19) NOT NULL,
                  created_at timestamptz NOT NULL DEFAULT now());
-             CREATE INDEX IF NOT EXISTS cards_pan_index ON cards (pan_index);",
+             CREATE INDEX IF NOT EXISTS cards_pan_index ON cards (pan_index);
+             CREATE TABLE IF NOT EXISTS orders (
+                 id char(32) PRIMARY KEY,
+                 amount varchar(32) NOT NULL,
+                 status varchar(16) NOT NULL DEFAULT 'open',
+                 card_sealed varchar(140),
+                 ingest_key_version bigint,
+                 created_at timestamptz NOT NULL DEFAULT now(),
+                 paid_at timestamptz);
+             CREATE UNIQUE INDEX IF NOT EXISTS orders_card_sealed ON orders (card_sealed);",
         )
         .await?;
     let panseal = config.builder()?.build().await?;
     let revealer = match &args.reveal_config {
         Some(path) => ClientConfig::from_file(path)?.builder()?.build().await?,
         None => panseal.clone(),
+    };
+    let checkout = match (&args.checkout_config, &args.checkout_script) {
+        (Some(config), Some(script)) => {
+            let front = ClientConfig::from_file(config)?;
+            let keys = front.keyd_client()?;
+            // The page's credential reads public keys only: refuse one
+            // that could open what the page seals.
+            let held = keys.permissions().await?;
+            if held.unwrap || held.reveal || held.custodian {
+                return Err("--checkout-config: the credential must hold no unwrap, reveal or custodian permission".into());
+            }
+            let script = std::fs::read(script)
+                .map_err(|e| format!("--checkout-script {}: {e}", script.display()))?;
+            Some(Checkout::new(
+                keys,
+                Scope::new(&front.scope)?,
+                Duration::from_secs(args.ingest_keys_ttl_secs),
+                script,
+            ))
+        }
+        _ => None,
     };
     let audit = AppAudit(Mutex::new(
         std::fs::OpenOptions::new()
@@ -726,6 +1250,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         reveals: Limiter::new(callers.window),
         lookups: Limiter::new(callers.window),
         audit,
+        checkout,
     });
     let router = Router::new()
         .route("/health", get(|| async { "ok" }))
@@ -733,19 +1258,53 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/cards/lookup", post(lookup))
         .route("/cards/{id}", get(show))
         .route("/cards/{id}/reveal", post(reveal))
+        .route("/orders/{id}", get(order_show))
+        .route("/orders/{id}/reveal", post(order_reveal))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(1024))
-        .with_state(app);
+        .with_state(app.clone());
     let tcp = TcpListener::bind(args.listen).await?;
     println!(
         "payments_backend listening on https://{}",
         tcp.local_addr()?
     );
+    // Customers: server certificate only, and only the checkout routes.
+    let storefront = match args.checkout_listen {
+        Some(addr) if app.checkout.is_some() => {
+            let tcp = TcpListener::bind(addr).await?;
+            println!("payments_backend checkout on https://{}", tcp.local_addr()?);
+            let router = Router::new()
+                .route("/checkout", get(checkout_page).post(checkout_submit))
+                .route("/checkout.js", get(checkout_script))
+                .fallback(fallback)
+                .layer(DefaultBodyLimit::max(1024))
+                .with_state(app.clone());
+            let nobody = Arc::new(Callers {
+                window: callers.window,
+                by_fingerprint: HashMap::new(),
+            });
+            let listener = TlsListener::start(tcp, tls_acceptor_public(&args)?, nobody);
+            Some(tokio::spawn(async move {
+                axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<Peer>(),
+                )
+                .await
+            }))
+        }
+        _ => None,
+    };
     let listener = TlsListener::start(tcp, acceptor, callers);
-    axum::serve(
+    let back_office = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<Peer>(),
-    )
-    .await?;
+    );
+    match storefront {
+        Some(storefront) => tokio::select! {
+            r = back_office => r?,
+            r = storefront => r??,
+        },
+        None => back_office.await?,
+    }
     Ok(())
 }

@@ -35,6 +35,25 @@ fi
 echo "== Python test helpers"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
+echo "== browser checkout: Node.js, Debian's Chromium, the JavaScript test helpers"
+# tests/browser_checkout.rs drives /usr/bin/chromium through playwright-core
+# (never `playwright install`: no browser download) and bundles the page's
+# script with esbuild. npm ci installs the pinned lockfile.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ ! -x /usr/bin/chromium ]; then
+    $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+/usr/bin/chromium --version 2>/dev/null
+# Reinstalled only when the lockfile changed since the last install.
+lock_sum="$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)"
+if [ "$(cat tests/js/node_modules/.panseal-lock.sha256 2>/dev/null)" != "$lock_sum" ]; then
+    npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+    echo "$lock_sum" >tests/js/node_modules/.panseal-lock.sha256
+fi
+node tests/js/build.mjs
+
 echo "== fetch crates"
 cargo fetch --quiet
 (cd fuzz && cargo fetch --quiet)
