@@ -635,8 +635,17 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
 
     // ====== E. a write-only front end's memory + configuration + dump ======
     if let Some(frontend_bin) = &args.ingest_frontend {
-        ok &= attacker_e(&args, frontend_bin, &scope, &custodian, &fe_ks, &db, &bulk, &settle)
-            .await?;
+        ok &= attacker_e(
+            &args,
+            frontend_bin,
+            &scope,
+            &custodian,
+            &fe_ks,
+            &db,
+            &bulk,
+            &settle,
+        )
+        .await?;
     }
 
     // ================ the right credential opens everything ================
@@ -790,7 +799,10 @@ async fn attacker_e(
         to_fe.flush()?;
         let mut answer = String::new();
         from_fe.read_line(&mut answer)?;
-        let (order, text) = answer.trim_end().split_once(' ').ok_or("front end answer")?;
+        let (order, text) = answer
+            .trim_end()
+            .split_once(' ')
+            .ok_or("front end answer")?;
         let sealed = panseal::IngestSealed::from_text(text)
             .map_err(|e| format!("front end answered no ciphertext for {order}: {e}"))?;
         db.execute(
@@ -825,13 +837,14 @@ async fn attacker_e(
         image.len()
     );
     let truth: HashSet<&str> = pans.iter().map(String::as_str).collect();
-    let ascii = image
-        .iter()
-        .map(|r| digit_runs(&r.bytes, &truth))
-        .fold(HashSet::new(), |mut acc, s| {
-            acc.extend(s);
-            acc
-        });
+    let ascii =
+        image
+            .iter()
+            .map(|r| digit_runs(&r.bytes, &truth))
+            .fold(HashSet::new(), |mut acc, s| {
+                acc.extend(s);
+                acc
+            });
     println!(
         "  [E1] cards sealed before the dump found in its memory as ASCII digits: {}",
         ascii.len()

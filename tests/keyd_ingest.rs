@@ -533,11 +533,7 @@ async fn open_refuses_other_scopes_altered_bytes_other_contexts_and_destroyed_ke
     // Retire v1 by creating v2: still opens.
     let s2 = sealer_for(&k, sc).await;
     assert_eq!(
-        open(a, ctx(1), sc)
-            .await
-            .unwrap()
-            .pan
-            .expose_digits(),
+        open(a, ctx(1), sc).await.unwrap().pan.expose_digits(),
         pan.expose_digits()
     );
     // Another scope's ciphertext named under this scope, another context,
