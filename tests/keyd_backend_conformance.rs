@@ -73,6 +73,20 @@ impl Backend for KeydBackend {
             "wrapper"
         } else if permissions == only(|p| p.index = true) {
             "indexer"
+        } else if permissions
+            == only(|p| {
+                p.wrap = true;
+                p.index = true
+            })
+        {
+            "checkout"
+        } else if permissions
+            == only(|p| {
+                p.wrap = true;
+                p.admit = true
+            })
+        {
+            "admitter"
         } else {
             return None;
         };
@@ -106,6 +120,7 @@ async fn keyd_passes_the_key_service_conformance_suite() {
     };
     let ks: Arc<dyn KeyService> = Arc::new(ks);
     keyservice_conformance::run(Arc::clone(&ks), &backend, "test").await;
-    keyservice_conformance::run_index_and_records(ks, &backend, "test").await;
+    keyservice_conformance::run_index_and_records(Arc::clone(&ks), &backend, "test").await;
+    keyservice_conformance::run_ingest(ks, &backend, "test").await;
     backend.keyd.lock().await.kill();
 }

@@ -141,6 +141,7 @@ async fn pkcs11_key_service_passes_the_conformance_suite() {
     };
     keyservice_conformance::run(Arc::new(ks.clone()), &backend, "test").await;
     keyservice_conformance::run_index_and_records(Arc::new(ks.clone()), &backend, "test").await;
+    keyservice_conformance::run_ingest(Arc::new(ks.clone()), &backend, "test").await;
     let stats = ks.pool_stats();
     assert!(stats.open <= 4, "{stats:?}");
 }

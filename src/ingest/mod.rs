@@ -591,6 +591,8 @@ impl StoredPan {
 )]
 pub struct IngestPrivateKey {
     sk: <Kem as hpke::Kem>::PrivateKey,
+    /// The same scalar, for the receiver's ECDH (zeroized on drop).
+    secret: p256::SecretKey,
     public: IngestPublicKey,
     info: Vec<u8>,
 }
@@ -616,6 +618,8 @@ impl IngestPrivateKey {
         let mut point = [0u8; INGEST_PUBLIC_KEY_LEN];
         point.copy_from_slice(&pk.to_bytes());
         IngestPrivateKey {
+            secret: p256::SecretKey::from_slice(&sk.to_bytes())
+                .unwrap_or_else(|_| unreachable!("an hpke P-256 key is a valid scalar")),
             sk,
             info: info_bytes(environment, scope, version),
             public: IngestPublicKey {
@@ -675,6 +679,28 @@ impl IngestPrivateKey {
     }
 
     pub(crate) fn open_packed(
+        &self,
+        sealed: &IngestSealed,
+        context: &Context,
+    ) -> Result<Zeroizing<[u8; PACKED_LEN]>, Error> {
+        if sealed.key_version() != self.public.version || sealed.key_tag() != self.public.key_tag()
+        {
+            return Err(KeyError::IngestKeyMismatch.into());
+        }
+        // One scalar multiplication (`skR · enc`), then the rest of the
+        // RFC 9180 receiver (`split`, checked against RFC 9180 A.3 and the
+        // `hpke` crate).
+        let enc = p256::PublicKey::from_sec1_bytes(sealed.enc()).map_err(|_| Error::Decryption)?;
+        let shared = p256::ecdh::diffie_hellman(self.secret.to_nonzero_scalar(), enc.as_affine());
+        let dh = split::DhSecret::from_slice(shared.raw_secret_bytes().as_slice())?;
+        drop(shared);
+        split::open_packed(&self.public, sealed, context, &dh)
+    }
+
+    /// The same open through the `hpke` crate's own decapsulation: the
+    /// reference the split receiver is tested against.
+    #[cfg(test)]
+    pub(crate) fn open_packed_with_hpke_crate(
         &self,
         sealed: &IngestSealed,
         context: &Context,

@@ -48,7 +48,7 @@ const PRINCIPALS: &[(&str, &str, &str, &str, &str)] = &[
         "root",
         "test",
         r#"["*"]"#,
-        r#"["wrap", "unwrap", "index", "rewrap", "custodian"]"#,
+        r#"["wrap", "unwrap", "index", "rewrap", "admit", "custodian"]"#,
         "",
     ),
     ("alice", "test", r#"["*"]"#, r#"["custodian"]"#, ""),
