@@ -25,7 +25,7 @@ use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use hpke::{Deserializable, Kem as _, OpModeS, Serializable};
 use rand_core::OsRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -594,7 +594,6 @@ pub struct IngestPrivateKey {
     /// The same scalar, for the receiver's ECDH (zeroized on drop).
     secret: p256::SecretKey,
     public: IngestPublicKey,
-    info: Vec<u8>,
 }
 
 #[cfg_attr(
@@ -621,7 +620,6 @@ impl IngestPrivateKey {
             secret: p256::SecretKey::from_slice(&sk.to_bytes())
                 .unwrap_or_else(|_| unreachable!("an hpke P-256 key is a valid scalar")),
             sk,
-            info: info_bytes(environment, scope, version),
             public: IngestPublicKey {
                 environment: environment.clone(),
                 scope: scope.clone(),
@@ -719,10 +717,14 @@ impl IngestPrivateKey {
         let mut packed = Zeroizing::new([0u8; PACKED_LEN]);
         packed.copy_from_slice(sealed.ciphertext());
         hpke::single_shot_open_in_place_detached::<Aead, Kdf, Kem>(
-            &OpModeR::Base,
+            &hpke::OpModeR::Base,
             &self.sk,
             &enc,
-            &self.info,
+            &info_bytes(
+                &self.public.environment,
+                &self.public.scope,
+                self.public.version,
+            ),
             &mut packed[..],
             &aad,
             &tag,
