@@ -1081,3 +1081,97 @@ async fn the_client_splits_a_batch_over_max_admit_batch_into_requests_keyd_accep
     assert!(lines[0].contains("\"count\":1024,"), "{}", lines[0]);
     assert!(lines[1].contains("\"count\":6,"), "{}", lines[1]);
 }
+
+/// The admission credential holds `wrap` too (it makes its admission
+/// DEKs), and `wrap` may also `/v1/generate` a DEK in the clear or
+/// `/v1/wrap` one it chose. An attacker with that credential signs a record
+/// for such a known DEK and asks `/v1/admit` to seal every ingest row from
+/// the dump under it: keyd must refuse, or the compact answers open with
+/// the attacker's DEK. Counted: PANs the attacker reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitter_cannot_admit_under_a_dek_it_knows() {
+    let mut k = Keyd::ready().await;
+    let sc = "ing-known-dek";
+    let sealer = sealer_for(&k, sc).await;
+    let rows = seal_rows(&sealer, 300, 20);
+    let admitter = k.client("admitter");
+    let checkout = k.client("checkout");
+    let a = access();
+    let mut recovered = 0usize;
+    let mut refused = 0usize;
+    // Three ways to hold a DEK keyd will accept a record for: the
+    // admitter's own /v1/generate, its own /v1/wrap of a chosen key, and a
+    // writer's (`checkout`) /v1/generate.
+    for way in ["generate", "wrap", "writer"] {
+        let mut r = dek_record(&admitter, sc).await;
+        r.id = KeyId::random();
+        r.tag = None;
+        let dek = match way {
+            "generate" => {
+                let (dek, w) = admitter.generate(&r.key_request()).await.unwrap();
+                r.wrapped = w;
+                dek
+            }
+            "wrap" => {
+                let dek = panseal::Dek::from_bytes_insecure([0x42; 32]);
+                r.wrapped = admitter.wrap(&r.key_request(), &dek).await.unwrap();
+                dek
+            }
+            _ => {
+                let (dek, w) = checkout.generate(&r.key_request()).await.unwrap();
+                r.wrapped = w;
+                dek
+            }
+        };
+        let signer: &RemoteKeyService = if way == "writer" { &checkout } else { &admitter };
+        r.tag = Some(signer.authenticate_record(None, &r).await.unwrap());
+        let out = admitter
+            .admit(
+                &AdmitRequest {
+                    record: &r,
+                    index_versions: &[],
+                    items: &items(&rows),
+                },
+                &a,
+            )
+            .await;
+        match out {
+            Err(KeyServiceError::PermissionDenied(m)) => {
+                assert!(m.contains("not an admission DEK"), "{m}");
+                refused += 1;
+            }
+            Err(e) => panic!("{way}: unexpected {e:?}"),
+            Ok(results) => {
+                for (res, (_, cx, pan)) in results.iter().zip(&rows) {
+                    if let Ok(o) = res {
+                        if panseal::hazmat::open_with_dek(&dek, &o.sealed, cx)
+                            .is_ok_and(|p| p.expose_digits() == pan)
+                        {
+                            recovered += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(
+        (recovered, refused),
+        (0, 3),
+        "0 PANs read back; 3 of 3 known-DEK records refused"
+    );
+    // The admission DEK itself still admits.
+    let record = dek_record(&admitter, sc).await;
+    let results = admitter
+        .admit(
+            &AdmitRequest {
+                record: &record,
+                index_versions: &[],
+                items: &items(&rows),
+            },
+            &a,
+        )
+        .await
+        .unwrap();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), rows.len());
+    k.kill();
+}

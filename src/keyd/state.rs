@@ -75,6 +75,10 @@ pub struct StateKeys {
     /// AES-256-GCM key sealing ingest (P-256) private scalars (state
     /// version 4).
     pub ingest_seal: Zeroizing<[u8; 32]>,
+    /// HMAC key deriving admission DEKs (`/v1/generate-wrapped`), so that
+    /// `/v1/admit` seals only under a DEK no caller was ever given. Not
+    /// stored: nothing on disk changes.
+    pub admission_dek: Zeroizing<[u8; 32]>,
 }
 
 impl StateKeys {
@@ -96,8 +100,38 @@ impl StateKeys {
             index_seal: sub(b"panseal-keyd v3 index-key sealing"),
             record_seal: sub(b"panseal-keyd v3 record-key sealing"),
             ingest_seal: sub(b"panseal-keyd v4 ingest-key sealing"),
+            admission_dek: sub(b"panseal-keyd v4 admission dek"),
         }
     }
+}
+
+/// The admission DEK of `(environment, scope, id)`: HMAC-SHA-256 under
+/// [`StateKeys::admission_dek`] of a label and the length-prefixed names
+/// and id (FORMAT.md §18). Only keyd can compute it; `/v1/admit` refuses a
+/// record whose wrapped DEK is anything else (one a caller generated,
+/// wrapped or was handed).
+pub fn admission_dek(
+    keys: &StateKeys,
+    environment: &str,
+    scope: &str,
+    id: &[u8; 8],
+) -> Zeroizing<[u8; 32]> {
+    Zeroizing::new(hmac(
+        &keys.admission_dek,
+        b"panseal-keyd admission dek v1\0",
+        &[
+            &[environment.len() as u8],
+            environment.as_bytes(),
+            &[scope.len() as u8],
+            scope.as_bytes(),
+            id,
+        ],
+    ))
+}
+
+/// Constant-time equality of two keys.
+pub fn keys_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    ct_eq(a, b)
 }
 
 fn hmac(key: &[u8; 32], label: &[u8], parts: &[&[u8]]) -> [u8; 32] {

@@ -308,7 +308,19 @@ impl Server {
         refuse_index_purpose(r.key.purpose)?;
         self.check_scope(p, &r.key.environment, &r.key.scope)?;
         let request: KeyRequest = r.key.into();
-        let key = crate::seal::new_kek();
+        if request.purpose != KeyPurpose::Data {
+            return Err(denied("generate-wrapped makes data keys only".into()));
+        }
+        // Derived, not drawn: `/v1/admit` recognises an admission DEK by
+        // recomputing it, so a DEK any caller holds (from `/v1/generate`,
+        // `/v1/wrap` or another writer) is never sealed under by admit.
+        let keys = self.state_keys()?;
+        let key = panseal::keyd::state::admission_dek(
+            &keys,
+            request.environment.as_str(),
+            request.scope.as_str(),
+            request.id.as_bytes(),
+        );
         let wrapped = self.wrap_now(p, &request, &key)?;
         drop(key);
         self.note_fresh_wrap(&request, &wrapped.bytes);
@@ -386,6 +398,24 @@ impl Server {
             r.items.len() as u64,
         )?;
         let dek = self.reveal_key(&record)?;
+        // Only a DEK keyd derived for admission: a caller who generated or
+        // wrapped a DEK itself (any `wrap` credential can) would otherwise
+        // read every admitted PAN back out of the compact answers.
+        let keys = self.state_keys()?;
+        let expected = panseal::keyd::state::admission_dek(
+            &keys,
+            record.environment.as_str(),
+            record.scope.as_str(),
+            record.id.as_bytes(),
+        );
+        if !panseal::keyd::state::keys_equal(&dek, &expected) {
+            return Err(denied(format!(
+                "key {} is not an admission DEK (made by /v1/generate-wrapped): admit seals \
+                 only under a DEK no caller ever held",
+                record.id
+            )));
+        }
+        drop(expected);
         let mut privates: BTreeMap<u32, Option<IngestPrivateKey>> = BTreeMap::new();
         let mut counts = [0u64; 5];
         let mut results = Vec::with_capacity(r.items.len());
