@@ -873,30 +873,38 @@ async fn attacker_e(
         .collect();
     targets.insert(public_key.as_bytes().to_vec());
     let env = public_key.environment().clone();
-    let (mut tried, mut scalar_hits) = (0u64, 0u64);
-    let mut seen = HashSet::new();
     let started = Instant::now();
-    for r in image.iter().filter(|r| r.writable) {
-        for w in r.bytes.chunks_exact(8).collect::<Vec<_>>().windows(4) {
-            let mut cand = [0u8; 32];
-            for (i, part) in w.iter().enumerate() {
-                cand[i * 8..i * 8 + 8].copy_from_slice(part);
-            }
-            if cand.iter().filter(|&&b| b == 0).count() > 8 || !seen.insert(cand) {
-                continue;
-            }
-            tried += 1;
-            if let Ok(k) = panseal::keyd::IngestPrivateKey::from_scalar(&env, scope, 1, &cand) {
-                if targets.contains(k.public_key().as_bytes().as_slice()) {
-                    scalar_hits += 1;
-                }
-            }
-        }
-    }
+    let writable_regions: Vec<&[u8]> = image
+        .iter()
+        .filter(|r| r.writable)
+        .map(|r| r.bytes.as_slice())
+        .collect();
+    let (tried, scalar_hits) = scalar_scan(&writable_regions, &targets, &env, scope);
     println!(
         "  [E3] {tried} distinct 32-byte windows of its writable memory tried as P-256 private \
-         keys ({} s): {scalar_hits} matched the ingest key or an ephemeral key",
+         keys, big- and little-endian ({} s): {scalar_hits} matched the ingest key or an \
+         ephemeral key",
         started.elapsed().as_secs()
+    );
+    // Controls for E2 and E3: the same scanners find a planted private key
+    // (both byte orders) and a planted packed card in a synthetic region.
+    let planted = panseal::keyd::IngestPrivateKey::generate(&env, scope, 1);
+    let mut region = vec![0x5Au8; 4096];
+    region[1024..1056].copy_from_slice(&planted.to_scalar()[..]);
+    let mut le = *planted.to_scalar();
+    le.reverse();
+    region[2048..2080].copy_from_slice(&le);
+    region[3001..3011].copy_from_slice(&bcd(&pans[0]));
+    let planted_targets: HashSet<Vec<u8>> =
+        [planted.public_key().as_bytes().to_vec()].into_iter().collect();
+    let (_, planted_hits) = scalar_scan(&[region.as_slice()], &planted_targets, &env, scope);
+    let planted_bcd = region
+        .windows(10)
+        .filter(|w| <[u8; 10]>::try_from(*w).is_ok_and(|k| packed.contains_key(&k)))
+        .count();
+    println!(
+        "  [E3c] control: planted private keys found {planted_hits} of 2, planted packed card \
+         found {planted_bcd} of 1"
     );
     let config = std::fs::read(&config_path)?;
     let in_config = digit_runs(&config, &truth).len();
@@ -981,7 +989,11 @@ async fn attacker_e(
          ciphertexts",
         stored.len()
     );
-    Ok(e_total == 0 && control_found && opened == stored.len())
+    Ok(e_total == 0
+        && control_found
+        && planted_hits == 2
+        && planted_bcd == 1
+        && opened == stored.len())
 }
 
 struct Region {
@@ -1056,4 +1068,39 @@ fn bcd(pan: &str) -> [u8; 10] {
         *byte = (hi << 4) | lo;
     }
     out
+}
+
+/// Every distinct 8-aligned 32-byte window of `regions`, read as a P-256
+/// scalar big-endian and little-endian (p256 keeps scalars as
+/// little-endian limbs), against `targets` (public keys): (tried, hits).
+fn scalar_scan(
+    regions: &[&[u8]],
+    targets: &HashSet<Vec<u8>>,
+    env: &panseal::Environment,
+    scope: &Scope,
+) -> (u64, u64) {
+    let (mut tried, mut hits) = (0u64, 0u64);
+    let mut seen = HashSet::new();
+    for bytes in regions {
+        for w in bytes.chunks_exact(8).collect::<Vec<_>>().windows(4) {
+            let mut cand = [0u8; 32];
+            for (i, part) in w.iter().enumerate() {
+                cand[i * 8..i * 8 + 8].copy_from_slice(part);
+            }
+            if cand.iter().filter(|&&b| b == 0).count() > 8 || !seen.insert(cand) {
+                continue;
+            }
+            let mut rev = cand;
+            rev.reverse();
+            for c in [cand, rev] {
+                tried += 1;
+                if let Ok(k) = panseal::keyd::IngestPrivateKey::from_scalar(env, scope, 1, &c) {
+                    if targets.contains(k.public_key().as_bytes().as_slice()) {
+                        hits += 1;
+                    }
+                }
+            }
+        }
+    }
+    (tried, hits)
 }

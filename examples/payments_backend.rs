@@ -1221,10 +1221,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let front = ClientConfig::from_file(config)?;
             let keys = front.keyd_client()?;
             // The page's credential reads public keys only: refuse one
-            // that could open what the page seals.
+            // with any permission (on the internet-facing listener, even
+            // `wrap` or `index` is an oracle or a DEK).
             let held = keys.permissions().await?;
-            if held.unwrap || held.reveal || held.custodian {
-                return Err("--checkout-config: the credential must hold no unwrap, reveal or custodian permission".into());
+            if held != panseal::Permissions::none() {
+                return Err("--checkout-config: the checkout credential must hold no permission (it only lists ingest public keys)".into());
             }
             let script = std::fs::read(script)
                 .map_err(|e| format!("--checkout-script {}: {e}", script.display()))?;

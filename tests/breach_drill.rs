@@ -167,6 +167,7 @@ async fn each_attacker_recovers_what_the_design_allows_and_no_more() {
         "[E2] cards found in its writable memory packed as BCD: 0",
         ": 0 matched the ingest key or an ephemeral key",
         "[E4] cards in its configuration (the public key): 0",
+        "[E3c] control: planted private keys found 2 of 2, planted packed card found 1 of 1",
         "[E5] cards in the clear in the dump (orders table included): 0",
         "attacker E recovered 0 PANs sealed before the dump",
         "[E7] the front end's own credential: 0 of 50 ingest ciphertexts opened through keyd, \

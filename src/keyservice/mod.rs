@@ -93,6 +93,20 @@ impl Permissions {
         }
     }
 
+    /// Nothing: a write-only front end's credential, which may only list a
+    /// scope's ingest public keys.
+    pub const fn none() -> Self {
+        Permissions {
+            wrap: false,
+            unwrap: false,
+            index: false,
+            reveal: false,
+            rewrap: false,
+            admit: false,
+            custodian: false,
+        }
+    }
+
     /// Encrypt-only front end: wrap new DEKs and compute blind indexes, never
     /// unwrap a data key.
     pub const fn wrap_only() -> Self {

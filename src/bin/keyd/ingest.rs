@@ -387,6 +387,16 @@ impl Server {
                 format!("key {} is past its encrypt-until date", record.id),
             ));
         }
+        // The DEK's use budget (its nonce budget) holds here too, not only
+        // in the client's accounting.
+        if record.uses.saturating_add(r.items.len() as u64) > record.max_uses {
+            return Err(denied(format!(
+                "key {} has {} of {} uses left: make a new admission DEK",
+                record.id,
+                record.max_uses.saturating_sub(record.uses),
+                record.max_uses
+            )));
+        }
         let (env, scope) = (record.environment.as_str(), record.scope.as_str());
         let macs = self.index_macs(env, scope, &r.index_versions)?;
         // Charged before any work: a refused item costs the same.
