@@ -895,8 +895,9 @@ async fn attacker_e(
     le.reverse();
     region[2048..2080].copy_from_slice(&le);
     region[3001..3011].copy_from_slice(&bcd(&pans[0]));
-    let planted_targets: HashSet<Vec<u8>> =
-        [planted.public_key().as_bytes().to_vec()].into_iter().collect();
+    let planted_targets: HashSet<Vec<u8>> = [planted.public_key().as_bytes().to_vec()]
+        .into_iter()
+        .collect();
     let (_, planted_hits) = scalar_scan(&[region.as_slice()], &planted_targets, &env, scope);
     let planted_bcd = region
         .windows(10)

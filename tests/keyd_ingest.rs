@@ -1123,7 +1123,11 @@ async fn an_admitter_cannot_admit_under_a_dek_it_knows() {
                 dek
             }
         };
-        let signer: &RemoteKeyService = if way == "writer" { &checkout } else { &admitter };
+        let signer: &RemoteKeyService = if way == "writer" {
+            &checkout
+        } else {
+            &admitter
+        };
         r.tag = Some(signer.authenticate_record(None, &r).await.unwrap());
         let out = admitter
             .admit(
