@@ -334,17 +334,46 @@ impl IngestSealer {
     }
 
     /// Seals 10 packed bytes (possibly non-conforming): for the hazmat
-    /// vectors and fuzzing.
+    /// vectors and fuzzing. With the `fast-ingest` feature the
+    /// encapsulation runs on `ring`'s P-256 (`seal_packed_ring`),
+    /// otherwise through the `hpke` crate; the output format is the same.
     pub(crate) fn seal_packed(
         &self,
         packed: &mut [u8; PACKED_LEN],
         context: &Context,
     ) -> Result<IngestSealed, Error> {
+        #[cfg(feature = "fast-ingest")]
+        {
+            self.seal_packed_ring(packed, context)
+        }
+        #[cfg(not(feature = "fast-ingest"))]
+        {
+            self.seal_packed_hpke_crate(packed, context)
+        }
+    }
+
+    fn aad(&self, context: &Context) -> Zeroizing<Vec<u8>> {
         let mut aad = Zeroizing::new(Vec::with_capacity(
             INGEST_HEADER_LEN + context.encoded().len(),
         ));
         aad.extend_from_slice(&self.header);
         aad.extend_from_slice(context.encoded());
+        aad
+    }
+
+    /// The seal through the `hpke` crate (RustCrypto `p256`: two scalar
+    /// multiplications, `skE · G` and `skE · pkR`). The default path; with
+    /// `fast-ingest`, kept for the same-run comparison (bench, tests).
+    #[cfg_attr(
+        all(feature = "fast-ingest", not(any(test, feature = "hazmat-test-keys"))),
+        allow(dead_code)
+    )]
+    pub(crate) fn seal_packed_hpke_crate(
+        &self,
+        packed: &mut [u8; PACKED_LEN],
+        context: &Context,
+    ) -> Result<IngestSealed, Error> {
+        let aad = self.aad(context);
         let (enc, tag) = hpke::single_shot_seal_in_place_detached::<Aead, Kdf, Kem, _>(
             &OpModeS::Base,
             &self.pk,
@@ -353,11 +382,7 @@ impl IngestSealer {
             &aad,
             &mut OsRng,
         )
-        .map_err(|_| {
-            Error::Config(crate::error::ConfigError::Invalid(
-                "HPKE encapsulation failed".into(),
-            ))
-        })?;
+        .map_err(|_| encapsulation_failed())?;
         let mut out = [0u8; INGEST_LEN];
         out[..INGEST_HEADER_LEN].copy_from_slice(&self.header);
         out[ENC_AT..CT_AT].copy_from_slice(&enc.to_bytes());
@@ -365,6 +390,59 @@ impl IngestSealer {
         out[TAG_AT..].copy_from_slice(&tag.to_bytes());
         Ok(IngestSealed { bytes: out })
     }
+
+    /// The seal with `ring`'s P-256 ECDH (feature `fast-ingest`): an
+    /// ephemeral key from `SystemRandom`, `enc` = its 65-byte public key,
+    /// `Z` = `agree_ephemeral` with `pkR`, then the RFC 9180 sender in
+    /// [`split::seal_in_place`] (`ExtractAndExpand` with `enc || pkR`, the
+    /// key schedule with this key's `info`, AES-256-GCM at sequence 0).
+    /// `Z` is copied into a wiping buffer at once; `ring` itself does not
+    /// zeroize its ephemeral scalar or its copy of `Z` (README).
+    #[cfg(feature = "fast-ingest")]
+    pub(crate) fn seal_packed_ring(
+        &self,
+        packed: &mut [u8; PACKED_LEN],
+        context: &Context,
+    ) -> Result<IngestSealed, Error> {
+        use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, ECDH_P256};
+        let rng = ring::rand::SystemRandom::new();
+        let esk =
+            EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|_| encapsulation_failed())?;
+        let epk = esk
+            .compute_public_key()
+            .map_err(|_| encapsulation_failed())?;
+        let mut out = [0u8; INGEST_LEN];
+        out[..INGEST_HEADER_LEN].copy_from_slice(&self.header);
+        if epk.as_ref().len() != INGEST_PUBLIC_KEY_LEN {
+            return Err(encapsulation_failed());
+        }
+        out[ENC_AT..CT_AT].copy_from_slice(epk.as_ref());
+        let peer = UnparsedPublicKey::new(&ECDH_P256, &self.key.point[..]);
+        let dh = agree_ephemeral(esk, &peer, split::DhSecret::from_slice)
+            .map_err(|_| encapsulation_failed())?
+            .map_err(|_| encapsulation_failed())?;
+        let aad = self.aad(context);
+        let tag = split::seal_in_place(
+            split::SplitAead::Aes256Gcm,
+            &dh,
+            &out[ENC_AT..CT_AT],
+            &self.key.point,
+            &self.info,
+            &aad,
+            packed,
+        )
+        .map_err(|_| encapsulation_failed())?;
+        drop(dh);
+        out[CT_AT..TAG_AT].copy_from_slice(packed);
+        out[TAG_AT..].copy_from_slice(&tag);
+        Ok(IngestSealed { bytes: out })
+    }
+}
+
+fn encapsulation_failed() -> Error {
+    Error::Config(crate::error::ConfigError::Invalid(
+        "HPKE encapsulation failed".into(),
+    ))
 }
 
 /// A PAN sealed with an ingest public key (`FORMAT.md` §17): 101 bytes, or
@@ -819,5 +897,158 @@ mod tests {
         let again = IngestPrivateKey::from_scalar(&env, &scope, 3, &scalar).unwrap();
         assert_eq!(again.public_key(), key.public_key());
         assert!(IngestPrivateKey::from_scalar(&env, &scope, 3, &[0u8; 32]).is_err());
+    }
+}
+
+/// Feature `fast-ingest`: the `ring` sender against both receivers.
+#[cfg(all(test, feature = "fast-ingest"))]
+mod fast_ingest_tests {
+    use super::*;
+    use rand::Rng;
+
+    fn random_pan(rng: &mut impl Rng) -> Pan {
+        let len = rng.gen_range(13..=19);
+        let mut digits: Vec<u8> = (0..len - 1).map(|_| rng.gen_range(0..10u8)).collect();
+        digits[0] = rng.gen_range(1..10);
+        let mut sum = 0u32;
+        for (i, d) in digits.iter().rev().enumerate() {
+            let mut v = u32::from(*d);
+            if i % 2 == 0 {
+                v *= 2;
+                if v > 9 {
+                    v -= 9;
+                }
+            }
+            sum += v;
+        }
+        digits.push(((10 - sum % 10) % 10) as u8);
+        let s: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
+        Pan::parse(&s).unwrap()
+    }
+
+    fn names() -> (Environment, Scope) {
+        (
+            Environment::new("test").unwrap(),
+            Scope::new("merchant-42").unwrap(),
+        )
+    }
+
+    /// 500 seals through `ring` (random PANs, 5 key pairs, 3 versions):
+    /// each has the ingest format (header, a valid `enc`, text round
+    /// trip), opens with `IngestPrivateKey::open` and with the `hpke`
+    /// crate's own decapsulation to the sealed PAN; no two `enc` repeat.
+    #[test]
+    fn ring_seals_open_with_both_receivers_500() {
+        let (env, scope) = names();
+        let mut rng = rand::thread_rng();
+        let keys: Vec<IngestPrivateKey> = (0..5)
+            .map(|i| IngestPrivateKey::generate(&env, &scope, 1 + (i % 3)))
+            .collect();
+        let (mut own, mut reference) = (0, 0);
+        let mut encs = std::collections::HashSet::new();
+        for i in 0..500 {
+            let key = &keys[i % keys.len()];
+            let sealer = IngestSealer::new(key.public_key().clone());
+            let ctx = Context::new("cards", "pan", format!("row-{i}")).unwrap();
+            let pan = random_pan(&mut rng);
+            let sealed = sealer.seal(&pan, &ctx).unwrap();
+            assert_eq!(sealed.as_bytes().len(), INGEST_LEN);
+            assert_eq!(&sealed.as_bytes()[..INGEST_HEADER_LEN], &sealer.header);
+            assert!(p256::PublicKey::from_sec1_bytes(sealed.enc()).is_ok());
+            assert_eq!(IngestSealed::from_text(&sealed.to_text()).unwrap(), sealed);
+            encs.insert(sealed.enc().to_vec());
+            if key.open(&sealed, &ctx).unwrap() == pan {
+                own += 1;
+            }
+            let packed = key.open_packed_with_hpke_crate(&sealed, &ctx).unwrap();
+            if crate::format::read::unpack_pan(&packed).unwrap() == pan {
+                reference += 1;
+            }
+        }
+        assert_eq!((own, reference, encs.len()), (500, 500, 500));
+    }
+
+    /// The two senders are interchangeable: a seal through the `hpke`
+    /// crate and one through `ring` of the same PAN open the same, and
+    /// differ only in the randomness (`enc`, ciphertext, tag).
+    #[test]
+    fn ring_and_hpke_crate_seals_differ_only_in_randomness() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 2);
+        let sealer = IngestSealer::new(key.public_key().clone());
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let mut p1 = [0u8; PACKED_LEN];
+        crate::format::write::pack_pan(&pan, &mut p1);
+        let mut p2 = p1;
+        let a = sealer.seal_packed_ring(&mut p1, &ctx).unwrap();
+        let b = sealer.seal_packed_hpke_crate(&mut p2, &ctx).unwrap();
+        assert_eq!(a.header(), b.header());
+        assert_ne!(a.enc(), b.enc());
+        assert_eq!(key.open(&a, &ctx).unwrap(), pan);
+        assert_eq!(key.open(&b, &ctx).unwrap(), pan);
+    }
+
+    /// The attacker with a `ring` seal and everything but the right key
+    /// or row: another context, another key pair at the same version,
+    /// the same scalar relabelled to another scope, environment or
+    /// version, every single bit flipped → 0 PANs from either receiver.
+    #[test]
+    fn ring_seals_refuse_wrong_context_and_other_keys() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 1);
+        let sealer = IngestSealer::new(key.public_key().clone());
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let sealed = sealer.seal(&pan, &ctx).unwrap();
+
+        let mut opened = 0;
+        let other_ctx = Context::new("cards", "pan", "row-2").unwrap();
+        let other_col = Context::new("cards", "pan2", "row-1").unwrap();
+        for c in [&other_ctx, &other_col] {
+            assert!(matches!(key.open(&sealed, c), Err(Error::Decryption)));
+            assert!(matches!(
+                key.open_packed_with_hpke_crate(&sealed, c),
+                Err(Error::Decryption)
+            ));
+        }
+        let other_pair = IngestPrivateKey::generate(&env, &scope, 1);
+        assert!(matches!(
+            other_pair.open(&sealed, &ctx),
+            Err(Error::Key(KeyError::IngestKeyMismatch))
+        ));
+        let scalar = key.to_scalar();
+        let other_scope =
+            IngestPrivateKey::from_scalar(&env, &Scope::new("other").unwrap(), 1, &scalar).unwrap();
+        let other_env =
+            IngestPrivateKey::from_scalar(&Environment::new("prod").unwrap(), &scope, 1, &scalar)
+                .unwrap();
+        let other_version = IngestPrivateKey::from_scalar(&env, &scope, 2, &scalar).unwrap();
+        for k in [&other_pair, &other_scope, &other_env, &other_version] {
+            opened += usize::from(k.open(&sealed, &ctx).is_ok());
+            opened += usize::from(k.open_packed_with_hpke_crate(&sealed, &ctx).is_ok());
+        }
+        for c in [&other_ctx, &other_col] {
+            opened += usize::from(key.open(&sealed, c).is_ok());
+        }
+        assert!(matches!(
+            other_scope.open(&sealed, &ctx),
+            Err(Error::Decryption)
+        ));
+        let mut flipped = 0;
+        for byte in 0..INGEST_LEN {
+            for bit in 0..8 {
+                let mut bytes = *<&[u8; INGEST_LEN]>::try_from(sealed.as_bytes()).unwrap();
+                bytes[byte] ^= 1 << bit;
+                flipped += 1;
+                if let Ok(altered) = IngestSealed::from_bytes(&bytes) {
+                    opened += usize::from(key.open(&altered, &ctx).is_ok());
+                    opened += usize::from(key.open_packed_with_hpke_crate(&altered, &ctx).is_ok());
+                }
+            }
+        }
+        assert_eq!(flipped, 808);
+        assert_eq!(opened, 0);
+        assert_eq!(key.open(&sealed, &ctx).unwrap(), pan);
     }
 }
