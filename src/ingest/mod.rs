@@ -396,14 +396,35 @@ impl IngestSealer {
     /// `Z` = `agree_ephemeral` with `pkR`, then the RFC 9180 sender in
     /// [`split::seal_in_place`] (`ExtractAndExpand` with `enc || pkR`, the
     /// key schedule with this key's `info`, AES-256-GCM at sequence 0).
-    /// `Z` is copied into a wiping buffer at once; `ring` itself does not
-    /// zeroize its ephemeral scalar or its copy of `Z` (README).
+    ///
+    /// `ring` does not zeroize its ephemeral scalar or its copy of `Z`
+    /// (its stack frames keep them after it returns), and with `skE` or
+    /// `Z` and the stored ciphertext anyone opens that card. So every
+    /// frame that holds them lies below this one ([`Self::ring_seal`], not
+    /// inlined), and those frames are overwritten with zeros
+    /// ([`scrub_stack`]) before this returns.
     #[cfg(feature = "fast-ingest")]
     pub(crate) fn seal_packed_ring(
         &self,
         packed: &mut [u8; PACKED_LEN],
         context: &Context,
     ) -> Result<IngestSealed, Error> {
+        let aad = self.aad(context);
+        let mut out = [0u8; INGEST_LEN];
+        let result = self.ring_seal(packed, &aad, &mut out);
+        scrub_stack();
+        result?;
+        Ok(IngestSealed { bytes: out })
+    }
+
+    #[cfg(feature = "fast-ingest")]
+    #[inline(never)]
+    fn ring_seal(
+        &self,
+        packed: &mut [u8; PACKED_LEN],
+        aad: &[u8],
+        out: &mut [u8; INGEST_LEN],
+    ) -> Result<(), Error> {
         use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, ECDH_P256};
         let rng = ring::rand::SystemRandom::new();
         let esk =
@@ -411,32 +432,46 @@ impl IngestSealer {
         let epk = esk
             .compute_public_key()
             .map_err(|_| encapsulation_failed())?;
-        let mut out = [0u8; INGEST_LEN];
-        out[..INGEST_HEADER_LEN].copy_from_slice(&self.header);
         if epk.as_ref().len() != INGEST_PUBLIC_KEY_LEN {
             return Err(encapsulation_failed());
         }
+        out[..INGEST_HEADER_LEN].copy_from_slice(&self.header);
         out[ENC_AT..CT_AT].copy_from_slice(epk.as_ref());
         let peer = UnparsedPublicKey::new(&ECDH_P256, &self.key.point[..]);
         let dh = agree_ephemeral(esk, &peer, split::DhSecret::from_slice)
             .map_err(|_| encapsulation_failed())?
             .map_err(|_| encapsulation_failed())?;
-        let aad = self.aad(context);
         let tag = split::seal_in_place(
             split::SplitAead::Aes256Gcm,
             &dh,
             &out[ENC_AT..CT_AT],
             &self.key.point,
             &self.info,
-            &aad,
+            aad,
             packed,
         )
         .map_err(|_| encapsulation_failed())?;
         drop(dh);
         out[CT_AT..TAG_AT].copy_from_slice(packed);
         out[TAG_AT..].copy_from_slice(&tag);
-        Ok(IngestSealed { bytes: out })
+        Ok(())
     }
+}
+
+/// Bytes of stack [`scrub_stack`] overwrites: several times what `ring`'s
+/// P-256 key generation and agreement, the HKDF and the AES-GCM seal use.
+#[cfg(feature = "fast-ingest")]
+const SCRUB_LEN: usize = 16 * 1024;
+
+/// Overwrites (volatile writes) the [`SCRUB_LEN`] bytes of stack below the
+/// caller's frame, where the frames of the calls it just returned from
+/// were: `ring`'s ephemeral scalar and DH output among them.
+#[cfg(feature = "fast-ingest")]
+#[inline(never)]
+fn scrub_stack() {
+    let mut buf = [0u8; SCRUB_LEN];
+    buf.zeroize();
+    std::hint::black_box(&buf);
 }
 
 fn encapsulation_failed() -> Error {
