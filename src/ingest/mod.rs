@@ -1086,4 +1086,113 @@ mod fast_ingest_tests {
         assert_eq!(opened, 0);
         assert_eq!(key.open(&sealed, &ctx).unwrap(), pan);
     }
+
+    /// Stack bytes scanned below the seal's frame: twice `SCRUB_LEN`.
+    #[cfg(target_os = "linux")]
+    const SCAN_LEN: usize = 2 * SCRUB_LEN;
+
+    /// Seals from below a 64 KiB frame (so that later, shallower calls do
+    /// not overwrite the seal's frames) and returns the ciphertext and the
+    /// address of a local of the frame that called the seal.
+    #[cfg(target_os = "linux")]
+    #[inline(never)]
+    fn seal_deep(sealer: &IngestSealer, ctx: &Context, scrub: bool) -> (IngestSealed, usize) {
+        let mut pad = [0u8; 64 * 1024];
+        std::hint::black_box(&mut pad);
+        let r = seal_here(sealer, ctx, scrub);
+        std::hint::black_box(&pad);
+        r
+    }
+
+    #[cfg(target_os = "linux")]
+    #[inline(never)]
+    fn seal_here(sealer: &IngestSealer, ctx: &Context, scrub: bool) -> (IngestSealed, usize) {
+        let marker = 0u8;
+        let at = std::hint::black_box(std::ptr::addr_of!(marker)) as usize;
+        let mut packed = [0u8; PACKED_LEN];
+        crate::format::write::pack_pan(&Pan::parse("4111111111111111").unwrap(), &mut packed);
+        let sealed = if scrub {
+            sealer.seal_packed_ring(&mut packed, ctx).unwrap()
+        } else {
+            // The control: the same ring calls without the scrub.
+            let aad = sealer.aad(ctx);
+            let mut out = [0u8; INGEST_LEN];
+            sealer.ring_seal(&mut packed, &aad, &mut out).unwrap();
+            IngestSealed { bytes: out }
+        };
+        (sealed, at)
+    }
+
+    /// The attacker with the sealing thread's stack (`/proc/self/mem`,
+    /// read from another thread while it waits): every 32-byte window
+    /// below the seal's frame, 8-aligned, in both byte orders,
+    /// tried as the ephemeral scalar (`w · G == enc`) and as `Z` (opens
+    /// the ciphertext). Returns (windows tried, keys found).
+    #[cfg(target_os = "linux")]
+    fn stack_attack(key: &IngestPrivateKey, scrub: bool) -> (usize, usize) {
+        use std::io::{Read, Seek, SeekFrom};
+        let sealer = IngestSealer::new(key.public_key().clone());
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let sealer2 = sealer.clone();
+        let ctx2 = ctx.clone();
+        let t = std::thread::spawn(move || {
+            let r = seal_deep(&sealer2, &ctx2, scrub);
+            tx.send(r).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let (sealed, at) = rx.recv().unwrap();
+        let mut stack = vec![0u8; SCAN_LEN];
+        let mut mem = std::fs::File::open("/proc/self/mem").unwrap();
+        // From an 8-aligned address, so that windows are 8-aligned.
+        mem.seek(SeekFrom::Start(((at - SCAN_LEN) & !7) as u64))
+            .unwrap();
+        mem.read_exact(&mut stack).unwrap();
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        let enc = p256::PublicKey::from_sec1_bytes(sealed.enc()).unwrap();
+        let (mut tried, mut found) = (0, 0);
+        // 8-aligned windows (the drill's attacker E does the same).
+        for w in stack.windows(32).step_by(8) {
+            let mut rev = [0u8; 32];
+            rev.copy_from_slice(w);
+            rev.reverse();
+            for cand in [w, &rev[..]] {
+                if cand.iter().all(|b| *b == 0) {
+                    continue;
+                }
+                tried += 1;
+                if let Ok(sk) = p256::SecretKey::from_slice(cand) {
+                    found += usize::from(sk.public_key() == enc);
+                }
+                let z = split::DhSecret::from_slice(cand).unwrap();
+                found +=
+                    usize::from(split::open_packed(key.public_key(), &sealed, &ctx, &z).is_ok());
+            }
+        }
+        assert_eq!(key.open(&sealed, &ctx).unwrap().last_four(), "1111");
+        (tried, found)
+    }
+
+    /// A dump of the sealing thread's stack after a `ring` seal yields 0
+    /// ephemeral scalars and 0 DH outputs; the control (the same ring
+    /// calls without the scrub) shows what the scan finds without it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn ring_seal_leaves_no_key_on_the_stack() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 1);
+        let (tried, found) = stack_attack(&key, true);
+        let (c_tried, c_found) = stack_attack(&key, false);
+        println!(
+            "scrubbed: {found} keys in {tried} windows; control (no scrub): \
+             {c_found} keys in {c_tried} windows"
+        );
+        assert_eq!(found, 0);
+        assert!(
+            c_found >= 1,
+            "the scan finds ring's residue without the scrub"
+        );
+    }
 }
