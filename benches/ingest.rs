@@ -5,12 +5,16 @@
 //!   against the compact `seal_pan` with a cached DEK (the baseline), and
 //!   the same HPKE seal with DHKEM(X25519) through the `hpke` crate
 //!   (the suite-choice comparison: same plaintext, info and AAD sizes);
+//!   With `--features fast-ingest` also `IngestSealer::seal` on `ring`'s
+//!   P-256 (`ingest_sealer_p256_ring`), in the same run as the `hpke`-crate
+//!   seal (`ingest_sealer_p256`) and the compact baseline;
 //! * open: `IngestPrivateKey::open` (what keyd runs per ingest open)
 //!   against the compact open and the X25519 open;
 //! * admit: `Panseal::admit` on the local service, 256 items per call
 //!   (open + compact seal + blind index inside the service, per item).
 //!
 //! `cargo bench --features hazmat-test-keys --bench ingest`
+//! (`--features fast-ingest,hazmat-test-keys` for the ring row)
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,7 +93,23 @@ fn bench(c: &mut Criterion) {
     g.bench_function("compact_seal_pan_cached_dek", |b| {
         b.iter(|| black_box(ps.seal_pan(black_box(&pan), black_box(&ctx)).unwrap()))
     });
+    // "ingest seal (hpke crate)": `IngestSealer`'s default path, measured
+    // through hazmat so the row stays comparable with `fast-ingest` on.
     g.bench_function("ingest_sealer_p256", |b| {
+        b.iter(|| {
+            black_box(
+                panseal::hazmat::ingest_seal_with_hpke_crate(
+                    &sealer,
+                    black_box(&pan),
+                    black_box(&ctx),
+                )
+                .unwrap(),
+            )
+        })
+    });
+    // "ingest seal (ring ECDH)": `IngestSealer::seal` with `fast-ingest`.
+    #[cfg(feature = "fast-ingest")]
+    g.bench_function("ingest_sealer_p256_ring", |b| {
         b.iter(|| black_box(sealer.seal(black_box(&pan), black_box(&ctx)).unwrap()))
     });
     g.bench_function("hpke_crate_p256_same_sizes", |b| {

@@ -31,6 +31,22 @@ pub fn ingest_seal_packed(
     sealer.seal_packed(&mut packed, context)
 }
 
+/// Seals `pan` through the `hpke` crate's encapsulation even when the
+/// `fast-ingest` feature routes [`crate::IngestSealer::seal`] through
+/// `ring`: the same-run comparison in `benches/ingest.rs`. Same format.
+///
+/// # Errors
+///
+/// As [`crate::IngestSealer::seal`].
+pub fn ingest_seal_with_hpke_crate(
+    sealer: &crate::IngestSealer,
+    pan: &Pan,
+    context: &Context,
+) -> Result<crate::IngestSealed, Error> {
+    let mut packed = zeroize::Zeroizing::new(pack_pan(pan));
+    sealer.seal_packed_hpke_crate(&mut packed, context)
+}
+
 /// Seals with a given DEK, id and nonce.
 pub fn seal_with_nonce(
     dek: &Dek,

@@ -334,17 +334,46 @@ impl IngestSealer {
     }
 
     /// Seals 10 packed bytes (possibly non-conforming): for the hazmat
-    /// vectors and fuzzing.
+    /// vectors and fuzzing. With the `fast-ingest` feature the
+    /// encapsulation runs on `ring`'s P-256 (`seal_packed_ring`),
+    /// otherwise through the `hpke` crate; the output format is the same.
     pub(crate) fn seal_packed(
         &self,
         packed: &mut [u8; PACKED_LEN],
         context: &Context,
     ) -> Result<IngestSealed, Error> {
+        #[cfg(feature = "fast-ingest")]
+        {
+            self.seal_packed_ring(packed, context)
+        }
+        #[cfg(not(feature = "fast-ingest"))]
+        {
+            self.seal_packed_hpke_crate(packed, context)
+        }
+    }
+
+    fn aad(&self, context: &Context) -> Zeroizing<Vec<u8>> {
         let mut aad = Zeroizing::new(Vec::with_capacity(
             INGEST_HEADER_LEN + context.encoded().len(),
         ));
         aad.extend_from_slice(&self.header);
         aad.extend_from_slice(context.encoded());
+        aad
+    }
+
+    /// The seal through the `hpke` crate (RustCrypto `p256`: two scalar
+    /// multiplications, `skE · G` and `skE · pkR`). The default path; with
+    /// `fast-ingest`, kept for the same-run comparison (bench, tests).
+    #[cfg_attr(
+        all(feature = "fast-ingest", not(any(test, feature = "hazmat-test-keys"))),
+        allow(dead_code)
+    )]
+    pub(crate) fn seal_packed_hpke_crate(
+        &self,
+        packed: &mut [u8; PACKED_LEN],
+        context: &Context,
+    ) -> Result<IngestSealed, Error> {
+        let aad = self.aad(context);
         let (enc, tag) = hpke::single_shot_seal_in_place_detached::<Aead, Kdf, Kem, _>(
             &OpModeS::Base,
             &self.pk,
@@ -353,11 +382,7 @@ impl IngestSealer {
             &aad,
             &mut OsRng,
         )
-        .map_err(|_| {
-            Error::Config(crate::error::ConfigError::Invalid(
-                "HPKE encapsulation failed".into(),
-            ))
-        })?;
+        .map_err(|_| encapsulation_failed())?;
         let mut out = [0u8; INGEST_LEN];
         out[..INGEST_HEADER_LEN].copy_from_slice(&self.header);
         out[ENC_AT..CT_AT].copy_from_slice(&enc.to_bytes());
@@ -365,6 +390,94 @@ impl IngestSealer {
         out[TAG_AT..].copy_from_slice(&tag.to_bytes());
         Ok(IngestSealed { bytes: out })
     }
+
+    /// The seal with `ring`'s P-256 ECDH (feature `fast-ingest`): an
+    /// ephemeral key from `SystemRandom`, `enc` = its 65-byte public key,
+    /// `Z` = `agree_ephemeral` with `pkR`, then the RFC 9180 sender in
+    /// [`split::seal_in_place`] (`ExtractAndExpand` with `enc || pkR`, the
+    /// key schedule with this key's `info`, AES-256-GCM at sequence 0).
+    ///
+    /// `ring` does not zeroize its ephemeral scalar or its copy of `Z`
+    /// (its stack frames keep them after it returns), and with `skE` or
+    /// `Z` and the stored ciphertext anyone opens that card. So every
+    /// frame that holds them lies below this one ([`Self::ring_seal`], not
+    /// inlined), and those frames are overwritten with zeros
+    /// ([`scrub_stack`]) before this returns.
+    #[cfg(feature = "fast-ingest")]
+    pub(crate) fn seal_packed_ring(
+        &self,
+        packed: &mut [u8; PACKED_LEN],
+        context: &Context,
+    ) -> Result<IngestSealed, Error> {
+        let aad = self.aad(context);
+        let mut out = [0u8; INGEST_LEN];
+        let result = self.ring_seal(packed, &aad, &mut out);
+        scrub_stack();
+        result?;
+        Ok(IngestSealed { bytes: out })
+    }
+
+    #[cfg(feature = "fast-ingest")]
+    #[inline(never)]
+    fn ring_seal(
+        &self,
+        packed: &mut [u8; PACKED_LEN],
+        aad: &[u8],
+        out: &mut [u8; INGEST_LEN],
+    ) -> Result<(), Error> {
+        use ring::agreement::{agree_ephemeral, EphemeralPrivateKey, UnparsedPublicKey, ECDH_P256};
+        let rng = ring::rand::SystemRandom::new();
+        let esk =
+            EphemeralPrivateKey::generate(&ECDH_P256, &rng).map_err(|_| encapsulation_failed())?;
+        let epk = esk
+            .compute_public_key()
+            .map_err(|_| encapsulation_failed())?;
+        if epk.as_ref().len() != INGEST_PUBLIC_KEY_LEN {
+            return Err(encapsulation_failed());
+        }
+        out[..INGEST_HEADER_LEN].copy_from_slice(&self.header);
+        out[ENC_AT..CT_AT].copy_from_slice(epk.as_ref());
+        let peer = UnparsedPublicKey::new(&ECDH_P256, &self.key.point[..]);
+        let dh = agree_ephemeral(esk, &peer, split::DhSecret::from_slice)
+            .map_err(|_| encapsulation_failed())?
+            .map_err(|_| encapsulation_failed())?;
+        let tag = split::seal_in_place(
+            split::SplitAead::Aes256Gcm,
+            &dh,
+            &out[ENC_AT..CT_AT],
+            &self.key.point,
+            &self.info,
+            aad,
+            packed,
+        )
+        .map_err(|_| encapsulation_failed())?;
+        drop(dh);
+        out[CT_AT..TAG_AT].copy_from_slice(packed);
+        out[TAG_AT..].copy_from_slice(&tag);
+        Ok(())
+    }
+}
+
+/// Bytes of stack [`scrub_stack`] overwrites: several times what `ring`'s
+/// P-256 key generation and agreement, the HKDF and the AES-GCM seal use.
+#[cfg(feature = "fast-ingest")]
+const SCRUB_LEN: usize = 16 * 1024;
+
+/// Overwrites (volatile writes) the [`SCRUB_LEN`] bytes of stack below the
+/// caller's frame, where the frames of the calls it just returned from
+/// were: `ring`'s ephemeral scalar and DH output among them.
+#[cfg(feature = "fast-ingest")]
+#[inline(never)]
+fn scrub_stack() {
+    let mut buf = [0u8; SCRUB_LEN];
+    buf.zeroize();
+    std::hint::black_box(&buf);
+}
+
+fn encapsulation_failed() -> Error {
+    Error::Config(crate::error::ConfigError::Invalid(
+        "HPKE encapsulation failed".into(),
+    ))
 }
 
 /// A PAN sealed with an ingest public key (`FORMAT.md` §17): 101 bytes, or
@@ -819,5 +932,267 @@ mod tests {
         let again = IngestPrivateKey::from_scalar(&env, &scope, 3, &scalar).unwrap();
         assert_eq!(again.public_key(), key.public_key());
         assert!(IngestPrivateKey::from_scalar(&env, &scope, 3, &[0u8; 32]).is_err());
+    }
+}
+
+/// Feature `fast-ingest`: the `ring` sender against both receivers.
+#[cfg(all(test, feature = "fast-ingest"))]
+mod fast_ingest_tests {
+    use super::*;
+    use rand::Rng;
+
+    fn random_pan(rng: &mut impl Rng) -> Pan {
+        let len = rng.gen_range(13..=19);
+        let mut digits: Vec<u8> = (0..len - 1).map(|_| rng.gen_range(0..10u8)).collect();
+        digits[0] = rng.gen_range(1..10);
+        let mut sum = 0u32;
+        for (i, d) in digits.iter().rev().enumerate() {
+            let mut v = u32::from(*d);
+            if i % 2 == 0 {
+                v *= 2;
+                if v > 9 {
+                    v -= 9;
+                }
+            }
+            sum += v;
+        }
+        digits.push(((10 - sum % 10) % 10) as u8);
+        let s: String = digits.iter().map(|d| char::from(b'0' + d)).collect();
+        Pan::parse(&s).unwrap()
+    }
+
+    fn names() -> (Environment, Scope) {
+        (
+            Environment::new("test").unwrap(),
+            Scope::new("merchant-42").unwrap(),
+        )
+    }
+
+    /// 500 seals through `ring` (random PANs, 5 key pairs, 3 versions):
+    /// each has the ingest format (header, a valid `enc`, text round
+    /// trip), opens with `IngestPrivateKey::open` and with the `hpke`
+    /// crate's own decapsulation to the sealed PAN; no two `enc` repeat.
+    #[test]
+    fn ring_seals_open_with_both_receivers_500() {
+        let (env, scope) = names();
+        let mut rng = rand::thread_rng();
+        let keys: Vec<IngestPrivateKey> = (0..5)
+            .map(|i| IngestPrivateKey::generate(&env, &scope, 1 + (i % 3)))
+            .collect();
+        let (mut own, mut reference) = (0, 0);
+        let mut encs = std::collections::HashSet::new();
+        for i in 0..500 {
+            let key = &keys[i % keys.len()];
+            let sealer = IngestSealer::new(key.public_key().clone());
+            let ctx = Context::new("cards", "pan", format!("row-{i}")).unwrap();
+            let pan = random_pan(&mut rng);
+            let sealed = sealer.seal(&pan, &ctx).unwrap();
+            assert_eq!(sealed.as_bytes().len(), INGEST_LEN);
+            assert_eq!(&sealed.as_bytes()[..INGEST_HEADER_LEN], &sealer.header);
+            assert!(p256::PublicKey::from_sec1_bytes(sealed.enc()).is_ok());
+            assert_eq!(IngestSealed::from_text(&sealed.to_text()).unwrap(), sealed);
+            encs.insert(sealed.enc().to_vec());
+            if key.open(&sealed, &ctx).unwrap() == pan {
+                own += 1;
+            }
+            let packed = key.open_packed_with_hpke_crate(&sealed, &ctx).unwrap();
+            if crate::format::read::unpack_pan(&packed).unwrap() == pan {
+                reference += 1;
+            }
+        }
+        assert_eq!((own, reference, encs.len()), (500, 500, 500));
+    }
+
+    /// The two senders are interchangeable: a seal through the `hpke`
+    /// crate and one through `ring` of the same PAN open the same, and
+    /// differ only in the randomness (`enc`, ciphertext, tag).
+    #[test]
+    fn ring_and_hpke_crate_seals_differ_only_in_randomness() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 2);
+        let sealer = IngestSealer::new(key.public_key().clone());
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let mut p1 = [0u8; PACKED_LEN];
+        crate::format::write::pack_pan(&pan, &mut p1);
+        let mut p2 = p1;
+        let a = sealer.seal_packed_ring(&mut p1, &ctx).unwrap();
+        let b = sealer.seal_packed_hpke_crate(&mut p2, &ctx).unwrap();
+        assert_eq!(a.header(), b.header());
+        assert_ne!(a.enc(), b.enc());
+        assert_eq!(key.open(&a, &ctx).unwrap(), pan);
+        assert_eq!(key.open(&b, &ctx).unwrap(), pan);
+    }
+
+    /// The attacker with a `ring` seal and everything but the right key
+    /// or row: another context, another key pair at the same version,
+    /// the same scalar relabelled to another scope, environment or
+    /// version, every single bit flipped → 0 PANs from either receiver.
+    #[test]
+    fn ring_seals_refuse_wrong_context_and_other_keys() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 1);
+        let sealer = IngestSealer::new(key.public_key().clone());
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let sealed = sealer.seal(&pan, &ctx).unwrap();
+
+        let mut opened = 0;
+        let other_ctx = Context::new("cards", "pan", "row-2").unwrap();
+        let other_col = Context::new("cards", "pan2", "row-1").unwrap();
+        for c in [&other_ctx, &other_col] {
+            assert!(matches!(key.open(&sealed, c), Err(Error::Decryption)));
+            assert!(matches!(
+                key.open_packed_with_hpke_crate(&sealed, c),
+                Err(Error::Decryption)
+            ));
+        }
+        let other_pair = IngestPrivateKey::generate(&env, &scope, 1);
+        assert!(matches!(
+            other_pair.open(&sealed, &ctx),
+            Err(Error::Key(KeyError::IngestKeyMismatch))
+        ));
+        let scalar = key.to_scalar();
+        let other_scope =
+            IngestPrivateKey::from_scalar(&env, &Scope::new("other").unwrap(), 1, &scalar).unwrap();
+        let other_env =
+            IngestPrivateKey::from_scalar(&Environment::new("prod").unwrap(), &scope, 1, &scalar)
+                .unwrap();
+        let other_version = IngestPrivateKey::from_scalar(&env, &scope, 2, &scalar).unwrap();
+        for k in [&other_pair, &other_scope, &other_env, &other_version] {
+            opened += usize::from(k.open(&sealed, &ctx).is_ok());
+            opened += usize::from(k.open_packed_with_hpke_crate(&sealed, &ctx).is_ok());
+        }
+        for c in [&other_ctx, &other_col] {
+            opened += usize::from(key.open(&sealed, c).is_ok());
+        }
+        assert!(matches!(
+            other_scope.open(&sealed, &ctx),
+            Err(Error::Decryption)
+        ));
+        let mut flipped = 0;
+        for byte in 0..INGEST_LEN {
+            for bit in 0..8 {
+                let mut bytes = *<&[u8; INGEST_LEN]>::try_from(sealed.as_bytes()).unwrap();
+                bytes[byte] ^= 1 << bit;
+                flipped += 1;
+                if let Ok(altered) = IngestSealed::from_bytes(&bytes) {
+                    opened += usize::from(key.open(&altered, &ctx).is_ok());
+                    opened += usize::from(key.open_packed_with_hpke_crate(&altered, &ctx).is_ok());
+                }
+            }
+        }
+        assert_eq!(flipped, 808);
+        assert_eq!(opened, 0);
+        assert_eq!(key.open(&sealed, &ctx).unwrap(), pan);
+    }
+
+    /// Stack bytes scanned below the seal's frame: twice `SCRUB_LEN`.
+    #[cfg(target_os = "linux")]
+    const SCAN_LEN: usize = 2 * SCRUB_LEN;
+
+    /// Seals from below a 64 KiB frame (so that later, shallower calls do
+    /// not overwrite the seal's frames) and returns the ciphertext and the
+    /// address of a local of the frame that called the seal.
+    #[cfg(target_os = "linux")]
+    #[inline(never)]
+    fn seal_deep(sealer: &IngestSealer, ctx: &Context, scrub: bool) -> (IngestSealed, usize) {
+        let mut pad = [0u8; 64 * 1024];
+        std::hint::black_box(&mut pad);
+        let r = seal_here(sealer, ctx, scrub);
+        std::hint::black_box(&pad);
+        r
+    }
+
+    #[cfg(target_os = "linux")]
+    #[inline(never)]
+    fn seal_here(sealer: &IngestSealer, ctx: &Context, scrub: bool) -> (IngestSealed, usize) {
+        let marker = 0u8;
+        let at = std::hint::black_box(std::ptr::addr_of!(marker)) as usize;
+        let mut packed = [0u8; PACKED_LEN];
+        crate::format::write::pack_pan(&Pan::parse("4111111111111111").unwrap(), &mut packed);
+        let sealed = if scrub {
+            sealer.seal_packed_ring(&mut packed, ctx).unwrap()
+        } else {
+            // The control: the same ring calls without the scrub.
+            let aad = sealer.aad(ctx);
+            let mut out = [0u8; INGEST_LEN];
+            sealer.ring_seal(&mut packed, &aad, &mut out).unwrap();
+            IngestSealed { bytes: out }
+        };
+        (sealed, at)
+    }
+
+    /// The attacker with the sealing thread's stack (`/proc/self/mem`,
+    /// read from another thread while it waits): every 32-byte window
+    /// below the seal's frame, 8-aligned, in both byte orders,
+    /// tried as the ephemeral scalar (`w · G == enc`) and as `Z` (opens
+    /// the ciphertext). Returns (windows tried, keys found).
+    #[cfg(target_os = "linux")]
+    fn stack_attack(key: &IngestPrivateKey, scrub: bool) -> (usize, usize) {
+        use std::io::{Read, Seek, SeekFrom};
+        let sealer = IngestSealer::new(key.public_key().clone());
+        let ctx = Context::new("cards", "pan", "row-1").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let sealer2 = sealer.clone();
+        let ctx2 = ctx.clone();
+        let t = std::thread::spawn(move || {
+            let r = seal_deep(&sealer2, &ctx2, scrub);
+            tx.send(r).unwrap();
+            done_rx.recv().unwrap();
+        });
+        let (sealed, at) = rx.recv().unwrap();
+        let mut stack = vec![0u8; SCAN_LEN];
+        let mut mem = std::fs::File::open("/proc/self/mem").unwrap();
+        // From an 8-aligned address, so that windows are 8-aligned.
+        mem.seek(SeekFrom::Start(((at - SCAN_LEN) & !7) as u64))
+            .unwrap();
+        mem.read_exact(&mut stack).unwrap();
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        let enc = p256::PublicKey::from_sec1_bytes(sealed.enc()).unwrap();
+        let (mut tried, mut found) = (0, 0);
+        // 8-aligned windows (the drill's attacker E does the same).
+        for w in stack.windows(32).step_by(8) {
+            let mut rev = [0u8; 32];
+            rev.copy_from_slice(w);
+            rev.reverse();
+            for cand in [w, &rev[..]] {
+                if cand.iter().all(|b| *b == 0) {
+                    continue;
+                }
+                tried += 1;
+                if let Ok(sk) = p256::SecretKey::from_slice(cand) {
+                    found += usize::from(sk.public_key() == enc);
+                }
+                let z = split::DhSecret::from_slice(cand).unwrap();
+                found +=
+                    usize::from(split::open_packed(key.public_key(), &sealed, &ctx, &z).is_ok());
+            }
+        }
+        assert_eq!(key.open(&sealed, &ctx).unwrap().last_four(), "1111");
+        (tried, found)
+    }
+
+    /// A dump of the sealing thread's stack after a `ring` seal yields 0
+    /// ephemeral scalars and 0 DH outputs; the control (the same ring
+    /// calls without the scrub) shows what the scan finds without it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn ring_seal_leaves_no_key_on_the_stack() {
+        let (env, scope) = names();
+        let key = IngestPrivateKey::generate(&env, &scope, 1);
+        let (tried, found) = stack_attack(&key, true);
+        let (c_tried, c_found) = stack_attack(&key, false);
+        println!(
+            "scrubbed: {found} keys in {tried} windows; control (no scrub): \
+             {c_found} keys in {c_tried} windows"
+        );
+        assert_eq!(found, 0);
+        assert!(
+            c_found >= 1,
+            "the scan finds ring's residue without the scrub"
+        );
     }
 }
