@@ -198,7 +198,7 @@ fn withhold_input(message: &str) -> String {
 
 /// A PostgreSQL connection string with every password replaced by `***`:
 /// the password of a URL's user information
-/// (`postgresql://user:secret@host/db`), and any `password=` setting, in a
+/// (`postgresql://user:pw-example-1@host/db`), and any `password=` setting, in a
 /// URL's query or a libpq `key=value` string (quoted or not).
 pub fn redact_password(url: &str) -> String {
     let mut out = url.to_owned();

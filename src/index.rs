@@ -87,6 +87,10 @@ impl fmt::Debug for BlindIndex {
 /// SHA-256("panseal-index-key-id-v1" | environment | 0x00 | scope | 0x00 |
 /// version). Deterministic, so two instances that create the same version at
 /// once collide on insert instead of making two keys.
+#[cfg_attr(
+    not(any(feature = "postgres", feature = "hazmat-test-keys")),
+    allow(dead_code)
+)]
 pub(crate) fn index_key_id(environment: &Environment, scope: &Scope, version: u32) -> KeyId {
     id_in_domain(b"panseal-index-key-id-v1", environment, scope, version)
 }

@@ -35,6 +35,7 @@ const WRAPPED_LEN: usize = 12 + 32 + 16;
 
 /// HKDF-SHA-256 `info` of the record key derived from the KEK bytes in
 /// [`LocalKeyService::from_kek_bytes_insecure`] (`FORMAT.md` §9).
+#[cfg_attr(not(feature = "hazmat-test-keys"), allow(dead_code))]
 pub(crate) const RECORD_KEY_INFO: &[u8] = b"panseal-local-record-key-v1";
 /// HKDF-SHA-256 `info` prefix of the index keys derived from the KEK bytes
 /// in [`LocalKeyService::from_kek_bytes_insecure`] (`FORMAT.md` §11).
