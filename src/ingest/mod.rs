@@ -174,6 +174,14 @@ impl IngestPublicKey {
         if prefix != PUBLIC_TEXT_PREFIX {
             return Err(FormatError::Text.into());
         }
+        // Canonical decimal only: `u32::from_str` also takes `+1` and `01`,
+        // and a text form should have one spelling.
+        if version.is_empty()
+            || !version.bytes().all(|b| b.is_ascii_digit())
+            || (version.len() > 1 && version.starts_with('0'))
+        {
+            return Err(FormatError::Text.into());
+        }
         let version: u32 = version.parse().map_err(|_| FormatError::Text)?;
         let point = URL_SAFE_NO_PAD
             .decode(point)
@@ -922,6 +930,17 @@ mod tests {
             &IngestPublicKey::from_text(&text).unwrap(),
             key.public_key()
         );
+        // One spelling of the version: `+3`, `03` and ` 3` are refused.
+        for bad in ["/+3/", "/03/", "/ 3/"] {
+            let t = text.replace("/3/", bad);
+            assert!(
+                matches!(
+                    IngestPublicKey::from_text(&t),
+                    Err(Error::Format(FormatError::Text))
+                ),
+                "{t}"
+            );
+        }
         let mut bad = *key.public_key().as_bytes();
         bad[64] ^= 1;
         assert!(matches!(
