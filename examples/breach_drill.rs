@@ -888,7 +888,7 @@ async fn attacker_e(
     );
     // Controls for E2 and E3: the same scanners find a planted private key
     // (both byte orders) and a planted packed card in a synthetic region.
-    let planted = panseal::keyd::IngestPrivateKey::generate(&env, scope, 1);
+    let planted = panseal::hazmat::IngestPrivateKey::generate(&env, scope, 1);
     let mut region = vec![0x5Au8; 4096];
     region[1024..1056].copy_from_slice(&planted.to_scalar()[..]);
     let mut le = *planted.to_scalar();
@@ -1095,7 +1095,7 @@ fn scalar_scan(
             rev.reverse();
             for c in [cand, rev] {
                 tried += 1;
-                if let Ok(k) = panseal::keyd::IngestPrivateKey::from_scalar(env, scope, 1, &c) {
+                if let Ok(k) = panseal::hazmat::IngestPrivateKey::from_scalar(env, scope, 1, &c) {
                     if targets.contains(k.public_key().as_bytes().as_slice()) {
                         hits += 1;
                     }

@@ -24,7 +24,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use panseal::config::{ClientConfig, KeyServiceConfig};
-use panseal::keyd::protocol::Permission;
+use panseal::keyd::Permission;
 use panseal::{Environment, KeyId, KeyRequest, KeyState, KeyStore};
 
 #[derive(Parser)]

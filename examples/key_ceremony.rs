@@ -39,7 +39,7 @@ use std::process::{Command, ExitCode};
 
 use clap::{Parser, Subcommand};
 use panseal::config::ClientConfig;
-use panseal::keyd::protocol::ShareText;
+use panseal::keyd::ShareText;
 
 const STATEMENT: &str = "I acknowledge my responsibilities as a key custodian (PCI DSS 3.7.8).";
 

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use panseal::config::{ClientConfig, KeyServiceConfig};
-use panseal::keyd::protocol::Permission;
+use panseal::keyd::Permission;
 use panseal::{KeyPurpose, KeyState, KeyStore, Scope};
 
 #[derive(Parser)]

@@ -27,29 +27,29 @@ step "format"
 cargo fmt --all -- --check
 
 step "clippy (all targets, all features, -D warnings)"
-cargo clippy --all-targets --all-features --quiet -- -D warnings
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 
 step "cargo test --all-features (builds the examples the tool tests run)"
-cargo build --quiet --all-features --examples
-cargo test --all-features -- --show-output 2>&1 | tee "$LOG/cargo-all.txt" | quiet_successes
+cargo build --quiet --workspace --all-features --bins --examples
+cargo test --workspace --all-features -- --show-output 2>&1 | tee "$LOG/cargo-all.txt" | quiet_successes
 
 step "cargo test (default features: compile-fail tests that need the feature off)"
-cargo test --test compile_fail --test api -- --show-output 2>&1 | tee "$LOG/cargo-default.txt" |
+cargo test -p panseal --test compile_fail --test api -- --show-output 2>&1 | tee "$LOG/cargo-default.txt" |
     quiet_successes
 
-step "C header: regenerate with cbindgen and compare with include/panseal.h"
-cbindgen --config cbindgen.toml --crate panseal --quiet --output "$LOG/panseal.h"
-diff -u include/panseal.h "$LOG/panseal.h"
+step "C header: regenerate with cbindgen and compare with ffi/include/panseal.h"
+(cd ffi && cbindgen --config cbindgen.toml --crate panseal-ffi --quiet --output "$LOG/panseal.h")
+diff -u ffi/include/panseal.h "$LOG/panseal.h"
 
 step "Python: test vectors (independent implementation) and the C ABI through ctypes"
-cargo build --quiet --features ffi --lib
+cargo build --quiet -p panseal-ffi --lib
 # The same library built with AddressSanitizer: tests/python/test_close_race.py
 # repeats its close-while-calling race under it (runtime preloaded into python).
 HOST="$(rustc -vV | sed -n 's/^host: //p')"
 RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=address" \
-    cargo build --quiet --features ffi --lib --target "$HOST" --target-dir target/asan
-PANSEAL_LIB="$PWD/target/debug/libpanseal.so" \
-PANSEAL_ASAN_LIB="$PWD/target/asan/$HOST/debug/libpanseal.so" \
+    cargo build --quiet -p panseal-ffi --lib --target "$HOST" --target-dir target/asan
+PANSEAL_LIB="$PWD/target/debug/libpanseal_ffi.so" \
+PANSEAL_ASAN_LIB="$PWD/target/asan/$HOST/debug/libpanseal_ffi.so" \
 PANSEAL_ASAN_RUNTIME="$(gcc -print-file-name=libasan.so)" \
     python3 -m pytest -q -p no:cacheprovider tests/python 2>&1 | tee "$LOG/pytest.txt"
 
@@ -57,10 +57,10 @@ step "examples"
 cargo run --quiet --example quickstart
 
 step "benches compile"
-cargo bench --no-run --quiet --all-features
+cargo bench --workspace --no-run --quiet --all-features
 
 step "keyd benchmark (1 s phases; figures in README)"
-KEYD_BENCH_SECONDS=1 cargo bench --quiet --features keyd --bench keyd
+KEYD_BENCH_SECONDS=1 cargo bench --quiet -p panseal-keyd --bench keyd
 
 step "fuzz: every target for ${FUZZ_SECONDS}s"
 (

@@ -50,8 +50,7 @@
 //! ```
 
 #![deny(missing_docs)]
-#![cfg_attr(not(feature = "ffi"), forbid(unsafe_code))]
-#![cfg_attr(feature = "ffi", deny(unsafe_code))]
+#![forbid(unsafe_code)]
 #![warn(unreachable_pub, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -64,8 +63,6 @@ mod clock;
 pub mod config;
 mod context;
 mod error;
-#[cfg(feature = "ffi")]
-pub mod ffi;
 mod format;
 #[cfg(feature = "hazmat-test-keys")]
 pub mod hazmat;
@@ -100,6 +97,8 @@ pub use ingest::{
     IngestKeyInfo, IngestPublicKey, IngestSealed, IngestSealer, SealedRef, StoredPan, INGEST_LEN,
     INGEST_PUBLIC_KEY_LEN, INGEST_TEXT_LEN,
 };
+#[cfg(feature = "keyd-client")]
+pub use keyd::{RemoteKeyService, RemoteKeyServiceBuilder};
 pub use keys::{
     Dek, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyState, Policy, RecordTag, Scope,
     WrappedDek, WrappedKey, DEK_STRENGTH_BITS, MAX_CACHE_TTL, NONCE_LIMIT, RECORD_CLOCK_SKEW,
@@ -112,8 +111,6 @@ pub use keyservice::{
 pub use keyservice::{AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService};
 #[cfg(feature = "pkcs11")]
 pub use keyservice::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
-#[cfg(feature = "keyd-client")]
-pub use keyservice::{RemoteKeyService, RemoteKeyServiceBuilder};
 #[cfg(feature = "postgres")]
 pub use keystore::postgres::{Inventory, InventoryEntry, PostgresKeyStore, RegisteredColumn};
 pub use keystore::{rewrap_record, FileKeyStore, KeyStore, MemoryKeyStore};

@@ -13,9 +13,14 @@
 //! * E — a write-only front end's whole process image (`/proc/PID/mem`) and
 //!   configuration, plus the dump: 0 of the cards it sealed before the
 //!   dump; a control card being typed at the dump is found by the same scan.
-#![cfg(all(feature = "postgres", feature = "keyd", feature = "hazmat-test-keys"))]
+#![cfg(all(
+    feature = "postgres",
+    feature = "keyd-client",
+    feature = "hazmat-test-keys"
+))]
 
 mod common;
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use std::path::{Path, PathBuf};

@@ -12,9 +12,14 @@
 //!   0 server log lines and 0 places of a `pg_dump`; the back office opens
 //!   the stored order through keyd and gets the same PAN; garbage posted
 //!   from the page gets 400 with a typed reason and stores nothing.
-#![cfg(all(feature = "postgres", feature = "keyd", feature = "hazmat-test-keys"))]
+#![cfg(all(
+    feature = "postgres",
+    feature = "keyd-client",
+    feature = "hazmat-test-keys"
+))]
 
 mod common;
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -4,6 +4,7 @@
 //! sealed, a second custodian's share unseals it.
 
 mod common;
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use std::process::{Command, Output, Stdio};
@@ -66,7 +67,7 @@ fn ceremony_init_acknowledge_and_unseal() {
     let refused = tool(&[
         "init",
         "--keyd-bin",
-        keyd_harness::BIN,
+        keyd_harness::keyd_bin().to_str().unwrap(),
         "--keyd-config",
         &cfg,
         "--threshold",
@@ -85,7 +86,7 @@ fn ceremony_init_acknowledge_and_unseal() {
         .args([
             "init",
             "--keyd-bin",
-            keyd_harness::BIN,
+            keyd_harness::keyd_bin().to_str().unwrap(),
             "--keyd-config",
             &cfg,
             "--threshold",

@@ -3,6 +3,7 @@
 //! `RemoteKeyService`.
 
 mod keyd_conformance;
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,7 +14,7 @@ use async_trait::async_trait;
 use keyd_conformance::{KekAdmin, Target};
 use keyd_harness::{Keyd, ACK};
 use panseal::hazmat::dek_bytes;
-use panseal::keyd::protocol::ShareText;
+use panseal::keyd::ShareText;
 use panseal::{
     Access, Context, Dek, Environment, Error, KeyId, KeyPurpose, KeyRequest, KeyService,
     KeyServiceError, KeyStore, MemoryAuditSink, MemoryKeyStore, Pan, Panseal, RemoteKeyService,
@@ -214,7 +215,7 @@ async fn policy_matrix() {
 
     // An unknown certificate (signed by another CA) gets nothing.
     let other = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(keyd_harness::BIN)
+    let out = std::process::Command::new(keyd_harness::keyd_bin())
         .args([
             "gen-dev-certs",
             "--out",
@@ -1620,10 +1621,12 @@ fn write_v1_state(k: &Keyd) -> ([u8; 32], serde_json::Value) {
         aad.extend_from_slice(part.as_bytes());
     }
     aad.extend_from_slice(&1u32.to_be_bytes());
-    let v2 =
-        panseal::keyd::state::decode_snapshot(&std::fs::read(k.path("data/state.bin")).unwrap(), 0)
-            .unwrap()
-            .state;
+    let v2 = panseal_keyd::state_file::decode_snapshot(
+        &std::fs::read(k.path("data/state.bin")).unwrap(),
+        0,
+    )
+    .unwrap()
+    .state;
     let v1 = serde_json::json!({
         "threshold": v2.threshold,
         "share_salt": v2.share_salt,
@@ -1690,7 +1693,7 @@ async fn a_version_1_backup_with_a_forged_generation_is_refused_and_destroyed_ke
         id: "keyd/test/v1-1".into(),
         version: 1,
     };
-    let bytes = panseal::keyd::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
+    let bytes = panseal::keyd::server::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
     let w = panseal::WrappedKey {
         kek: kek_ref,
         bytes,
@@ -1771,7 +1774,7 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
         id: "keyd/test/v1-1".into(),
         version: 1,
     };
-    let bytes = panseal::keyd::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
+    let bytes = panseal::keyd::server::wrap_key(&Aes256Gcm::new((&kek).into()), &kek_ref, &d, &dek);
     let w = panseal::WrappedKey {
         kek: kek_ref,
         bytes,
@@ -1808,7 +1811,7 @@ async fn a_version_1_state_still_reads_and_is_migrated_at_first_unseal() {
 
 #[test]
 fn keyd_state_v2_vectors_from_an_independent_implementation() {
-    use panseal::keyd::state::{decode_snapshot, parse_journal, Anchor, StateKeys};
+    use panseal_keyd::state_file::{decode_snapshot, parse_journal, Anchor, StateKeys};
     let path = format!(
         "{}/tests/vectors/keyd_state_v2.json",
         env!("CARGO_MANIFEST_DIR")
@@ -1850,7 +1853,7 @@ fn keyd_state_v2_vectors_from_an_independent_implementation() {
     let audit_key = panseal::AuditKey::from_bytes_insecure(hex_of("audit_key").try_into().unwrap());
     assert_eq!(audit_key.key_id(), v["audit_key_id"].as_str().unwrap());
     assert_eq!(snap.state.audit_key_id, audit_key.key_id());
-    let a = panseal::keyd::parse_audit_anchor(
+    let a = panseal::keyd::server::parse_audit_anchor(
         v["audit_anchor"].as_str().unwrap().as_bytes(),
         &audit_key,
     )

@@ -4,6 +4,7 @@
 //! KEK destruction is two custodians' approvals, and the outage is the
 //! server killed and restarted (sealed, then unsealed by two custodians).
 
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 mod keyservice_conformance;
 

@@ -3,17 +3,18 @@
 //! database writer cannot forge, reset or roll back. Each test plays the
 //! attacker with what its foothold permits and asserts a number.
 
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use keyd_harness::Keyd;
-use panseal::keyd::protocol as proto;
-use panseal::keyd::state::{self as st, State, StateKeys};
+use panseal::keyd::server::protocol as proto;
 use panseal::{
     Access, Dek, Environment, KeyId, KeyPurpose, KeyRequest, KeyService, KeyServiceError, KeyState,
     Pan, Scope, WrappedDek,
 };
+use panseal_keyd::state_file::{self as st, State, StateKeys};
 use serde_json::json;
 use sha2::Sha256;
 

@@ -3,17 +3,18 @@
 //! `/v1/generate-wrapped` and `/v1/admit`, played by the front end, the
 //! admission job, the reveal and unwrap principals and their attackers.
 
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use base64::Engine as _;
 use keyd_harness::Keyd;
-use panseal::keyd::protocol::{self as proto, AdmitItemErrorKind, WireAdmitResult};
-use panseal::keyd::state::{self as st, StateKeys};
+use panseal::keyd::server::protocol::{self as proto, AdmitItemErrorKind, WireAdmitResult};
 use panseal::{
     Access, AdmitItem, AdmitItemError, AdmitRequest, Context, Environment, IngestOpenRequest,
     IngestSealed, IngestSealer, KeyId, KeyPurpose, KeyService, KeyServiceError, KeyState, Pan,
     RemoteKeyService, Scope, WrappedDek,
 };
+use panseal_keyd::state_file::{self as st, StateKeys};
 
 fn scope(s: &str) -> Scope {
     Scope::new(s).unwrap()
@@ -952,7 +953,8 @@ fn keyd_state_v4_vectors_from_an_independent_implementation() {
         let scalar = st::open_secret(&keys.ingest_seal, &aad, k.sealed.as_ref().unwrap()).unwrap();
         assert_eq!(hex::encode(&scalar[..]), p["scalar"].as_str().unwrap());
         let pair =
-            panseal::keyd::IngestPrivateKey::from_scalar(&env, &sc, k.version, &scalar).unwrap();
+            panseal::keyd::server::IngestPrivateKey::from_scalar(&env, &sc, k.version, &scalar)
+                .unwrap();
         assert_eq!(
             hex::encode(pair.public_key().as_bytes()),
             p["point"].as_str().unwrap()

@@ -2,6 +2,7 @@
 //! credential reads at most its record quota per window, each record named
 //! in keyd's audit, and no DEK and no PAN leaks.
 
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use std::sync::Arc;

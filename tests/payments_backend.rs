@@ -6,7 +6,11 @@
 //! the principal never comes from the body, and no malformed request gets
 //! its PAN back in an error. Plus the intended path: create, show (masked),
 //! reveal (audited, lazy re-seal after a DEK rotation), lookup.
-#![cfg(all(feature = "postgres", feature = "keyd", feature = "hazmat-test-keys"))]
+#![cfg(all(
+    feature = "postgres",
+    feature = "keyd-client",
+    feature = "hazmat-test-keys"
+))]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! still opens in a fresh process.
 
 mod common;
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use std::process::{Command, Output, Stdio};

@@ -4,6 +4,7 @@
 #![cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]
 
 mod common;
+#[path = "../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 
 use std::process::{Command, Output, Stdio};

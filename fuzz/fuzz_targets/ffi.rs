@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use panseal::ffi::*;
+use panseal_ffi::*;
 
 struct Client(*mut panseal_client);
 // SAFETY: panseal client handles are thread-safe by contract.

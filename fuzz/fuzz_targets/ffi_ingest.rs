@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
-use panseal::ffi::*;
+use panseal_ffi::*;
 use panseal::hazmat::IngestPrivateKey;
 use panseal::{Context, Environment, IngestSealed, Pan, Scope};
 

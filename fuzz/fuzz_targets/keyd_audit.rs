@@ -5,7 +5,7 @@
 //! again; an intact chain verifies to its own count and head.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use panseal::keyd::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
+use panseal::keyd::server::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
 use panseal::{AuditKey, ChainSummary};
 
 fuzz_target!(|data: &[u8]| {

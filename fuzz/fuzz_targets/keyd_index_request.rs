@@ -4,7 +4,7 @@
 //! that decodes re-encodes to the same bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use panseal::keyd::protocol::*;
+use panseal::keyd::server::protocol::*;
 use panseal::WrappedDek;
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -5,7 +5,7 @@
 //! same ciphertext.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use panseal::keyd::protocol::*;
+use panseal::keyd::server::protocol::*;
 use panseal::{IngestPublicKey, IngestSealed, WrappedDek};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

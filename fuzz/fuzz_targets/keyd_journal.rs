@@ -2,7 +2,7 @@
 //! again (under a test key) parses to the same entry and authenticates.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use panseal::keyd::state::{encode_journal_entry, parse_journal, StateKeys};
+use panseal_keyd::state_file::{encode_journal_entry, parse_journal, StateKeys};
 
 fuzz_target!(|data: &[u8]| {
     let keys = StateKeys::derive(&[7; 32]);

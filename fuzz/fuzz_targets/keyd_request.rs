@@ -3,7 +3,7 @@
 //! the same JSON.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use panseal::keyd::protocol::*;
+use panseal::keyd::server::protocol::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 

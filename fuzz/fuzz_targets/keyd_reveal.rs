@@ -4,7 +4,7 @@
 //! (key-store record, sealed PAN, context), which refuse without panicking.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use panseal::keyd::protocol::*;
+use panseal::keyd::server::protocol::*;
 use panseal::{Context, SealedPan, WrappedDek};
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -3,7 +3,7 @@
 //! to the same state.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use panseal::keyd::state::{decode_snapshot, encode_snapshot, Anchor, StateKeys};
+use panseal_keyd::state_file::{decode_snapshot, encode_snapshot, Anchor, StateKeys};
 
 fuzz_target!(|data: &[u8]| {
     let keys = StateKeys::derive(&[7; 32]);

@@ -707,7 +707,7 @@ impl StoredPan {
 /// (keyd's state, the local service's memory); zeroized on drop, never
 /// printed.
 #[cfg_attr(
-    not(any(feature = "keyd", feature = "hazmat-test-keys")),
+    not(any(feature = "keyd-server", feature = "hazmat-test-keys")),
     allow(unreachable_pub, dead_code)
 )]
 pub struct IngestPrivateKey {
@@ -718,7 +718,7 @@ pub struct IngestPrivateKey {
 }
 
 #[cfg_attr(
-    not(any(feature = "keyd", feature = "hazmat-test-keys")),
+    not(any(feature = "keyd-server", feature = "hazmat-test-keys")),
     allow(unreachable_pub, dead_code)
 )]
 impl IngestPrivateKey {

@@ -27,16 +27,12 @@ mod aws_kms;
 pub(crate) mod local;
 #[cfg(feature = "pkcs11")]
 mod pkcs11;
-#[cfg(feature = "keyd-client")]
-mod remote;
 
 #[cfg(feature = "aws-kms")]
 pub use aws_kms::{AwsKmsConfig, AwsKmsCredentials, AwsKmsKeyService};
 pub use local::LocalKeyService;
 #[cfg(feature = "pkcs11")]
 pub use pkcs11::{Pkcs11Config, Pkcs11KeyService, Pkcs11Pin, Pkcs11PoolStats};
-#[cfg(feature = "keyd-client")]
-pub use remote::{RemoteKeyService, RemoteKeyServiceBuilder};
 
 /// Index keys live and are used only inside a key service: none is
 /// wrapped for, or unwrapped to, a caller.

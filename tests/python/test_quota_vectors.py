@@ -1,5 +1,5 @@
 """tests/vectors/keyd_quota/ is reproduced by its independent generator
-(FORMAT.md section 16); the Rust side decodes it (src/bin/keyd/quota.rs and
+(FORMAT.md section 16); the Rust side decodes it (keyd/src/quota.rs and
 reveal.rs unit tests)."""
 
 import subprocess

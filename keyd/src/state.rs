@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use panseal::keyd::state::{
+use crate::state_file::{
     self as fmt, Acknowledgement, Anchor, AuditPosition, Change, DekRecord, FormatError,
     IndexScopeRecord, IngestScopeRecord, JournalEntry, JournalHeader, RecordKeyRecord,
     RegistryEntry, ScopeRecord, State, StateKeys,
@@ -480,9 +480,9 @@ impl StateStore {
             });
         }
         let (bytes, mac) = fmt::encode_snapshot(state, keys);
-        panseal::keyd::write_atomically(&paths.state, &bytes).map_err(io(&paths.state))?;
+        panseal::keyd::server::write_atomically(&paths.state, &bytes).map_err(io(&paths.state))?;
         let _ = std::fs::remove_file(&paths.journal);
-        panseal::keyd::write_atomically(
+        panseal::keyd::server::write_atomically(
             &paths.anchor,
             &Anchor::new(keys, state.generation, &mac).encode(),
         )
@@ -710,7 +710,7 @@ impl StateStore {
                 path: audit.path().to_owned(),
                 source: std::io::Error::other(e.to_string()),
             })?;
-        panseal::keyd::write_atomically(
+        panseal::keyd::server::write_atomically(
             &self.paths.anchor,
             &Anchor::new(keys, generation, &w.head).encode(),
         )
@@ -762,13 +762,13 @@ impl StateStore {
             head: pos.head,
         };
         let (bytes, mac) = fmt::encode_snapshot(&next, &keys);
-        panseal::keyd::write_atomically(&self.paths.state, &bytes)
+        panseal::keyd::server::write_atomically(&self.paths.state, &bytes)
             .map_err(io(&self.paths.state))?;
         self.version.store(fmt::V4, Ordering::SeqCst);
         // Entries of the old journal are older than the snapshot: ignored
         // at load, then dropped here.
         w.journal = None;
-        panseal::keyd::write_atomically(&self.paths.journal, b"")
+        panseal::keyd::server::write_atomically(&self.paths.journal, b"")
             .map_err(io(&self.paths.journal))?;
         let generation = next.generation;
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = next;

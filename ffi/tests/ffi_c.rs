@@ -3,18 +3,17 @@
 //! test run built, and runs them. `test_ingest.c` (the write-only ingest
 //! ABI) needs `hazmat-test-keys` too: the key pair is generated here and the
 //! C program's ciphertexts are opened here with the private key.
-#![cfg(feature = "ffi")]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The directory holding the `libpanseal.so` built for this test run.
+/// The directory holding the `libpanseal_ffi.so` built for this test run.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().to_path_buf();
     assert!(
-        dir.join("libpanseal.so").exists(),
-        "libpanseal.so not found beside {}",
+        dir.join("libpanseal_ffi.so").exists(),
+        "libpanseal_ffi.so not found beside {}",
         exe.display()
     );
     dir
@@ -41,7 +40,7 @@ fn build_c(name: &str, out_dir: &Path) -> PathBuf {
         .arg(format!("-I{}", root.join("include").display()))
         .arg(&src)
         .arg(format!("-L{}", lib.display()))
-        .arg("-lpanseal")
+        .arg("-lpanseal_ffi")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .arg("-lpthread")
         .arg("-o")
@@ -91,7 +90,7 @@ fn c_programs_pass_under_sanitizers() {
 }
 
 /// The PANs `tests/c/test_ingest.c` seals, in its order (`PANS[]`).
-#[cfg(feature = "hazmat-test-keys")]
+
 const INGEST_PANS: [&str; 16] = [
     "4111111111111111",
     "5555555555554444",
@@ -117,7 +116,7 @@ const INGEST_PANS: [&str; 16] = [
 /// threads sharing one handle), bound to its row; an attacker's key pair
 /// opens none, and a front end that pins the fingerprint seals nothing to
 /// a substituted key.
-#[cfg(feature = "hazmat-test-keys")]
+
 #[test]
 fn c_front_end_seals_what_only_the_private_key_opens() {
     use base64::Engine as _;

@@ -6,23 +6,23 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::state_file::{
+    self as v3, Acknowledgement, Approval, CustodianShare, DekRecord, IndexKeyRecord,
+    IndexScopeRecord, KekRecord, RecordKeyRecord, RegistryEntry, ScopeRecord, State, StateKeys,
+};
 use aes_gcm::{Aes256Gcm, KeyInit};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use panseal::keyd::protocol::{
+use panseal::keyd::server::protocol::{
     self as proto, AcknowledgeRequest, AuditReadRequest, AuditReadResponse, CollectRequest,
     CollectResponse, DekDestroyResponse, DekTarget, DestroyResponse, ErrorBody, ErrorKind,
     GenerateRequest, GenerateResponse, KekStatus, KekTarget, KekVersionInfo, KekVersionTarget,
     KeyMaterial, Permission, ReshareRequest, ReshareResponse, RewrapRequest, ShareText,
     StatusResponse, UnsealRequest, UnwrapRequest, UnwrapResponse, WireKeyRequest, WireWrapped,
     WithdrawRequest, WithdrawResponse, WrapRequest, WrappedResponse,
-};
-use panseal::keyd::state::{
-    self as v3, Acknowledgement, Approval, CustodianShare, DekRecord, IndexKeyRecord,
-    IndexScopeRecord, KekRecord, RecordKeyRecord, RegistryEntry, ScopeRecord, State, StateKeys,
 };
 use panseal::{
     ChainedAuditLog, Environment, KekRef, KeyId, KeyPurpose, KeyRequest, KeyServiceError, KeyState,
@@ -206,7 +206,7 @@ fn later_state(a: KeyState, b: KeyState) -> KeyState {
 }
 
 fn slot(environment: &str, scope: &str) -> String {
-    panseal::keyd::state::scope_key(environment, scope)
+    crate::state_file::scope_key(environment, scope)
 }
 
 fn dek_key(environment: &str, scope: &str, id: &str) -> String {
@@ -810,7 +810,7 @@ impl Server {
                         id,
                         version: sk.active,
                     };
-                    let bytes = panseal::keyd::wrap_key(cipher, &kek_ref, request, key);
+                    let bytes = panseal::keyd::server::wrap_key(cipher, &kek_ref, request, key);
                     return Ok(WireWrapped {
                         kek_id: kek_ref.id,
                         kek_version: kek_ref.version,
@@ -974,7 +974,7 @@ impl Server {
             id: wrapped.kek_id.clone(),
             version: wrapped.kek_version,
         };
-        Ok(panseal::keyd::unwrap_key(
+        Ok(panseal::keyd::server::unwrap_key(
             cipher,
             &kek_ref,
             request,
@@ -1779,7 +1779,7 @@ fn reseal_v3(
     old: &StateKeys,
     new: &StateKeys,
     next: &mut State,
-) -> Result<(), panseal::keyd::state::FormatError> {
+) -> Result<(), crate::state_file::FormatError> {
     for r in next.index_keys.values_mut() {
         for k in r.versions.iter_mut() {
             if let Some(sealed) = &k.sealed {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use panseal::keyd::protocol::{
+use panseal::keyd::server::protocol::{
     PanDigits, RevealRequest, RevealResponse, WhoamiResponse, WireWrapped,
 };
 use panseal::{Access, Context, KeyPurpose, KeyState, SealedPan, WrappedDek};
@@ -23,7 +23,7 @@ use super::{
 };
 use crate::config::Principal;
 use crate::quota::Refusal;
-use panseal::keyd::protocol::{ErrorKind, Permission};
+use panseal::keyd::server::protocol::{ErrorKind, Permission};
 
 /// Unwrapped DEKs keyd keeps for `reveal`.
 pub(crate) const CACHE_CAPACITY: usize = 1024;
@@ -291,8 +291,8 @@ impl Server {
             return Err(open_failed());
         }
         let dek = self.reveal_key(&record)?;
-        let pan =
-            panseal::keyd::open_with_key(&dek, &sealed, &context).map_err(|_| open_failed())?;
+        let pan = panseal::keyd::server::open_with_key(&dek, &sealed, &context)
+            .map_err(|_| open_failed())?;
         json(&RevealResponse {
             pan: PanDigits::new(pan.expose_digits().to_owned()),
             needs_reseal: record.state != KeyState::Active || now >= record.encrypt_until,
@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn record_digest_matches_the_python_vectors() {
         let doc: serde_json::Value = serde_json::from_str(include_str!(
-            "../../../tests/vectors/keyd_quota/quota_state_v1.json"
+            "../../tests/vectors/keyd_quota/quota_state_v1.json"
         ))
         .unwrap();
         let vectors = doc["record_digests"].as_array().unwrap();

@@ -42,10 +42,6 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use super::{
-    sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
-    Permissions, RevealRequest, MAX_ADMIT_BATCH,
-};
 use crate::audit::Access;
 use crate::error::AdmitItemError;
 use crate::error::{ConfigError, Error, KeyServiceError};
@@ -63,6 +59,10 @@ use crate::keyd::protocol::{
 };
 use crate::keys::{
     Dek, Environment, KeyRequest, KeyState, RecordTag, Scope, WrappedDek, WrappedKey,
+};
+use crate::keyservice::{
+    sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
+    Permissions, RevealRequest, MAX_ADMIT_BATCH,
 };
 use crate::pan::{Pan, PanRules};
 use crate::Opened;
@@ -1258,7 +1258,7 @@ impl KeyService for RemoteKeyService {
 
     /// `POST /v1/generate-wrapped`: only the wrap comes back.
     async fn generate_wrapped(&self, request: &KeyRequest) -> Result<WrappedKey, KeyServiceError> {
-        super::refuse_index_purpose(request)?;
+        crate::keyservice::refuse_index_purpose(request)?;
         let r = GenerateRequest {
             key: request.into(),
         };
@@ -1281,7 +1281,7 @@ impl KeyService for RemoteKeyService {
         let record = request.record.to_bytes();
         // Room for the record, the versions and the JSON around them.
         let budget = proto::MAX_ADMIT_BODY_BYTES - 16 * 1024 - record.len() * 2;
-        let mut chunks: Vec<&[super::AdmitItem<'_>]> = Vec::new();
+        let mut chunks: Vec<&[crate::keyservice::AdmitItem<'_>]> = Vec::new();
         let (mut start, mut size) = (0usize, 0usize);
         for (i, item) in request.items.iter().enumerate() {
             let c = item.context;

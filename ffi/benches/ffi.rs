@@ -16,10 +16,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use panseal::ffi::*;
 use panseal::{
     blocking, config::ClientConfig, Access, Context, IngestPublicKey, IngestSealer, Pan, SealedPan,
 };
+use panseal_ffi::*;
 
 /// The P-256 generator, uncompressed SEC1: a valid public key.
 const GENERATOR: &str = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296\

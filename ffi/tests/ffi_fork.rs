@@ -4,7 +4,6 @@
 //! the ciphertexts looks for: nonces repeated under one DEK (two give away
 //! the GHASH key, and the XOR of the plaintexts) and DEKs shared between
 //! processes.
-#![cfg(feature = "ffi")]
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -16,8 +15,8 @@ fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().to_path_buf();
     assert!(
-        dir.join("libpanseal.so").exists(),
-        "libpanseal.so not found beside {}",
+        dir.join("libpanseal_ffi.so").exists(),
+        "libpanseal_ffi.so not found beside {}",
         exe.display()
     );
     dir
@@ -52,7 +51,7 @@ fn forked_children_never_reuse_a_nonce_or_the_parents_dek() {
         .arg(format!("-I{}", root.join("include").display()))
         .arg(root.join("tests/c/fork.c"))
         .arg(format!("-L{}", lib.display()))
-        .arg("-lpanseal")
+        .arg("-lpanseal_ffi")
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .arg("-lpthread")
         .arg("-o")

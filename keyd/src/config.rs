@@ -78,7 +78,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use panseal::keyd::protocol::Permission;
+use panseal::keyd::server::protocol::Permission;
 use panseal::{Environment, Scope};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::keys::KeyState;
+use panseal::KeyState;
 
 type HmacSha256 = Hmac<Sha256>;
 

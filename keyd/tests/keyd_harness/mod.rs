@@ -7,10 +7,38 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use panseal::keyd::protocol::ShareText;
+use panseal::keyd::ShareText;
 use panseal::RemoteKeyService;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_panseal-keyd");
+/// The `panseal-keyd` binary of this build: `PANSEAL_KEYD_BIN`, else the
+/// one beside the test binary's folder (`target/<profile>/panseal-keyd`,
+/// built by `cargo test --workspace` or `cargo build -p panseal-keyd`).
+pub fn keyd_bin() -> &'static Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("PANSEAL_KEYD_BIN") {
+            return PathBuf::from(p);
+        }
+        // panseal-keyd's own tests and benches.
+        if let Some(p) = option_env!("CARGO_BIN_EXE_panseal-keyd") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("current_exe");
+        // target/<profile>/deps/<test> or target/<profile>/examples/<x>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>");
+        let bin = profile_dir.join("panseal-keyd");
+        assert!(
+            bin.exists(),
+            "{} not found: build it first with `cargo build -p panseal-keyd` \
+             (scripts/test.sh does), or set PANSEAL_KEYD_BIN",
+            bin.display()
+        );
+        bin
+    })
+}
 
 /// Principals of the test configuration: (name, environment, scopes,
 /// permissions, quota).
@@ -129,7 +157,7 @@ pub struct Keyd {
 }
 
 pub fn run(args: &[&str]) -> String {
-    let out = Command::new(BIN)
+    let out = Command::new(keyd_bin())
         .args(args)
         .output()
         .expect("run panseal-keyd");
@@ -206,7 +234,7 @@ impl Keyd {
         for c in custodians {
             args.extend(["--custodian", c]);
         }
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(keyd_bin())
             .args(&args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -267,7 +295,7 @@ impl Keyd {
         } else {
             self.addr.clone()
         };
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(keyd_bin())
             .args(["serve", "--config", self.config_str(), "--listen", &listen])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -294,7 +322,7 @@ impl Keyd {
         } else {
             self.addr.clone()
         };
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(keyd_bin())
             .args(["serve", "--config", self.config_str(), "--listen", &listen])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -326,7 +354,7 @@ impl Keyd {
 
     /// Starts the server expecting it to refuse; returns its stderr.
     pub fn start_fails(&self) -> String {
-        let out = Command::new(BIN)
+        let out = Command::new(keyd_bin())
             .args(["serve", "--config", self.config_str()])
             .output()
             .unwrap();
@@ -479,7 +507,7 @@ impl Keyd {
             "test",
         ];
         args.extend_from_slice(extra);
-        let out = Command::new(BIN).args(&args).output().unwrap();
+        let out = Command::new(keyd_bin()).args(&args).output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -489,7 +517,7 @@ impl Keyd {
 
     /// `panseal-keyd verify-audit`: (exit code, stdout).
     pub fn verify_audit(&self) -> (i32, String) {
-        let out = Command::new(BIN)
+        let out = Command::new(keyd_bin())
             .args(["verify-audit", "--config", self.config_str()])
             .output()
             .unwrap();

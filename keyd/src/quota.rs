@@ -605,7 +605,7 @@ impl QuotaStore {
             c.snapshot.written_at = now;
             (encode(key, &c.snapshot), at)
         };
-        panseal::keyd::write_atomically(&self.path, &bytes).map_err(|e| {
+        panseal::keyd::server::write_atomically(&self.path, &bytes).map_err(|e| {
             eprintln!(
                 "panseal-keyd: quota state {} not written: {e}",
                 self.path.display()
@@ -626,7 +626,7 @@ mod tests {
     #[test]
     fn python_vector_decodes_and_encodes_to_the_same_bytes() {
         let doc: serde_json::Value = serde_json::from_str(include_str!(
-            "../../../tests/vectors/keyd_quota/quota_state_v1.json"
+            "../../tests/vectors/keyd_quota/quota_state_v1.json"
         ))
         .unwrap();
         let q = &doc["quota_state"];

@@ -30,6 +30,8 @@ mod custodian;
 mod quota;
 mod seal;
 mod state;
+#[doc(hidden)]
+pub mod state_file;
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -38,9 +40,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::state_file::{Acknowledgement, AuditPosition, CustodianShare, State};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use panseal::keyd::state::{Acknowledgement, AuditPosition, CustodianShare, State};
 use panseal::{
     read_audit_anchor, verify_audit_chain_anchored, AuditError, AuditKey, ChainSummary,
     ChainedAuditLog,
@@ -119,7 +121,8 @@ impl Args {
     }
 }
 
-fn main() -> ExitCode {
+/// The `panseal-keyd` command line (the binary's `main`).
+pub fn run() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let Some((cmd, rest)) = argv.split_first() else {
         eprintln!("{USAGE}");
@@ -281,7 +284,7 @@ fn init_collect(
     threshold: u8,
     texts: std::collections::BTreeMap<String, zeroize::Zeroizing<String>>,
 ) -> Result<std::collections::BTreeMap<String, Acknowledgement>, String> {
-    use panseal::keyd::protocol::{
+    use panseal::keyd::server::protocol::{
         self as proto, CollectRequest, CollectResponse, ErrorBody, ErrorKind, ShareText,
         StatusResponse,
     };
@@ -475,7 +478,7 @@ fn verify_audit_inner(args: &Args) -> Result<String, (u8, String)> {
     if let Some(cfg) = &cfg {
         let paths = cfg.paths();
         if let Ok(bytes) = std::fs::read(&paths.state) {
-            let snap = panseal::keyd::state::decode_snapshot(&bytes, 0)
+            let snap = crate::state_file::decode_snapshot(&bytes, 0)
                 .map_err(|e| (1, format!("state {}: {e}", paths.state.display())))?;
             let id = &snap.state.audit_key_id;
             if !id.is_empty() && id != &key.key_id() {
@@ -628,7 +631,7 @@ fn open_audit(cfg: &Config, state: &StateStore) -> Result<(ChainedAuditLog, Stri
     let mut vouched = false;
     match std::fs::read(&log_path) {
         Ok(bytes) => {
-            panseal::keyd::verify_audit_bytes(&bytes, &key, &anchor, &mut |_, body| {
+            panseal::keyd::server::verify_audit_bytes(&bytes, &key, &anchor, &mut |_, body| {
                 if let Some((g, head)) = state_commit(body) {
                     committed = committed.max(g);
                     commits += 1;

@@ -3,23 +3,23 @@
 //!
 //! The master key itself is used only as HKDF input: state authentication,
 //! the rollback anchor, KEK sealing and the check value each use their own
-//! subkey (`panseal::keyd::state::StateKeys`). State version 1 sealed KEKs
+//! subkey (`crate::state_file::StateKeys`). State version 1 sealed KEKs
 //! and the check value directly under the master key; those are opened
 //! once, at the migration to version 2.
 
+use crate::state_file::StateKeys;
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use blahaj::{Share, Sharks};
 use hmac::{Hmac, Mac};
-use panseal::keyd::state::StateKeys;
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 /// State version 1: KEKs and the check sealed under the master key itself.
-pub(crate) const V1: u8 = panseal::keyd::state::V1;
+pub(crate) const V1: u8 = crate::state_file::V1;
 /// State version 2: under HKDF subkeys.
-pub(crate) const V2: u8 = panseal::keyd::state::V2;
+pub(crate) const V2: u8 = crate::state_file::V2;
 
 const CHECK_PLAINTEXT: &[u8] = b"panseal-keyd master key check v1";
 const SHARE_PREFIX: &str = "pks1-";
@@ -282,7 +282,7 @@ mod tests {
         let mut key = Zeroizing::new([0u8; 32]);
         hex::decode_to_slice(v["master_key"].as_str().unwrap(), &mut key[..]).unwrap();
         let m = MasterKey::from_bytes(&key);
-        let snap = panseal::keyd::state::decode_snapshot(
+        let snap = crate::state_file::decode_snapshot(
             &hex::decode(v["state_bin"].as_str().unwrap()).unwrap(),
             0,
         )

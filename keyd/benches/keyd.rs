@@ -52,7 +52,7 @@ async fn keys(ks: &dyn KeyService, n: usize) -> Vec<(KeyRequest, WrappedKey)> {
 /// left), signed by the admission job's `wrap` credential.
 async fn admit_record(ks: &panseal::RemoteKeyService, sc: &Scope) -> panseal::WrappedDek {
     let v: serde_json::Value =
-        serde_json::from_str(include_str!("../tests/vectors/record_v1.json")).unwrap();
+        serde_json::from_str(include_str!("../../tests/vectors/record_v1.json")).unwrap();
     let bytes = hex::decode(v["records"][0]["record_hex"].as_str().unwrap()).unwrap();
     let mut r = panseal::WrappedDek::from_bytes(&bytes).unwrap();
     let now = std::time::SystemTime::now()

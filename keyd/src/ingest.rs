@@ -10,13 +10,13 @@
 
 use std::collections::BTreeMap;
 
-use panseal::keyd::protocol::{
+use crate::state_file::{IngestKeyRecord, IngestScopeRecord};
+use panseal::keyd::server::protocol::{
     AdmitItemErrorKind, AdmitRequest, AdmitResponse, ErrorBody, ErrorKind, GenerateRequest,
     IngestKeyVersion, IngestKeysResponse, IngestOpenRequest, IngestStateRequest, KekTarget,
     PanDigits, Permission, RevealResponse, WireAdmitResult, WireContext, WrappedResponse,
 };
-use panseal::keyd::state::{IngestKeyRecord, IngestScopeRecord};
-use panseal::keyd::IngestPrivateKey;
+use panseal::keyd::server::IngestPrivateKey;
 use panseal::{
     Access, Context, Environment, IngestSealed, KeyPurpose, KeyRequest, KeyState, Scope,
     WrappedDek, MAX_ADMIT_BATCH,
@@ -42,7 +42,7 @@ pub(super) fn unknown_ingest_key(scope: &str, version: u32) -> Failure {
 
 /// The `sealed` string of a request (text form or base64 bytes).
 pub(crate) fn parse_ingest(s: &str) -> Option<IngestSealed> {
-    panseal::keyd::protocol::parse_ingest_sealed(s)
+    panseal::keyd::server::protocol::parse_ingest_sealed(s)
 }
 
 fn context_of(c: &WireContext) -> Result<Context, Failure> {
@@ -315,7 +315,7 @@ impl Server {
         // recomputing it, so a DEK any caller holds (from `/v1/generate`,
         // `/v1/wrap` or another writer) is never sealed under by admit.
         let keys = self.state_keys()?;
-        let key = panseal::keyd::state::admission_dek(
+        let key = crate::state_file::admission_dek(
             &keys,
             request.environment.as_str(),
             request.scope.as_str(),
@@ -412,13 +412,13 @@ impl Server {
         // wrapped a DEK itself (any `wrap` credential can) would otherwise
         // read every admitted PAN back out of the compact answers.
         let keys = self.state_keys()?;
-        let expected = panseal::keyd::state::admission_dek(
+        let expected = crate::state_file::admission_dek(
             &keys,
             record.environment.as_str(),
             record.scope.as_str(),
             record.id.as_bytes(),
         );
-        if !panseal::keyd::state::keys_equal(&dek, &expected) {
+        if !crate::state_file::keys_equal(&dek, &expected) {
             return Err(denied(format!(
                 "key {} is not an admission DEK (made by /v1/generate-wrapped): admit seals \
                  only under a DEK no caller ever held",
@@ -452,7 +452,7 @@ impl Server {
                     }
                     _ => (AdmitItemErrorKind::OpenFailed, None),
                 })?;
-                let compact = panseal::keyd::seal_with_key(&dek, record.id, &pan, &context);
+                let compact = panseal::keyd::server::seal_with_key(&dek, record.id, &pan, &context);
                 let mut index = Vec::with_capacity(macs.len() * 32);
                 for m in &macs {
                     let mut m = m.clone();

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use panseal::keyd::protocol::ShareText;
+use panseal::keyd::server::protocol::ShareText;
 use panseal::{
     Environment, KeyId, KeyPurpose, KeyRequest, KeyService, KeyServiceError, KeyState,
     RemoteKeyService, Scope,

@@ -1,4 +1,7 @@
-//! The C ABI (feature `ffi`): the only module of panseal with `unsafe`.
+//! `panseal-ffi`: the C ABI of panseal (`libpanseal`, `include/panseal.h`),
+//! the only crate of panseal with `unsafe`. Built as a `cdylib` and a
+//! `staticlib`; `scripts/cinstall.sh` installs them with the header and a
+//! pkg-config file.
 //!
 //! Conventions (after rustls-ffi):
 //!
@@ -33,7 +36,8 @@
 //! service, key store, credential or audit sink is involved; the private
 //! key stays in the key service, which admits or reveals the ciphertexts.
 
-#![allow(unsafe_code)]
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_camel_case_types)]
 
 use std::cell::RefCell;
@@ -44,10 +48,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use sha2::Digest as _;
 
-use crate::config::ClientConfig;
-use crate::error::{ConfigError, Error, FormatError, KeyError, KeyServiceError};
-use crate::pan::{MaskStyle, Pan, PanRules};
-use crate::{blocking, Access, Context, IngestPublicKey, IngestSealed, IngestSealer, SealedPan};
+use panseal::config::ClientConfig;
+use panseal::{blocking, Access, Context, IngestPublicKey, IngestSealed, IngestSealer, SealedPan};
+use panseal::{ConfigError, Error, FormatError, KeyError, KeyServiceError};
+use panseal::{MaskStyle, Pan, PanRules};
 
 /// Result of every panseal C function.
 #[repr(u32)]
@@ -134,9 +138,9 @@ pub const PANSEAL_INDEX_BUFFER: usize = 65;
 
 // The C constants are literals (cbindgen cannot evaluate paths); keep them
 // equal to the Rust ones.
-const _: () = assert!(PANSEAL_SEALED_TEXT_BUFFER == crate::V1_TEXT_LEN + 1);
-const _: () = assert!(PANSEAL_SEALED_BINARY_LEN == crate::V1_LEN);
-const _: () = assert!(PANSEAL_PAN_BUFFER == crate::MAX_PAN_DIGITS + 1);
+const _: () = assert!(PANSEAL_SEALED_TEXT_BUFFER == panseal::V1_TEXT_LEN + 1);
+const _: () = assert!(PANSEAL_SEALED_BINARY_LEN == panseal::V1_LEN);
+const _: () = assert!(PANSEAL_PAN_BUFFER == panseal::MAX_PAN_DIGITS + 1);
 
 /// Bytes `panseal_ingest_seal` needs in its output buffer (134 characters +
 /// NUL).
@@ -147,8 +151,8 @@ pub const PANSEAL_INGEST_BINARY_LEN: usize = 101;
 /// hex digits + NUL).
 pub const PANSEAL_FINGERPRINT_BUFFER: usize = 65;
 
-const _: () = assert!(PANSEAL_INGEST_TEXT_BUFFER == crate::INGEST_TEXT_LEN + 1);
-const _: () = assert!(PANSEAL_INGEST_BINARY_LEN == crate::INGEST_LEN);
+const _: () = assert!(PANSEAL_INGEST_TEXT_BUFFER == panseal::INGEST_TEXT_LEN + 1);
+const _: () = assert!(PANSEAL_INGEST_BINARY_LEN == panseal::INGEST_LEN);
 
 /// Mask styles for `panseal_mask` (PCI DSS 3.4.1).
 pub const PANSEAL_MASK_LAST_FOUR: u32 = 0;
@@ -219,6 +223,9 @@ fn map(e: Error) -> (panseal_result, String) {
         Error::KeyStore(_) => PANSEAL_KEY_STORE_ERROR,
         Error::Audit(_) | Error::Config(ConfigError::NoAuditSink) => PANSEAL_AUDIT_ERROR,
         Error::Config(_) => PANSEAL_CONFIG_ERROR,
+        // `Error` is non-exhaustive; a kind added later is refused, with
+        // its message, until it gets a code of its own.
+        _ => PANSEAL_KEY_REFUSED,
     };
     (code, e.to_string())
 }
@@ -550,7 +557,7 @@ pub unsafe extern "C" fn panseal_seal(
     guard(|| {
         // SAFETY: forwarded contracts.
         let sealed = unsafe { seal_from(client, pan, pan_len, ctx) }?;
-        let mut text = [0u8; crate::V1_TEXT_LEN];
+        let mut text = [0u8; panseal::V1_TEXT_LEN];
         text.copy_from_slice(sealed.to_text().as_bytes());
         // SAFETY: forwarded contract.
         unsafe { write_text(&text, out.cast(), out_cap, out_len) }
