@@ -56,6 +56,22 @@ PANSEAL_ASAN_RUNTIME="$(gcc -print-file-name=libasan.so)" \
 step "examples"
 cargo run --quiet --example quickstart
 
+step "C library: scripts/cinstall.sh, then the README's C example built with pkg-config (shared and static)"
+bash scripts/cinstall.sh --prefix "$LOG/c-prefix" --debug
+export PKG_CONFIG_PATH="$LOG/c-prefix/lib/pkgconfig"
+gcc -Wall -Wextra -Werror ffi/tests/c/example.c $(pkg-config --cflags --libs panseal) \
+    -o "$LOG/c-example-shared"
+readelf -d "$LOG/c-example-shared" | grep -q 'NEEDED.*\[libpanseal\.so\.0\]'
+gcc -Wall -Wextra -Werror ffi/tests/c/example.c $(pkg-config --cflags panseal) \
+    "$LOG/c-prefix/lib/libpanseal.a" $(pkg-config --static --libs-only-l panseal | sed 's/-lpanseal\b//') \
+    -o "$LOG/c-example-static"
+! readelf -d "$LOG/c-example-static" | grep -q 'NEEDED.*libpanseal'
+for v in shared static; do
+    (cd "$LOG" && LD_LIBRARY_PATH="$LOG/c-prefix/lib" "./c-example-$v") | grep -q '^store in VARCHAR(64): P1'
+    echo "c example ($v): sealed and opened"
+done
+unset PKG_CONFIG_PATH
+
 step "benches compile"
 cargo bench --workspace --no-run --quiet --all-features
 

@@ -18,10 +18,12 @@ use crate::context::Context;
 use crate::error::{AuditError, ConfigError};
 use crate::keys::{KeyId, Scope};
 
+// The raw chain functions are used by keyd (feature `keyd-server`) and the
+// chain's own tests.
+#[cfg_attr(not(feature = "keyd-server"), allow(dead_code, unreachable_pub))]
 mod chain;
 
-#[cfg(feature = "keyd-client")]
-#[doc(hidden)]
+#[cfg(feature = "keyd-server")]
 pub use chain::{chain_raw_events, parse_audit_anchor, verify_audit_bytes};
 pub use chain::{
     read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, AuditKey, ChainSummary,

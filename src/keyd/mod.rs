@@ -19,6 +19,7 @@ mod client;
 // `keyd-server`); without it the client uses them and the crate re-exports
 // only what its calls return.
 #[allow(unreachable_pub)]
+#[cfg_attr(not(feature = "keyd-server"), allow(dead_code))]
 mod protocol;
 #[cfg(feature = "keyd-server")]
 mod support;
