@@ -7,7 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 
-use crate::audit::{Access, AuditSink, Emitter, Operation};
+use crate::access::Access;
+use crate::audit::{AuditSink, Emitter, Operation};
 use crate::clock;
 use crate::context::Context;
 use crate::error::AdmitItemError;

@@ -8,8 +8,8 @@
 
 use std::sync::Arc;
 
+use crate::access::Access;
 use crate::api::{Admission, OpenFor, Opened, PansealBuilder};
-use crate::audit::Access;
 use crate::context::Context;
 use crate::error::{AdmitItemError, ConfigError, Error};
 use crate::format::SealedPan;

@@ -6,7 +6,7 @@
 //! or transport carry detail and say whether a retry can help
 //! ([`Error::is_retryable`]).
 
-use crate::keys::{KeyId, KeyState};
+use crate::ids::{KeyId, KeyState};
 
 /// Everything that can go wrong in panseal.
 #[derive(Debug, thiserror::Error)]

@@ -54,6 +54,7 @@
 #![warn(unreachable_pub, clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod access;
 #[cfg(feature = "postgres")]
 pub mod admit;
 mod api;
@@ -66,6 +67,7 @@ mod error;
 mod format;
 #[cfg(feature = "hazmat-test-keys")]
 pub mod hazmat;
+mod ids;
 mod index;
 mod ingest;
 #[cfg(feature = "keyd-client")]
@@ -80,11 +82,12 @@ pub mod reencrypt;
 pub mod reindex;
 mod seal;
 
+pub use access::Access;
 pub use api::{Admission, Opened, Panseal, PansealBuilder};
 pub use audit::{
-    read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, Access, AuditEvent,
-    AuditKey, AuditSink, ChainSummary, ChainedAuditLog, JsonLinesAuditSink, MemoryAuditSink,
-    Operation, Outcome, RecordedEvent,
+    read_audit_anchor, verify_audit_chain, verify_audit_chain_anchored, AuditEvent, AuditKey,
+    AuditSink, ChainSummary, ChainedAuditLog, JsonLinesAuditSink, MemoryAuditSink, Operation,
+    Outcome, RecordedEvent,
 };
 pub use context::{Context, MAX_COLUMN_LEN, MAX_ROW_KEY_LEN, MAX_TABLE_LEN};
 pub use error::{

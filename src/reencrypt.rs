@@ -26,7 +26,7 @@ use std::collections::HashSet;
 
 use serde::Serialize;
 
-use crate::audit::Access;
+use crate::access::Access;
 use crate::context::Context;
 use crate::error::{Error, KeyStoreError};
 use crate::format::SealedPan;

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::audit::Access;
+use crate::access::Access;
 use crate::context::Context;
 use crate::error::{Error, KeyServiceError};
 use crate::format::SealedPan;

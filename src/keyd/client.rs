@@ -42,7 +42,7 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use crate::audit::Access;
+use crate::access::Access;
 use crate::error::AdmitItemError;
 use crate::error::{ConfigError, Error, KeyServiceError};
 use crate::format::SealedPan;

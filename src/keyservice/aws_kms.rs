@@ -76,7 +76,7 @@ use super::{
     sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
     Permissions,
 };
-use crate::audit::Access;
+use crate::access::Access;
 use crate::error::{AdmitItemError, KeyServiceError};
 use crate::ingest::IngestKeyInfo;
 use crate::keys::{

@@ -20,7 +20,7 @@ use super::{
     sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
     Permissions, MAX_ADMIT_BATCH,
 };
-use crate::audit::Access;
+use crate::access::Access;
 use crate::error::{AdmitItemError, Error, KeyError, KeyServiceError};
 use crate::ingest::{IngestKeyInfo, IngestPrivateKey, IngestSealed};
 use crate::keys::{

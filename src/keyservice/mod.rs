@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::audit::Access;
+use crate::access::Access;
 use crate::context::Context;
 use crate::error::{AdmitItemError, KeyServiceError};
 use crate::format::SealedPan;

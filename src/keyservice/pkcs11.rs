@@ -78,7 +78,7 @@ use super::{
     sealed, AdmitOutput, AdmitRequest, IndexKeyInfo, IngestOpenRequest, KekInfo, KeyService,
     Permissions, MAX_ADMIT_BATCH,
 };
-use crate::audit::Access;
+use crate::access::Access;
 use crate::context::Context;
 use crate::error::{AdmitItemError, Error, KeyError, KeyServiceError};
 use crate::ingest::split::{self, DhSecret};
