@@ -5,15 +5,17 @@ CI reaches crates.io, PyPI, Debian and npm but not GitHub, where the RustSec
 advisory database lives. So the advisories of every crate in the lockfiles
 (`Cargo.lock`, `fuzz/Cargo.lock`) are committed under `deny/advisory-db/`
 with the upstream commit and date they were taken from, and the test command
-turns that snapshot into a local git repository that `deny.toml` names as its
-advisory database (`file://` URL).
+turns that snapshot into the local git repository where `cargo deny --offline`
+looks for the database `deny.toml` names.
 
   python3 scripts/advisories.py refresh /path/to/advisory-db-checkout
       Rewrites the snapshot from a checkout (or bare clone) of
       https://github.com/rustsec/advisory-db for the crates in the lockfiles.
   python3 scripts/advisories.py materialize DIR
-      Builds DIR/advisory-db (a git repository of the snapshot) for
-      cargo-deny. Fails if a crate in a lockfile is not covered by the
+      Builds DIR, a git repository of the snapshot whose commit carries the
+      upstream date, where cargo-deny looks for its database (`db-path` in
+      deny.toml, then `advisory-db-<hash of the URL>`; scripts/test.sh
+      names it), and `cargo deny --offline` reads it. Fails if a crate in a lockfile is not covered by the
       snapshot (a new dependency: refresh) or if the snapshot is older than
       MAX_AGE_DAYS (refresh it).
 """
@@ -97,9 +99,10 @@ def materialize(out):
             f"advisory snapshot is {age.days} days old (limit {MAX_AGE_DAYS}): "
             "refresh it from https://github.com/rustsec/advisory-db"
         )
-    repo = pathlib.Path(out) / "advisory-db"
+    repo = pathlib.Path(out)
     if repo.exists():
         shutil.rmtree(repo)
+    repo.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(SNAPSHOT, repo)
     env = dict(
         os.environ,

