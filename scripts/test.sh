@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (after scripts/setup.sh):
 #   bash scripts/test.sh
-# FUZZ_SECONDS (default 60) sets how long each fuzz target runs.
+# FUZZ_SECONDS (default 30) sets how long each fuzz target runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
 LOG="$(mktemp -d)/panseal-test"
 mkdir -p "$LOG"
 export CARGO_TERM_COLOR=never
