@@ -11,6 +11,7 @@ pub use crate::ids::{KeyId, KeyState};
 
 mod cache;
 mod dek;
+pub(crate) mod lifecycle;
 mod policy;
 pub(crate) mod record;
 
