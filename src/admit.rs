@@ -57,6 +57,7 @@ pub struct AdmitJob {
 
 /// Where a job stands (committed with every batch).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct AdmitProgress {
     /// Rows read.
     pub scanned: u64,
@@ -79,6 +80,7 @@ pub struct AdmitProgress {
 
 /// What a run would do (dry run: nothing changes).
 #[derive(Clone, Debug, Default, Serialize)]
+#[non_exhaustive]
 pub struct AdmitPlan {
     /// Rows after the checkpoint.
     pub remaining_rows: u64,

@@ -59,6 +59,7 @@ pub enum Outcome {
 /// One audit event. Borrowed, so emitting one on the open path allocates
 /// nothing; sinks that keep events copy what they need.
 #[derive(Clone, Copy, Debug, Serialize)]
+#[non_exhaustive]
 pub struct AuditEvent<'a> {
     /// When.
     #[serde(serialize_with = "ser_time")]
@@ -111,6 +112,7 @@ pub trait AuditSink: Send + Sync {
 
 /// An owned copy of an event, as kept by [`MemoryAuditSink`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct RecordedEvent {
     /// When.
     pub time: SystemTime,

@@ -70,6 +70,7 @@ pub struct ReencryptJob {
 
 /// Where a job stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct Progress {
     /// Rows read.
     pub scanned: u64,
@@ -332,6 +333,7 @@ impl ReencryptJob {
 
 /// What a job would do (dry run).
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct Plan {
     /// The DEKs whose fields would be re-sealed.
     pub stale_keys: Vec<KeyId>,

@@ -152,6 +152,7 @@ pub struct ReindexJob {
 
 /// Where a job stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ReindexProgress {
     /// The index-key version rows are moved to.
     pub target_version: u32,
@@ -172,6 +173,7 @@ pub struct ReindexProgress {
 
 /// What a job would do (dry run: counts only, nothing opened or changed).
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct ReindexPlan {
     /// The newest active index-key version.
     pub target_version: u32,

@@ -264,6 +264,7 @@ impl<'de> Deserialize<'de> for IngestPublicKey {
 /// the public half and its lifecycle. The private half never leaves the
 /// service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct IngestKeyInfo {
     /// The public key (environment, scope, version, point).
     pub public_key: IngestPublicKey,

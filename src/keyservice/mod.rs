@@ -145,6 +145,7 @@ impl Permissions {
 /// One version of a scope's blind-index key. The key lives inside the key
 /// service (keyd state, an HSM object, a KMS key); only these facts leave it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct IndexKeyInfo {
     /// The scope the key serves.
     pub scope: Scope,
@@ -234,6 +235,7 @@ impl AdmitOutput {
 
 /// Non-secret facts about a key service's current KEK.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct KekInfo {
     /// The KEK's identifier.
     pub id: String,

@@ -308,6 +308,7 @@ impl std::fmt::Debug for Pkcs11KeyService {
 
 /// Facts about the session pool, for monitoring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Pkcs11PoolStats {
     /// Sessions open now (idle or in use).
     pub open: usize,

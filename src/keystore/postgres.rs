@@ -366,6 +366,7 @@ pub enum RegisteredColumn {
 
 /// The key inventory (PCI DSS 3.6.1.1).
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct Inventory {
     /// The registered columns that were counted.
     pub columns: Vec<String>,
@@ -380,6 +381,7 @@ pub struct Inventory {
 
 /// One key in the inventory. No key material.
 #[derive(Clone, Debug, Serialize)]
+#[non_exhaustive]
 pub struct InventoryEntry {
     /// Key id.
     pub id: KeyId,
