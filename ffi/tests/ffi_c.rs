@@ -90,7 +90,6 @@ fn c_programs_pass_under_sanitizers() {
 }
 
 /// The PANs `tests/c/test_ingest.c` seals, in its order (`PANS[]`).
-
 const INGEST_PANS: [&str; 16] = [
     "4111111111111111",
     "5555555555554444",
