@@ -26,7 +26,11 @@ use crate::error::{Failure, Kind, Outcome};
 /// `bytes` is constant-time. Cannot be pickled.
 #[pyclass(module = "panseal", subclass, frozen)]
 pub(crate) struct Pan {
-    digits: Mutex<Option<panseal::Pan>>,
+    /// Wiped in place (`Zeroize`): all zero bytes and length 0, which no
+    /// parsed PAN has. (Assigning a new value instead, such as `None` to
+    /// an `Option`, may copy stack bytes over the old ones rather than
+    /// zeros.)
+    digits: Mutex<panseal::Pan>,
 }
 
 /// A PAN returned by `Client.open` (an audited access): a `Pan` whose
@@ -38,11 +42,11 @@ pub(crate) struct RevealedPan;
 impl Pan {
     pub(crate) fn from_pan(pan: panseal::Pan) -> Self {
         Pan {
-            digits: Mutex::new(Some(pan)),
+            digits: Mutex::new(pan),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<panseal::Pan>> {
+    fn lock(&self) -> MutexGuard<'_, panseal::Pan> {
         // A panic while holding the lock leaves the digits as they were:
         // still wipeable, so recover the guard.
         self.digits.lock().unwrap_or_else(|e| e.into_inner())
@@ -51,10 +55,10 @@ impl Pan {
     /// Runs `f` on the digits (without the GIL if the caller released it).
     pub(crate) fn with<R>(&self, f: impl FnOnce(&panseal::Pan) -> Outcome<R>) -> Outcome<R> {
         let guard = self.lock();
-        match guard.as_ref() {
-            Some(pan) => f(pan),
-            None => Err(wiped()),
+        if guard.is_empty() {
+            return Err(wiped());
         }
+        f(&guard)
     }
 }
 
@@ -160,17 +164,13 @@ impl Pan {
     /// `True` once the digits have been wiped.
     #[getter]
     fn wiped(&self) -> bool {
-        self.lock().is_none()
+        self.lock().is_empty()
     }
 
     /// Wipes the digits in place (idempotent). Every later use raises
     /// `InvalidArgument`; `str()` shows `<wiped>`.
     fn wipe(&self) {
-        let mut guard = self.lock();
-        if let Some(pan) = guard.as_mut() {
-            pan.zeroize();
-        }
-        *guard = None;
+        self.lock().zeroize();
     }
 
     /// Writes the digits (ASCII) into `buffer[0:n]` and returns `n`; the
@@ -179,8 +179,10 @@ impl Pan {
     /// the buffer (`buffer[:] = bytes(len(buffer))`) when done.
     fn copy_into(&self, buffer: &Bound<'_, PyByteArray>) -> PyResult<usize> {
         let guard = self.lock();
-        let pan = guard.as_ref().ok_or_else(wiped)?;
-        let digits = pan.expose_digits().as_bytes();
+        if guard.is_empty() {
+            return Err(wiped().into());
+        }
+        let digits = guard.expose_digits().as_bytes();
         if buffer.len() < digits.len() {
             return Err(Failure::new(
                 Kind::BufferTooSmall,
@@ -208,9 +210,11 @@ impl Pan {
     }
 
     fn __str__(&self) -> String {
-        match self.lock().as_ref() {
-            Some(p) => p.masked(),
-            None => "<wiped>".to_owned(),
+        let guard = self.lock();
+        if guard.is_empty() {
+            "<wiped>".to_owned()
+        } else {
+            guard.masked()
         }
     }
 
