@@ -33,6 +33,9 @@ if ! command -v cbindgen >/dev/null 2>&1; then
 fi
 
 echo "== Python test helpers"
+# pytest, cryptography (the independent HPKE receiver), moto, and maturin,
+# which builds the panseal package (python/): PyPI ships it as a binary
+# wheel, so no `cargo install` (a few seconds, not a source build).
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
 echo "== browser checkout: Node.js, Debian's Chromium, the JavaScript test helpers"

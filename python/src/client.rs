@@ -55,7 +55,10 @@ impl Drop for Hold<'_> {
 }
 
 impl Client {
-    fn from_config(py: Python<'_>, load: impl FnOnce() -> Outcome<ClientConfig> + Send) -> PyResult<Self> {
+    fn from_config(
+        py: Python<'_>,
+        load: impl FnOnce() -> Outcome<ClientConfig> + Send,
+    ) -> PyResult<Self> {
         let inner = py.detach(|| -> Outcome<blocking::Panseal> {
             let builder = load()?.builder()?;
             Ok(blocking::Panseal::build(builder)?)
@@ -105,7 +108,11 @@ fn text_part(value: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
     if let Ok(b) = value.cast::<PyBytes>() {
         return match std::str::from_utf8(b.as_bytes()) {
             Ok(s) => Ok(s.to_owned()),
-            Err(_) => Err(Failure::new(Kind::InvalidArgument, format!("context {what} is not UTF-8")).into()),
+            Err(_) => Err(Failure::new(
+                Kind::InvalidArgument,
+                format!("context {what} is not UTF-8"),
+            )
+            .into()),
         };
     }
     Err(pyo3::exceptions::PyTypeError::new_err(format!(
@@ -151,7 +158,9 @@ fn sealed_arg(value: &Bound<'_, PyAny>) -> PyResult<SealedPan> {
         Some(b'P') => match std::str::from_utf8(&bytes) {
             Ok(text) => SealedPan::from_text(text),
             Err(_) => {
-                return Err(Failure::new(Kind::MalformedCiphertext, "text form is not UTF-8").into())
+                return Err(
+                    Failure::new(Kind::MalformedCiphertext, "text form is not UTF-8").into(),
+                )
             }
         },
         _ => SealedPan::from_bytes(&bytes),
@@ -166,7 +175,9 @@ impl Client {
         let text: String = if let Ok(s) = config.cast::<PyString>() {
             s.extract()?
         } else {
-            py.import("json")?.call_method1("dumps", (config,))?.extract()?
+            py.import("json")?
+                .call_method1("dumps", (config,))?
+                .extract()?
         };
         Client::from_config(py, move || Ok(ClientConfig::from_json(&text)?))
     }
@@ -226,13 +237,19 @@ impl Client {
     ) -> PyResult<Bound<'py, PyTuple>> {
         let sealed = sealed_arg(sealed)?;
         let ctx = context_arg(table, column, row_key)?;
-        let access = Access::new(principal, purpose)
-            .map_err(|e| Failure::from(panseal::Error::from(e)))?;
+        let access =
+            Access::new(principal, purpose).map_err(|e| Failure::from(panseal::Error::from(e)))?;
         let opened = self.call(py, |c| Ok(c.open_pan(&sealed, &ctx, &access)?))?;
         let needs_reseal = opened.needs_reseal;
         let init = PyClassInitializer::from(Pan::from_pan(opened.pan)).add_subclass(RevealedPan);
         let revealed = Bound::new(py, init)?;
-        PyTuple::new(py, [revealed.into_any(), needs_reseal.into_pyobject(py)?.to_owned().into_any()])
+        PyTuple::new(
+            py,
+            [
+                revealed.into_any(),
+                needs_reseal.into_pyobject(py)?.to_owned().into_any(),
+            ],
+        )
     }
 
     /// The blind index of a PAN (64 hex digits) and its index-key version.

@@ -69,7 +69,10 @@ fn parse_public_key(text: &[u8]) -> Outcome<IngestPublicKey> {
 impl IngestSealer {
     #[new]
     #[pyo3(signature = (public_key, fingerprint = None))]
-    fn new(public_key: &Bound<'_, PyAny>, fingerprint: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+    fn new(
+        public_key: &Bound<'_, PyAny>,
+        fingerprint: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let text = byte_arg(public_key, "public key")?;
         let key = match fingerprint {
             None => parse_public_key(&text)?,
