@@ -173,11 +173,17 @@ impl Pan {
         self.lock().zeroize();
     }
 
-    /// Writes the digits (ASCII) into `buffer[0:n]` and returns `n`; the
-    /// rest of the buffer is untouched. A buffer shorter than the PAN
-    /// raises `BufferTooSmall` and gets nothing written. The caller wipes
-    /// the buffer (`buffer[:] = bytes(len(buffer))`) when done.
+    /// Writes the digits (ASCII) into `buffer[0:n]` (a `bytearray`) and
+    /// returns `n`; the rest of the buffer is untouched. A buffer shorter
+    /// than the PAN raises `BufferTooSmall` and gets nothing written. The
+    /// caller wipes the buffer (`buffer[:] = bytes(len(buffer))`) when
+    /// done.
     fn copy_into(&self, buffer: &Bound<'_, PyByteArray>) -> PyResult<usize> {
+        // Exactly a bytearray: a subclass's Python `__setitem__` could
+        // release the GIL while this thread holds the digits' lock.
+        if !buffer.is_exact_instance_of::<PyByteArray>() {
+            return Err(PyTypeError::new_err("expected a bytearray (not a subclass)"));
+        }
         let guard = self.lock();
         if guard.is_empty() {
             return Err(wiped().into());

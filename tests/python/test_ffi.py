@@ -129,6 +129,16 @@ def test_small_buffer_gets_nothing_written(client):
     exact = bytearray(16)
     assert pan.copy_into(exact) == 16 and exact == PAN.encode()
 
+    class Sub(bytearray):
+        pass
+
+    sub = Sub(19)
+    with pytest.raises(TypeError):
+        pan.copy_into(sub)
+    assert sub == bytearray(19)
+    with pytest.raises(TypeError):
+        pan.copy_into(memoryview(bytearray(19)))
+
 
 def test_mask_and_blind_index(client):
     assert panseal.mask(PAN) == "************1111"
