@@ -48,7 +48,7 @@ cargo build --quiet -p panseal-ffi --lib
 # above, so only PyO3 and python/src are compiled here), then installed
 # over any earlier one. The tests import the installed package.
 rm -f target/wheels/panseal-*.whl
-maturin build --quiet -m python/Cargo.toml --out target/wheels
+python3 -m maturin build --quiet -m python/Cargo.toml --out target/wheels
 python3 -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
     target/wheels/panseal-*.whl
 # The same library built with AddressSanitizer: tests/python/test_close_race.py
