@@ -182,7 +182,9 @@ impl Pan {
         // Exactly a bytearray: a subclass's Python `__setitem__` could
         // release the GIL while this thread holds the digits' lock.
         if !buffer.is_exact_instance_of::<PyByteArray>() {
-            return Err(PyTypeError::new_err("expected a bytearray (not a subclass)"));
+            return Err(PyTypeError::new_err(
+                "expected a bytearray (not a subclass)",
+            ));
         }
         let guard = self.lock();
         if guard.is_empty() {
