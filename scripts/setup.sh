@@ -40,6 +40,9 @@ if ! cargo deny --version 2>/dev/null | grep -q '^cargo-deny 0\.20\.'; then
 fi
 
 echo "== Python test helpers"
+# pytest, cryptography (the independent HPKE receiver), moto, and maturin,
+# which builds the panseal package (python/): PyPI ships it as a binary
+# wheel, so no `cargo install` (a few seconds, not a source build).
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 
 echo "== browser checkout: Node.js, Debian's Chromium, the JavaScript test helpers"

@@ -47,8 +47,16 @@ step "C header: regenerate with cbindgen and compare with ffi/include/panseal.h"
 (cd ffi && cbindgen --config cbindgen.toml --crate panseal-ffi --quiet --output "$LOG/panseal.h")
 diff -u ffi/include/panseal.h "$LOG/panseal.h"
 
-step "Python: test vectors (independent implementation) and the C ABI through ctypes"
+step "Python: the panseal package (PyO3, built by maturin), test vectors (independent implementation), the C ABI through ctypes"
 cargo build --quiet -p panseal-ffi --lib
+# The panseal package: a debug wheel built by maturin into target/wheels
+# (same target directory and the same library features as the C ABI build
+# above, so only PyO3 and python/src are compiled here), then installed
+# over any earlier one. The tests import the installed package.
+rm -f target/wheels/panseal-*.whl
+python3 -m maturin build --quiet -m python/Cargo.toml --out target/wheels
+python3 -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+    target/wheels/panseal-*.whl
 # The same library built with AddressSanitizer: tests/python/test_close_race.py
 # repeats its close-while-calling race under it (runtime preloaded into python).
 HOST="$(rustc -vV | sed -n 's/^host: //p')"

@@ -115,7 +115,6 @@ const INGEST_PANS: [&str; 16] = [
 /// threads sharing one handle), bound to its row; an attacker's key pair
 /// opens none, and a front end that pins the fingerprint seals nothing to
 /// a substituted key.
-
 #[test]
 fn c_front_end_seals_what_only_the_private_key_opens() {
     use base64::Engine as _;

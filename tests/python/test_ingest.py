@@ -1,4 +1,4 @@
-"""Write-only ingest through the C ABI from Python (panseal.IngestSealer),
+"""Write-only ingest from Python (panseal.IngestSealer, the PyO3 package),
 checked by an independent HPKE receiver.
 
 The receiver below is written from RFC 9180 (base mode, DHKEM(P-256,
@@ -8,8 +8,8 @@ sections 2 and 3: context encoding, packed PAN), on the `cryptography`
 package only: it shares no code with the Rust crate or the `hpke` crate.
 The key pair is generated here; the library only ever sees the public key.
 
-Needs libpanseal.so built with the `ffi` feature (scripts/test.sh sets
-PANSEAL_LIB).
+Needs the panseal package installed (scripts/test.sh: `maturin build` +
+`pip install`).
 """
 
 import base64
@@ -17,9 +17,7 @@ import hashlib
 import hmac
 import re
 import struct
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
@@ -27,8 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
-from panseal import IngestSealer, PansealError, Result  # noqa: E402
+import panseal
+from panseal import IngestSealer, Pan, PansealError, Result
 
 ENV, SCOPE, VERSION = "test", "merchant-1", 7
 PANS = [
@@ -212,9 +210,11 @@ def test_fingerprint_and_pinning(sealer, receiver):
     with pytest.raises(PansealError) as e:
         IngestSealer(key_text(attacker), fingerprint=fp)
     assert e.value.code == Result.PUBLIC_KEY_NOT_PINNED
+    assert isinstance(e.value, panseal.PublicKeyNotPinned)
     with pytest.raises(PansealError) as e:
         IngestSealer(key_text(receiver), fingerprint="00" * 31)
     assert e.value.code == Result.INVALID_ARGUMENT
+    assert isinstance(e.value, panseal.InvalidArgument)
 
 
 def test_bad_public_keys(receiver):
@@ -226,6 +226,7 @@ def test_bad_public_keys(receiver):
     with pytest.raises(PansealError) as e:
         IngestSealer(f"PIK1/{ENV}/{SCOPE}/{VERSION}/{b64}")
     assert e.value.code == Result.INVALID_PUBLIC_KEY
+    assert isinstance(e.value, panseal.InvalidPublicKey)
     compressed = receiver.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
     b64 = base64.urlsafe_b64encode(compressed).rstrip(b"=").decode()
@@ -238,6 +239,7 @@ def test_bad_public_keys(receiver):
         with pytest.raises(PansealError) as e:
             IngestSealer(bad)
         assert e.value.code == Result.MALFORMED_PUBLIC_KEY
+        assert isinstance(e.value, panseal.MalformedPublicKey)
 
 
 def test_garbage_pans_never_echoed(sealer):
@@ -246,7 +248,9 @@ def test_garbage_pans_never_echoed(sealer):
         with pytest.raises(PansealError) as e:
             sealer.seal(bad, "cards", "pan", "1")
         assert e.value.code == Result.INVALID_PAN
-        assert not re.search(r"[0-9]{6}", str(e.value))
+        assert isinstance(e.value, panseal.InvalidPan)
+        for shown in (str(e.value), repr(e.value), e.value.message):
+            assert not re.search(r"[0-9]{6}", shown)
     with pytest.raises(PansealError) as e:
         sealer.seal(PANS[0], "", "pan", "1")
     assert e.value.code == Result.INVALID_CONTEXT
@@ -281,3 +285,15 @@ def test_closed_sealer_refuses(receiver):
     with pytest.raises(PansealError) as e:
         s.seal(PANS[0], "cards", "pan", "1")
     assert e.value.code == Result.CLIENT_CLOSED
+    assert isinstance(e.value, panseal.ClientClosed)
+
+
+def test_seals_pan_objects_and_bytearrays(sealer, receiver):
+    """A Pan (or a bytearray the caller wipes) avoids an unwipeable str."""
+    buf = bytearray(PANS[1].encode())
+    with Pan(PANS[0]) as pan:
+        sealed = [(sealer.seal_binary(pan, "cards", "pan", b"a"), PANS[0]),
+                  (sealer.seal_binary(buf, "cards", "pan", b"a"), PANS[1])]
+    buf[:] = bytes(len(buf))
+    for s, expected in sealed:
+        assert hpke_open(s, receiver, ENV, SCOPE, VERSION, "cards", "pan", b"a") == expected
