@@ -36,9 +36,7 @@ use crate::config::{Config, Principal};
 use crate::seal::{self, MasterKey};
 use crate::state::{StateError, StateStore};
 
-#[path = "ingest.rs"]
 mod ingest;
-#[path = "reveal.rs"]
 mod reveal;
 
 /// Approvals needed to destroy a KEK version (dual control).
