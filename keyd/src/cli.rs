@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use panseal::KeyPurpose;
 
-use crate::custodian::{self, Connection, Session, Step};
+use crate::custodian::{Connection, Session, Step};
 use crate::verify_audit::Source;
 
 /// panseal's key service: holds the KEKs, blind-index and ingest keys;
@@ -455,7 +455,9 @@ fn custodian(action: Action) -> Result<String, String> {
         } => connect(&conn)?.reshare(threshold, &custodians, &share_file),
         A::IndexCreate { conn, scope } => connect(&conn)?.index(Step::Create, &scope.scope, 0),
         A::IndexList { conn, scope } => connect(&conn)?.index(Step::List, &scope.scope, 0),
-        A::IndexRetire { conn, key } => connect(&conn)?.index(Step::Retire, &key.scope, key.version),
+        A::IndexRetire { conn, key } => {
+            connect(&conn)?.index(Step::Retire, &key.scope, key.version)
+        }
         A::IndexDestroy { conn, key } => {
             connect(&conn)?.index(Step::Destroy, &key.scope, key.version)
         }

@@ -271,4 +271,3 @@ fn init_collect(
     let pk = pickup.lock().unwrap_or_else(|e| e.into_inner());
     Ok(pk.acks.clone())
 }
-

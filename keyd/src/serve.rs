@@ -282,4 +282,3 @@ fn state_commit(body: &[u8]) -> Option<(u64, String)> {
         event.get("state_head")?.as_str()?.to_owned(),
     ))
 }
-

@@ -40,4 +40,3 @@ pub(crate) fn server_config(cfg: &Config) -> Result<rustls::ServerConfig, String
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
-

@@ -4,9 +4,7 @@
 
 use std::path::PathBuf;
 
-use panseal::{
-    read_audit_anchor, verify_audit_chain_anchored, AuditError, AuditKey, ChainSummary,
-};
+use panseal::{read_audit_anchor, verify_audit_chain_anchored, AuditError, AuditKey, ChainSummary};
 
 use crate::config::Config;
 

@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn record_digest_matches_the_python_vectors() {
         let doc: serde_json::Value = serde_json::from_str(include_str!(
-            "../../tests/vectors/keyd_quota/quota_state_v1.json"
+            "../../../tests/vectors/keyd_quota/quota_state_v1.json"
         ))
         .unwrap();
         let vectors = doc["record_digests"].as_array().unwrap();
