@@ -1050,7 +1050,7 @@ impl Server {
         let mac = self.quota_key()?;
         Ok(self
             .quotas
-            .charge_unwrap(&mac, &p.name, &q, key.as_bytes())?)
+            .charge_unwrap(&mac, &p.name, &q.as_limit(), key.as_bytes())?)
     }
 
     // ---- KEK lifecycle -------------------------------------------------

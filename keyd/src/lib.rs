@@ -22,6 +22,22 @@
 //!     [--version N] [--key-id ID] [--purpose data|index] [--share-file FILE]
 //!     [--statement TEXT] [--expect-generation N] [--threshold K] [--custodian NAME]...
 //! ```
+//!
+//! Modules, one concept each (an arrow is "uses"; there are no cycles):
+//!
+//! * `cli`: the `clap` types and the dispatch → `init`, `serve`,
+//!   `verify_audit`, `certs` (`gen-dev-certs`, `fingerprint`) and
+//!   `custodian` (the custodians' client over `RemoteKeyService`).
+//! * `init` (new master key, shares collected by custodians) and `serve`
+//!   (start-up checks and the accept loop) → `api`, `tls`, `state`, `seal`.
+//! * `api`: the protocol handlers (`api::reveal`, `api::ingest`) → `quota`,
+//!   `state`, `seal`, `config`.
+//! * `quota`: durable reveal / index / unwrap counters (`quota.state`).
+//! * `state`: the state store (snapshot, journal, anchor, lock) →
+//!   `state_file`: the bytes of the state files (FORMAT.md §13) and the
+//!   HKDF subkeys of the master key (`StateKeys`).
+//! * `seal`: the master key, its Shamir shares and the sealing of keys.
+//! * `config`: `keyd.toml`; `tls`: the server's TLS configuration.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

@@ -489,24 +489,20 @@ impl QuotaStore {
     }
 
     /// Charges one unwrap of key `key_id` to `principal` (its configured
-    /// `quota`: requests and distinct keys per window), durably, or refuses.
+    /// `quota` as a [`RevealLimit`]: unwraps as requests, distinct keys as
+    /// distinct records, per window), durably, or refuses.
     pub(crate) fn charge_unwrap(
         &self,
         key: &QuotaKey,
         principal: &str,
-        quota: &crate::config::Quota,
+        limit: &RevealLimit,
         key_id: &[u8; 8],
     ) -> Result<(), Refusal> {
-        let limit = RevealLimit {
-            window_seconds: quota.window.as_secs().max(1),
-            distinct_records: quota.distinct_keys,
-            requests: quota.requests,
-        };
         let mut h = <Sha256 as sha2::Digest>::new();
         sha2::Digest::update(&mut h, b"panseal-keyd unwrap key id");
         sha2::Digest::update(&mut h, key_id);
         let item: [u8; 32] = sha2::Digest::finalize(h).into();
-        self.charge_distinct(key, Kind::Unwrap, principal, &limit, item)
+        self.charge_distinct(key, Kind::Unwrap, principal, limit, item)
     }
 
     fn charge_distinct(
