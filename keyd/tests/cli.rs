@@ -274,7 +274,7 @@ fn a_failing_command_exits_2_with_its_reason() {
 }
 
 /// A flag given twice: the last one counts (as the hand-written parser
-/// did), and `--flag=value` works too.
+/// did), and `--flag=value` works too; a repeatable flag keeps every value.
 #[test]
 fn a_repeated_flag_takes_the_last_value() {
     let dir = tempfile::tempdir().unwrap();
@@ -286,9 +286,11 @@ fn a_repeated_flag_takes_the_last_value() {
         &format!("--out={}", out.display()),
         "--client",
         "alice",
+        "--client=bob",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(out.join("alice.pem").exists());
+    assert!(out.join("bob.pem").exists());
     let fp = keyd(&["fingerprint", out.join("alice.pem").to_str().unwrap()]);
     assert_eq!(fp.status.code(), Some(0));
     let printed = stdout(&fp);
