@@ -35,7 +35,7 @@ pub(crate) fn run(
     if let Some(l) = listen {
         cfg.listen = l;
     }
-    api::validate_custodians(&cfg, threshold, &custodians)?;
+    api::validate_custodians(&cfg, threshold, custodians)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
     std::fs::create_dir_all(&cfg.anchor_dir)
