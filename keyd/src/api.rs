@@ -36,9 +36,7 @@ use crate::config::{Config, Principal};
 use crate::seal::{self, MasterKey};
 use crate::state::{StateError, StateStore};
 
-#[path = "ingest.rs"]
 mod ingest;
-#[path = "reveal.rs"]
 mod reveal;
 
 /// Approvals needed to destroy a KEK version (dual control).
@@ -1052,7 +1050,7 @@ impl Server {
         let mac = self.quota_key()?;
         Ok(self
             .quotas
-            .charge_unwrap(&mac, &p.name, &q, key.as_bytes())?)
+            .charge_unwrap(&mac, &p.name, &q.as_limit(), key.as_bytes())?)
     }
 
     // ---- KEK lifecycle -------------------------------------------------

@@ -92,3 +92,12 @@ pub(crate) fn generate(out: &Path, hosts: &[String], clients: &[String]) -> Resu
     }
     Ok(())
 }
+
+/// SHA-256 of the first certificate in a PEM file, lowercase hex: what
+/// `panseal-keyd fingerprint` prints and `cert_sha256` in `keyd.toml` holds.
+pub(crate) fn fingerprint_file(path: &Path) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_file(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(hex::encode(Sha256::digest(der.as_ref())))
+}

@@ -228,6 +228,18 @@ pub(crate) struct Quota {
     pub(crate) distinct_keys: u64,
 }
 
+impl Quota {
+    /// The quota as `quota.state` counts it (an `unwrap` window: unwraps
+    /// as requests, distinct keys as distinct records).
+    pub(crate) fn as_limit(&self) -> crate::quota::RevealLimit {
+        crate::quota::RevealLimit {
+            window_seconds: self.window.as_secs().max(1),
+            distinct_records: self.distinct_keys,
+            requests: self.requests,
+        }
+    }
+}
+
 /// Which scopes a principal may use.
 #[derive(Clone, Debug)]
 pub(crate) enum Scopes {

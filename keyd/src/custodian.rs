@@ -1,8 +1,11 @@
-//! `panseal-keyd custodian ACTION`: the custodians' command-line client
-//! (acknowledge, unseal, seal, KEK lifecycle), a thin layer over
-//! `RemoteKeyService`. Shares are read from a file and never printed.
+//! `panseal-keyd custodian ACTION`: the custodians' client (acknowledge,
+//! collect a share, unseal, seal, KEK / blind-index / ingest key
+//! lifecycle), a thin layer over `RemoteKeyService`. Shares are read from
+//! and written to files and never printed. Each operation returns what the
+//! command prints (pretty JSON of keyd's answer, or a sentence).
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 
 use panseal::keyd::server::protocol::ShareText;
 use panseal::{
@@ -11,225 +14,278 @@ use panseal::{
 };
 use zeroize::Zeroizing;
 
-use crate::Args;
-
 /// The statement recorded when `--statement` is not given.
 pub(crate) const DEFAULT_STATEMENT: &str = "I acknowledge my responsibilities as a key custodian \
 of panseal-keyd: I keep my unseal share secret and apart from the other shares, I never copy or \
 disclose it, I use it only to unseal this service, and I report any suspected compromise at once \
 (PCI DSS 3.7.8).";
 
-pub(crate) const ACTIONS: &str = "status | acknowledge | collect-share | unseal | seal | \
-kek-status | rotate | retire | approve-destroy | approve-destroy-dek | withdraw | withdraw-dek | reshare | \
-index-create | index-list | index-retire | index-destroy | \
-ingest-create | ingest-list | ingest-retire | ingest-destroy";
+/// How to reach keyd and who the custodian is.
+pub(crate) struct Connection<'a> {
+    /// `HOST:PORT` of keyd.
+    pub(crate) address: &'a str,
+    /// The name keyd's certificate is checked against, if not the host.
+    pub(crate) server_name: Option<&'a str>,
+    /// The CA that signed keyd's certificate.
+    pub(crate) ca: &'a Path,
+    /// The custodian's certificate.
+    pub(crate) cert: &'a Path,
+    /// The custodian's private key.
+    pub(crate) key: &'a Path,
+    /// The environment the custodian acts in.
+    pub(crate) environment: &'a str,
+}
 
-pub(crate) fn run(action: &str, args: &Args) -> Result<(), String> {
-    args.check(&[
-        "address",
-        "server-name",
-        "ca",
-        "cert",
-        "key",
-        "environment",
-        "scope",
-        "version",
-        "share-file",
-        "statement",
-        "expect-generation",
-        "key-id",
-        "purpose",
-        "threshold",
-        "custodian",
-    ])?;
-    let mut b = RemoteKeyService::builder()
-        .address(&args.need("address")?)
-        .ca_pem_file(PathBuf::from(args.need("ca")?))
-        .client_identity_pem_files(
-            PathBuf::from(args.need("cert")?),
-            PathBuf::from(args.need("key")?),
-        )
-        .environment(&args.need("environment")?);
-    if let Some(n) = args.one("server-name") {
-        b = b.server_name(&n);
+/// Which lifecycle step of a blind-index or ingest key.
+#[derive(Clone, Copy)]
+pub(crate) enum Step {
+    /// Create the next version.
+    Create,
+    /// List the versions (public parts only).
+    List,
+    /// Make a version decrypt-only.
+    Retire,
+    /// Destroy a version.
+    Destroy,
+}
+
+/// A connected custodian client.
+pub(crate) struct Session {
+    client: RemoteKeyService,
+    rt: tokio::runtime::Runtime,
+    environment: String,
+    cert: PathBuf,
+}
+
+fn err(e: KeyServiceError) -> String {
+    e.to_string()
+}
+
+fn scope(s: &str) -> Result<Scope, String> {
+    Scope::new(s).map_err(|e| e.to_string())
+}
+
+impl Session {
+    /// Builds the client (mutual TLS to `c.address`).
+    ///
+    /// # Errors
+    /// Unreadable certificates or keys, a bad address.
+    pub(crate) fn connect(c: &Connection<'_>) -> Result<Session, String> {
+        let mut b = RemoteKeyService::builder()
+            .address(c.address)
+            .ca_pem_file(c.ca.to_owned())
+            .client_identity_pem_files(c.cert.to_owned(), c.key.to_owned())
+            .environment(c.environment);
+        if let Some(n) = c.server_name {
+            b = b.server_name(n);
+        }
+        let client = b.build().map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Session {
+            client,
+            rt,
+            environment: c.environment.to_owned(),
+            cert: c.cert.to_owned(),
+        })
     }
-    let client = b.build().map_err(|e| e.to_string())?;
-    let scope =
-        || -> Result<Scope, String> { Scope::new(&args.need("scope")?).map_err(|e| e.to_string()) };
-    let version = || -> Result<u32, String> {
-        args.need("version")?
-            .parse()
-            .map_err(|_| "--version must be a number".to_owned())
-    };
-    let dek = || -> Result<KeyRequest, String> {
-        let id = KeyId::from_hex(&args.need("key-id")?).map_err(|e| e.to_string())?;
-        let purpose = match args.one("purpose").as_deref() {
-            None | Some("data") => KeyPurpose::Data,
-            Some("index") => KeyPurpose::Index,
-            Some(o) => return Err(format!("--purpose {o:?}: data or index")),
-        };
+
+    fn answer<T: serde::Serialize>(
+        &self,
+        f: impl Future<Output = Result<T, KeyServiceError>>,
+    ) -> Result<String, String> {
+        Ok(json(&self.rt.block_on(f).map_err(err)?))
+    }
+
+    /// `status`: what keyd says about itself and this custodian.
+    pub(crate) fn status(&self) -> Result<String, String> {
+        self.answer(self.client.status())
+    }
+
+    /// `acknowledge`: records the custodian's statement (or the default).
+    pub(crate) fn acknowledge(&self, statement: Option<&str>) -> Result<String, String> {
+        self.answer(
+            self.client
+                .acknowledge(statement.unwrap_or(DEFAULT_STATEMENT)),
+        )
+    }
+
+    /// `unseal`: submits the share in `share_file`.
+    pub(crate) fn unseal(
+        &self,
+        share_file: &Path,
+        expect_generation: Option<u64>,
+    ) -> Result<String, String> {
+        let share = read_share(share_file)?;
+        self.answer(self.client.unseal_expecting(share, expect_generation))
+    }
+
+    /// `collect-share` (during `init`): writes this custodian's share to a
+    /// new file only this user can read; never printed.
+    pub(crate) fn collect_share(
+        &self,
+        share_file: &Path,
+        statement: Option<&str>,
+    ) -> Result<String, String> {
+        // Who keyd takes this certificate for: a custodian checks this
+        // fingerprint against their entry in keyd.toml (README
+        // "Custodians").
+        let fingerprint = crate::certs::fingerprint_file(&self.cert)?;
+        let (known_as, r) = self.rt.block_on(async {
+            let known_as = self.client.status().await.map_err(err)?.principal;
+            let r = self.client.collect_share(statement).await.map_err(err)?;
+            Ok::<_, String>((known_as, r))
+        })?;
+        write_share(share_file, r.share.expose_secret())?;
+        Ok(format!(
+            "keyd authenticated certificate SHA-256 {fingerprint} as principal \
+             {known_as:?}: check that keyd.toml gives this principal exactly this \
+             certificate (`panseal-keyd fingerprint`)\n\
+             share written to {} (keep it secret, apart from the other shares); \
+             still to collect: {}",
+            share_file.display(),
+            if r.awaiting_collection.is_empty() {
+                "nobody".to_owned()
+            } else {
+                r.awaiting_collection.join(", ")
+            }
+        ))
+    }
+
+    /// `reshare`: a new `threshold`-of-`custodians` split of the master key.
+    pub(crate) fn reshare(
+        &self,
+        threshold: u8,
+        custodians: &[String],
+        share_file: &Path,
+    ) -> Result<String, String> {
+        let share = read_share(share_file)?;
+        self.answer(self.client.reshare(threshold, custodians, share))
+    }
+
+    /// `seal`: keyd forgets its master key.
+    pub(crate) fn seal(&self) -> Result<String, String> {
+        self.answer(self.client.seal())
+    }
+
+    /// `kek-status`.
+    pub(crate) fn kek_status(&self, s: &str) -> Result<String, String> {
+        self.answer(self.client.kek_status(&scope(s)?))
+    }
+
+    /// `rotate`: a new KEK version becomes active.
+    pub(crate) fn rotate(&self, s: &str) -> Result<String, String> {
+        self.answer(self.client.rotate(&scope(s)?))
+    }
+
+    /// `retire`: a KEK version becomes decrypt-only.
+    pub(crate) fn retire(&self, s: &str, version: u32) -> Result<String, String> {
+        self.answer(self.client.retire(&scope(s)?, version))
+    }
+
+    /// `approve-destroy`: this custodian's approval to destroy a KEK version.
+    pub(crate) fn approve_destroy(&self, s: &str, version: u32) -> Result<String, String> {
+        self.answer(self.client.approve_destroy(&scope(s)?, version))
+    }
+
+    /// `withdraw`: takes back an approval to destroy a KEK version.
+    pub(crate) fn withdraw(&self, s: &str, version: u32) -> Result<String, String> {
+        self.answer(self.client.withdraw_destroy(&scope(s)?, version))
+    }
+
+    fn dek(&self, key_id: &str, s: &str, purpose: KeyPurpose) -> Result<KeyRequest, String> {
         Ok(KeyRequest {
-            id,
-            scope: scope()?,
-            environment: Environment::new(&args.need("environment")?).map_err(|e| e.to_string())?,
+            id: KeyId::from_hex(key_id).map_err(|e| e.to_string())?,
+            scope: scope(s)?,
+            environment: Environment::new(&self.environment).map_err(|e| e.to_string())?,
             purpose,
         })
-    };
-    let read_share = || -> Result<ShareText, String> {
-        let path = args.need("share-file")?;
-        let text =
-            Zeroizing::new(std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?);
-        Ok(ShareText::new(text.trim().to_owned()))
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let err = |e: KeyServiceError| e.to_string();
-    let out = rt.block_on(async {
-        Ok::<String, String>(match action {
-            "status" => json(&client.status().await.map_err(err)?),
-            "acknowledge" => {
-                let statement = args
-                    .one("statement")
-                    .unwrap_or_else(|| DEFAULT_STATEMENT.to_owned());
-                json(&client.acknowledge(&statement).await.map_err(err)?)
-            }
-            "unseal" => {
-                let expected = match args.one("expect-generation") {
-                    Some(g) => Some(
-                        g.parse::<u64>()
-                            .map_err(|_| "--expect-generation must be a number".to_owned())?,
-                    ),
-                    None => None,
-                };
-                json(
-                    &client
-                        .unseal_expecting(read_share()?, expected)
-                        .await
-                        .map_err(err)?,
-                )
-            }
-            "collect-share" => {
-                // Written to a new file only this user can read; never printed.
-                let path = args.need("share-file")?;
-                // With --statement, the acknowledgement is recorded too.
-                let statement = args.one("statement");
-                // Who keyd takes this certificate for: a custodian checks
-                // this fingerprint against their entry in keyd.toml
-                // (README "Custodians").
-                let fingerprint = cert_fingerprint(&args.need("cert")?)?;
-                let known_as = client.status().await.map_err(err)?.principal;
-                let r = client
-                    .collect_share(statement.as_deref())
-                    .await
+    }
+
+    /// `approve-destroy-dek`: this custodian's approval to destroy a DEK.
+    pub(crate) fn approve_destroy_dek(
+        &self,
+        key_id: &str,
+        s: &str,
+        purpose: KeyPurpose,
+    ) -> Result<String, String> {
+        let dek = self.dek(key_id, s, purpose)?;
+        self.answer(self.client.approve_dek_destroy(&dek))
+    }
+
+    /// `withdraw-dek`: takes back an approval to destroy a DEK.
+    pub(crate) fn withdraw_dek(
+        &self,
+        key_id: &str,
+        s: &str,
+        purpose: KeyPurpose,
+    ) -> Result<String, String> {
+        let dek = self.dek(key_id, s, purpose)?;
+        self.answer(self.client.withdraw_dek_destroy(&dek))
+    }
+
+    /// `index-*`: blind-index keys are created and kept inside keyd; only
+    /// their version, state and date are ever shown.
+    pub(crate) fn index(&self, step: Step, s: &str, version: u32) -> Result<String, String> {
+        let s = scope(s)?;
+        match step {
+            Step::Create => self.answer(self.client.create_index_key(&s)),
+            Step::List => self.answer(self.client.index_keys(&s)),
+            Step::Retire | Step::Destroy => {
+                self.rt
+                    .block_on(self.client.set_index_key_state(&s, version, state(step)))
                     .map_err(err)?;
-                write_share(&path, r.share.expose_secret())?;
-                format!(
-                    "keyd authenticated certificate SHA-256 {fingerprint} as principal \
-                     {known_as:?}: check that keyd.toml gives this principal exactly this \
-                     certificate (`panseal-keyd fingerprint`)\n\
-                     share written to {path} (keep it secret, apart from the other shares); \
-                     still to collect: {}",
-                    if r.awaiting_collection.is_empty() {
-                        "nobody".to_owned()
-                    } else {
-                        r.awaiting_collection.join(", ")
-                    }
-                )
+                self.answer(self.client.index_keys(&s))
             }
-            "reshare" => {
-                let threshold: u8 = args
-                    .need("threshold")?
-                    .parse()
-                    .map_err(|_| "--threshold must be a number".to_owned())?;
-                json(
-                    &client
-                        .reshare(threshold, &args.all("custodian"), read_share()?)
-                        .await
-                        .map_err(err)?,
-                )
-            }
-            "approve-destroy-dek" => json(&client.approve_dek_destroy(&dek()?).await.map_err(err)?),
-            "withdraw" => json(
-                &client
-                    .withdraw_destroy(&scope()?, version()?)
-                    .await
-                    .map_err(err)?,
-            ),
-            "withdraw-dek" => json(&client.withdraw_dek_destroy(&dek()?).await.map_err(err)?),
-            "seal" => json(&client.seal().await.map_err(err)?),
-            "kek-status" => json(&client.kek_status(&scope()?).await.map_err(err)?),
-            "rotate" => json(&client.rotate(&scope()?).await.map_err(err)?),
-            "retire" => json(&client.retire(&scope()?, version()?).await.map_err(err)?),
-            "approve-destroy" => json(
-                &client
-                    .approve_destroy(&scope()?, version()?)
-                    .await
-                    .map_err(err)?,
-            ),
-            // Blind-index keys: created and kept inside keyd; only their
-            // version, state and date are ever shown.
-            "index-create" => json(&client.create_index_key(&scope()?).await.map_err(err)?),
-            "index-list" => json(&client.index_keys(&scope()?).await.map_err(err)?),
-            "index-retire" | "index-destroy" => {
-                let to = if action == "index-retire" {
-                    KeyState::DecryptOnly
-                } else {
-                    KeyState::Destroyed
-                };
-                let s = scope()?;
-                client
-                    .set_index_key_state(&s, version()?, to)
-                    .await
+        }
+    }
+
+    /// `ingest-*`: ingest (HPKE) key pairs; the private scalar stays
+    /// inside keyd; the public key, version, state and date are shown.
+    pub(crate) fn ingest(&self, step: Step, s: &str, version: u32) -> Result<String, String> {
+        let s = scope(s)?;
+        match step {
+            Step::Create => self.answer(self.client.create_ingest_key(&s)),
+            Step::List => self.answer(self.client.ingest_keys(&s)),
+            Step::Retire | Step::Destroy => {
+                self.rt
+                    .block_on(self.client.set_ingest_key_state(&s, version, state(step)))
                     .map_err(err)?;
-                json(&client.index_keys(&s).await.map_err(err)?)
+                self.answer(self.client.ingest_keys(&s))
             }
-            // Ingest (HPKE) key pairs: the private scalar stays inside
-            // keyd; the public key, version, state and date are shown.
-            "ingest-create" => json(&client.create_ingest_key(&scope()?).await.map_err(err)?),
-            "ingest-list" => json(&client.ingest_keys(&scope()?).await.map_err(err)?),
-            "ingest-retire" | "ingest-destroy" => {
-                let to = if action == "ingest-retire" {
-                    KeyState::DecryptOnly
-                } else {
-                    KeyState::Destroyed
-                };
-                let s = scope()?;
-                client
-                    .set_ingest_key_state(&s, version()?, to)
-                    .await
-                    .map_err(err)?;
-                json(&client.ingest_keys(&s).await.map_err(err)?)
-            }
-            other => return Err(format!("unknown custodian action {other:?}: {ACTIONS}")),
-        })
-    })?;
-    println!("{out}");
-    Ok(())
+        }
+    }
 }
 
-/// SHA-256 of the first certificate in a PEM file, hex (as `panseal-keyd
-/// fingerprint` prints it).
-fn cert_fingerprint(path: &str) -> Result<String, String> {
-    use rustls_pki_types::pem::PemObject;
-    use sha2::Digest;
-    let der = rustls_pki_types::CertificateDer::from_pem_file(path)
-        .map_err(|e| format!("{path}: {e}"))?;
-    Ok(hex::encode(sha2::Sha256::digest(der.as_ref())))
+fn state(step: Step) -> KeyState {
+    match step {
+        Step::Retire => KeyState::DecryptOnly,
+        _ => KeyState::Destroyed,
+    }
 }
 
-fn write_share(path: &str, text: &str) -> Result<(), String> {
+fn read_share(path: &Path) -> Result<ShareText, String> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+    );
+    Ok(ShareText::new(text.trim().to_owned()))
+}
+
+fn write_share(path: &Path, text: &str) -> Result<(), String> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut f = opts
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.write_all(b"\n"))
         .and_then(|()| f.sync_all())
-        .map_err(|e| format!("{path}: {e}"))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Pretty JSON of an answer.

@@ -25,9 +25,11 @@
 //! so a principal near its limit writes at every charge and a busy one
 //! every 50th; after a `kill -9` keyd counts every reserved slot as used:
 //! a crash may cost a principal up to 2% of its window, and never grants
-//! one slot more than the window allows. The file is
-//! authenticated with HMAC-SHA-256 under a key derived from keyd's state
-//! authentication subkey, so it is read only once keyd is unsealed; a file
+//! one slot more than the window allows. The file (version 2) is
+//! authenticated with HMAC-SHA-256 under its own HKDF subkey of keyd's
+//! master key ([`StateKeys::quota_mac`]), so it is read only once keyd is
+//! unsealed. A version 1 file (keyed by HMAC of the state authentication
+//! subkey) still reads, and is rewritten as version 2 at once; a file
 //! that fails authentication makes every `reveal` and `index` charge fail
 //! closed (quota exceeded) for the longest configured window, after which
 //! counting starts afresh. Its format is `FORMAT.md` §16.
@@ -47,12 +49,16 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use crate::state_file::StateKeys;
+
 type HmacSha256 = Hmac<Sha256>;
 
-/// First line of `quota.state`.
-pub(crate) const MAGIC: &str = "panseal-keyd-quota 1";
-/// Label of the key derivation from the state authentication key.
-const KEY_LABEL: &[u8] = b"panseal-keyd quota state v1";
+/// First line of `quota.state` as written (version 2).
+pub(crate) const MAGIC: &str = "panseal-keyd-quota 2";
+/// First line of a version 1 `quota.state` (read, then rewritten).
+pub(crate) const MAGIC_V1: &str = "panseal-keyd-quota 1";
+/// Label of the version 1 key derivation from the state authentication key.
+const KEY_LABEL_V1: &[u8] = b"panseal-keyd quota state v1";
 
 /// Default `reveal` window, seconds.
 pub(crate) const DEFAULT_REVEAL_WINDOW: u64 = 3600;
@@ -276,29 +282,53 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The quota file's key: HMAC(state authentication key, label).
-pub(crate) fn derive_key(state_mac: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+/// The quota file's keys (FORMAT.md §16.4): the version 2 key, an HKDF
+/// subkey of the master key ([`StateKeys::quota_mac`]), and the version 1
+/// key, HMAC(state authentication subkey, label), to read an older file.
+pub(crate) struct QuotaKey {
+    current: Zeroizing<[u8; 32]>,
+    v1: Zeroizing<[u8; 32]>,
+}
+
+impl QuotaKey {
+    /// The keys of the file from keyd's subkeys.
+    pub(crate) fn derive(keys: &StateKeys) -> QuotaKey {
+        QuotaKey {
+            current: keys.quota_mac.clone(),
+            v1: derive_key_v1(&keys.state_mac),
+        }
+    }
+}
+
+/// The version 1 quota file's key: HMAC(state authentication key, label).
+fn derive_key_v1(state_mac: &[u8; 32]) -> Zeroizing<[u8; 32]> {
     let mut m = <HmacSha256 as Mac>::new_from_slice(state_mac)
         .unwrap_or_else(|_| unreachable!("HMAC takes 32-byte keys"));
-    m.update(KEY_LABEL);
+    m.update(KEY_LABEL_V1);
     Zeroizing::new(m.finalize().into_bytes().into())
 }
 
-fn mac(key: &[u8; 32], body: &[u8]) -> [u8; 32] {
+/// HMAC-SHA-256(key, magic || "\n" || body).
+fn mac(key: &[u8; 32], magic: &str, body: &[u8]) -> [u8; 32] {
     let mut m = <HmacSha256 as Mac>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC takes 32-byte keys"));
-    m.update(MAGIC.as_bytes());
+    m.update(magic.as_bytes());
     m.update(b"\n");
     m.update(body);
     m.finalize().into_bytes().into()
 }
 
-/// Encodes the file: magic line, JSON line, `hmac-sha256 <hex>` line.
-fn encode(key: &[u8; 32], s: &Snapshot) -> Vec<u8> {
+/// Encodes the file (version 2): magic line, JSON line,
+/// `hmac-sha256 <hex>` line.
+fn encode(key: &QuotaKey, s: &Snapshot) -> Vec<u8> {
+    encode_as(&key.current, MAGIC, s)
+}
+
+fn encode_as(key: &[u8; 32], magic: &str, s: &Snapshot) -> Vec<u8> {
     let body = serde_json::to_vec(s).unwrap_or_default();
-    let tag = mac(key, &body);
+    let tag = mac(key, magic, &body);
     let mut out = Vec::with_capacity(body.len() + 120);
-    out.extend_from_slice(MAGIC.as_bytes());
+    out.extend_from_slice(magic.as_bytes());
     out.push(b'\n');
     out.extend_from_slice(&body);
     out.extend_from_slice(b"\nhmac-sha256 ");
@@ -307,13 +337,23 @@ fn encode(key: &[u8; 32], s: &Snapshot) -> Vec<u8> {
     out
 }
 
-/// Decodes and authenticates the file.
-fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Snapshot, &'static str> {
+/// The version of a decoded file.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Version {
+    V1,
+    V2,
+}
+
+/// Decodes and authenticates the file (version 2, or version 1 under its
+/// own key).
+fn decode(key: &QuotaKey, bytes: &[u8]) -> Result<(Snapshot, Version), &'static str> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8")?;
     let mut lines = text.split('\n');
-    if lines.next() != Some(MAGIC) {
-        return Err("not a version 1 quota file");
-    }
+    let (magic, k, version) = match lines.next() {
+        Some(MAGIC) => (MAGIC, &key.current, Version::V2),
+        Some(MAGIC_V1) => (MAGIC_V1, &key.v1, Version::V1),
+        _ => return Err("not a version 1 or 2 quota file"),
+    };
     let body = lines.next().ok_or("truncated")?;
     let tag_line = lines.next().ok_or("truncated")?;
     if lines.next() != Some("") || lines.next().is_some() {
@@ -324,11 +364,12 @@ fn decode(key: &[u8; 32], bytes: &[u8]) -> Result<Snapshot, &'static str> {
         .ok_or("no authentication tag")?;
     let mut tag = [0u8; 32];
     hex::decode_to_slice(tag_hex, &mut tag).map_err(|_| "bad authentication tag")?;
-    let expected = mac(key, body.as_bytes());
+    let expected = mac(k, magic, body.as_bytes());
     if !bool::from(subtle::ConstantTimeEq::ct_eq(&tag[..], &expected[..])) {
         return Err("authentication failed");
     }
-    serde_json::from_str(body).map_err(|_| "malformed body")
+    let snapshot = serde_json::from_str(body).map_err(|_| "malformed body")?;
+    Ok((snapshot, version))
 }
 
 fn retry_in(started: u64, window: u64, now: u64) -> u64 {
@@ -355,14 +396,26 @@ impl QuotaStore {
         }
     }
 
-    fn load(&self, c: &mut Counters, key: &[u8; 32]) {
+    fn load(&self, c: &mut Counters, key: &QuotaKey) {
         if c.loaded {
             return;
         }
         c.loaded = true;
         match std::fs::read(&self.path) {
             Ok(bytes) => match decode(key, &bytes) {
-                Ok(s) => {
+                Ok((s, version)) => {
+                    if version == Version::V1 {
+                        // Rewritten as version 2 at once (same counters);
+                        // if that fails, the version 1 file still reads and
+                        // the next charge's write replaces it.
+                        let v2 = encode(key, &s);
+                        if let Err(e) = panseal::keyd::server::write_atomically(&self.path, &v2) {
+                            eprintln!(
+                                "panseal-keyd: quota state {} not rewritten as version 2: {e}",
+                                self.path.display()
+                            );
+                        }
+                    }
                     // After a crash, every reserved slot counts as used.
                     let restore =
                         |windows: &BTreeMap<String, RevealWindow>| -> HashMap<String, Live> {
@@ -427,7 +480,7 @@ impl QuotaStore {
     /// `principal`, durably, or refuses.
     pub(crate) fn charge_reveal(
         &self,
-        key: &[u8; 32],
+        key: &QuotaKey,
         principal: &str,
         limit: &RevealLimit,
         record: [u8; 32],
@@ -436,29 +489,25 @@ impl QuotaStore {
     }
 
     /// Charges one unwrap of key `key_id` to `principal` (its configured
-    /// `quota`: requests and distinct keys per window), durably, or refuses.
+    /// `quota` as a [`RevealLimit`]: unwraps as requests, distinct keys as
+    /// distinct records, per window), durably, or refuses.
     pub(crate) fn charge_unwrap(
         &self,
-        key: &[u8; 32],
+        key: &QuotaKey,
         principal: &str,
-        quota: &crate::config::Quota,
+        limit: &RevealLimit,
         key_id: &[u8; 8],
     ) -> Result<(), Refusal> {
-        let limit = RevealLimit {
-            window_seconds: quota.window.as_secs().max(1),
-            distinct_records: quota.distinct_keys,
-            requests: quota.requests,
-        };
         let mut h = <Sha256 as sha2::Digest>::new();
         sha2::Digest::update(&mut h, b"panseal-keyd unwrap key id");
         sha2::Digest::update(&mut h, key_id);
         let item: [u8; 32] = sha2::Digest::finalize(h).into();
-        self.charge_distinct(key, Kind::Unwrap, principal, &limit, item)
+        self.charge_distinct(key, Kind::Unwrap, principal, limit, item)
     }
 
     fn charge_distinct(
         &self,
-        key: &[u8; 32],
+        key: &QuotaKey,
         kind: Kind,
         principal: &str,
         limit: &RevealLimit,
@@ -528,7 +577,7 @@ impl QuotaStore {
     /// charges nothing).
     pub(crate) fn charge_index(
         &self,
-        key: &[u8; 32],
+        key: &QuotaKey,
         principal: &str,
         limit: &IndexLimit,
         n: u64,
@@ -569,14 +618,14 @@ impl QuotaStore {
     }
 
     /// Returns once the counters of `generation` (or newer) are on disk.
-    fn persist(&self, key: &[u8; 32], generation: u64) -> Result<(), Refusal> {
+    fn persist(&self, key: &QuotaKey, generation: u64) -> Result<(), Refusal> {
         // The write waits for the disk: let the runtime move other
         // connections to another worker meanwhile, so their charges share
         // the next write.
         tokio::task::block_in_place(|| self.persist_now(key, generation))
     }
 
-    fn persist_now(&self, key: &[u8; 32], generation: u64) -> Result<(), Refusal> {
+    fn persist_now(&self, key: &QuotaKey, generation: u64) -> Result<(), Refusal> {
         let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
         if *written >= generation {
             // Another charge's write covered this one (group commit).
@@ -621,8 +670,16 @@ impl QuotaStore {
 mod tests {
     use super::*;
 
-    /// The independent generator's file (tests/vectors/gen_quota_vectors.py)
-    /// authenticates, decodes, and encodes back to the same bytes.
+    fn keys(current: [u8; 32], v1: [u8; 32]) -> QuotaKey {
+        QuotaKey {
+            current: Zeroizing::new(current),
+            v1: Zeroizing::new(v1),
+        }
+    }
+
+    /// The independent generator's version 1 file
+    /// (tests/vectors/gen_quota_vectors.py) authenticates, decodes, and
+    /// encodes back to the same bytes.
     #[test]
     fn python_vector_decodes_and_encodes_to_the_same_bytes() {
         let doc: serde_json::Value = serde_json::from_str(include_str!(
@@ -632,10 +689,12 @@ mod tests {
         let q = &doc["quota_state"];
         let mut state_mac = [0u8; 32];
         hex::decode_to_slice(q["state_mac_hex"].as_str().unwrap(), &mut state_mac).unwrap();
-        let key = derive_key(&state_mac);
-        assert_eq!(hex::encode(&key[..]), q["quota_key_hex"].as_str().unwrap());
+        let v1 = derive_key_v1(&state_mac);
+        assert_eq!(hex::encode(&v1[..]), q["quota_key_hex"].as_str().unwrap());
+        let key = keys([0x55; 32], *v1);
         let file = q["file"].as_str().unwrap();
-        let s = decode(&key, file.as_bytes()).unwrap();
+        let (s, version) = decode(&key, file.as_bytes()).unwrap();
+        assert_eq!(version, Version::V1);
         let w = &s.reveal[q["reveal_principal"].as_str().unwrap()];
         assert_eq!(w.requests, q["requests"].as_u64().unwrap());
         assert_eq!(w.distinct_records, q["distinct_records"].as_u64().unwrap());
@@ -644,8 +703,99 @@ mod tests {
             s.index[q["index_principal"].as_str().unwrap()].hashes,
             q["hashes"].as_u64().unwrap()
         );
+        assert_eq!(encode_as(&v1, MAGIC_V1, &s), file.as_bytes());
+        assert!(decode(&keys(*v1, [0u8; 32]), file.as_bytes()).is_err());
+    }
+
+    /// The independent generator's version 2 file
+    /// (tests/vectors/keyd_quota/gen_quota_v2_vectors.py: HKDF-SHA-256 of
+    /// the master key, then HMAC) authenticates, decodes, and encodes back
+    /// to the same bytes; it does not read under the version 1 key.
+    #[test]
+    fn python_v2_vector_decodes_and_encodes_to_the_same_bytes() {
+        let doc: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/vectors/keyd_quota/quota_state_v2.json"
+        ))
+        .unwrap();
+        let q = &doc["quota_state"];
+        let mut master = [0u8; 32];
+        hex::decode_to_slice(q["master_key_hex"].as_str().unwrap(), &mut master).unwrap();
+        let sub = StateKeys::derive(&master);
+        assert_eq!(
+            hex::encode(&sub.quota_mac[..]),
+            q["quota_key_hex"].as_str().unwrap()
+        );
+        assert_eq!(
+            hex::encode(&sub.state_mac[..]),
+            q["state_mac_hex"].as_str().unwrap()
+        );
+        let key = QuotaKey::derive(&sub);
+        assert_eq!(
+            hex::encode(&key.v1[..]),
+            q["quota_key_v1_hex"].as_str().unwrap()
+        );
+        let file = q["file"].as_str().unwrap();
+        let (s, version) = decode(&key, file.as_bytes()).unwrap();
+        assert_eq!(version, Version::V2);
+        assert_eq!(
+            s.reveal[q["reveal_principal"].as_str().unwrap()].requests,
+            q["requests"].as_u64().unwrap()
+        );
+        assert_eq!(
+            s.index[q["index_principal"].as_str().unwrap()].hashes,
+            q["hashes"].as_u64().unwrap()
+        );
         assert_eq!(encode(&key, &s), file.as_bytes());
-        assert!(decode(&[0u8; 32], file.as_bytes()).is_err());
+        // The subkey is not the version 1 derivation, and the version 2
+        // magic does not read under the version 1 key.
+        assert_ne!(&key.current[..], &key.v1[..]);
+        assert!(decode(&keys(*key.v1, *key.v1), file.as_bytes()).is_err());
+    }
+
+    /// A version 1 file written by an older keyd loads (its counters
+    /// count) and is rewritten as version 2 under the HKDF subkey at once.
+    #[test]
+    fn a_version_1_file_loads_and_is_rewritten_as_version_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = StateKeys::derive(&[3u8; 32]);
+        let key = QuotaKey::derive(&sub);
+        let mut s = Snapshot {
+            generation: 9,
+            ..Snapshot::default()
+        };
+        let now = now_secs();
+        s.index.insert(
+            "front".into(),
+            IndexWindow {
+                started: now,
+                window_seconds: 3600,
+                hashes: 40,
+            },
+        );
+        let v1 = encode_as(&derive_key_v1(&sub.state_mac), MAGIC_V1, &s);
+        let path = dir.path().join("quota.state");
+        std::fs::write(&path, &v1).unwrap();
+        let store = QuotaStore::new(dir.path(), Duration::from_secs(60));
+        {
+            let mut c = store.counters.lock().unwrap();
+            store.load(&mut c, &key);
+            assert_eq!(c.refuse_until, 0, "a version 1 file is not refused");
+            assert_eq!(c.index_used["front"], 40);
+        }
+        assert_eq!(store.generation.load(Ordering::SeqCst), 9);
+        let now_on_disk = std::fs::read(&path).unwrap();
+        assert!(now_on_disk.starts_with(b"panseal-keyd-quota 2\n"));
+        let (back, version) = decode(&key, &now_on_disk).unwrap();
+        assert_eq!(version, Version::V2);
+        assert_eq!(back.index["front"].hashes, 40);
+        assert_eq!(back.generation, 9);
+        // A version 1 file under any other key is still refused.
+        let forged = encode_as(&[1u8; 32], MAGIC_V1, &s);
+        std::fs::write(&path, &forged).unwrap();
+        let store = QuotaStore::new(dir.path(), Duration::from_secs(60));
+        let mut c = store.counters.lock().unwrap();
+        store.load(&mut c, &key);
+        assert!(c.refuse_until > 0);
     }
 
     #[test]
@@ -665,7 +815,7 @@ mod tests {
 
     #[test]
     fn file_round_trips_and_refuses_an_edit() {
-        let key = [7u8; 32];
+        let key = keys([7u8; 32], [9u8; 32]);
         let mut s = Snapshot {
             generation: 3,
             ..Snapshot::default()
@@ -681,12 +831,12 @@ mod tests {
             },
         );
         let bytes = encode(&key, &s);
-        let back = decode(&key, &bytes).unwrap();
+        let (back, _) = decode(&key, &bytes).unwrap();
         assert_eq!(back.reveal["refunds"].requests, 5);
         let text = String::from_utf8(bytes).unwrap();
         let edited = text.replace("\"requests\":5", "\"requests\":0");
         assert_ne!(edited, text);
         assert!(decode(&key, edited.as_bytes()).is_err());
-        assert!(decode(&[8u8; 32], text.as_bytes()).is_err());
+        assert!(decode(&keys([8u8; 32], [7u8; 32]), text.as_bytes()).is_err());
     }
 }

@@ -275,7 +275,7 @@ mod tests {
     fn kek_sealing_and_check_match_the_independent_vectors() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/vectors/keyd_state_v2.json"
+            "/../tests/vectors/keyd_state_v2.json"
         );
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

@@ -79,6 +79,8 @@ pub struct StateKeys {
     /// `/v1/admit` seals only under a DEK no caller was ever given. Not
     /// stored: nothing on disk changes.
     pub admission_dek: Zeroizing<[u8; 32]>,
+    /// HMAC key of `quota.state` version 2 (FORMAT.md §16.4).
+    pub quota_mac: Zeroizing<[u8; 32]>,
 }
 
 impl StateKeys {
@@ -101,6 +103,7 @@ impl StateKeys {
             record_seal: sub(b"panseal-keyd v3 record-key sealing"),
             ingest_seal: sub(b"panseal-keyd v4 ingest-key sealing"),
             admission_dek: sub(b"panseal-keyd v4 admission dek"),
+            quota_mac: sub(b"panseal-keyd quota state v2 authentication"),
         }
     }
 }

@@ -282,7 +282,8 @@ impl Server {
         } else if let Some(q) = p.quota {
             let mut item = [0u8; 8];
             item.copy_from_slice(&digest[..8]);
-            self.quotas.charge_unwrap(&qk, &p.name, &q, &item)?;
+            self.quotas
+                .charge_unwrap(&qk, &p.name, &q.as_limit(), &item)?;
         }
         // Another scope's key, an altered byte, another context: one
         // opaque answer.

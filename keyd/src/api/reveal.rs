@@ -158,14 +158,14 @@ impl From<Refusal> for Failure {
 }
 
 impl Server {
-    /// The quota file's key, derived from the state authentication subkey
-    /// (keyd must be unsealed).
-    pub(super) fn quota_key(&self) -> Result<Zeroizing<[u8; 32]>, Failure> {
+    /// The quota file's keys, derived from the master key's subkeys (keyd
+    /// must be unsealed).
+    pub(super) fn quota_key(&self) -> Result<crate::quota::QuotaKey, Failure> {
         let vault = self.vault.read().unwrap_or_else(|e| e.into_inner());
         let Vault::Open { master, .. } = &*vault else {
             return Err(Failure::new(ErrorKind::Sealed, "keyd is sealed"));
         };
-        Ok(crate::quota::derive_key(&master.keys().state_mac))
+        Ok(crate::quota::QuotaKey::derive(master.keys()))
     }
 
     /// Charges `n` keyed hashes to `p`'s `index` quota, durably, before
@@ -316,7 +316,7 @@ mod tests {
     #[test]
     fn record_digest_matches_the_python_vectors() {
         let doc: serde_json::Value = serde_json::from_str(include_str!(
-            "../../tests/vectors/keyd_quota/quota_state_v1.json"
+            "../../../tests/vectors/keyd_quota/quota_state_v1.json"
         ))
         .unwrap();
         let vectors = doc["record_digests"].as_array().unwrap();
