@@ -319,7 +319,7 @@ mod tests {
                 let (fresh, _) = fresh_nonce();
                 let b = fast::seal_raw(&ring_key, id, fresh, &pan, ctx);
                 assert_eq!(open_raw(&cipher(), &b, ctx).unwrap(), pan);
-                let mut flipped = *b.as_bytes();
+                let mut flipped: [u8; format::V1_LEN] = b.as_bytes().try_into().unwrap();
                 flipped[47] ^= 1;
                 let flipped = SealedPan::from_array(flipped);
                 assert!(matches!(
