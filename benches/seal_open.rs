@@ -2,6 +2,11 @@
 //! same run — raw `aes-gcm` seal/open of the same bytes (10-byte packed PAN,
 //! same associated data) as the baseline. Report ratios, not absolute times.
 //!
+//! Two more same-run references: `ring`'s AES-256-GCM (`LessSafeKey`, the
+//! same bytes, counter nonce) and Tink's keyset AEAD (`tink-aead`,
+//! AES-256-GCM keyset: a 5-byte key prefix, random nonce, output in a new
+//! `Vec`; no envelope, rotation or audit).
+//!
 //! `cargo bench --bench seal_open`
 
 use std::hint::black_box;
@@ -57,6 +62,28 @@ fn bench(c: &mut Criterion) {
         .encrypt_in_place_detached(Nonce::from_slice(&raw_nonce), &aad, &mut raw_ct)
         .unwrap();
 
+    // ring: the same key, bytes and associated data.
+    let ring_key = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[7u8; 32]).unwrap(),
+    );
+    let mut ring_sealed = plain.to_vec();
+    ring_key
+        .seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(raw_nonce),
+            ring::aead::Aad::from(&aad),
+            &mut ring_sealed,
+        )
+        .unwrap();
+    let ring_sealed: [u8; 26] = ring_sealed.try_into().unwrap();
+
+    // Tink: an AES-256-GCM keyset handle and its primitive.
+    tink_aead::init();
+    let tink_handle =
+        tink_core::keyset::Handle::new(&tink_aead::aes256_gcm_key_template()).unwrap();
+    let tink = tink_aead::new(&tink_handle).unwrap();
+    let tink_ct = tink.encrypt(&plain, &aad).unwrap();
+    assert_eq!(tink.decrypt(&tink_ct, &aad).unwrap(), plain);
+
     let mut g = c.benchmark_group("seal");
     g.bench_function("raw_aes_gcm", |b| {
         b.iter(|| {
@@ -69,6 +96,25 @@ fn bench(c: &mut Criterion) {
                 .unwrap();
             black_box((buf, tag))
         })
+    });
+    g.bench_function("raw_ring", |b| {
+        b.iter(|| {
+            counter += 1;
+            let mut nonce = [0u8; 12];
+            nonce[..8].copy_from_slice(&counter.to_le_bytes());
+            let mut buf = plain;
+            let tag = ring_key
+                .seal_in_place_separate_tag(
+                    ring::aead::Nonce::assume_unique_for_key(nonce),
+                    ring::aead::Aad::from(black_box(&aad)),
+                    &mut buf,
+                )
+                .unwrap();
+            black_box((buf, tag))
+        })
+    });
+    g.bench_function("tink_aead", |b| {
+        b.iter(|| black_box(tink.encrypt(black_box(&plain), black_box(&aad)).unwrap()))
     });
     // What a nonce from `rand`'s thread-local generator costs on top of the
     // raw seal (the generator panseal used before it became fork-safe), and
@@ -128,6 +174,23 @@ fn bench(c: &mut Criterion) {
             .unwrap();
             black_box(buf)
         })
+    });
+    g.bench_function("raw_ring", |b| {
+        b.iter(|| {
+            let mut buf = ring_sealed;
+            let opened = ring_key
+                .open_in_place(
+                    ring::aead::Nonce::assume_unique_for_key(raw_nonce),
+                    ring::aead::Aad::from(black_box(&aad)),
+                    &mut buf,
+                )
+                .unwrap();
+            black_box(opened.len());
+            black_box(buf)
+        })
+    });
+    g.bench_function("tink_aead", |b| {
+        b.iter(|| black_box(tink.decrypt(black_box(&tink_ct), black_box(&aad)).unwrap()))
     });
     g.bench_function("panseal_blocking", |b| {
         b.iter(|| {

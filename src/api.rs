@@ -402,6 +402,16 @@ impl Panseal {
         if active.uses.fetch_add(1, Ordering::Relaxed) >= active.max_uses {
             return None;
         }
+        #[cfg(feature = "fast-aead")]
+        if let Some(key) = active.entry.fast.as_ref() {
+            return Some(seal::fast::seal_raw(
+                key,
+                active.entry.id,
+                nonce,
+                pan,
+                context,
+            ));
+        }
         let cipher = active.entry.cipher.as_ref()?;
         Some(seal::seal_raw(cipher, active.entry.id, nonce, pan, context))
     }
@@ -790,8 +800,19 @@ impl Panseal {
         if now_unix > entry.decrypt_until {
             return Err(KeyError::Expired(entry.id).into());
         }
-        let cipher = entry.cipher.as_ref().ok_or(KeyError::Purpose(entry.id))?;
-        let pan = seal::open_raw(cipher, sealed, context)?;
+        #[cfg(feature = "fast-aead")]
+        let pan = match entry.fast.as_ref() {
+            Some(key) => seal::fast::open_raw(key, sealed, context)?,
+            None => {
+                let cipher = entry.cipher.as_ref().ok_or(KeyError::Purpose(entry.id))?;
+                seal::open_raw(cipher, sealed, context)?
+            }
+        };
+        #[cfg(not(feature = "fast-aead"))]
+        let pan = {
+            let cipher = entry.cipher.as_ref().ok_or(KeyError::Purpose(entry.id))?;
+            seal::open_raw(cipher, sealed, context)?
+        };
         Ok(Opened {
             pan,
             needs_reseal: state != KeyState::Active || now_unix >= entry.encrypt_until,

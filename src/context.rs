@@ -4,10 +4,14 @@
 //! and is authenticated as AES-GCM associated data. A ciphertext copied to
 //! another row, column or table fails to open with the opaque
 //! [`crate::Error::Decryption`].
+//!
+//! This module validates the parts; their byte encoding (the associated
+//! data) is `format::aad`'s.
 
 use std::fmt;
 
 use crate::error::ContextError;
+use crate::format::aad;
 
 /// Longest table name, in bytes.
 pub const MAX_TABLE_LEN: usize = 255;
@@ -42,14 +46,11 @@ impl Context {
         check("table", table.as_bytes(), MAX_TABLE_LEN)?;
         check("column", column.as_bytes(), MAX_COLUMN_LEN)?;
         check("row key", row_key, MAX_ROW_KEY_LEN)?;
-        let mut encoded = Vec::with_capacity(6 + table.len() + column.len() + row_key.len());
-        for part in [table.as_bytes(), column.as_bytes(), row_key] {
-            // Lengths were checked above to fit in u16.
-            encoded.extend_from_slice(&(part.len() as u16).to_be_bytes());
-            encoded.extend_from_slice(part);
-        }
+        // The limits above keep every part within a u16 length.
+        const { assert!(MAX_TABLE_LEN <= 0xFFFF && MAX_COLUMN_LEN <= 0xFFFF) };
+        const { assert!(MAX_ROW_KEY_LEN <= 0xFFFF) };
         Ok(Context {
-            encoded,
+            encoded: aad::encode_context(table.as_bytes(), column.as_bytes(), row_key),
             table_len: table.len(),
             column_len: column.len(),
         })
@@ -57,23 +58,26 @@ impl Context {
 
     /// The table name.
     pub fn table(&self) -> &str {
-        std::str::from_utf8(&self.encoded[2..2 + self.table_len]).unwrap_or("")
+        std::str::from_utf8(self.parts().0).unwrap_or("")
     }
 
     /// The column name.
     pub fn column(&self) -> &str {
-        let start = 4 + self.table_len;
-        std::str::from_utf8(&self.encoded[start..start + self.column_len]).unwrap_or("")
+        std::str::from_utf8(self.parts().1).unwrap_or("")
     }
 
     /// The row key bytes.
     pub fn row_key(&self) -> &[u8] {
-        &self.encoded[6 + self.table_len + self.column_len..]
+        self.parts().2
     }
 
     /// The canonical encoding authenticated as associated data.
     pub fn encoded(&self) -> &[u8] {
         &self.encoded
+    }
+
+    fn parts(&self) -> (&[u8], &[u8], &[u8]) {
+        aad::context_parts(&self.encoded, self.table_len, self.column_len)
     }
 }
 

@@ -143,55 +143,24 @@ impl Pan {
         Ok(pan)
     }
 
-    /// Decodes a packed PAN (BCD digits, high nibble first, ended and
-    /// padded by `0xF` nibbles; see `FORMAT.md`). `None` unless it holds 8 to
-    /// 19 digits, the padding is all `0xF`, and the Luhn check passes.
-    pub(crate) fn from_packed(packed: &[u8; 10]) -> Option<Self> {
+    /// A PAN whose digits a decoder writes in place (`fill` gets the
+    /// zeroed digit buffer and returns how many ASCII digits it wrote, or
+    /// `None` to refuse; the buffer is wiped either way when dropped). Only
+    /// for decoders that check what `parse` checks: digits, 8–19 of them,
+    /// Luhn (the packed-PAN reader, `format::read::unpack_pan`).
+    pub(crate) fn decode_with(
+        fill: impl FnOnce(&mut [u8; MAX_PAN_DIGITS]) -> Option<usize>,
+    ) -> Option<Self> {
         let mut pan = Pan {
             digits: [0u8; MAX_PAN_DIGITS],
             len: 0,
         };
-        // even_plain: Luhn sum with even positions plain and odd ones
-        // doubled; odd_plain: the reverse. Each byte starts at an even
-        // position, so its table entry holds both contributions.
-        let mut even_plain = 0u32;
-        let mut odd_plain = 0u32;
-        // At most 9 two-digit bytes fit in 19 digits; a 10th is refused below.
-        let mut i = 0usize;
-        while i < 9 {
-            let e = UNPACK[usize::from(packed[i])];
-            if e.kind != KIND_TWO_DIGITS {
-                break;
-            }
-            pan.digits[2 * i] = e.hi;
-            pan.digits[2 * i + 1] = e.lo;
-            even_plain += u32::from(e.even_plain);
-            odd_plain += u32::from(e.odd_plain);
-            i += 1;
+        let len = fill(&mut pan.digits)?;
+        if !(ABSOLUTE_MIN_PAN_DIGITS..=MAX_PAN_DIGITS).contains(&len) {
+            return None;
         }
-        let mut len = 2 * i;
-        if i < packed.len() {
-            let e = UNPACK[usize::from(packed[i])];
-            if e.kind == KIND_DIGIT_THEN_PAD {
-                pan.digits[len.min(MAX_PAN_DIGITS - 1)] = e.hi;
-                len += 1;
-                even_plain += u32::from(e.even_plain);
-                odd_plain += u32::from(e.odd_plain);
-                i += 1;
-            }
-        }
-        let mut padding_ok = true;
-        while i < packed.len() {
-            padding_ok &= packed[i] == 0xFF;
-            i += 1;
-        }
-        let len_ok = len >= ABSOLUTE_MIN_PAN_DIGITS;
         pan.len = len as u8;
-        // Luhn doubles position i iff i has the parity of `len` (the last
-        // digit, at len - 1, is never doubled).
-        let sum = if len % 2 == 0 { odd_plain } else { even_plain };
-        // `pan` wipes itself on drop if refused.
-        (padding_ok && len_ok && sum % 10 == 0).then_some(pan)
+        Some(pan)
     }
 
     fn as_ascii(&self) -> &[u8] {
@@ -314,58 +283,6 @@ impl fmt::Display for Pan {
         f.write_str(std::str::from_utf8(&buf[..n]).unwrap_or(""))
     }
 }
-
-const KIND_TWO_DIGITS: u8 = 2;
-const KIND_DIGIT_THEN_PAD: u8 = 1;
-const KIND_OTHER: u8 = 0;
-
-/// What one packed byte holds: its ASCII digits and its Luhn contributions.
-#[derive(Clone, Copy)]
-#[repr(align(8))]
-struct Unpacked {
-    kind: u8,
-    hi: u8,
-    lo: u8,
-    even_plain: u8,
-    odd_plain: u8,
-}
-
-const LUHN_DOUBLED: [u8; 10] = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9];
-
-/// Decoding table for packed PAN bytes, built at compile time.
-static UNPACK: [Unpacked; 256] = {
-    let mut t = [Unpacked {
-        kind: KIND_OTHER,
-        hi: 0,
-        lo: 0,
-        even_plain: 0,
-        odd_plain: 0,
-    }; 256];
-    let mut b = 0usize;
-    while b < 256 {
-        let hi = (b >> 4) as u8;
-        let lo = (b & 0x0F) as u8;
-        if hi <= 9 && lo <= 9 {
-            t[b] = Unpacked {
-                kind: KIND_TWO_DIGITS,
-                hi: b'0' + hi,
-                lo: b'0' + lo,
-                even_plain: hi + LUHN_DOUBLED[lo as usize],
-                odd_plain: LUHN_DOUBLED[hi as usize] + lo,
-            };
-        } else if hi <= 9 && lo == 0x0F {
-            t[b] = Unpacked {
-                kind: KIND_DIGIT_THEN_PAD,
-                hi: b'0' + hi,
-                lo: 0,
-                even_plain: hi,
-                odd_plain: LUHN_DOUBLED[hi as usize],
-            };
-        }
-        b += 1;
-    }
-    t
-};
 
 /// The Luhn (mod 10) check over ASCII digits.
 pub(crate) fn luhn_valid(ascii: &[u8]) -> bool {

@@ -1,6 +1,7 @@
-//! The AEAD step of format v1: seal a packed PAN under an expanded AES-256-GCM
-//! key with a given nonce, and open it. Allocation-free for contexts whose
-//! associated data fits `AAD_STACK` bytes.
+//! The AEAD step of format v1: the nonce generator, and AES-256-GCM under an
+//! expanded key over the bytes `format` lays out (packed PAN, header,
+//! associated data: `format::write::seal_v1`, `format::read::open_v1`).
+//! Allocation-free for contexts whose associated data fits 256 bytes.
 
 use std::cell::{Cell, RefCell};
 
@@ -15,13 +16,9 @@ use zeroize::Zeroize;
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::format::{self, SealedPan, V1_LEN};
+use crate::format::{self, SealedPan};
 use crate::keys::KeyId;
 use crate::pan::Pan;
-
-/// Largest associated data assembled on the stack; longer contexts use one
-/// heap allocation.
-const AAD_STACK: usize = 256;
 
 /// Bytes of nonces between two reseeds from the OS (as `rand`'s
 /// `ThreadRng`: 64 KiB, about 5,400 nonces).
@@ -131,6 +128,7 @@ pub(crate) fn fresh_nonce() -> ([u8; format::NONCE_LEN], u32) {
 }
 
 /// Seals `pan` bound to `context` under `cipher` (the DEK `id`).
+#[inline]
 pub(crate) fn seal_raw(
     cipher: &Aes256Gcm,
     id: KeyId,
@@ -138,23 +136,11 @@ pub(crate) fn seal_raw(
     pan: &Pan,
     context: &Context,
 ) -> SealedPan {
-    let mut out = [0u8; V1_LEN];
-    let mut header = [0u8; format::V1_HEADER_LEN];
-    format::write::write_header(id, &mut header);
-    out[..format::V1_HEADER_LEN].copy_from_slice(&header);
-    out[format::NONCE_AT..format::CT_AT].copy_from_slice(&nonce);
     let mut packed = [0u8; format::PACKED_LEN];
     format::write::pack_pan(pan, &mut packed);
-    // Encryption fails only for messages longer than GCM allows; 10 bytes
-    // never are.
-    let tag = with_aad(&header, context, |aad| {
-        cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut packed)
+    format::write::seal_v1(id, nonce, &mut packed, context.encoded(), |n, aad, buf| {
+        encrypt(cipher, n, aad, buf)
     })
-    .unwrap_or_default();
-    out[format::CT_AT..format::TAG_AT].copy_from_slice(&packed);
-    out[format::TAG_AT..].copy_from_slice(&tag);
-    packed.zeroize();
-    SealedPan::from_array(out)
 }
 
 /// Seals 10 plaintext bytes as they are, as [`seal_raw`] seals a packed PAN
@@ -167,22 +153,26 @@ pub(crate) fn seal_packed(
     plaintext: &[u8; format::PACKED_LEN],
     context: &Context,
 ) -> SealedPan {
-    let mut out = [0u8; V1_LEN];
-    let mut header = [0u8; format::V1_HEADER_LEN];
-    format::write::write_header(id, &mut header);
-    out[..format::V1_HEADER_LEN].copy_from_slice(&header);
-    out[format::NONCE_AT..format::CT_AT].copy_from_slice(&nonce);
     let mut buf = *plaintext;
+    format::write::seal_v1(id, nonce, &mut buf, context.encoded(), |n, aad, buf| {
+        encrypt(cipher, n, aad, buf)
+    })
+}
+
+/// AES-256-GCM in place; the tag.
+#[inline(always)]
+fn encrypt(
+    cipher: &Aes256Gcm,
+    nonce: &[u8; format::NONCE_LEN],
+    aad: &[u8],
+    buf: &mut [u8; format::PACKED_LEN],
+) -> [u8; format::TAG_LEN] {
     // Encryption fails only for messages longer than GCM allows; 10 bytes
     // never are.
-    let tag = with_aad(&header, context, |aad| {
-        cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf)
-    })
-    .unwrap_or_default();
-    out[format::CT_AT..format::TAG_AT].copy_from_slice(&buf);
-    out[format::TAG_AT..].copy_from_slice(&tag);
-    buf.zeroize();
-    SealedPan::from_array(out)
+    cipher
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
+        .map(Into::into)
+        .unwrap_or_default()
 }
 
 /// Opens a sealed PAN bound to `context` under `cipher`.
@@ -190,49 +180,162 @@ pub(crate) fn seal_packed(
 /// Every authentication failure is the opaque [`Error::Decryption`]; a
 /// payload that authenticates but is not a packed PAN is
 /// [`crate::FormatError::Payload`].
+#[inline]
 pub(crate) fn open_raw(
     cipher: &Aes256Gcm,
     sealed: &SealedPan,
     context: &Context,
 ) -> Result<Pan, Error> {
-    let mut packed = [0u8; format::PACKED_LEN];
-    packed.copy_from_slice(sealed.ciphertext());
-    let decrypted = with_aad(sealed.header(), context, |aad| {
-        cipher.decrypt_in_place_detached(
-            Nonce::from_slice(sealed.nonce()),
-            aad,
-            &mut packed,
-            Tag::from_slice(sealed.tag()),
-        )
-    });
-    if decrypted.is_err() {
-        return Err(Error::Decryption);
-    }
-    let pan = format::read::unpack_pan(&packed);
-    packed.zeroize();
-    Ok(pan?)
+    format::read::open_v1(sealed, context.encoded(), |nonce, aad, buf, tag| {
+        cipher
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
+            .is_ok()
+    })
 }
 
-/// Runs `f` with `header || context.encoded()` as one slice, on the stack
-/// for the common short contexts.
-fn with_aad<R>(header: &[u8], context: &Context, f: impl FnOnce(&[u8]) -> R) -> R {
-    fn on_stack<const N: usize, R>(header: &[u8], enc: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
-        let total = header.len() + enc.len();
-        let mut buf = [0u8; N];
-        buf[..header.len()].copy_from_slice(header);
-        buf[header.len()..total].copy_from_slice(enc);
-        f(&buf[..total])
+/// The AEAD of feature `fast-aead`: ring's AES-256-GCM over the same bytes
+/// (`format::write::seal_v1`, `format::read::open_v1`), so either backend
+/// opens what the other sealed.
+#[cfg(feature = "fast-aead")]
+pub(crate) mod fast {
+    use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+
+    use super::{Context, Error, KeyId, Pan, SealedPan};
+    use crate::format;
+
+    /// ring's expanded AES-256-GCM key for `key`. ring does not wipe it on
+    /// drop (see the feature's documentation).
+    pub(crate) fn key(key: &[u8; 32]) -> Option<LessSafeKey> {
+        UnboundKey::new(&AES_256_GCM, key)
+            .ok()
+            .map(LessSafeKey::new)
     }
-    let enc = context.encoded();
-    let total = header.len() + enc.len();
-    if total <= 48 {
-        on_stack::<48, R>(header, enc, f)
-    } else if total <= AAD_STACK {
-        on_stack::<AAD_STACK, R>(header, enc, f)
-    } else {
-        let mut v = Vec::with_capacity(total);
-        v.extend_from_slice(header);
-        v.extend_from_slice(enc);
-        f(&v)
+
+    /// As [`super::seal_raw`], with ring.
+    #[inline]
+    pub(crate) fn seal_raw(
+        key: &LessSafeKey,
+        id: KeyId,
+        nonce: [u8; format::NONCE_LEN],
+        pan: &Pan,
+        context: &Context,
+    ) -> SealedPan {
+        let mut packed = [0u8; format::PACKED_LEN];
+        format::write::pack_pan(pan, &mut packed);
+        format::write::seal_v1(id, nonce, &mut packed, context.encoded(), |n, aad, buf| {
+            // Fails only for messages longer than GCM allows.
+            key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(*n), Aad::from(aad), buf)
+                .map(|tag| {
+                    let mut out = [0u8; format::TAG_LEN];
+                    out.copy_from_slice(tag.as_ref());
+                    out
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    /// As [`super::open_raw`], with ring (whose tag check is constant-time).
+    #[inline]
+    pub(crate) fn open_raw(
+        key: &LessSafeKey,
+        sealed: &SealedPan,
+        context: &Context,
+    ) -> Result<Pan, Error> {
+        format::read::open_v1(sealed, context.encoded(), |nonce, aad, buf, tag| {
+            let (Ok(nonce), Ok(tag)) = (
+                Nonce::try_assume_unique_for_key(nonce),
+                <[u8; format::TAG_LEN]>::try_from(tag),
+            ) else {
+                return false;
+            };
+            key.open_in_place_separate_tag(nonce, Aad::from(aad), Tag::from(tag), buf, 0..)
+                .is_ok()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aes_gcm::KeyInit;
+
+    use super::*;
+
+    fn cipher() -> Aes256Gcm {
+        Aes256Gcm::new(&[7u8; 32].into())
+    }
+
+    #[test]
+    fn seals_to_the_format_and_opens() {
+        let pan = Pan::parse("4111111111111111").unwrap();
+        let ctx = Context::new("cards", "pan", "42").unwrap();
+        let id = KeyId::from_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
+        let sealed = seal_raw(&cipher(), id, [9u8; 12], &pan, &ctx);
+        let bytes = sealed.as_bytes();
+        assert_eq!(&bytes[..2], &[format::V1, format::ALG_AES256GCM_PACKED]);
+        assert_eq!(&bytes[2..10], id.as_bytes());
+        assert_eq!(&bytes[10..22], &[9u8; 12]);
+        assert_eq!(open_raw(&cipher(), &sealed, &ctx).unwrap(), pan);
+        let other = Context::new("cards", "pan", "43").unwrap();
+        assert!(matches!(
+            open_raw(&cipher(), &sealed, &other),
+            Err(Error::Decryption)
+        ));
+    }
+
+    /// Both AEAD backends produce the same bytes and open each other's
+    /// ciphertexts; both refuse a flipped bit and another context.
+    #[cfg(feature = "fast-aead")]
+    #[test]
+    fn backends_read_each_other() {
+        let ring_key = fast::key(&[7u8; 32]).unwrap();
+        let ctx = Context::new("cards", "pan", "0001234567").unwrap();
+        let other = Context::new("cards", "pan", "0001234568").unwrap();
+        let long = Context::new("t", "c", vec![b'r'; 400]).unwrap();
+        let id = KeyId::from_bytes([8, 7, 6, 5, 4, 3, 2, 1]);
+        let mut opened = 0;
+        for (i, digits) in [
+            "4111111111111111",
+            "378282246310005",
+            "6011000990139424",
+            "4000000000000000006",
+            "42424242",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let Ok(pan) =
+                Pan::parse_with(digits, &crate::pan::PanRules::with_min_digits(8).unwrap())
+            else {
+                continue;
+            };
+            for ctx in [&ctx, &long] {
+                let nonce = [i as u8; 12];
+                let a = seal_raw(&cipher(), id, nonce, &pan, ctx);
+                let b = fast::seal_raw(&ring_key, id, nonce, &pan, ctx);
+                assert_eq!(a, b, "same bytes from both backends");
+                assert_eq!(fast::open_raw(&ring_key, &a, ctx).unwrap(), pan);
+                assert_eq!(open_raw(&cipher(), &b, ctx).unwrap(), pan);
+                opened += 2;
+                let (fresh, _) = fresh_nonce();
+                let b = fast::seal_raw(&ring_key, id, fresh, &pan, ctx);
+                assert_eq!(open_raw(&cipher(), &b, ctx).unwrap(), pan);
+                let mut flipped: [u8; format::V1_LEN] = b.as_bytes().try_into().unwrap();
+                flipped[47] ^= 1;
+                let flipped = SealedPan::from_array(flipped);
+                assert!(matches!(
+                    fast::open_raw(&ring_key, &flipped, ctx),
+                    Err(Error::Decryption)
+                ));
+                assert!(matches!(
+                    open_raw(&cipher(), &flipped, ctx),
+                    Err(Error::Decryption)
+                ));
+                assert!(matches!(
+                    fast::open_raw(&ring_key, &b, &other),
+                    Err(Error::Decryption)
+                ));
+            }
+        }
+        assert!(opened >= 16, "opened {opened}");
     }
 }

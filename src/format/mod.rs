@@ -1,6 +1,12 @@
-//! The versioned ciphertext format. `FORMAT.md` is the specification; this
-//! module is split into a reading half ([`read`]) and a writing half
-//! ([`write`]), round-trip tested and fuzzed.
+//! The versioned ciphertext format: every byte of the compact v1
+//! ciphertext. `FORMAT.md` is the specification; this module is split into
+//! a reading half ([`read`]: parsing, the open's buffer, unpacking and
+//! checking the PAN), a writing half ([`write`]: packing and padding the
+//! PAN, the header, the 48-byte layout, the text form) and the associated
+//! data ([`aad`]: the context encoding, `header ‖ context`), round-trip
+//! tested and fuzzed. The AEAD itself (AES-256-GCM, nonces) is `seal`'s;
+//! [`crate::Context`] validates what [`aad`] encodes, and [`crate::Pan`]
+//! parses and masks what [`write`] packs.
 //!
 //! Version 1, binary (48 bytes):
 //!
@@ -21,6 +27,7 @@ use std::fmt;
 
 use crate::keys::KeyId;
 
+pub(crate) mod aad;
 pub(crate) mod read;
 pub(crate) mod write;
 

@@ -29,6 +29,10 @@ pub(crate) struct CachedDek {
     pub(crate) scope: Scope,
     /// AES-GCM with the expanded key (data keys).
     pub(crate) cipher: Option<Aes256Gcm>,
+    /// The same key expanded for ring's AES-GCM (feature `fast-aead`; data
+    /// keys), which seal and open use instead of `cipher`.
+    #[cfg(feature = "fast-aead")]
+    pub(crate) fast: Option<ring::aead::LessSafeKey>,
     state: AtomicU8,
     pub(crate) encrypt_until: u64,
     pub(crate) decrypt_until: u64,
@@ -53,12 +57,19 @@ impl CachedDek {
             KeyPurpose::Data => Some(dek.cipher()),
             KeyPurpose::Index => None,
         };
+        #[cfg(feature = "fast-aead")]
+        let fast = match purpose {
+            KeyPurpose::Data => crate::seal::fast::key(dek.expose_secret()),
+            KeyPurpose::Index => None,
+        };
         let loaded_at = crate::clock::unix_nanos();
         CachedDek {
             id,
             purpose,
             scope: scope.clone(),
             cipher,
+            #[cfg(feature = "fast-aead")]
+            fast,
             state: AtomicU8::new(state as u8),
             encrypt_until,
             decrypt_until,
