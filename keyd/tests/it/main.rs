@@ -1,0 +1,20 @@
+//! `panseal-keyd`'s own tests, one test crate with a module per concern:
+//! the server as a real process on 127.0.0.1 (its binary, found through
+//! `CARGO_BIN_EXE_panseal-keyd`), driven through `RemoteKeyService` and
+//! raw HTTPS.
+
+// Shared helpers: the harness stays in `keyd/tests/keyd_harness` (the root
+// crate's tests and keyd's benches include it too); the KeyService
+// conformance suite is the root crate's.
+#[allow(dead_code)]
+#[path = "../../../tests/it/keyd_conformance.rs"]
+mod keyd_conformance;
+#[allow(dead_code)]
+#[path = "../keyd_harness/mod.rs"]
+mod keyd_harness;
+
+// One module per former test crate (`tests/keyd*.rs` of the root crate).
+mod keyd;
+mod keyd_index;
+mod keyd_ingest;
+mod keyd_reveal;
