@@ -1,5 +1,7 @@
 //! The key-service conformance suite against the in-process
-//! `LocalKeyService`, the reference every other backend is held to.
+//! `LocalKeyService`, the reference every other backend is held to (and,
+//! on a fresh service of its own, the suite's custodian cycle: the former
+//! `tests/conformance.rs`).
 
 use crate::keyservice_conformance;
 
@@ -46,4 +48,19 @@ async fn local_key_service_passes_the_conformance_suite() {
     keyservice_conformance::run(Arc::clone(&ks), &backend, "test").await;
     keyservice_conformance::run_index_and_records(Arc::clone(&ks), &backend, "test").await;
     keyservice_conformance::run_ingest(ks, &backend, "test").await;
+}
+
+#[tokio::test]
+async fn local_key_service_conforms() {
+    let ks = LocalKeyService::new(Environment::new("test").unwrap());
+    let backend = Local(ks.clone());
+    keyservice_conformance::custodian_cycle(
+        &ks,
+        &backend,
+        "test",
+        "prod",
+        "merchant-1",
+        "merchant-2",
+    )
+    .await;
 }

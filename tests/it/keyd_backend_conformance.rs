@@ -1,6 +1,6 @@
 //! `panseal-keyd` (through `RemoteKeyService`) against the same key-service
 //! conformance suite as the local, PKCS#11 and AWS KMS backends
-//! (tests/keyservice_conformance): a real server process on 127.0.0.1;
+//! (tests/it/keyservice_conformance.rs): a real server process on 127.0.0.1;
 //! KEK destruction is two custodians' approvals, and the outage is the
 //! server killed and restarted (sealed, then unsealed by two custodians).
 
@@ -31,7 +31,8 @@ impl Backend for KeydBackend {
         let alice = k.client("alice");
         // keyd destroys only retired versions, with two custodians.
         let _ = alice.retire(&self.scope, version).await;
-        alice.approve_destroy(&self.scope, version).await.unwrap();
+        let first = alice.approve_destroy(&self.scope, version).await.unwrap();
+        assert!(!first.destroyed, "one approval must not destroy");
         let done = k
             .client("bob")
             .approve_destroy(&self.scope, version)
@@ -96,6 +97,16 @@ impl Backend for KeydBackend {
 
     fn remembers_record_sequence(&self) -> bool {
         true
+    }
+
+    /// A KEK per scope, rotated by a custodian.
+    async fn rotate_kek(&self, _ks: &dyn KeyService, scope: &Scope) -> u32 {
+        let k = self.keyd.lock().await;
+        k.client("alice")
+            .rotate(scope)
+            .await
+            .unwrap()
+            .active_version
     }
 }
 

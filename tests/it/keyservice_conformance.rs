@@ -22,12 +22,28 @@
 //! 6. destroyed KEK: after the backend destroys (or disables) a version,
 //!    records under it are refused with `KekDestroyed`/`KekDisabled` (not
 //!    retryable, not `UnwrapFailed`), and nothing else is affected.
+//! 6b. custodian cycle (the checks of the former second suite,
+//!    `tests/keyd_conformance`): 256-bit KEK of the right environment; wrap
+//!    and generate round trips (index keys refused with `PermissionDenied`
+//!    or round-tripped); binding to id, scope and purpose; another
+//!    environment refused with `Environment` (not retryable) on unwrap and
+//!    wrap; altered and truncated wraps `UnwrapFailed`; the backend's
+//!    custodian rotation ([`Backend::rotate_kek`]) wraps under the new
+//!    version while old wraps unwrap; relabelled and unknown versions
+//!    refused; rewrap to the newest; destruction of the old version leaves
+//!    rewrapped keys opening and refuses the rest with `KekDestroyed` (not
+//!    retryable); another scope untouched.
 //! 7. end to end: `Panseal` seal/open through the backend, a cold open in a
 //!    fresh instance (one audited unwrap), KEK rotation with rewrap of every
 //!    stored record, and opening everything again in a fresh instance.
 //! 8. outage (backends that can be unreachable): every call fails with a
 //!    retryable `Unavailable`; a fresh `Panseal` cannot open, retryably; the
 //!    key store is unchanged; after the outage everything opens and seals.
+//!
+//! [`run_index_and_records`] and [`run_ingest`] add the blind-index,
+//! key-record and write-only ingest checks; a backend without ingest
+//! ([`Backend::ingest_unsupported`]) must refuse every ingest call with
+//! `Unsupported`, which is asserted, not skipped.
 
 #![allow(dead_code)]
 
@@ -76,6 +92,22 @@ pub trait Backend: Send + Sync {
     fn remembers_record_sequence(&self) -> bool {
         false
     }
+
+    /// Rotates the KEK serving `scope` the way the backend's custodian
+    /// does; returns the new active version. Default: the trait's
+    /// `rotate_kek` (one KEK for every scope). keyd: a custodian's
+    /// `rotate(scope)` (a KEK per scope).
+    async fn rotate_kek(&self, ks: &dyn KeyService, scope: &Scope) -> u32 {
+        let _ = scope;
+        ks.rotate_kek().await.expect("rotate_kek").version
+    }
+
+    /// `Some(why)` if the service has no write-only ingest: [`run_ingest`]
+    /// then asserts that every ingest call fails with `Unsupported` naming
+    /// `why` (the backend's documented reason).
+    fn ingest_unsupported(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 fn step(backend: &dyn Backend, what: &str) {
@@ -97,6 +129,16 @@ pub async fn run(ks: Arc<dyn KeyService>, backend: &dyn Backend, environment: &s
     rewrap_keeps_the_key(&*ks, environment).await;
     step(backend, "destroyed KEK");
     destroyed_kek_refuses(&*ks, backend, environment).await;
+    step(backend, "custodian cycle");
+    custodian_cycle(
+        &*ks,
+        backend,
+        environment,
+        "prod",
+        "merchant-1",
+        "merchant-2",
+    )
+    .await;
     step(backend, "end to end");
     end_to_end(Arc::clone(&ks), environment).await;
     if backend.has_outage() {
@@ -1182,6 +1224,12 @@ pub async fn run_ingest(ks: Arc<dyn KeyService>, backend: &dyn Backend, environm
     let pans = pans();
     let a = access();
 
+    if let Some(why) = backend.ingest_unsupported() {
+        step(backend, "ingest: every call Unsupported (documented)");
+        ingest_unsupported(&*ks, &scope, &env, why).await;
+        return;
+    }
+
     step(backend, "ingest keys: create, list, retire");
     assert_eq!(ks.ingest_keys(&scope).await.unwrap(), vec![]);
     let v1 = ks.create_ingest_key(&scope).await.unwrap();
@@ -1555,4 +1603,222 @@ pub async fn admission_record(
     r.scope = scope.clone();
     r.wrapped = ks.generate_wrapped(&r.key_request()).await.unwrap();
     sign(&*ks, None, &r).await.unwrap()
+}
+
+/// A backend without write-only ingest refuses every ingest call with
+/// `Unsupported` naming `why`, never retryable, and creates nothing.
+async fn ingest_unsupported(ks: &dyn KeyService, scope: &Scope, env: &Environment, why: &str) {
+    use panseal::{IngestOpenRequest, IngestSealer};
+    let check = |what: &str, e: KeyServiceError| {
+        assert!(!e.is_retryable(), "{what}: {e:?} must not be retryable");
+        match e {
+            KeyServiceError::Unsupported(text) => {
+                assert!(text.contains(why), "{what}: {text:?} does not name {why:?}")
+            }
+            other => panic!("{what}: expected Unsupported, got {other:?}"),
+        }
+    };
+    check("ingest_keys", ks.ingest_keys(scope).await.unwrap_err());
+    check(
+        "create_ingest_key",
+        ks.create_ingest_key(scope).await.unwrap_err(),
+    );
+    check(
+        "set_ingest_key_state",
+        ks.set_ingest_key_state(scope, 1, KeyState::DecryptOnly)
+            .await
+            .unwrap_err(),
+    );
+    // A well-formed ingest ciphertext under a key the service never had.
+    let key = panseal::hazmat::IngestPrivateKey::generate(env, scope, 1);
+    let context = ctx("u0");
+    let sealed = IngestSealer::new(key.public_key())
+        .seal(&pans()[0], &context)
+        .unwrap();
+    let request = IngestOpenRequest {
+        scope,
+        sealed: &sealed,
+        context: &context,
+    };
+    check(
+        "open_ingest",
+        ks.open_ingest(&request, &access()).await.unwrap_err(),
+    );
+}
+
+/// The custodian cycle on `scope` (the checks of the former second
+/// suite): rotation through [`Backend::rotate_kek`], destruction through
+/// [`Backend::destroy_kek`] (the version destroyed is the one active when
+/// the step starts, never the newest), `other_environment` a tag the
+/// service must refuse, `other_scope` a scope it may use.
+pub async fn custodian_cycle(
+    ks: &dyn KeyService,
+    backend: &dyn Backend,
+    environment: &str,
+    other_environment: &str,
+    scope: &str,
+    other_scope: &str,
+) {
+    use panseal::DEK_STRENGTH_BITS;
+    let environment_tag = Environment::new(environment).unwrap();
+    let other_environment = Environment::new(other_environment).unwrap();
+    let scope_tag = Scope::new(scope).unwrap();
+    let other_scope = Scope::new(other_scope).unwrap();
+    let request = |purpose| KeyRequest {
+        id: KeyId::random(),
+        scope: scope_tag.clone(),
+        environment: environment_tag.clone(),
+        purpose,
+    };
+    // KEK facts.
+    let info = ks.kek_info().await.expect("kek_info");
+    assert!(info.strength_bits >= DEK_STRENGTH_BITS, "{info:?}");
+    assert_eq!(info.environment, environment_tag.as_str());
+
+    // Round trips: wrap of a client key and service-generated keys, for
+    // data and index purposes.
+    let r = request(KeyPurpose::Data);
+    let dek = Dek::generate();
+    let w = ks.wrap(&r, &dek).await.expect("wrap");
+    cc_unwrap_ok(ks, &r, &w, &dek).await;
+    // Index keys: a service that keeps them inside (issue 10) refuses to
+    // generate one for a caller; others round-trip it.
+    let ri = request(KeyPurpose::Index);
+    let index_key = match ks.generate(&ri).await {
+        Ok((idx, wi)) => {
+            cc_unwrap_ok(ks, &ri, &wi, &idx).await;
+            Some((idx, wi))
+        }
+        Err(KeyServiceError::PermissionDenied(_)) => None,
+        Err(e) => panic!("generate index key: {e}"),
+    };
+    let (dek2, w2) = ks.generate(&request(KeyPurpose::Data)).await.unwrap();
+    assert_ne!(
+        dek_bytes(&dek2),
+        dek_bytes(&dek),
+        "generate must draw fresh keys"
+    );
+    drop(w2);
+
+    // The wrap is bound to id, scope, environment and purpose.
+    let mut moved = r.clone();
+    moved.id = KeyId::random();
+    assert_eq!(
+        cc_unwrap_err(ks, &moved, &w).await,
+        KeyServiceError::UnwrapFailed
+    );
+    let mut moved = r.clone();
+    moved.scope = other_scope.clone();
+    assert_eq!(
+        cc_unwrap_err(ks, &moved, &w).await,
+        KeyServiceError::UnwrapFailed
+    );
+    let mut moved = r.clone();
+    moved.purpose = KeyPurpose::Index;
+    let e = cc_unwrap_err(ks, &moved, &w).await;
+    // keyd refuses any index-purpose unwrap before looking at the wrap.
+    assert!(
+        matches!(
+            e,
+            KeyServiceError::UnwrapFailed | KeyServiceError::PermissionDenied(_)
+        ),
+        "{e:?}"
+    );
+    let mut other_env = r.clone();
+    other_env.environment = other_environment.clone();
+    let e = cc_unwrap_err(ks, &other_env, &w).await;
+    assert!(
+        matches!(e, KeyServiceError::Environment { .. }),
+        "wrong environment: {e:?}"
+    );
+    assert!(!e.is_retryable());
+    let e = ks.wrap(&other_env, &dek).await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::Environment { .. }), "{e:?}");
+
+    // Altered bytes: opaque failure.
+    for i in [0usize, 20, w.bytes.len() - 1] {
+        let mut bad = w.clone();
+        bad.bytes[i] ^= 1;
+        assert_eq!(
+            cc_unwrap_err(ks, &r, &bad).await,
+            KeyServiceError::UnwrapFailed
+        );
+    }
+    let mut short = w.clone();
+    short.bytes.truncate(30);
+    assert_eq!(
+        cc_unwrap_err(ks, &r, &short).await,
+        KeyServiceError::UnwrapFailed
+    );
+
+    // Rotation: new wraps use the new version, old wraps keep unwrapping,
+    // a wrap relabelled to another version fails.
+    let v_old = w.kek.version;
+    let v_new = backend.rotate_kek(ks, &scope_tag).await;
+    assert!(v_new > v_old);
+    let r3 = request(KeyPurpose::Data);
+    let dek3 = Dek::generate();
+    let w3 = ks.wrap(&r3, &dek3).await.unwrap();
+    assert_eq!(w3.kek.version, v_new);
+    cc_unwrap_ok(ks, &r, &w, &dek).await;
+    let mut rolled = w3.clone();
+    rolled.kek.version = v_old;
+    assert_eq!(
+        cc_unwrap_err(ks, &r3, &rolled).await,
+        KeyServiceError::UnwrapFailed
+    );
+    let mut unknown = w.clone();
+    unknown.kek.version = v_new + 100;
+    let e = cc_unwrap_err(ks, &r, &unknown).await;
+    assert!(
+        matches!(
+            e,
+            KeyServiceError::UnknownKek(_) | KeyServiceError::UnwrapFailed
+        ),
+        "{e:?}"
+    );
+
+    // Rewrap moves to the newest version and keeps the key.
+    let rw = ks.rewrap(&r, &w).await.expect("rewrap");
+    assert_eq!(rw.kek.version, v_new);
+    assert_ne!(rw.bytes, w.bytes);
+    cc_unwrap_ok(ks, &r, &rw, &dek).await;
+    if let Some((idx, wi)) = &index_key {
+        let rwi = ks.rewrap(&ri, wi).await.unwrap();
+        cc_unwrap_ok(ks, &ri, &rwi, &idx).await;
+    }
+
+    // Destroying the old version: what was rewrapped still opens, what was
+    // not is refused with a clear, non-retryable error.
+    backend.destroy_kek(v_old).await;
+    cc_unwrap_ok(ks, &r, &rw, &dek).await;
+    let e = cc_unwrap_err(ks, &r, &w).await;
+    assert!(matches!(e, KeyServiceError::KekDestroyed(_)), "{e:?}");
+    assert!(!e.is_retryable());
+    let e = ks.rewrap(&r, &w).await.unwrap_err();
+    assert!(matches!(e, KeyServiceError::KekDestroyed(_)), "{e:?}");
+
+    // Another scope is untouched.
+    let ro = KeyRequest {
+        scope: other_scope.clone(),
+        ..request(KeyPurpose::Data)
+    };
+    let dek_o = Dek::generate();
+    let wo = ks.wrap(&ro, &dek_o).await.unwrap();
+    cc_unwrap_ok(ks, &ro, &wo, &dek_o).await;
+}
+
+async fn cc_unwrap_ok(ks: &dyn KeyService, r: &KeyRequest, w: &WrappedKey, expected: &Dek) {
+    let got = ks
+        .unwrap(r, w, &access())
+        .await
+        .unwrap_or_else(|e| panic!("unwrap of {:?} failed: {e}", r.id));
+    assert_eq!(dek_bytes(&got), dek_bytes(expected));
+}
+
+async fn cc_unwrap_err(ks: &dyn KeyService, r: &KeyRequest, w: &WrappedKey) -> KeyServiceError {
+    match ks.unwrap(r, w, &access()).await {
+        Ok(_) => panic!("unwrap of {:?} should have failed", r.id),
+        Err(e) => e,
+    }
 }

@@ -141,7 +141,12 @@ fn file_store_survives_kill_9() {
     let mut acked: std::collections::HashMap<String, u8> = Default::default();
     for round in 0..6u64 {
         let mut child = Command::new(&exe)
-            .args(["--exact", "keystore::crash_child_writer", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "keystore::crash_child_writer",
+                "--ignored",
+                "--nocapture",
+            ])
             .env("PANSEAL_CRASH_STORE", &path)
             .env("PANSEAL_CRASH_START", (round * 1_000_000).to_string())
             .stdout(Stdio::piped())

@@ -15,9 +15,6 @@
 // Shared helpers.
 #[allow(dead_code)]
 mod common;
-#[cfg(feature = "hazmat-test-keys")]
-#[allow(dead_code)]
-mod keyd_conformance;
 #[cfg(feature = "keyd-client")]
 #[allow(dead_code)]
 #[path = "../../keyd/tests/keyd_harness/mod.rs"]
@@ -41,13 +38,19 @@ mod audit_verify;
 mod aws_kms;
 #[cfg(all(feature = "aws-kms", feature = "hazmat-test-keys"))]
 mod aws_kms_conformance;
-#[cfg(all(feature = "postgres", feature = "keyd-client", feature = "hazmat-test-keys"))]
+#[cfg(all(
+    feature = "postgres",
+    feature = "keyd-client",
+    feature = "hazmat-test-keys"
+))]
 mod breach_drill;
-#[cfg(all(feature = "postgres", feature = "keyd-client", feature = "hazmat-test-keys"))]
+#[cfg(all(
+    feature = "postgres",
+    feature = "keyd-client",
+    feature = "hazmat-test-keys"
+))]
 mod browser_checkout;
 mod compile_fail;
-#[cfg(feature = "hazmat-test-keys")]
-mod conformance;
 #[cfg(feature = "hazmat-test-keys")]
 mod conformance_local;
 mod hpke_rfc9180;
@@ -62,7 +65,11 @@ mod keystore;
 mod no_pan_in_errors;
 #[cfg(feature = "hazmat-test-keys")]
 mod payload;
-#[cfg(all(feature = "postgres", feature = "keyd-client", feature = "hazmat-test-keys"))]
+#[cfg(all(
+    feature = "postgres",
+    feature = "keyd-client",
+    feature = "hazmat-test-keys"
+))]
 mod payments_backend;
 #[cfg(all(feature = "pkcs11", feature = "hazmat-test-keys"))]
 mod pkcs11;
@@ -79,9 +86,17 @@ mod records;
 mod reencrypt;
 #[cfg(all(feature = "postgres", feature = "pkcs11", feature = "hazmat-test-keys"))]
 mod reindex;
-#[cfg(all(feature = "keyd-client", feature = "postgres", feature = "hazmat-test-keys"))]
+#[cfg(all(
+    feature = "keyd-client",
+    feature = "postgres",
+    feature = "hazmat-test-keys"
+))]
 mod rotate_kek;
-#[cfg(all(feature = "keyd-client", feature = "postgres", feature = "hazmat-test-keys"))]
+#[cfg(all(
+    feature = "keyd-client",
+    feature = "postgres",
+    feature = "hazmat-test-keys"
+))]
 mod tools;
 #[cfg(feature = "hazmat-test-keys")]
 mod vectors;

@@ -1,17 +1,18 @@
-//! `panseal-keyd` as a real process on 127.0.0.1: conformance, policy,
+//! `panseal-keyd` as a real process on 127.0.0.1: the KeyService suite's
+//! custodian cycle (two custodians, a KEK per scope), policy,
 //! sealing, quotas, audit chain, crash safety, load, and the core API over
 //! `RemoteKeyService`.
 
-use crate::keyd_conformance;
 use crate::keyd_harness;
+use crate::keyservice_conformance;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keyd_conformance::{KekAdmin, Target};
 use keyd_harness::{Keyd, ACK};
+use keyservice_conformance::Backend;
 use panseal::hazmat::dek_bytes;
 use panseal::keyd::ShareText;
 use panseal::{
@@ -37,21 +38,44 @@ fn is_denied(r: Result<impl Sized, KeyServiceError>) -> bool {
     matches!(r, Err(KeyServiceError::PermissionDenied(_)))
 }
 
-struct KeydAdmin {
+/// The custodian side for the suite's custodian cycle: two custodians,
+/// a KEK per scope.
+struct KeydCustodians {
     first: RemoteKeyService,
     second: RemoteKeyService,
+    scope: Scope,
 }
 
 #[async_trait]
-impl KekAdmin for KeydAdmin {
-    async fn rotate(&self, scope: &Scope) -> u32 {
+impl Backend for KeydCustodians {
+    fn name(&self) -> &str {
+        "keyd-custodians"
+    }
+    async fn rotate_kek(&self, _ks: &dyn KeyService, scope: &Scope) -> u32 {
         self.first.rotate(scope).await.unwrap().active_version
     }
-    async fn destroy(&self, scope: &Scope, version: u32) {
-        let a = self.first.approve_destroy(scope, version).await.unwrap();
+    async fn destroy_kek(&self, version: u32) {
+        let a = self
+            .first
+            .approve_destroy(&self.scope, version)
+            .await
+            .unwrap();
         assert!(!a.destroyed, "one approval must not destroy");
-        let b = self.second.approve_destroy(scope, version).await.unwrap();
+        let b = self
+            .second
+            .approve_destroy(&self.scope, version)
+            .await
+            .unwrap();
         assert!(b.destroyed);
+    }
+    fn has_outage(&self) -> bool {
+        false
+    }
+    async fn begin_outage(&self) {
+        unreachable!("the custodian cycle has no outage step")
+    }
+    async fn end_outage(&self) {
+        unreachable!("the custodian cycle has no outage step")
     }
 }
 
@@ -59,19 +83,12 @@ impl KekAdmin for KeydAdmin {
 async fn keyd_conforms_to_the_key_service_suite() {
     let k = Keyd::ready().await;
     let app = k.client_with("app", |b| b.scope("conf-1"));
-    let admin = KeydAdmin {
+    let admin = KeydCustodians {
         first: k.client("alice"),
         second: k.client("bob"),
-    };
-    keyd_conformance::run(&Target {
-        ks: &app,
-        admin: &admin,
-        environment: Environment::new("test").unwrap(),
-        other_environment: Environment::new("prod").unwrap(),
         scope: Scope::new("conf-1").unwrap(),
-        other_scope: Scope::new("conf-2").unwrap(),
-    })
-    .await;
+    };
+    keyservice_conformance::custodian_cycle(&app, &admin, "test", "prod", "conf-1", "conf-2").await;
     // Connection reuse: far fewer TLS connections than requests.
     assert!(app.requests_made() > 20);
     assert!(

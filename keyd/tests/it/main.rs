@@ -4,14 +4,15 @@
 //! raw HTTPS.
 
 // Shared helpers: the harness stays in `keyd/tests/keyd_harness` (the root
-// crate's tests and keyd's benches include it too); the KeyService
-// conformance suite is the root crate's.
-#[allow(dead_code)]
-#[path = "../../../tests/it/keyd_conformance.rs"]
-mod keyd_conformance;
+// crate's tests and keyd's benches include it too); the one KeyService
+// conformance suite is the root crate's (this crate runs its custodian
+// cycle against keyd's two-custodian destroy).
 #[allow(dead_code)]
 #[path = "../keyd_harness/mod.rs"]
 mod keyd_harness;
+#[allow(dead_code)]
+#[path = "../../../tests/it/keyservice_conformance.rs"]
+mod keyservice_conformance;
 
 // One module per former test crate (`tests/keyd*.rs` of the root crate).
 mod keyd;
