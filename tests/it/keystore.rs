@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::futures_lite;
-use common::store_conformance::{conformance, record, successor};
+use crate::keystore_conformance::{conformance, record, successor};
 use panseal::{
     Environment, FileKeyStore, KeyPurpose, KeyState, KeyStore, KeyStoreError, MemoryKeyStore,
     WrappedDek,

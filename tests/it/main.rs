@@ -22,6 +22,8 @@ mod keyd_harness;
 #[cfg(feature = "hazmat-test-keys")]
 #[allow(dead_code)]
 mod keyservice_conformance;
+#[allow(dead_code)]
+mod keystore_conformance;
 #[cfg(feature = "aws-kms")]
 #[allow(dead_code)]
 mod moto;

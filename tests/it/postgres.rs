@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::pg::PgServer;
-use common::store_conformance::conformance;
+use crate::keystore_conformance::conformance;
 use panseal::{
     blocking, Access, Context, Environment, KeyState, KeyStore, KeyStoreError, LocalKeyService,
     MemoryAuditSink, Pan, Panseal, Policy, PostgresKeyStore, RegisteredColumn,

@@ -1,7 +1,6 @@
 #![allow(dead_code)]
 
 pub mod pg;
-pub mod store_conformance;
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
-//! The KeyStore conformance suite: what every store must do. Run against
-//! the memory and file stores (tests/keystore.rs) and PostgreSQL
-//! (tests/postgres.rs).
+//! The one KeyStore conformance suite: what every store must do. Run
+//! against the memory and file stores (`keystore`) and PostgreSQL
+//! (`postgres`).
 
 use panseal::{KekRef, KeyId, KeyState, KeyStore, KeyStoreError, Scope, WrappedDek, WrappedKey};
 
@@ -26,7 +26,7 @@ fn real_record() -> WrappedDek {
 }
 
 fn real_record_here() -> WrappedDek {
-    let f = super::Fixture::new("test");
+    let f = crate::common::Fixture::new("test");
     let ps = f.blocking(panseal::Policy::default());
     ps.seal_pan(
         &panseal::Pan::parse("4111111111111111").unwrap(),
