@@ -1632,7 +1632,7 @@ async fn ingest_unsupported(ks: &dyn KeyService, scope: &Scope, env: &Environmen
     // A well-formed ingest ciphertext under a key the service never had.
     let key = panseal::hazmat::IngestPrivateKey::generate(env, scope, 1);
     let context = ctx("u0");
-    let sealed = IngestSealer::new(key.public_key())
+    let sealed = IngestSealer::new(key.public_key().clone())
         .seal(&pans()[0], &context)
         .unwrap();
     let request = IngestOpenRequest {
