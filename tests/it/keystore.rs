@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::futures_lite;
 use crate::keystore_conformance::{conformance, record, successor};
+use common::futures_lite;
 use panseal::{
     Environment, FileKeyStore, KeyPurpose, KeyState, KeyStore, KeyStoreError, MemoryKeyStore,
     WrappedDek,

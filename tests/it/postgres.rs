@@ -6,8 +6,8 @@ use crate::common;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use common::pg::PgServer;
 use crate::keystore_conformance::conformance;
+use common::pg::PgServer;
 use panseal::{
     blocking, Access, Context, Environment, KeyState, KeyStore, KeyStoreError, LocalKeyService,
     MemoryAuditSink, Pan, Panseal, Policy, PostgresKeyStore, RegisteredColumn,
