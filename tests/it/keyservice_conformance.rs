@@ -22,7 +22,7 @@
 //! 6. destroyed KEK: after the backend destroys (or disables) a version,
 //!    records under it are refused with `KekDestroyed`/`KekDisabled` (not
 //!    retryable, not `UnwrapFailed`), and nothing else is affected.
-//! 6b. custodian cycle (the checks of the former second suite,
+//! 7. custodian cycle (the checks of the former second suite,
 //!    `tests/keyd_conformance`): 256-bit KEK of the right environment; wrap
 //!    and generate round trips (index keys refused with `PermissionDenied`
 //!    or round-tripped); binding to id, scope and purpose; another
@@ -33,10 +33,10 @@
 //!    refused; rewrap to the newest; destruction of the old version leaves
 //!    rewrapped keys opening and refuses the rest with `KekDestroyed` (not
 //!    retryable); another scope untouched.
-//! 7. end to end: `Panseal` seal/open through the backend, a cold open in a
+//! 8. end to end: `Panseal` seal/open through the backend, a cold open in a
 //!    fresh instance (one audited unwrap), KEK rotation with rewrap of every
 //!    stored record, and opening everything again in a fresh instance.
-//! 8. outage (backends that can be unreachable): every call fails with a
+//! 9. outage (backends that can be unreachable): every call fails with a
 //!    retryable `Unavailable`; a fresh `Panseal` cannot open, retryably; the
 //!    key store is unchanged; after the outage everything opens and seals.
 //!
@@ -1785,7 +1785,7 @@ pub async fn custodian_cycle(
     cc_unwrap_ok(ks, &r, &rw, &dek).await;
     if let Some((idx, wi)) = &index_key {
         let rwi = ks.rewrap(&ri, wi).await.unwrap();
-        cc_unwrap_ok(ks, &ri, &rwi, &idx).await;
+        cc_unwrap_ok(ks, &ri, &rwi, idx).await;
     }
 
     // Destroying the old version: what was rewrapped still opens, what was

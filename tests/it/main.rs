@@ -13,22 +13,17 @@
 //! so it stays a binary of its own.
 
 // Shared helpers.
-#[allow(dead_code)]
 mod common;
 #[cfg(feature = "keyd-client")]
-#[allow(dead_code)]
 #[path = "../../keyd/tests/keyd_harness/mod.rs"]
 mod keyd_harness;
 #[cfg(feature = "hazmat-test-keys")]
-#[allow(dead_code)]
 mod keyservice_conformance;
 #[allow(dead_code)]
 mod keystore_conformance;
 #[cfg(feature = "aws-kms")]
-#[allow(dead_code)]
 mod moto;
 #[cfg(feature = "pkcs11")]
-#[allow(dead_code)]
 mod softhsm;
 
 // One module per former test crate.

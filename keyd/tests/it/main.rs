@@ -7,10 +7,8 @@
 // crate's tests and keyd's benches include it too); the one KeyService
 // conformance suite is the root crate's (this crate runs its custodian
 // cycle against keyd's two-custodian destroy).
-#[allow(dead_code)]
 #[path = "../keyd_harness/mod.rs"]
 mod keyd_harness;
-#[allow(dead_code)]
 #[path = "../../../tests/it/keyservice_conformance.rs"]
 mod keyservice_conformance;
 
