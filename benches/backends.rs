@@ -22,9 +22,9 @@
 //! backend, audits and decrypts. The set-up checks that each such open made
 //! exactly one unwrap.
 
-#[path = "../tests/moto/mod.rs"]
+#[path = "../tests/it/moto.rs"]
 mod moto;
-#[path = "../tests/softhsm/mod.rs"]
+#[path = "../tests/it/softhsm.rs"]
 mod softhsm;
 
 use std::hint::black_box;

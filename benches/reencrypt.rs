@@ -7,7 +7,7 @@
 //! PANSEAL_BENCH_ROWS=100000 cargo bench --features postgres --bench reencrypt
 //! ```
 
-#[path = "../tests/common/pg.rs"]
+#[path = "../tests/it/common/pg.rs"]
 #[allow(dead_code)]
 mod pg;
 

@@ -40,7 +40,7 @@ cargo build --quiet --workspace --all-features --bins --examples
 cargo test --workspace --all-features -- --show-output 2>&1 | tee "$LOG/cargo-all.txt" | quiet_successes
 
 step "cargo test (default features: compile-fail tests that need the feature off)"
-cargo test -p panseal --test compile_fail --test api -- --show-output 2>&1 | tee "$LOG/cargo-default.txt" |
+cargo test -p panseal --test it -- compile_fail:: api:: --show-output 2>&1 | tee "$LOG/cargo-default.txt" |
     quiet_successes
 
 step "C header: regenerate with cbindgen and compare with ffi/include/panseal.h"
