@@ -3,7 +3,7 @@
 //! A key store holds only [`WrappedDek`] records — wrapped keys and their
 //! metadata, never a plaintext key — so a dump of it alone opens nothing.
 //! [`KeyStore`] is the trait (implement it for your own storage; the
-//! conformance tests in `tests/keystore.rs` show what it must do);
+//! conformance tests in `tests/it/keystore.rs` show what it must do);
 //! [`FileKeyStore`] and [`MemoryKeyStore`] are the implementations here.
 
 use std::collections::BTreeMap;

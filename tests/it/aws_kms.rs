@@ -1,5 +1,5 @@
 //! `AwsKmsKeyService` behaviours beyond the conformance suite
-//! (`tests/aws_kms_conformance.rs`), each test on its own moto server: the
+//! (`tests/it/aws_kms_conformance.rs`), each test on its own moto server: the
 //! encryption context, one KMS key per version under its alias, disabled
 //! and foreign keys, unreachable endpoints, credentials never printed.
 

@@ -22,7 +22,7 @@ use std::process::Command;
 use common::pg::PgServer;
 
 /// Distinct records the stolen reveal credential may open per window
-/// (principal `refunds` in tests/keyd_harness).
+/// (principal `refunds` in keyd/tests/keyd_harness).
 const REVEAL_QUOTA: u64 = 25;
 /// HMACs the front end may ask for per window (principal `checkout`).
 const INDEX_QUOTA: u64 = 3_000;

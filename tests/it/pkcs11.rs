@@ -1,5 +1,5 @@
 //! `Pkcs11KeyService` behaviours beyond the conformance suite
-//! (`tests/pkcs11_conformance.rs`), on SoftHSM2 tokens set up by the test:
+//! (`tests/it/pkcs11_conformance.rs`), on SoftHSM2 tokens set up by the test:
 //! the KEK objects' attributes, the session pool, PIN handling, weak and
 //! extractable KEKs, disabled versions, several services on one token.
 

@@ -1,5 +1,5 @@
 //! The PostgreSQL key store against a real server started by the tests
-//! (tests/common/pg.rs): conformance, migrations, many instances at once,
+//! (tests/it/common/pg.rs): conformance, migrations, many instances at once,
 //! inventory, corruption.
 use crate::common;
 

@@ -1,5 +1,5 @@
 //! Authenticated key-store records (issue 10, item 3) against a real
-//! PostgreSQL (tests/common/pg.rs), played as the attacker: a database
+//! PostgreSQL (tests/it/common/pg.rs), played as the attacker: a database
 //! writer (SQL injection) edits, swaps and rolls back key-record rows; a
 //! writer that also holds a front end's `wrap` credential asks the key
 //! service to sign its edits. Every test asserts a number.

@@ -13,6 +13,7 @@ mod keyd_harness;
 mod keyservice_conformance;
 
 // One module per former test crate (`tests/keyd*.rs` of the root crate).
+mod cli;
 mod keyd;
 mod keyd_index;
 mod keyd_ingest;
