@@ -12,7 +12,7 @@ echo "== system packages"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-    build-essential pkg-config ca-certificates python3 python3-pip \
+    build-essential pkg-config ca-certificates python3 python3-pip python3-dev \
     postgresql postgresql-client softhsm2 >/dev/null
 # The package may start a cluster of its own; the tests start their own
 # servers (as the unprivileged postgres user, in temporary directories).
