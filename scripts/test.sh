@@ -71,20 +71,57 @@ step "examples"
 cargo run --quiet --example quickstart
 
 step "C library: scripts/cinstall.sh, then the README's C example built with pkg-config (shared and static)"
-bash scripts/cinstall.sh --prefix "$LOG/c-prefix" --debug
-export PKG_CONFIG_PATH="$LOG/c-prefix/lib/pkgconfig"
+# Outside $LOG: the example programs carry the README's test PAN as a
+# string constant, which the secrets scan below would rightly report.
+cdir="$(mktemp -d)"
+bash scripts/cinstall.sh --prefix "$cdir/prefix" --debug
+export PKG_CONFIG_PATH="$cdir/prefix/lib/pkgconfig"
 gcc -Wall -Wextra -Werror ffi/tests/c/example.c $(pkg-config --cflags --libs panseal) \
-    -o "$LOG/c-example-shared"
-readelf -d "$LOG/c-example-shared" | grep -q 'NEEDED.*\[libpanseal\.so\.0\]'
+    -o "$cdir/c-example-shared"
+readelf -d "$cdir/c-example-shared" | grep -q 'NEEDED.*\[libpanseal\.so\.0\]'
 gcc -Wall -Wextra -Werror ffi/tests/c/example.c $(pkg-config --cflags panseal) \
-    "$LOG/c-prefix/lib/libpanseal.a" $(pkg-config --static --libs-only-l panseal | sed 's/-lpanseal\b//') \
-    -o "$LOG/c-example-static"
-! readelf -d "$LOG/c-example-static" | grep -q 'NEEDED.*libpanseal'
+    "$cdir/prefix/lib/libpanseal.a" $(pkg-config --static --libs-only-l panseal | sed 's/-lpanseal\b//') \
+    -o "$cdir/c-example-static"
+! readelf -d "$cdir/c-example-static" | grep -q 'NEEDED.*libpanseal'
 for v in shared static; do
-    (cd "$LOG" && LD_LIBRARY_PATH="$LOG/c-prefix/lib" "./c-example-$v") | grep -q '^store in VARCHAR(64): P1'
+    (cd "$cdir" && LD_LIBRARY_PATH="$cdir/prefix/lib" "./c-example-$v") >"$LOG/c-example-$v.txt"
+    grep -q '^store in VARCHAR(64): P1' "$LOG/c-example-$v.txt"
     echo "c example ($v): sealed and opened"
 done
 unset PKG_CONFIG_PATH
+rm -rf "$cdir"
+
+step "a payment backend's dependency tree (default features): no server, TLS or FFI crate, no cdylib"
+user="$LOG/user-crate"
+mkdir -p "$user/src"
+cat >"$user/Cargo.toml" <<TOML
+[package]
+name = "payments-backend"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[workspace]
+
+[dependencies]
+panseal = { path = "$PWD" }
+TOML
+echo 'fn main() {}' >"$user/src/main.rs"
+cargo tree --quiet --offline --manifest-path "$user/Cargo.toml" -e normal --prefix none |
+    sed 's/ (.*//' | sort -u >"$LOG/user-tree.txt"
+if grep -E '^(hyper|hyper-util|rustls|tokio-rustls|ring|rcgen|toml|blahaj|cryptoki|aws-[a-z-]+|tokio-postgres|deadpool-postgres|clap|pyo3|panseal-keyd|panseal-ffi|panseal-python) ' \
+    "$LOG/user-tree.txt"; then
+    echo "a default-features user of panseal links the crates above" >&2
+    exit 1
+fi
+cargo metadata --quiet --offline --no-deps --format-version 1 | python3 -c '
+import json, sys
+kinds = [t["kind"] for p in json.load(sys.stdin)["packages"] if p["name"] == "panseal"
+         for t in p["targets"] if "lib" in t["kind"] or "cdylib" in t["kind"] or "staticlib" in t["kind"]]
+assert kinds == [["lib"]], kinds
+'
+echo "$(wc -l <"$LOG/user-tree.txt") crates in a payment backend's tree; none is a server, TLS or FFI crate; panseal is rlib only"
+
 
 step "benches compile"
 cargo bench --workspace --no-run --quiet --all-features

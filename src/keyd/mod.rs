@@ -1,7 +1,7 @@
 //! The client of `panseal-keyd`, panseal's own key-service server (the
 //! separate crate `panseal-keyd`), and the wire protocol both sides speak.
 //!
-//! * [`RemoteKeyService`](crate::RemoteKeyService) (re-exported at the
+//! * [`crate::RemoteKeyService`] (re-exported at the
 //!   crate root): the [`KeyService`](crate::KeyService) an application uses
 //!   to reach keyd over mutual TLS, with the custodian calls (status, KEK
 //!   rotation, destruction approvals, unseal, reshare, audit) the tools in
