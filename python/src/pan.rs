@@ -89,31 +89,28 @@ fn parse_bytes(bytes: &[u8]) -> Outcome<panseal::Pan> {
     parse(text)
 }
 
-/// A PAN argument: a `Pan` object (borrowed; its lock is taken where it
-/// is used) or one parsed from text.
-pub(crate) enum PanArg<'a> {
-    Object(&'a Pan),
-    Parsed(panseal::Pan),
-}
+/// A PAN argument: its own copy of the digits (wiped on drop). A `Pan`
+/// object's digits are copied under its lock while the GIL is held, so the
+/// lock is never held across a library call that runs with the GIL
+/// released (another thread printing the same `Pan` would wait for it with
+/// the GIL held, stalling the interpreter).
+pub(crate) struct PanArg(panseal::Pan);
 
-impl PanArg<'_> {
+impl PanArg {
     /// Runs `f` on the digits.
     pub(crate) fn with<R>(&self, f: impl FnOnce(&panseal::Pan) -> Outcome<R>) -> Outcome<R> {
-        match self {
-            PanArg::Object(pan) => pan.with(f),
-            PanArg::Parsed(pan) => f(pan),
-        }
+        f(&self.0)
     }
 }
 
 /// Reads a PAN argument: `Pan`, `str`, `bytes`, `bytearray` or `int`.
 /// Python's own copy of a `str` or `int` cannot be wiped; the copies made
 /// here are.
-pub(crate) fn pan_arg<'a>(value: &'a Bound<'_, PyAny>) -> PyResult<PanArg<'a>> {
+pub(crate) fn pan_arg(value: &Bound<'_, PyAny>) -> PyResult<PanArg> {
     if let Ok(pan) = value.cast::<Pan>() {
-        return Ok(PanArg::Object(pan.get()));
+        return Ok(PanArg(pan.get().with(|p| Ok(p.clone()))?));
     }
-    Ok(PanArg::Parsed(parse_any(value)?))
+    Ok(PanArg(parse_any(value)?))
 }
 
 fn parse_any(value: &Bound<'_, PyAny>) -> PyResult<panseal::Pan> {
