@@ -33,17 +33,39 @@ impl Panseal {
     ///
     /// Those of [`PansealBuilder::build`], or a runtime that cannot start.
     pub fn build(builder: PansealBuilder) -> Result<Self, Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("panseal-blocking")
-            .enable_all()
-            .build()
-            .map_err(|e| ConfigError::Policy(format!("cannot start runtime: {e}")))?;
+        let runtime = Self::runtime()?;
         let inner = runtime.block_on(builder.build())?;
         Ok(Panseal {
             inner,
             runtime: Arc::new(runtime),
         })
+    }
+
+    /// Builds what a client configuration names, connecting its key service
+    /// ([`crate::config::ClientConfig::connect`]) on the internal runtime
+    /// the handle then uses: every key service, PKCS#11 and AWS KMS
+    /// included.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`crate::config::ClientConfig::connect`] and
+    /// [`PansealBuilder::build`], or a runtime that cannot start.
+    pub fn from_config(config: &crate::config::ClientConfig) -> Result<Self, Error> {
+        let runtime = Self::runtime()?;
+        let inner = runtime.block_on(async { config.connect().await?.build().await })?;
+        Ok(Panseal {
+            inner,
+            runtime: Arc::new(runtime),
+        })
+    }
+
+    fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+        Ok(tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("panseal-blocking")
+            .enable_all()
+            .build()
+            .map_err(|e| ConfigError::Policy(format!("cannot start runtime: {e}")))?)
     }
 
     /// The async handle underneath (shares everything with this one).

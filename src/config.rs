@@ -48,10 +48,18 @@ pub struct ClientConfig {
     pub policy: PolicyConfig,
 }
 
-/// Key service choice. Its `Debug` never prints key material (`kek_hex`
-/// shows as `..`).
-#[derive(Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+/// Key service choice, the `type` field of `key_service`: `local`, `keyd`,
+/// `pkcs11`, `aws-kms` (and, for tests, `insecure-local`). A type whose
+/// cargo feature is off in this build is refused naming the feature; an
+/// unknown type is refused naming the types this build knows.
+///
+/// No secret is ever part of a configuration: a PKCS#11 PIN given inline
+/// (`"pin": …`) or AWS credentials given inline (`"secret_access_key": …`)
+/// are refused (the value is never echoed); a PIN is named by `pin_file` or
+/// `pin_env` and read when the client connects, AWS credentials come from
+/// the SDK's standard chain. Its `Debug` never prints key material
+/// (`kek_hex` shows as `..`).
+#[derive(Clone)]
 #[non_exhaustive]
 pub enum KeyServiceConfig {
     /// The in-process key service with a fresh KEK: **tests and development
@@ -75,7 +83,6 @@ pub enum KeyServiceConfig {
         /// `host:port` of the server.
         address: String,
         /// The name in the server certificate (default: the host).
-        #[serde(default)]
         server_name: Option<String>,
         /// PEM file of the CA that signed the server certificate.
         ca_file: PathBuf,
@@ -84,9 +91,275 @@ pub enum KeyServiceConfig {
         /// PEM file of this client's private key.
         client_key_file: PathBuf,
         /// Per-request deadline in milliseconds (default 5,000).
-        #[serde(default)]
         request_timeout_ms: Option<u64>,
     },
+    /// A PKCS#11 token (an HSM, or SoftHSM2 in tests; feature `pkcs11`).
+    #[cfg(feature = "pkcs11")]
+    Pkcs11(Pkcs11ServiceConfig),
+    /// AWS KMS or a KMS-compatible endpoint (feature `aws-kms`).
+    #[cfg(feature = "aws-kms")]
+    AwsKms(AwsKmsServiceConfig),
+}
+
+/// `{"type": "pkcs11", …}`: where the KEK lives and where the PIN is read
+/// from. Holds no secret (the PIN is read by [`ClientConfig::connect`]).
+#[cfg(feature = "pkcs11")]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Pkcs11ServiceConfig {
+    /// Path of the PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// Label of the token (HSM partition) that holds the KEK.
+    pub token: String,
+    /// The KEK's name (objects `panseal-kek:<name>:v<N>`).
+    pub kek: String,
+    /// A file holding the user PIN (one line; a trailing newline is
+    /// dropped). It must not be readable or writable by group or others
+    /// (mode `0600` or `0400`), as ssh requires of a private key.
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// An environment variable holding the user PIN.
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// Most sessions open at once (default 8).
+    #[serde(default)]
+    pub max_sessions: Option<usize>,
+    /// How long one token call may take, milliseconds (default 10,000).
+    #[serde(default)]
+    pub operation_timeout_ms: Option<u64>,
+    /// Generate KEK version 1 in the token if none exists (default `false`).
+    #[serde(default)]
+    pub create_kek_if_missing: bool,
+}
+
+/// `{"type": "aws-kms", …}`: the KEK's name and how to reach KMS.
+/// Credentials come from the AWS SDK's standard chain (environment
+/// variables `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`,
+/// the shared config and credentials files with `AWS_PROFILE`, web
+/// identity, ECS and EC2 instance roles), never from the configuration.
+#[cfg(feature = "aws-kms")]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AwsKmsServiceConfig {
+    /// The KEK's name (versions `alias/panseal/<name>/v<N>`).
+    pub kek: String,
+    /// AWS region (default: the standard chain, e.g. `AWS_REGION`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint override (a VPC endpoint, or a KMS-compatible server such
+    /// as `http://127.0.0.1:5000` in tests).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// TCP/TLS connect timeout, milliseconds (default 3,000).
+    #[serde(default)]
+    pub connect_timeout_ms: Option<u64>,
+    /// Time for one call including retries, milliseconds (default 10,000).
+    #[serde(default)]
+    pub operation_timeout_ms: Option<u64>,
+    /// Attempts per call, the first included (default 3).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// How long version lists and key states are trusted, seconds
+    /// (default 60).
+    #[serde(default)]
+    pub key_cache_ttl_secs: Option<u64>,
+    /// Create KEK version 1 if none exists (default `false`).
+    #[serde(default)]
+    pub create_kek_if_missing: bool,
+}
+
+/// The `key_service` types, the cargo feature each needs (`None`: always
+/// built) and whether this build has it.
+const KEY_SERVICE_TYPES: [(&str, Option<&str>, bool); 5] = [
+    ("local", None, true),
+    ("keyd", Some("keyd-client"), cfg!(feature = "keyd-client")),
+    ("pkcs11", Some("pkcs11"), cfg!(feature = "pkcs11")),
+    ("aws-kms", Some("aws-kms"), cfg!(feature = "aws-kms")),
+    (
+        "insecure-local",
+        Some("hazmat-test-keys"),
+        cfg!(feature = "hazmat-test-keys"),
+    ),
+];
+
+/// Field names that would put AWS credentials in the configuration.
+const INLINE_AWS_SECRETS: [&str; 7] = [
+    "access_key_id",
+    "secret_access_key",
+    "session_token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "credentials",
+];
+
+/// The types this build knows, and those it was built without, for an
+/// error message.
+fn known_types() -> String {
+    let built: Vec<String> = KEY_SERVICE_TYPES
+        .iter()
+        .filter(|(_, _, on)| *on)
+        .map(|(t, _, _)| format!("`{t}`"))
+        .collect();
+    let off: Vec<String> = KEY_SERVICE_TYPES
+        .iter()
+        .filter(|(_, _, on)| !*on)
+        .map(|(t, f, _)| format!("`{t}` (cargo feature `{}`)", f.unwrap_or("")))
+        .collect();
+    let mut text = format!("this build knows {}", built.join(", "));
+    if !off.is_empty() {
+        text.push_str(&format!("; not in this build: {}", off.join(", ")));
+    }
+    text
+}
+
+/// The fields of one variant, parsed strictly (`deny_unknown_fields`), with
+/// serde's echo of the input withheld.
+fn fields<T: serde::de::DeserializeOwned>(
+    ty: &str,
+    map: serde_json::Map<String, serde_json::Value>,
+) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::Object(map))
+        .map_err(|e| format!("key_service `{ty}`: {}", withhold_input(&e.to_string())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoFields {}
+
+#[cfg(feature = "hazmat-test-keys")]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InsecureLocalFields {
+    kek_hex: String,
+}
+
+#[cfg(feature = "keyd-client")]
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeydFields {
+    address: String,
+    #[serde(default)]
+    server_name: Option<String>,
+    ca_file: PathBuf,
+    client_cert_file: PathBuf,
+    client_key_file: PathBuf,
+    #[serde(default)]
+    request_timeout_ms: Option<u64>,
+}
+
+impl KeyServiceConfig {
+    /// Parses the `key_service` object. Errors name fields and types, never
+    /// a value.
+    fn from_map(mut map: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        // Secrets first, whatever the type: the message must not depend on
+        // anything else being right.
+        if map.keys().any(|k| {
+            let k = k.to_ascii_lowercase();
+            k.contains("pin") && k != "pin_file" && k != "pin_env"
+        }) {
+            return Err(
+                "key_service: a PIN is never given inline in the configuration \
+                 (PCI DSS 8.3.2): name a file holding it with `pin_file` (mode 0600) or an \
+                 environment variable with `pin_env`"
+                    .into(),
+            );
+        }
+        if let Some(k) = INLINE_AWS_SECRETS
+            .iter()
+            .find(|s| map.keys().any(|k| k.eq_ignore_ascii_case(s)))
+        {
+            return Err(format!(
+                "key_service: AWS credentials are never given inline in the configuration \
+                 (`{k}`): they come from the standard chain (AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY in the environment, a profile chosen with AWS_PROFILE, \
+                 or an instance or task role)"
+            ));
+        }
+        let ty = match map.remove("type") {
+            Some(serde_json::Value::String(t)) => t,
+            Some(_) => return Err("key_service: `type` must be a string".into()),
+            None => {
+                return Err(format!(
+                    "key_service: missing field `type`; {}",
+                    known_types()
+                ))
+            }
+        };
+        let Some((_, feature, built)) = KEY_SERVICE_TYPES.iter().find(|(t, _, _)| *t == ty) else {
+            // A type is not secret, but a misplaced value might be: echo it
+            // only if it cannot be a number or a PIN.
+            let shown = if !ty.is_empty()
+                && ty.len() <= 32
+                && ty
+                    .bytes()
+                    .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+            {
+                format!("`{ty}`")
+            } else {
+                "(withheld)".to_owned()
+            };
+            return Err(format!(
+                "unknown key_service type {shown}; {}",
+                known_types()
+            ));
+        };
+        if !built {
+            return Err(format!(
+                "key_service type `{ty}` is not in this build: it needs the cargo feature \
+                 `{}` of panseal (the stock panseal-ffi and panseal-python builds enable \
+                 `keyd-client`, `pkcs11` and `aws-kms`)",
+                feature.unwrap_or("")
+            ));
+        }
+        match ty.as_str() {
+            "local" => {
+                let NoFields {} = fields(&ty, map)?;
+                Ok(KeyServiceConfig::Local)
+            }
+            #[cfg(feature = "hazmat-test-keys")]
+            "insecure-local" => {
+                let f: InsecureLocalFields = fields(&ty, map)?;
+                Ok(KeyServiceConfig::InsecureLocal { kek_hex: f.kek_hex })
+            }
+            #[cfg(feature = "keyd-client")]
+            "keyd" => {
+                let f: KeydFields = fields(&ty, map)?;
+                Ok(KeyServiceConfig::Keyd {
+                    address: f.address,
+                    server_name: f.server_name,
+                    ca_file: f.ca_file,
+                    client_cert_file: f.client_cert_file,
+                    client_key_file: f.client_key_file,
+                    request_timeout_ms: f.request_timeout_ms,
+                })
+            }
+            #[cfg(feature = "pkcs11")]
+            "pkcs11" => {
+                let f: Pkcs11ServiceConfig = fields(&ty, map)?;
+                match (&f.pin_file, &f.pin_env) {
+                    (Some(_), None) | (None, Some(_)) => Ok(KeyServiceConfig::Pkcs11(f)),
+                    _ => Err(
+                        "key_service `pkcs11`: give exactly one of `pin_file` (a file \
+                         holding the PIN) and `pin_env` (an environment variable holding it)"
+                            .into(),
+                    ),
+                }
+            }
+            #[cfg(feature = "aws-kms")]
+            "aws-kms" => Ok(KeyServiceConfig::AwsKms(fields(&ty, map)?)),
+            _ => Err(format!("unknown key_service type; {}", known_types())),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyServiceConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        KeyServiceConfig::from_map(map).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Key store choice. Its `Debug` never prints a database password (the
@@ -139,6 +412,11 @@ impl std::fmt::Debug for KeyServiceConfig {
                 .field("client_key_file", client_key_file)
                 .field("request_timeout_ms", request_timeout_ms)
                 .finish(),
+            // Neither holds a secret (a PIN is named, never held).
+            #[cfg(feature = "pkcs11")]
+            KeyServiceConfig::Pkcs11(c) => f.debug_tuple("Pkcs11").field(c).finish(),
+            #[cfg(feature = "aws-kms")]
+            KeyServiceConfig::AwsKms(c) => f.debug_tuple("AwsKms").field(c).finish(),
         }
     }
 }
@@ -383,19 +661,99 @@ impl ClientConfig {
         b.build()
     }
 
-    /// A builder with everything the configuration names.
+    /// A builder with everything the configuration names, for the key
+    /// services that need no connection to start (`local`, `keyd`): a
+    /// PKCS#11 or AWS KMS key service connects asynchronously, so use
+    /// [`ClientConfig::connect`] (async) or
+    /// [`crate::blocking::Panseal::from_config`] for those (both work for
+    /// every key service).
     ///
     /// # Errors
     ///
-    /// Invalid names, or a key store or audit file that cannot be opened.
+    /// Invalid names, a file the configuration names that does not exist
+    /// ([`ConfigError::Invalid`] naming the path), a key store or audit
+    /// file that cannot be opened, or a `pkcs11`/`aws-kms` key service.
     pub fn builder(&self) -> Result<PansealBuilder, Error> {
+        self.check_files()?;
+        let Some(ks) = self.key_service_now()? else {
+            return Err(ConfigError::Invalid(format!(
+                "the {} key service connects asynchronously: use ClientConfig::connect() \
+                 or blocking::Panseal::from_config()",
+                self.key_service.type_name()
+            ))
+            .into());
+        };
+        self.rest(ks)
+    }
+
+    /// A builder with everything the configuration names, every key service
+    /// connected: a PKCS#11 token logged in (the PIN read from its file or
+    /// environment variable, kept in a wiped-on-drop [`crate::Pkcs11Pin`]),
+    /// AWS KMS reached and the KEK's versions listed. Call it within a Tokio
+    /// runtime with timers enabled; the key service then runs on whatever
+    /// runtime calls it (use the same one).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`ClientConfig::builder`]; for `pkcs11`, a PIN file or
+    /// variable that is missing, empty or (a file) readable by group or
+    /// others ([`ConfigError::Invalid`], naming the file or variable,
+    /// never the PIN); the key service's own connection errors.
+    pub async fn connect(&self) -> Result<PansealBuilder, Error> {
+        self.check_files()?;
+        let ks: std::sync::Arc<dyn crate::KeyService> = match self.key_service_now()? {
+            Some(ks) => ks,
+            None => self.connect_key_service().await?,
+        };
+        self.rest(ks)
+    }
+
+    /// Every file the configuration names that must exist now, and the
+    /// directory of each file it creates: a missing one is named.
+    fn check_files(&self) -> Result<(), Error> {
+        match &self.key_service {
+            #[cfg(feature = "keyd-client")]
+            KeyServiceConfig::Keyd {
+                ca_file,
+                client_cert_file,
+                client_key_file,
+                ..
+            } => {
+                require_file("keyd CA certificate (ca_file)", ca_file)?;
+                require_file(
+                    "keyd client certificate (client_cert_file)",
+                    client_cert_file,
+                )?;
+                require_file("keyd client key (client_key_file)", client_key_file)?;
+            }
+            #[cfg(feature = "pkcs11")]
+            KeyServiceConfig::Pkcs11(c) => {
+                require_file("PKCS#11 module (module)", &c.module)?;
+                if let Some(path) = &c.pin_file {
+                    require_file("PKCS#11 PIN file (pin_file)", path)?;
+                }
+            }
+            _ => {}
+        }
+        if let KeyStoreConfig::File { path } = &self.key_store {
+            require_parent("key store file", path)?;
+        }
+        match &self.audit {
+            Some(AuditConfig::Jsonl { path }) => require_parent("audit log", path)?,
+            Some(AuditConfig::Chained { path, key_file }) => {
+                require_parent("audit log", path)?;
+                require_parent("audit chain key file", key_file)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The key service if it needs no connection to start, else `None`.
+    fn key_service_now(&self) -> Result<Option<std::sync::Arc<dyn crate::KeyService>>, Error> {
         let environment = Environment::new(&self.environment)?;
-        let mut b = crate::Panseal::builder()
-            .environment(&self.environment)
-            .scope(&self.scope)
-            .policy(self.policy());
-        b = match &self.key_service {
-            KeyServiceConfig::Local => b.key_service(LocalKeyService::new(environment)),
+        Ok(match &self.key_service {
+            KeyServiceConfig::Local => Some(std::sync::Arc::new(LocalKeyService::new(environment))),
             #[cfg(feature = "hazmat-test-keys")]
             KeyServiceConfig::InsecureLocal { kek_hex } => {
                 let mut kek = [0u8; 32];
@@ -403,11 +761,80 @@ impl ClientConfig {
                     .map_err(|_| ConfigError::Invalid("kek_hex must be 64 hex digits".into()))?;
                 let ks = LocalKeyService::from_kek_bytes_insecure(environment, kek);
                 zeroize::Zeroize::zeroize(&mut kek);
-                b.key_service(ks)
+                Some(std::sync::Arc::new(ks))
             }
             #[cfg(feature = "keyd-client")]
-            KeyServiceConfig::Keyd { .. } => b.key_service(self.keyd_client()?),
-        };
+            KeyServiceConfig::Keyd { .. } => Some(std::sync::Arc::new(self.keyd_client()?)),
+            #[cfg(any(feature = "pkcs11", feature = "aws-kms"))]
+            _ => None,
+        })
+    }
+
+    /// Connects a key service that needs it (PKCS#11, AWS KMS).
+    async fn connect_key_service(&self) -> Result<std::sync::Arc<dyn crate::KeyService>, Error> {
+        #[allow(unused_variables)]
+        let environment = Environment::new(&self.environment)?;
+        match &self.key_service {
+            #[cfg(feature = "pkcs11")]
+            KeyServiceConfig::Pkcs11(c) => {
+                let mut config = crate::Pkcs11Config::new(&c.module, &c.token, &c.kek, environment)
+                    .create_kek_if_missing(c.create_kek_if_missing);
+                if let Some(n) = c.max_sessions {
+                    config = config.max_sessions(n);
+                }
+                if let Some(ms) = c.operation_timeout_ms {
+                    config = config.operation_timeout(Duration::from_millis(ms));
+                }
+                let pin = read_pin(c)?;
+                Ok(std::sync::Arc::new(
+                    crate::Pkcs11KeyService::connect(config, pin).await?,
+                ))
+            }
+            #[cfg(feature = "aws-kms")]
+            KeyServiceConfig::AwsKms(c) => {
+                let mut config = crate::AwsKmsConfig::new(&c.kek, environment)
+                    .create_kek_if_missing(c.create_kek_if_missing);
+                if let Some(region) = &c.region {
+                    config = config.region(region);
+                }
+                if let Some(url) = &c.endpoint_url {
+                    config = config.endpoint_url(url);
+                }
+                let connect = c
+                    .connect_timeout_ms
+                    .map_or(config.connect_timeout, Duration::from_millis);
+                let operation = c
+                    .operation_timeout_ms
+                    .map_or(config.operation_timeout, Duration::from_millis);
+                config = config.timeouts(connect, operation);
+                if let Some(n) = c.max_attempts {
+                    config = config.max_attempts(n);
+                }
+                if let Some(s) = c.key_cache_ttl_secs {
+                    config = config.key_cache_ttl(Duration::from_secs(s));
+                }
+                Ok(std::sync::Arc::new(
+                    crate::AwsKmsKeyService::connect(config).await?,
+                ))
+            }
+            _ => Err(ConfigError::Invalid(format!(
+                "the {} key service needs no connection",
+                self.key_service.type_name()
+            ))
+            .into()),
+        }
+    }
+
+    /// The builder around `key_service`, with the key store and audit sink.
+    fn rest(
+        &self,
+        key_service: std::sync::Arc<dyn crate::KeyService>,
+    ) -> Result<PansealBuilder, Error> {
+        let mut b = crate::Panseal::builder()
+            .environment(&self.environment)
+            .scope(&self.scope)
+            .policy(self.policy())
+            .key_service_arc(key_service);
         b = match &self.key_store {
             KeyStoreConfig::Memory => b.key_store(MemoryKeyStore::new()),
             KeyStoreConfig::File { path } => b.key_store(FileKeyStore::open(path)?),
@@ -431,6 +858,142 @@ impl ClientConfig {
         };
         Ok(b)
     }
+}
+
+impl KeyServiceConfig {
+    /// The `type` this variant is written as.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            KeyServiceConfig::Local => "local",
+            #[cfg(feature = "hazmat-test-keys")]
+            KeyServiceConfig::InsecureLocal { .. } => "insecure-local",
+            #[cfg(feature = "keyd-client")]
+            KeyServiceConfig::Keyd { .. } => "keyd",
+            #[cfg(feature = "pkcs11")]
+            KeyServiceConfig::Pkcs11(_) => "pkcs11",
+            #[cfg(feature = "aws-kms")]
+            KeyServiceConfig::AwsKms(_) => "aws-kms",
+        }
+    }
+}
+
+/// `path` must exist: else an error naming `what` and the path.
+fn require_file(what: &str, path: &Path) -> Result<(), Error> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ConfigError::Invalid(format!("{what} {} does not exist", path.display())).into())
+        }
+        Err(e) => Err(ConfigError::Invalid(format!("{what} {}: {e}", path.display())).into()),
+    }
+}
+
+/// The directory `path` is created in must exist: else an error naming it.
+fn require_parent(what: &str, path: &Path) -> Result<(), Error> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
+            Err(ConfigError::Invalid(format!(
+                "the directory of the {what} {} does not exist ({})",
+                path.display(),
+                dir.display()
+            ))
+            .into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Longest PIN file accepted: a PIN is a line, not a document.
+#[cfg(feature = "pkcs11")]
+const MAX_PIN_FILE: u64 = 4096;
+
+/// Reads the PIN from the file or environment variable the configuration
+/// names, without a copy left behind by this code: the file's bytes become
+/// the `String` that moves into the [`crate::Pkcs11Pin`] (wiped on drop);
+/// on any error what was read is wiped. One trailing newline (`\n` or
+/// `\r\n`) is dropped. A PIN file must not be readable or writable by
+/// group or others (as ssh refuses a private key file). The environment
+/// itself keeps its copy of a `pin_env` variable (the process cannot wipe
+/// it safely): prefer `pin_file` where the platform offers secret files.
+#[cfg(feature = "pkcs11")]
+fn read_pin(c: &Pkcs11ServiceConfig) -> Result<crate::Pkcs11Pin, Error> {
+    use std::io::Read as _;
+    use zeroize::Zeroize as _;
+    let invalid = |m: String| -> Error { ConfigError::Invalid(m).into() };
+    let (mut pin, source) = match (&c.pin_file, &c.pin_env) {
+        (Some(path), _) => {
+            let source = format!("PIN file {}", path.display());
+            let mut file = std::fs::File::open(path)
+                .map_err(|e| invalid(format!("cannot open the {source}: {e}")))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| invalid(format!("cannot read the {source}: {e}")))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = meta.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(invalid(format!(
+                        "the {source} is accessible by group or others (mode {:03o}): \
+                         chmod 600 it (or 400), as for an ssh key",
+                        mode & 0o777
+                    )));
+                }
+            }
+            if !meta.is_file() || meta.len() > MAX_PIN_FILE {
+                return Err(invalid(format!(
+                    "the {source} is not a PIN file (a regular file of at most \
+                     {MAX_PIN_FILE} bytes)"
+                )));
+            }
+            // Capacity for the whole file plus the end-of-file probe: the
+            // buffer is never reallocated, so no copy is left in freed memory.
+            let mut bytes = Vec::with_capacity(meta.len() as usize + 1);
+            if let Err(e) = (&mut file).take(MAX_PIN_FILE + 1).read_to_end(&mut bytes) {
+                bytes.zeroize();
+                return Err(invalid(format!("cannot read the {source}: {e}")));
+            }
+            match String::from_utf8(bytes) {
+                Ok(text) => (text, source),
+                Err(e) => {
+                    e.into_bytes().zeroize();
+                    return Err(invalid(format!("the {source} is not UTF-8")));
+                }
+            }
+        }
+        (None, Some(var)) => {
+            let source = format!("environment variable {var} (pin_env)");
+            match std::env::var(var) {
+                Ok(text) => (text, source),
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(invalid(format!("the {source} is not set")))
+                }
+                Err(std::env::VarError::NotUnicode(os)) => {
+                    #[cfg(unix)]
+                    std::os::unix::ffi::OsStringExt::into_vec(os).zeroize();
+                    #[cfg(not(unix))]
+                    drop(os);
+                    return Err(invalid(format!("the {source} is not UTF-8")));
+                }
+            }
+        }
+        (None, None) => {
+            return Err(invalid(
+                "key_service `pkcs11`: give `pin_file` or `pin_env`".into(),
+            ))
+        }
+    };
+    if pin.ends_with('\n') {
+        pin.pop();
+        if pin.ends_with('\r') {
+            pin.pop();
+        }
+    }
+    if pin.is_empty() {
+        pin.zeroize();
+        return Err(invalid(format!("the {source} is empty")));
+    }
+    Ok(crate::Pkcs11Pin::new(pin))
 }
 
 #[cfg(test)]
