@@ -878,6 +878,10 @@ impl KeyServiceConfig {
 }
 
 /// `path` must exist: else an error naming `what` and the path.
+#[cfg_attr(
+    not(any(feature = "keyd-client", feature = "pkcs11")),
+    allow(dead_code)
+)]
 fn require_file(what: &str, path: &Path) -> Result<(), Error> {
     match std::fs::metadata(path) {
         Ok(_) => Ok(()),
@@ -1095,5 +1099,312 @@ mod tests {
         ))
         .unwrap();
         assert!(!format!("{c:?}").contains(&kek));
+    }
+
+    /// A configuration around one `key_service` object.
+    fn with_service(service: &str) -> Result<ClientConfig, Error> {
+        ClientConfig::from_json(&format!(
+            r#"{{"environment":"dev","scope":"m","key_service":{service},
+                "key_store":{{"type":"memory"}},"audit":{{"type":"memory"}}}}"#
+        ))
+    }
+
+    const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+    fn builder_error(c: &ClientConfig) -> Error {
+        match c.builder() {
+            Ok(_) => panic!("built: {c:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// A PIN given inline, in any form and under any type, is refused
+    /// pointing at `pin_file`/`pin_env`, and the value is not in the error.
+    #[test]
+    fn an_inline_pin_is_refused_without_echo() {
+        for (field, value) in [
+            ("pin", r#""Sup3rPin8642""#),
+            ("pin", "86427531"),
+            ("PIN", r#""Sup3rPin8642""#),
+            ("user_pin", r#""Sup3rPin8642""#),
+            ("pin", r#"{"value":"Sup3rPin8642"}"#),
+            ("pin", r#"["Sup3rPin8642"]"#),
+        ] {
+            for ty in ["pkcs11", "local", "aws-kms", "nonsense"] {
+                let e = with_service(&format!(
+                    r#"{{"type":"{ty}","module":"{MODULE}","token":"t","kek":"k",
+                        "pin_env":"X","{field}":{value}}}"#
+                ))
+                .unwrap_err();
+                let text = format!("{e} {e:?}");
+                assert!(
+                    matches!(e, Error::Config(ConfigError::Invalid(_))),
+                    "{text}"
+                );
+                assert!(
+                    text.contains("pin_file") && text.contains("pin_env"),
+                    "{text}"
+                );
+                assert!(text.contains("never given inline"), "{text}");
+                assert!(
+                    !text.contains("Sup3rPin8642") && !text.contains("86427531"),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn inline_aws_credentials_are_refused_without_echo() {
+        for field in [
+            "secret_access_key",
+            "access_key_id",
+            "session_token",
+            "credentials",
+        ] {
+            let e = with_service(&format!(
+                r#"{{"type":"aws-kms","kek":"cards","{field}":"wJalrXUtnFEMIK7MDENG"}}"#
+            ))
+            .unwrap_err();
+            let text = format!("{e} {e:?}");
+            assert!(text.contains("never given inline"), "{text}");
+            assert!(
+                text.contains(field) && text.contains("AWS_PROFILE"),
+                "{text}"
+            );
+            assert!(!text.contains("wJalrXUtnFEMIK7MDENG"), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_type_names_the_known_ones() {
+        let e = with_service(r#"{"type":"hsm"}"#).unwrap_err().to_string();
+        assert!(e.contains("unknown key_service type `hsm`"), "{e}");
+        for t in ["`local`", "`keyd`", "`pkcs11`", "`aws-kms`"] {
+            assert!(e.contains(t), "{e}");
+        }
+        // What might be a misplaced secret is not echoed.
+        let e = with_service(r#"{"type":"4111111111111111"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(withheld)") && !e.contains("4111"), "{e}");
+        let e = with_service(r#"{"module":"x"}"#).unwrap_err().to_string();
+        assert!(
+            e.contains("missing field `type`") && e.contains("`local`"),
+            "{e}"
+        );
+        let e = with_service(r#"{"type":7}"#).unwrap_err().to_string();
+        assert!(e.contains("`type` must be a string"), "{e}");
+    }
+
+    /// A backend compiled out is named with the feature that builds it
+    /// (what `cargo test -p panseal` without features checks); with the
+    /// feature, the same document parses.
+    #[test]
+    fn a_compiled_out_type_names_its_feature() {
+        for (ty, feature, on, doc) in [
+            (
+                "pkcs11",
+                "pkcs11",
+                cfg!(feature = "pkcs11"),
+                format!(r#"{{"type":"pkcs11","module":"{MODULE}","token":"t","kek":"k","pin_env":"P"}}"#),
+            ),
+            (
+                "aws-kms",
+                "aws-kms",
+                cfg!(feature = "aws-kms"),
+                r#"{"type":"aws-kms","kek":"k"}"#.to_owned(),
+            ),
+            (
+                "keyd",
+                "keyd-client",
+                cfg!(feature = "keyd-client"),
+                r#"{"type":"keyd","address":"127.0.0.1:1","ca_file":"a","client_cert_file":"b","client_key_file":"c"}"#.to_owned(),
+            ),
+        ] {
+            match with_service(&doc) {
+                Ok(c) => {
+                    assert!(on, "{ty} parsed without its feature");
+                    assert_eq!(c.key_service.type_name(), ty);
+                }
+                Err(e) => {
+                    assert!(!on, "{ty}: {e}");
+                    let e = e.to_string();
+                    assert!(e.contains("not in this build"), "{e}");
+                    assert!(e.contains(&format!("cargo feature `{feature}`")), "{e}");
+                }
+            }
+        }
+    }
+
+    #[cfg(feature = "pkcs11")]
+    #[test]
+    fn pkcs11_needs_exactly_one_pin_source_and_no_unknown_field() {
+        for extra in ["", r#","pin_env":"P","pin_file":"/run/secrets/pin""#] {
+            let e = with_service(&format!(
+                r#"{{"type":"pkcs11","module":"{MODULE}","token":"t","kek":"k"{extra}}}"#
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("exactly one of `pin_file`"), "{e}");
+        }
+        let e = with_service(&format!(
+            r#"{{"type":"pkcs11","module":"{MODULE}","token":"t","kek":"k","pin_env":"P","slot":"s3cret"}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key_service `pkcs11`: unknown field"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let c = with_service(&format!(
+            r#"{{"type":"pkcs11","module":"{MODULE}","token":"payments","kek":"cards",
+                "pin_file":"/run/secrets/hsm-pin","max_sessions":4,"operation_timeout_ms":2500,
+                "create_kek_if_missing":true}}"#
+        ))
+        .unwrap();
+        let KeyServiceConfig::Pkcs11(p) = &c.key_service else {
+            panic!("{c:?}")
+        };
+        assert_eq!(p.max_sessions, Some(4));
+        assert_eq!(p.operation_timeout_ms, Some(2500));
+        assert!(p.create_kek_if_missing);
+        // `builder` (sync) points at `connect`.
+        let e = builder_error(&c).to_string();
+        assert!(
+            e.contains("does not exist") || e.contains("ClientConfig::connect"),
+            "{e}"
+        );
+    }
+
+    /// A file the configuration names that is missing is named, before any
+    /// connection; a PIN source that is missing, empty or open to others is
+    /// named, never read out.
+    #[cfg(feature = "pkcs11")]
+    #[test]
+    fn missing_files_and_bad_pin_sources_are_named() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let connect = |service: String| -> String {
+            let c = with_service(&service).unwrap();
+            match rt.block_on(c.connect()) {
+                Ok(_) => panic!("connected: {service}"),
+                Err(e) => {
+                    assert!(matches!(e, Error::Config(ConfigError::Invalid(_))), "{e}");
+                    e.to_string()
+                }
+            }
+        };
+        // Any existing file stands in for the module: the PIN is checked
+        // before the module is loaded.
+        let module = dir.path().join("libfake.so");
+        std::fs::write(&module, b"not a module").unwrap();
+        let missing = dir.path().join("no-such-module.so");
+        let e = connect(format!(
+            r#"{{"type":"pkcs11","module":{:?},"token":"t","kek":"k","pin_env":"P"}}"#,
+            missing
+        ));
+        assert!(
+            e.contains("PKCS#11 module (module)") && e.contains("no-such-module.so"),
+            "{e}"
+        );
+
+        let pin_file = dir.path().join("hsm-pin");
+        let service = format!(
+            r#"{{"type":"pkcs11","module":{module:?},"token":"t","kek":"k","pin_file":{pin_file:?}}}"#
+        );
+        let e = connect(service.clone());
+        assert!(
+            e.contains("PIN file (pin_file)")
+                && e.contains("hsm-pin")
+                && e.contains("does not exist"),
+            "{e}"
+        );
+        std::fs::write(&pin_file, "Sup3rPin8642\n").unwrap();
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = connect(service.clone());
+        assert!(
+            e.contains("group or others (mode 644)") && e.contains("chmod 600"),
+            "{e}"
+        );
+        assert!(!e.contains("Sup3rPin8642"), "{e}");
+        std::fs::write(&pin_file, "\n").unwrap();
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = connect(service.clone());
+        assert!(e.contains("hsm-pin is empty"), "{e}");
+        std::fs::write(&pin_file, [0xff, 0xfe, b'1']).unwrap();
+        let e = connect(service);
+        assert!(e.contains("not UTF-8"), "{e}");
+
+        let var = "PANSEAL_CONFIG_TEST_UNSET_PIN";
+        assert!(std::env::var_os(var).is_none());
+        let e = connect(format!(
+            r#"{{"type":"pkcs11","module":{module:?},"token":"t","kek":"k","pin_env":"{var}"}}"#
+        ));
+        assert!(
+            e.contains(&format!("environment variable {var} (pin_env) is not set")),
+            "{e}"
+        );
+    }
+
+    #[cfg(feature = "keyd-client")]
+    #[test]
+    fn missing_keyd_files_and_store_directories_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let c = with_service(&format!(
+            r#"{{"type":"keyd","address":"127.0.0.1:1","ca_file":{ca:?},
+                "client_cert_file":"/nonexistent/front.pem","client_key_file":{ca:?}}}"#
+        ))
+        .unwrap();
+        let e = builder_error(&c).to_string();
+        assert!(
+            e.contains(
+                "keyd client certificate (client_cert_file) /nonexistent/front.pem does not exist"
+            ),
+            "{e}"
+        );
+        let c = ClientConfig::from_json(
+            r#"{"environment":"dev","scope":"m","key_service":{"type":"local"},
+                "key_store":{"type":"file","path":"/nonexistent-dir/keys.pks"}}"#,
+        )
+        .unwrap();
+        let e = builder_error(&c).to_string();
+        assert!(
+            e.contains("key store file /nonexistent-dir/keys.pks") && e.contains("does not exist"),
+            "{e}"
+        );
+        let c = ClientConfig::from_json(
+            r#"{"environment":"dev","scope":"m","key_service":{"type":"local"},
+                "key_store":{"type":"memory"},"audit":{"type":"jsonl","path":"/nonexistent-dir/a.jsonl"}}"#,
+        )
+        .unwrap();
+        let e = builder_error(&c).to_string();
+        assert!(e.contains("audit log /nonexistent-dir/a.jsonl"), "{e}");
+    }
+
+    #[cfg(feature = "aws-kms")]
+    #[test]
+    fn aws_kms_parses_its_settings_and_debug_holds_no_secret() {
+        let c = with_service(
+            r#"{"type":"aws-kms","kek":"cards","region":"eu-west-1",
+                "endpoint_url":"http://127.0.0.1:5000","connect_timeout_ms":500,
+                "operation_timeout_ms":4000,"max_attempts":2,"key_cache_ttl_secs":0}"#,
+        )
+        .unwrap();
+        let KeyServiceConfig::AwsKms(a) = &c.key_service else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(a.max_attempts, Some(2));
+        let e = builder_error(&c).to_string();
+        assert!(e.contains("ClientConfig::connect"), "{e}");
+        let e = with_service(r#"{"type":"aws-kms","kek":"cards","profile":"prod"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
     }
 }
