@@ -414,8 +414,7 @@ unsafe fn store_client(
     if client_out.is_null() {
         return Err(err(PANSEAL_NULL_ARGUMENT, "client_out is NULL"));
     }
-    let builder = load()?.builder().map_err(map)?;
-    let inner = blocking::Panseal::build(builder).map_err(map)?;
+    let inner = blocking::Panseal::from_config(&load()?).map_err(map)?;
     let handle = panseal_client {
         inner: ArcSwapOption::from_pointee(inner),
     };

@@ -60,8 +60,7 @@ impl Client {
         load: impl FnOnce() -> Outcome<ClientConfig> + Send,
     ) -> PyResult<Self> {
         let inner = py.detach(|| -> Outcome<blocking::Panseal> {
-            let builder = load()?.builder()?;
-            Ok(blocking::Panseal::build(builder)?)
+            Ok(blocking::Panseal::from_config(&load()?)?)
         })?;
         Ok(Client {
             state: Mutex::new(State {
