@@ -48,6 +48,11 @@ mod breach_drill;
 ))]
 mod browser_checkout;
 mod compile_fail;
+#[cfg(any(
+    all(feature = "pkcs11", feature = "hazmat-test-keys"),
+    all(feature = "aws-kms", feature = "hazmat-test-keys")
+))]
+mod config;
 #[cfg(feature = "hazmat-test-keys")]
 mod conformance_local;
 mod hpke_rfc9180;
