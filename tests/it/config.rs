@@ -234,3 +234,60 @@ mod aws_kms {
         assert_eq!(count_opened(&second, &sealed, 1), 0);
     }
 }
+
+#[cfg(all(feature = "keyd-client", feature = "hazmat-test-keys"))]
+mod keyd {
+    use super::*;
+    use crate::keyd_harness::Keyd;
+
+    /// The README's keyd configuration against a real `panseal-keyd`
+    /// (principal `app`): 50 sealed, 50 of 50 opened by a second client,
+    /// 0 of 50 with another row.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readme_keyd_configuration_from_rust() {
+        let k = Keyd::ready().await;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = k.path("certs");
+        let path = |p: &str| certs.join(p).display().to_string();
+        let text = substitute(
+            &readme_config("keyd-config"),
+            &[
+                ("\"environment\": \"prod\"", "\"environment\": \"test\""),
+                ("keyd.internal:7443", &k.addr),
+                (
+                    "\"server_name\": \"keyd.internal\"",
+                    "\"server_name\": \"localhost\"",
+                ),
+                ("/etc/panseal/ca.pem", &path("ca.pem")),
+                ("/etc/panseal/app.pem", &path("app.pem")),
+                ("/etc/panseal/app.key.pem", &path("app.key.pem")),
+                (
+                    "/var/lib/app/panseal-keys.pks",
+                    &dir.path().join("keys.pks").display().to_string(),
+                ),
+                (
+                    "/var/log/app/panseal-audit.jsonl",
+                    &dir.path().join("audit.jsonl").display().to_string(),
+                ),
+            ],
+        );
+        let c = ClientConfig::from_json(&text).unwrap();
+        let first = c.connect().await.unwrap().build().await.unwrap();
+        let mut sealed = Vec::new();
+        for i in 0..COUNT {
+            sealed.push(first.seal_pan(&pan(i), &row(i)).await.unwrap());
+        }
+        drop(first);
+        let second = c.builder().unwrap().build().await.unwrap();
+        let (mut opened, mut moved) = (0, 0);
+        for (i, s) in sealed.iter().enumerate() {
+            if second.open_pan(s, &row(i), &access()).await.unwrap().pan == pan(i) {
+                opened += 1;
+            }
+            if second.open_pan(s, &row(i + 1), &access()).await.is_ok() {
+                moved += 1;
+            }
+        }
+        assert_eq!((opened, moved), (COUNT, 0));
+    }
+}

@@ -48,9 +48,9 @@ mod breach_drill;
 ))]
 mod browser_checkout;
 mod compile_fail;
-#[cfg(any(
-    all(feature = "pkcs11", feature = "hazmat-test-keys"),
-    all(feature = "aws-kms", feature = "hazmat-test-keys")
+#[cfg(all(
+    feature = "hazmat-test-keys",
+    any(feature = "pkcs11", feature = "aws-kms", feature = "keyd-client")
 ))]
 mod config;
 #[cfg(feature = "hazmat-test-keys")]
