@@ -1,4 +1,5 @@
 /* The README's C example, compiled and run by tests/ffi_c.rs. */
+/* readme:begin example */
 #include <stdio.h>
 #include <string.h>
 #include "panseal.h"
@@ -39,3 +40,4 @@ int main(void) {
     panseal_client_free(client);
     return r == PANSEAL_OK ? 0 : 1;
 }
+/* readme:end example */
