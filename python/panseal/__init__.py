@@ -16,6 +16,12 @@ library.
             ...
             buf[:] = bytes(len(buf))
 
+`key_service` may also be `{"type": "keyd", ...}`, `{"type": "pkcs11",
+"module": ..., "token": ..., "kek": ..., "pin_file": ...}` (or `pin_env`;
+a PIN inline is refused) or `{"type": "aws-kms", "kek": ..., "region":
+...}` (credentials from the AWS standard chain): README, "Using panseal
+from C / Python / other languages".
+
 A front end that must hold nothing able to open a stored PAN seals with
 a scope's ingest *public* key only (write-only ingest, HPKE; no key
 service, no credential):

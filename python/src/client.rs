@@ -18,8 +18,11 @@ use crate::pan::{pan_arg, Pan, RevealedPan};
 /// `Client(config)` takes the configuration as a `dict` or JSON text
 /// (`environment`, `scope`, `key_service`, `key_store`, `audit`,
 /// `policy`: the document of the C ABI and the README);
-/// `Client.from_file(path)` reads it from a file. Raises `ConfigError`
-/// (or the key service's, key store's error) if it cannot be used.
+/// `Client.from_file(path)` reads it from a file. `key_service` is
+/// `local`, `keyd`, `pkcs11` (PIN from `pin_file` or `pin_env`, never
+/// inline) or `aws-kms` (credentials from the AWS standard chain): all in
+/// the stock wheel. Raises `ConfigError` (or the key service's, key
+/// store's error) if it cannot be used; no error repeats a PIN.
 ///
 /// Thread-safe: share one client between threads. Every call releases the
 /// GIL while it works. `close()` (also at the end of a `with` block)
