@@ -79,6 +79,7 @@ mod postgres;
 mod props;
 #[cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]
 mod records;
+mod readme;
 #[cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]
 mod reencrypt;
 #[cfg(all(feature = "postgres", feature = "pkcs11", feature = "hazmat-test-keys"))]
