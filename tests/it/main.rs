@@ -77,9 +77,9 @@ mod pkcs11_ingest;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod props;
+mod readme;
 #[cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]
 mod records;
-mod readme;
 #[cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]
 mod reencrypt;
 #[cfg(all(feature = "postgres", feature = "pkcs11", feature = "hazmat-test-keys"))]

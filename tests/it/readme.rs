@@ -61,8 +61,8 @@ async fn write_only_ingest_fragment_runs() -> Result<()> {
     let key = IngestPublicKey::from_text(&config.ingest_public_key)?; // "PIK1/prod/merchant-42/1/…"
     let sealer = IngestSealer::new(key);
     let stored = sealer.seal(&pan, &Context::new("cards", "pan", row_id)?)?;
-    db.insert(row_id, stored.to_text());   // 134 characters, fits VARCHAR(140)
-    // readme:end ingest
+    db.insert(row_id, stored.to_text()); // 134 characters, fits VARCHAR(140)
+                                         // readme:end ingest
     assert_eq!(db.0[row_id].len(), 134);
     let column = db.0[row_id].clone();
     let ctx = Context::new("cards", "pan", row_id)?;
@@ -74,12 +74,16 @@ async fn write_only_ingest_fragment_runs() -> Result<()> {
     let sealer = panseal.ingest_sealer(Some(PINNED_FINGERPRINT)).await?;
 
     // Back office: open_pan takes either form (StoredPan parses both).
-    let opened = panseal.open_pan(&StoredPan::from_text(&column)?, &ctx, &access).await?;
+    let opened = panseal
+        .open_pan(&StoredPan::from_text(&column)?, &ctx, &access)
+        .await?;
     assert!(opened.needs_reseal); // ingest ciphertexts are admitted, not kept
 
     // Admission (credential with `admit` + `wrap`): PAN and DEK stay in the service.
     let results = panseal.admit(&[(ingest_sealed, ctx)]).await?;
-    for r in results { let a = r?; /* a.sealed: 48-byte compact; a.index: BlindIndex */ }
+    for r in results {
+        let a = r?; /* a.sealed: 48-byte compact; a.index: BlindIndex */
+    }
     // readme:end ingest-service
     assert_eq!(opened.pan, pan);
     Ok(())
@@ -97,12 +101,21 @@ async fn pkcs11_fragment() -> Result<()> {
     use panseal::{Environment, Panseal, Pkcs11Config, Pkcs11KeyService, Pkcs11Pin};
 
     let hsm = Pkcs11KeyService::connect(
-        Pkcs11Config::new("/opt/hsm/lib/libpkcs11.so", "payments", "cards", Environment::new("prod")?)
-            .max_sessions(16)                              // default 8
-            .operation_timeout(Duration::from_secs(5)),    // default 10 s
+        Pkcs11Config::new(
+            "/opt/hsm/lib/libpkcs11.so",
+            "payments",
+            "cards",
+            Environment::new("prod")?,
+        )
+        .max_sessions(16) // default 8
+        .operation_timeout(Duration::from_secs(5)), // default 10 s
         Pkcs11Pin::new(read_pin_from_your_secret_store()?), // wiped on drop, never logged or printed
-    ).await?;
-    let panseal = Panseal::builder().key_service(hsm) /* key store, audit, … */ .build().await?;
+    )
+    .await?;
+    let panseal = Panseal::builder()
+        .key_service(hsm) /* key store, audit, … */
+        .build()
+        .await?;
     // readme:end pkcs11
     drop(panseal);
     Ok(())
@@ -116,11 +129,11 @@ async fn aws_kms_fragment() -> Result<()> {
     use panseal::{AwsKmsConfig, AwsKmsKeyService, Environment};
 
     let kms = AwsKmsKeyService::connect(
-        AwsKmsConfig::new("cards", Environment::new("prod")?)
-            .region("eu-west-1"),          // or AWS_REGION / profile
-            // .endpoint_url("https://vpce-…kms.eu-west-1.vpce.amazonaws.com")  KMS-compatible or VPC endpoint
-            // .credentials(AwsKmsCredentials::new(id, secret, token))          default: the standard chain
-    ).await?;
+        AwsKmsConfig::new("cards", Environment::new("prod")?).region("eu-west-1"), // or AWS_REGION / profile
+                                                                                   // .endpoint_url("https://vpce-…kms.eu-west-1.vpce.amazonaws.com")  KMS-compatible or VPC endpoint
+                                                                                   // .credentials(AwsKmsCredentials::new(id, secret, token))          default: the standard chain
+    )
+    .await?;
     // readme:end aws-kms
     drop(kms);
     Ok(())
@@ -138,7 +151,7 @@ fn keyd_client_fragment() -> Result<()> {
         .ca_pem_file("certs/ca.pem")
         .client_identity_pem_files("certs/refunds.pem", "certs/refunds.key.pem")
         .environment("prod")
-        .scope("merchant-42")          // for kek_info / rotate_kek
+        .scope("merchant-42") // for kek_info / rotate_kek
         .build()?;
     let panseal = Panseal::builder().key_service(ks) /* … */;
     // readme:end keyd-client
