@@ -182,9 +182,12 @@ def check_usage(block: Block, log: Path) -> str:
     if " -- " in text:
         text = text.split(" -- ", 1)[1]
     flags = sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)))
-    helptext = subprocess.run(
-        [str(path), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
+    try:
+        helptext = subprocess.run(
+            [str(path), "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise Failure(f"usage: cannot run {program} --help: {e}")
     (log / f"usage-{block.line}.txt").write_text(helptext.stdout + helptext.stderr)
     known = set(re.findall(r"--[a-z][a-z0-9-]*", helptext.stdout + helptext.stderr))
     missing = [f for f in flags if f not in known]
