@@ -23,6 +23,15 @@ use crate::{api, seal, tls};
 
 /// Serves until interrupted (`listen` overrides the configured address).
 pub(crate) fn run(config: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
+    run_with(config, listen, None)
+}
+
+/// As [`run`], calling `on_listening` once the server accepts connections.
+pub(crate) fn run_with(
+    config: &Path,
+    listen: Option<SocketAddr>,
+    on_listening: Option<crate::init::OnListening>,
+) -> Result<(), String> {
     let mut cfg = Config::load(config).map_err(|e| e.to_string())?;
     if let Some(l) = listen {
         cfg.listen = l;
@@ -63,6 +72,9 @@ pub(crate) fn run(config: &Path, listen: Option<SocketAddr>) -> Result<(), Strin
             environments.join(", ")
         );
         let _ = std::io::stdout().flush();
+        if let Some(f) = on_listening {
+            f(bound);
+        }
         // Once a second: sync the log and export its anchor if it grew.
         let anchor_task = {
             let audit = audit.clone();
@@ -153,7 +165,7 @@ pub(crate) fn run(config: &Path, listen: Option<SocketAddr>) -> Result<(), Strin
         tokio::select! {
             () = accept => Ok(()),
             () = anchor_task => Ok(()),
-            _ = tokio::signal::ctrl_c() => {
+            () = shutdown_signal() => {
                 let _ = audit.append(&api::system_record("stop", "stopping".into()));
                 if server.state_version() != seal::V1 {
                     let _ = audit.write_anchor(server.config().audit_anchor_path());
@@ -163,6 +175,23 @@ pub(crate) fn run(config: &Path, listen: Option<SocketAddr>) -> Result<(), Strin
             }
         }
     })
+}
+
+/// Ctrl-C (SIGINT) or, on Unix, SIGTERM: `serve` stops cleanly (a "stop"
+/// audit record and the anchor exported).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Opens the audit log for `serve`: the key must be the one the state
