@@ -14,6 +14,7 @@ mod keyservice_conformance;
 
 // One module per former test crate (`tests/keyd*.rs` of the root crate).
 mod cli;
+mod dev;
 mod keyd;
 mod keyd_index;
 mod keyd_ingest;
