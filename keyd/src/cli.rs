@@ -399,7 +399,9 @@ pub(crate) fn run() -> ExitCode {
             address,
             file,
             seconds,
-        } => crate::dev::wait(address.as_deref(), file.as_deref(), seconds).map(|m| println!("{m}")),
+        } => {
+            crate::dev::wait(address.as_deref(), file.as_deref(), seconds).map(|m| println!("{m}"))
+        }
         Command::VerifyAudit {
             config,
             log,

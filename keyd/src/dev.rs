@@ -133,7 +133,8 @@ impl Layout {
         if !existed {
             // Shares and keys inside: owner only.
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
         }
         let dir = std::fs::canonicalize(dir).map_err(io(dir))?;
         Ok(Layout {
@@ -276,9 +277,9 @@ fn init(l: &Layout, environment: &str) -> Result<(), String> {
                 ready: PathBuf::new(),
             };
             for (c, file) in &shares {
-                let r = l.session(&addr.to_string(), c, &env).and_then(|s| {
-                    s.collect_share(file, Some(crate::custodian::DEFAULT_STATEMENT))
-                });
+                let r = l
+                    .session(&addr.to_string(), c, &env)
+                    .and_then(|s| s.collect_share(file, Some(crate::custodian::DEFAULT_STATEMENT)));
                 if let Err(e) = r {
                     eprintln!("panseal-keyd: dev: custodian {c} could not collect a share: {e}");
                     std::process::exit(2);

@@ -36,7 +36,8 @@ pub(crate) fn run_with(
     if let Some(l) = listen {
         cfg.listen = l;
     }
-    let state = StateStore::open(&cfg.paths()).map_err(|e| e.to_string())?;
+    let state =
+        StateStore::open_with(&cfg.paths(), |s| same_keyd(&cfg, s)).map_err(|e| e.to_string())?;
     let (audit, audit_key_id) = open_audit(&cfg, &state)?;
     let audit = Arc::new(audit);
     let tls = TlsAcceptor::from(Arc::new(tls::server_config(&cfg)?));
@@ -170,11 +171,51 @@ pub(crate) fn run_with(
                 if server.state_version() != seal::V1 {
                     let _ = audit.write_anchor(server.config().audit_anchor_path());
                 }
-                println!("panseal-keyd: stopping");
+                // Not println!: a closed stdout must not turn a clean stop
+                // into a panic.
+                let _ = writeln!(std::io::stdout(), "panseal-keyd: stopping");
                 Ok(())
             }
         }
     })
+}
+
+/// Refuses another keyd's state, audit key or anchors in this keyd's
+/// place: the state names its audit key by id, and the exported audit
+/// anchor is MACed under that key. (A missing or unreadable key or anchor
+/// is left to `open_audit`, which names it.)
+fn same_keyd(cfg: &Config, s: &crate::state_file::State) -> Result<(), state::StateError> {
+    if s.audit_key_id.is_empty() {
+        return Ok(()); // version 1: names no audit key
+    }
+    let key_path = cfg.audit_key_path();
+    let Ok(key) = AuditKey::load_file(&key_path) else {
+        return Ok(());
+    };
+    let key_id = key.key_id();
+    let state_path = cfg.paths().state;
+    if s.audit_key_id != key_id {
+        return Err(state::StateError::OtherKeyd(format!(
+            "the state {} names audit key {}, but the audit key file {} holds {} (not the key \
+             this keyd's state names: the data directory and the audit key come from \
+             different keyds, or the key was replaced)",
+            state_path.display(),
+            s.audit_key_id,
+            key_path.display(),
+            key_id
+        )));
+    }
+    let anchor = cfg.audit_anchor_path();
+    match read_audit_anchor(&anchor, &key) {
+        Ok(_) | Err(AuditError::Io(_)) => Ok(()),
+        Err(_) => Err(state::StateError::OtherKeyd(format!(
+            "the audit anchor {} does not verify under audit key {} (the key the state {} \
+             names): the anchor directory comes from another keyd (or was altered)",
+            anchor.display(),
+            key_id,
+            state_path.display()
+        ))),
+    }
 }
 
 /// Ctrl-C (SIGINT) or, on Unix, SIGTERM: `serve` stops cleanly (a "stop"

@@ -74,10 +74,7 @@ impl Dev {
     /// SIGTERM, as a user's `kill` or a service manager does: exits 0.
     fn stop(mut self) {
         let pid = self.child.id().to_string();
-        let st = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
+        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(st.success());
         let status = self.child.wait().unwrap();
         assert!(status.success(), "dev stopped by SIGTERM: {status:?}");

@@ -13,6 +13,7 @@ mod keyd_harness;
 mod keyservice_conformance;
 
 // One module per former test crate (`tests/keyd*.rs` of the root crate).
+mod backup;
 mod cli;
 mod dev;
 mod keyd;
