@@ -44,7 +44,7 @@ fn pan(i: u32) -> Pan {
 }
 
 fn ctx(i: u32) -> Context {
-    Context::new("cards", "pan", &format!("row-{i}")).unwrap()
+    Context::new("cards", "pan", format!("row-{i}")).unwrap()
 }
 
 /// The application: keyd's `app` principal and a FileKeyStore.

@@ -49,9 +49,12 @@ impl Dev {
         let deadline = Instant::now() + Duration::from_secs(120);
         let (mut client_json, mut checkout_json) = (None, None);
         loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("dev did not print `ready` within 120 s"));
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dev did not print `ready` within 120 s");
+            };
             if let Some(p) = line.split("(seals and opens): ").nth(1) {
                 client_json = Some(PathBuf::from(p.trim()));
             }
@@ -127,7 +130,7 @@ fn pan(i: u32) -> Pan {
 }
 
 fn ctx(i: u32) -> Context {
-    Context::new("cards", "pan", &format!("row-{i}")).unwrap()
+    Context::new("cards", "pan", format!("row-{i}")).unwrap()
 }
 
 /// From `dev` to a PAN sealed through it with the printed `client.json`;
@@ -149,7 +152,7 @@ async fn dev_serves_the_printed_client_json_and_restarts_on_the_same_folder() {
         ready.as_millis(),
         to_first_seal.as_millis()
     );
-    assert!(dev.client_json.starts_with(&dir.canonicalize().unwrap()));
+    assert!(dev.client_json.starts_with(dir.canonicalize().unwrap()));
     assert_eq!(
         std::fs::read_to_string(dir.join("ready")).unwrap().trim(),
         dev.addr
