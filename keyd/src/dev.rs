@@ -193,6 +193,16 @@ pub(crate) fn run(dir: &Path, listen: SocketAddr, environment: Option<&str>) -> 
     }
     println!("{BANNER}");
     let l = Layout::new(dir)?;
+    // Another `dev` serving this folder keeps it (and its ready file).
+    let lock = l.dir.join("data").join("keyd.lock");
+    if lock.exists() {
+        drop(crate::state::DirLock::take(&lock).map_err(|_| {
+            format!(
+                "a panseal-keyd already serves {} (`dev` runs once per folder)",
+                l.dir.display()
+            )
+        })?);
+    }
     // A ready file left by a killed run must not announce this one.
     match std::fs::remove_file(&l.ready) {
         Ok(()) => {}

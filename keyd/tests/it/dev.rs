@@ -200,6 +200,17 @@ async fn dev_serves_the_printed_client_json_and_restarts_on_the_same_folder() {
     );
     assert_eq!(opened_by_front_end, 0);
     drop((ps, front));
+    // A second `dev` on the same folder is refused and leaves the first's
+    // ready file alone.
+    let out = Command::new(keyd_bin())
+        .args(["dev", "--dir", dir.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already serves"), "{err}");
+    assert!(dir.join("ready").exists());
 
     dev.stop();
     assert!(!dir.join("ready").exists(), "ready removed at stop");
