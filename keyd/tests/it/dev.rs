@@ -153,6 +153,23 @@ async fn dev_serves_the_printed_client_json_and_restarts_on_the_same_folder() {
         to_first_seal.as_millis()
     );
     assert!(dev.client_json.starts_with(dir.canonicalize().unwrap()));
+    // The readiness checks of scripts answer at once now.
+    for how in [
+        ["--address", dev.addr.as_str()],
+        ["--file", dir.join("ready").to_str().unwrap()],
+    ] {
+        let out = Command::new(keyd_bin())
+            .arg("wait")
+            .args(how)
+            .args(["--seconds", "5"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "wait {how:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("ready {}", dev.addr)
+        );
+    }
     assert_eq!(
         std::fs::read_to_string(dir.join("ready")).unwrap().trim(),
         dev.addr
