@@ -30,6 +30,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// DEVELOPMENT ONLY: certificates, a keyd.toml, a 2-of-3 master key
+    /// (shares saved in DIR), unsealed and served on 127.0.0.1; prints the
+    /// client settings and `ready ADDR`. Again on the same DIR: restarts.
+    Dev {
+        /// The folder of everything it writes (again: restart from it).
+        #[arg(long, value_name = "DIR", default_value = "keyd-dev")]
+        dir: PathBuf,
+        /// Where to listen (127.0.0.1 or ::1; port 0 picks a free port,
+        /// printed on the `ready` line and in the client configurations).
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// The environment tag (default `dev`; `prod` is refused).
+        #[arg(long, value_name = "ENV")]
+        environment: Option<String>,
+    },
+    /// Waits until keyd accepts connections (exit 0), at most --seconds
+    /// (exit 2): at --address, or at the address in --file once it exists
+    /// (`dev` writes DIR/ready once unsealed).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["address", "file"])))]
+    Wait {
+        /// keyd's address (`init` collecting shares, or `serve`).
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// A file whose first line is the address (`dev`'s DIR/ready).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// How long to wait.
+        #[arg(long, value_name = "N", default_value_t = 30)]
+        seconds: u64,
+    },
     /// Writes a development CA, a server certificate and client
     /// certificates (not for production: the CA key is written too).
     GenDevCerts {
@@ -360,6 +390,18 @@ pub(crate) fn run() -> ExitCode {
             listen,
         } => crate::init::run(&config, listen, threshold, &custodians),
         Command::Serve { config, listen } => crate::serve::run(&config, listen),
+        Command::Dev {
+            dir,
+            listen,
+            environment,
+        } => crate::dev::run(&dir, listen, environment.as_deref()),
+        Command::Wait {
+            address,
+            file,
+            seconds,
+        } => {
+            crate::dev::wait(address.as_deref(), file.as_deref(), seconds).map(|m| println!("{m}"))
+        }
         Command::VerifyAudit {
             config,
             log,
