@@ -319,6 +319,11 @@ def main() -> int:
     log.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("CARGO_TERM_COLOR", "never")
+    # Sessions get a fresh HOME; the toolchain and cargo's registry stay
+    # where they are (rustup and cargo find them from HOME otherwise).
+    home = Path.home()
+    env.setdefault("RUSTUP_HOME", str(home / ".rustup"))
+    env.setdefault("CARGO_HOME", str(home / ".cargo"))
     sessions: dict[str, list[Block]] = {}
     results: list[tuple[str, str, bool]] = []
     for b in blocks:

@@ -38,6 +38,7 @@ impl Db {
 /// the stored text, admission turns it into the compact form.
 #[tokio::test]
 #[allow(non_snake_case, unused_variables)]
+#[rustfmt::skip]
 async fn write_only_ingest_fragment_runs() -> Result<()> {
     let panseal = Panseal::builder()
         .key_service(LocalKeyService::new(Environment::new("prod")?))
@@ -61,7 +62,7 @@ async fn write_only_ingest_fragment_runs() -> Result<()> {
     let key = IngestPublicKey::from_text(&config.ingest_public_key)?; // "PIK1/prod/merchant-42/1/…"
     let sealer = IngestSealer::new(key);
     let stored = sealer.seal(&pan, &Context::new("cards", "pan", row_id)?)?;
-    db.insert(row_id, stored.to_text()); // 134 characters, fits VARCHAR(140)
+    db.insert(row_id, stored.to_text());   // 134 characters, fits VARCHAR(140)
                                          // readme:end ingest
     assert_eq!(db.0[row_id].len(), 134);
     let column = db.0[row_id].clone();
@@ -74,16 +75,12 @@ async fn write_only_ingest_fragment_runs() -> Result<()> {
     let sealer = panseal.ingest_sealer(Some(PINNED_FINGERPRINT)).await?;
 
     // Back office: open_pan takes either form (StoredPan parses both).
-    let opened = panseal
-        .open_pan(&StoredPan::from_text(&column)?, &ctx, &access)
-        .await?;
+    let opened = panseal.open_pan(&StoredPan::from_text(&column)?, &ctx, &access).await?;
     assert!(opened.needs_reseal); // ingest ciphertexts are admitted, not kept
 
     // Admission (credential with `admit` + `wrap`): PAN and DEK stay in the service.
     let results = panseal.admit(&[(ingest_sealed, ctx)]).await?;
-    for r in results {
-        let a = r?; /* a.sealed: 48-byte compact; a.index: BlindIndex */
-    }
+    for r in results { let a = r?; /* a.sealed: 48-byte compact; a.index: BlindIndex */ }
     // readme:end ingest-service
     assert_eq!(opened.pan, pan);
     Ok(())
@@ -92,6 +89,7 @@ async fn write_only_ingest_fragment_runs() -> Result<()> {
 /// "PKCS#11 HSMs": compiled only (a real module path and token).
 #[cfg(feature = "pkcs11")]
 #[allow(dead_code)]
+#[rustfmt::skip]
 async fn pkcs11_fragment() -> Result<()> {
     use std::time::Duration;
     fn read_pin_from_your_secret_store() -> Result<String> {
@@ -101,21 +99,12 @@ async fn pkcs11_fragment() -> Result<()> {
     use panseal::{Environment, Panseal, Pkcs11Config, Pkcs11KeyService, Pkcs11Pin};
 
     let hsm = Pkcs11KeyService::connect(
-        Pkcs11Config::new(
-            "/opt/hsm/lib/libpkcs11.so",
-            "payments",
-            "cards",
-            Environment::new("prod")?,
-        )
-        .max_sessions(16) // default 8
-        .operation_timeout(Duration::from_secs(5)), // default 10 s
+        Pkcs11Config::new("/opt/hsm/lib/libpkcs11.so", "payments", "cards", Environment::new("prod")?)
+            .max_sessions(16)                              // default 8
+            .operation_timeout(Duration::from_secs(5)),    // default 10 s
         Pkcs11Pin::new(read_pin_from_your_secret_store()?), // wiped on drop, never logged or printed
-    )
-    .await?;
-    let panseal = Panseal::builder()
-        .key_service(hsm) /* key store, audit, … */
-        .build()
-        .await?;
+    ).await?;
+    let panseal = Panseal::builder().key_service(hsm) /* key store, audit, … */ .build().await?;
     // readme:end pkcs11
     drop(panseal);
     Ok(())
@@ -124,16 +113,17 @@ async fn pkcs11_fragment() -> Result<()> {
 /// "AWS KMS": compiled only (a real AWS region).
 #[cfg(feature = "aws-kms")]
 #[allow(dead_code)]
+#[rustfmt::skip]
 async fn aws_kms_fragment() -> Result<()> {
     // readme:begin aws-kms
     use panseal::{AwsKmsConfig, AwsKmsKeyService, Environment};
 
     let kms = AwsKmsKeyService::connect(
-        AwsKmsConfig::new("cards", Environment::new("prod")?).region("eu-west-1"), // or AWS_REGION / profile
-                                                                                   // .endpoint_url("https://vpce-…kms.eu-west-1.vpce.amazonaws.com")  KMS-compatible or VPC endpoint
-                                                                                   // .credentials(AwsKmsCredentials::new(id, secret, token))          default: the standard chain
-    )
-    .await?;
+        AwsKmsConfig::new("cards", Environment::new("prod")?)
+            .region("eu-west-1"),          // or AWS_REGION / profile
+            // .endpoint_url("https://vpce-…kms.eu-west-1.vpce.amazonaws.com")  KMS-compatible or VPC endpoint
+            // .credentials(AwsKmsCredentials::new(id, secret, token))          default: the standard chain
+    ).await?;
     // readme:end aws-kms
     drop(kms);
     Ok(())
@@ -142,6 +132,7 @@ async fn aws_kms_fragment() -> Result<()> {
 /// "panseal-keyd: Client": compiled only (a keyd on 127.0.0.1:8443).
 #[cfg(feature = "keyd-client")]
 #[allow(dead_code, unused_variables)]
+#[rustfmt::skip]
 fn keyd_client_fragment() -> Result<()> {
     use panseal::RemoteKeyService;
     // readme:begin keyd-client
@@ -151,7 +142,7 @@ fn keyd_client_fragment() -> Result<()> {
         .ca_pem_file("certs/ca.pem")
         .client_identity_pem_files("certs/refunds.pem", "certs/refunds.key.pem")
         .environment("prod")
-        .scope("merchant-42") // for kek_info / rotate_kek
+        .scope("merchant-42")          // for kek_info / rotate_kek
         .build()?;
     let panseal = Panseal::builder().key_service(ks) /* … */;
     // readme:end keyd-client
