@@ -117,6 +117,14 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         anchor: Option<PathBuf>,
     },
+    /// Loads a keyd.toml as `serve` would (every field, principal, quota and
+    /// certificate file) and prints its principals; exit 2 naming what is
+    /// wrong. Reads no state and opens no port.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Prints the SHA-256 fingerprint of a certificate (for `cert_sha256`
     /// in keyd.toml).
     Fingerprint {
@@ -429,6 +437,7 @@ pub(crate) fn run() -> ExitCode {
                 }
             };
         }
+        Command::CheckConfig { config } => check_config(&config).map(|out| print!("{out}")),
         Command::Fingerprint { cert } => {
             crate::certs::fingerprint_file(&cert).map(|f| println!("{f}"))
         }
@@ -441,6 +450,44 @@ pub(crate) fn run() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `check-config`: the configuration as keyd reads it, one line per
+/// principal.
+fn check_config(path: &std::path::Path) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let config = crate::config::Config::load(path).map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "{}: valid; listen {}, environments {}, {} principals\n",
+        path.display(),
+        config.listen,
+        config
+            .environments
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.principals.len()
+    );
+    for p in &config.principals {
+        let scopes = match &p.scopes {
+            crate::config::Scopes::All => "*".to_owned(),
+            crate::config::Scopes::Only(s) => s.iter().cloned().collect::<Vec<_>>().join(", "),
+        };
+        let permissions: Vec<&str> = p.permissions.iter().map(|p| p.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  {}: environment {}, scopes {scopes}, permissions {}",
+            p.name,
+            p.environment.as_str(),
+            if permissions.is_empty() {
+                "(none)".to_owned()
+            } else {
+                permissions.join(", ")
+            }
+        );
+    }
+    Ok(out)
 }
 
 fn connect(c: &Conn) -> Result<Session, String> {

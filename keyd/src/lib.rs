@@ -18,6 +18,7 @@
 //! panseal-keyd init --config FILE --threshold K --custodian NAME... [--listen IP:PORT]
 //! panseal-keyd serve --config FILE [--listen IP:PORT]
 //! panseal-keyd verify-audit (--config FILE | --log FILE --key FILE [--anchor FILE])
+//! panseal-keyd check-config --config FILE
 //! panseal-keyd fingerprint CERT.pem
 //! panseal-keyd custodian ACTION --address HOST:PORT --ca CA.pem --cert ME.pem
 //!     --key ME.key.pem --environment ENV [--server-name NAME] [--scope S]
