@@ -91,6 +91,12 @@ done
 unset PKG_CONFIG_PATH
 rm -rf "$cdir"
 
+step "README: every code block runs, or equals the compiled code it mirrors (scripts/readme.py)"
+# After the builds above (binaries, examples, the installed Python package).
+# The walkthroughs' servers listen on 127.0.0.1 and are stopped when their
+# session ends; their outputs stay under $LOG/readme for the secrets scan.
+python3 scripts/readme.py --log "$LOG/readme"
+
 step "a payment backend's dependency tree (default features): no server, TLS or FFI crate, no cdylib"
 user="$LOG/user-crate"
 mkdir -p "$user/src"

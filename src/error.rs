@@ -68,6 +68,13 @@ pub enum PanError {
         /// Zero-based character position.
         position: usize,
     },
+    /// A space or dash that is not between two digits: leading, trailing,
+    /// or next to another separator.
+    #[error("separator at position {position} is not between two digits")]
+    MisplacedSeparator {
+        /// Zero-based character position.
+        position: usize,
+    },
     /// Fewer digits than the configured minimum.
     #[error("{digits} digits; at least {min} required")]
     TooShort {

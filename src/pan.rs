@@ -83,9 +83,15 @@ pub struct Pan {
 impl Pan {
     /// Parses a PAN with the default rules (12–19 digits).
     ///
-    /// Spaces and dashes are removed; anything else that is not a digit is
-    /// refused. Input that looks like magnetic-stripe track data is refused
-    /// as [`PanError::TrackData`].
+    /// The input is the digits, optionally in groups separated by **one**
+    /// space or dash (`4111 1111 1111 1111`, `4111-1111-1111-1111`): a
+    /// separator is accepted only between two digits, so a leading,
+    /// trailing or doubled separator (`" 4111…"`, `"…1111 "`,
+    /// `"4111  1111…"`, `"4111 -1111…"`) is [`PanError::MisplacedSeparator`],
+    /// and any other character (a tab, a newline, a dot) is
+    /// [`PanError::InvalidCharacter`]; trim what you read before parsing.
+    /// The separators are dropped. Input that looks like magnetic-stripe
+    /// track data is refused as [`PanError::TrackData`].
     ///
     /// # Errors
     ///
@@ -108,6 +114,10 @@ impl Pan {
             len: 0,
         };
         let mut count = 0usize;
+        // Whether the previous character was a digit: a separator must
+        // follow a digit and be followed by one.
+        let mut after_digit = false;
+        let mut pending_separator: Option<usize> = None;
         for (position, c) in input.chars().enumerate() {
             match c {
                 '0'..='9' => {
@@ -116,10 +126,23 @@ impl Pan {
                         pan.digits[count] = c as u8;
                     }
                     count += 1;
+                    after_digit = true;
+                    pending_separator = None;
                 }
-                ' ' | '-' => {}
+                ' ' | '-' => {
+                    if !after_digit {
+                        // Leading, or right after another separator.
+                        return Err(PanError::MisplacedSeparator { position });
+                    }
+                    after_digit = false;
+                    pending_separator = Some(position);
+                }
                 _ => return Err(PanError::InvalidCharacter { position }),
             }
+        }
+        if let Some(position) = pending_separator {
+            // Trailing.
+            return Err(PanError::MisplacedSeparator { position });
         }
         if count == 0 {
             return Err(PanError::Empty);
@@ -405,12 +428,77 @@ mod tests {
             ),
             ("%B4111111111111111^DOE/JOHN^2512101?", PanError::TrackData),
             ("4111111111111111=2512", PanError::TrackData),
+            (
+                " 4111111111111111",
+                PanError::MisplacedSeparator { position: 0 },
+            ),
+            (
+                "-4111111111111111",
+                PanError::MisplacedSeparator { position: 0 },
+            ),
+            (
+                "4111111111111111 ",
+                PanError::MisplacedSeparator { position: 16 },
+            ),
+            (
+                "4111111111111111-",
+                PanError::MisplacedSeparator { position: 16 },
+            ),
+            (
+                "4111  1111 1111 1111",
+                PanError::MisplacedSeparator { position: 5 },
+            ),
+            (
+                "4111 -1111 1111 1111",
+                PanError::MisplacedSeparator { position: 5 },
+            ),
+            (
+                "4111--1111-1111-1111",
+                PanError::MisplacedSeparator { position: 5 },
+            ),
+            (" ", PanError::MisplacedSeparator { position: 0 }),
+            (
+                "4111\t1111 1111 1111",
+                PanError::InvalidCharacter { position: 4 },
+            ),
+            (
+                "4111111111111111\n",
+                PanError::InvalidCharacter { position: 16 },
+            ),
         ] {
             let e = Pan::parse(input).unwrap_err();
             assert_eq!(e, want, "{input:?}");
             let msg = format!("{e} {e:?}");
             assert!(!msg.contains("4111111111111111"), "{msg}");
             assert!(!msg.contains("411111"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn separators_only_between_digit_groups() {
+        for ok in [
+            "4111111111111111",
+            "4111 1111 1111 1111",
+            "4111-1111-1111-1111",
+            "4111 1111-1111 1111",
+            "4111 111111 111111",
+            "4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1",
+        ] {
+            assert_eq!(
+                Pan::parse(ok).unwrap().expose_digits(),
+                "4111111111111111",
+                "{ok:?}"
+            );
+        }
+        // Every placement of one separator: accepted exactly where it sits
+        // between two digits.
+        let digits = "4111111111111111";
+        for sep in [' ', '-'] {
+            for at in 0..=digits.len() {
+                let input = format!("{}{sep}{}", &digits[..at], &digits[at..]);
+                let between = at > 0 && at < digits.len();
+                assert_eq!(Pan::parse(&input).is_ok(), between, "{input:?}");
+            }
         }
     }
 

@@ -30,6 +30,36 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// DEVELOPMENT ONLY: certificates, a keyd.toml, a 2-of-3 master key
+    /// (shares saved in DIR), unsealed and served on 127.0.0.1; prints the
+    /// client settings and `ready ADDR`. Again on the same DIR: restarts.
+    Dev {
+        /// The folder of everything it writes (again: restart from it).
+        #[arg(long, value_name = "DIR", default_value = "keyd-dev")]
+        dir: PathBuf,
+        /// Where to listen (127.0.0.1 or ::1; port 0 picks a free port,
+        /// printed on the `ready` line and in the client configurations).
+        #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// The environment tag (default `dev`; `prod` is refused).
+        #[arg(long, value_name = "ENV")]
+        environment: Option<String>,
+    },
+    /// Waits until keyd accepts connections (exit 0), at most --seconds
+    /// (exit 2): at --address, or at the address in --file once it exists
+    /// (`dev` writes DIR/ready once unsealed).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["address", "file"])))]
+    Wait {
+        /// keyd's address (`init` collecting shares, or `serve`).
+        #[arg(long, value_name = "HOST:PORT")]
+        address: Option<String>,
+        /// A file whose first line is the address (`dev`'s DIR/ready).
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// How long to wait.
+        #[arg(long, value_name = "N", default_value_t = 30)]
+        seconds: u64,
+    },
     /// Writes a development CA, a server certificate and client
     /// certificates (not for production: the CA key is written too).
     GenDevCerts {
@@ -86,6 +116,14 @@ enum Command {
         /// An exported anchor (audit.anchor) the log must reach.
         #[arg(long, value_name = "FILE")]
         anchor: Option<PathBuf>,
+    },
+    /// Loads a keyd.toml as `serve` would (every field, principal, quota and
+    /// certificate file) and prints its principals; exit 2 naming what is
+    /// wrong. Reads no state and opens no port.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
     },
     /// Prints the SHA-256 fingerprint of a certificate (for `cert_sha256`
     /// in keyd.toml).
@@ -360,6 +398,18 @@ pub(crate) fn run() -> ExitCode {
             listen,
         } => crate::init::run(&config, listen, threshold, &custodians),
         Command::Serve { config, listen } => crate::serve::run(&config, listen),
+        Command::Dev {
+            dir,
+            listen,
+            environment,
+        } => crate::dev::run(&dir, listen, environment.as_deref()),
+        Command::Wait {
+            address,
+            file,
+            seconds,
+        } => {
+            crate::dev::wait(address.as_deref(), file.as_deref(), seconds).map(|m| println!("{m}"))
+        }
         Command::VerifyAudit {
             config,
             log,
@@ -387,6 +437,7 @@ pub(crate) fn run() -> ExitCode {
                 }
             };
         }
+        Command::CheckConfig { config } => check_config(&config).map(|out| print!("{out}")),
         Command::Fingerprint { cert } => {
             crate::certs::fingerprint_file(&cert).map(|f| println!("{f}"))
         }
@@ -399,6 +450,44 @@ pub(crate) fn run() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `check-config`: the configuration as keyd reads it, one line per
+/// principal.
+fn check_config(path: &std::path::Path) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let config = crate::config::Config::load(path).map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "{}: valid; listen {}, environments {}, {} principals\n",
+        path.display(),
+        config.listen,
+        config
+            .environments
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.principals.len()
+    );
+    for p in &config.principals {
+        let scopes = match &p.scopes {
+            crate::config::Scopes::All => "*".to_owned(),
+            crate::config::Scopes::Only(s) => s.iter().cloned().collect::<Vec<_>>().join(", "),
+        };
+        let permissions: Vec<&str> = p.permissions.iter().map(|p| p.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  {}: environment {}, scopes {scopes}, permissions {}",
+            p.name,
+            p.environment.as_str(),
+            if permissions.is_empty() {
+                "(none)".to_owned()
+            } else {
+                permissions.join(", ")
+            }
+        );
+    }
+    Ok(out)
 }
 
 fn connect(c: &Conn) -> Result<Session, String> {

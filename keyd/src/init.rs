@@ -31,6 +31,22 @@ pub(crate) fn run(
     threshold: u8,
     custodians: &[String],
 ) -> Result<(), String> {
+    run_with(config, listen, threshold, custodians, None)
+}
+
+/// Called once with the address `init` (or `serve`) listens on, from the
+/// server's runtime: it must not block (`panseal-keyd dev` starts a thread
+/// that plays the custodians).
+pub(crate) type OnListening = Box<dyn FnOnce(SocketAddr) + Send>;
+
+/// As [`run`], calling `on_listening` once the shares can be collected.
+pub(crate) fn run_with(
+    config: &Path,
+    listen: Option<SocketAddr>,
+    threshold: u8,
+    custodians: &[String],
+    on_listening: Option<OnListening>,
+) -> Result<(), String> {
     let mut cfg = Config::load(config).map_err(|e| e.to_string())?;
     if let Some(l) = listen {
         cfg.listen = l;
@@ -66,7 +82,7 @@ pub(crate) fn run(
     }
     // Each custodian collects their own share over mutual TLS; nothing is
     // written to disk until every share has been collected.
-    let acknowledgements = init_collect(&cfg, threshold, texts)?;
+    let acknowledgements = init_collect(&cfg, threshold, texts, on_listening)?;
     if let Some(dir) = cfg.audit_key_path().parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
@@ -123,6 +139,7 @@ fn init_collect(
     cfg: &Config,
     threshold: u8,
     texts: std::collections::BTreeMap<String, zeroize::Zeroizing<String>>,
+    on_listening: Option<OnListening>,
 ) -> Result<std::collections::BTreeMap<String, Acknowledgement>, String> {
     use panseal::keyd::server::protocol::{
         self as proto, CollectRequest, CollectResponse, ErrorBody, ErrorKind, ShareText,
@@ -160,6 +177,9 @@ fn init_collect(
             names.join(", ")
         );
         let _ = std::io::stdout().flush();
+        if let Some(f) = on_listening {
+            f(bound);
+        }
         let accept = async {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {

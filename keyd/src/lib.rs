@@ -12,10 +12,13 @@
 //! subcommand and custodian action):
 //!
 //! ```text
+//! panseal-keyd dev [--dir DIR] [--listen IP:PORT] [--environment ENV]   (development only)
+//! panseal-keyd wait (--address HOST:PORT | --file FILE) [--seconds N]
 //! panseal-keyd gen-dev-certs --out DIR [--client NAME]... [--host NAME]...
 //! panseal-keyd init --config FILE --threshold K --custodian NAME... [--listen IP:PORT]
 //! panseal-keyd serve --config FILE [--listen IP:PORT]
 //! panseal-keyd verify-audit (--config FILE | --log FILE --key FILE [--anchor FILE])
+//! panseal-keyd check-config --config FILE
 //! panseal-keyd fingerprint CERT.pem
 //! panseal-keyd custodian ACTION --address HOST:PORT --ca CA.pem --cert ME.pem
 //!     --key ME.key.pem --environment ENV [--server-name NAME] [--scope S]
@@ -25,7 +28,9 @@
 //!
 //! Modules, one concept each (an arrow is "uses"; there are no cycles):
 //!
-//! * `cli`: the `clap` types and the dispatch → `init`, `serve`,
+//! * `dev`: `panseal-keyd dev` (development only) → `certs`, `init`,
+//!   `serve`, `custodian`; and `panseal-keyd wait`.
+//! * `cli`: the `clap` types and the dispatch → `dev`, `init`, `serve`,
 //!   `verify_audit`, `certs` (`gen-dev-certs`, `fingerprint`) and
 //!   `custodian` (the custodians' client over `RemoteKeyService`).
 //! * `init` (new master key, shares collected by custodians) and `serve`
@@ -47,6 +52,7 @@ mod certs;
 mod cli;
 mod config;
 mod custodian;
+mod dev;
 mod init;
 mod quota;
 mod seal;

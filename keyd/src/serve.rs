@@ -23,11 +23,21 @@ use crate::{api, seal, tls};
 
 /// Serves until interrupted (`listen` overrides the configured address).
 pub(crate) fn run(config: &Path, listen: Option<SocketAddr>) -> Result<(), String> {
+    run_with(config, listen, None)
+}
+
+/// As [`run`], calling `on_listening` once the server accepts connections.
+pub(crate) fn run_with(
+    config: &Path,
+    listen: Option<SocketAddr>,
+    on_listening: Option<crate::init::OnListening>,
+) -> Result<(), String> {
     let mut cfg = Config::load(config).map_err(|e| e.to_string())?;
     if let Some(l) = listen {
         cfg.listen = l;
     }
-    let state = StateStore::open(&cfg.paths()).map_err(|e| e.to_string())?;
+    let state =
+        StateStore::open_with(&cfg.paths(), |s| same_keyd(&cfg, s)).map_err(|e| e.to_string())?;
     let (audit, audit_key_id) = open_audit(&cfg, &state)?;
     let audit = Arc::new(audit);
     let tls = TlsAcceptor::from(Arc::new(tls::server_config(&cfg)?));
@@ -63,6 +73,9 @@ pub(crate) fn run(config: &Path, listen: Option<SocketAddr>) -> Result<(), Strin
             environments.join(", ")
         );
         let _ = std::io::stdout().flush();
+        if let Some(f) = on_listening {
+            f(bound);
+        }
         // Once a second: sync the log and export its anchor if it grew.
         let anchor_task = {
             let audit = audit.clone();
@@ -153,16 +166,73 @@ pub(crate) fn run(config: &Path, listen: Option<SocketAddr>) -> Result<(), Strin
         tokio::select! {
             () = accept => Ok(()),
             () = anchor_task => Ok(()),
-            _ = tokio::signal::ctrl_c() => {
+            () = shutdown_signal() => {
                 let _ = audit.append(&api::system_record("stop", "stopping".into()));
                 if server.state_version() != seal::V1 {
                     let _ = audit.write_anchor(server.config().audit_anchor_path());
                 }
-                println!("panseal-keyd: stopping");
+                // Not println!: a closed stdout must not turn a clean stop
+                // into a panic.
+                let _ = writeln!(std::io::stdout(), "panseal-keyd: stopping");
                 Ok(())
             }
         }
     })
+}
+
+/// Refuses another keyd's state, audit key or anchors in this keyd's
+/// place: the state names its audit key by id, and the exported audit
+/// anchor is MACed under that key. (A missing or unreadable key or anchor
+/// is left to `open_audit`, which names it.)
+fn same_keyd(cfg: &Config, s: &crate::state_file::State) -> Result<(), state::StateError> {
+    if s.audit_key_id.is_empty() {
+        return Ok(()); // version 1: names no audit key
+    }
+    let key_path = cfg.audit_key_path();
+    let Ok(key) = AuditKey::load_file(&key_path) else {
+        return Ok(());
+    };
+    let key_id = key.key_id();
+    let state_path = cfg.paths().state;
+    if s.audit_key_id != key_id {
+        return Err(state::StateError::OtherKeyd(format!(
+            "the state {} names audit key {}, but the audit key file {} holds {} (not the key \
+             this keyd's state names: the data directory and the audit key come from \
+             different keyds, or the key was replaced)",
+            state_path.display(),
+            s.audit_key_id,
+            key_path.display(),
+            key_id
+        )));
+    }
+    let anchor = cfg.audit_anchor_path();
+    match read_audit_anchor(&anchor, &key) {
+        Ok(_) | Err(AuditError::Io(_)) => Ok(()),
+        Err(_) => Err(state::StateError::OtherKeyd(format!(
+            "the audit anchor {} does not verify under audit key {} (the key the state {} \
+             names): the anchor directory comes from another keyd (or was altered)",
+            anchor.display(),
+            key_id,
+            state_path.display()
+        ))),
+    }
+}
+
+/// Ctrl-C (SIGINT) or, on Unix, SIGTERM: `serve` stops cleanly (a "stop"
+/// audit record and the anchor exported).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Opens the audit log for `serve`: the key must be the one the state

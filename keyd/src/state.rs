@@ -79,6 +79,13 @@ pub(crate) enum StateError {
     Version1AfterVersion2 { path: PathBuf, trace: String },
     #[error("{0}")]
     Unauthentic(String),
+    /// The data directory, audit key or anchors come from another keyd
+    /// (a backup restored into the wrong place).
+    #[error(
+        "state/backup belongs to another keyd: {0}; refusing to start (nothing changed). \
+         Restore this keyd's own backup of each (README \"Backup and recovery\")"
+    )]
+    OtherKeyd(String),
     #[error("another panseal-keyd holds {0} (one keyd per data directory); refusing to start")]
     Locked(PathBuf),
     #[error("state {path}: {source}")]
@@ -336,7 +343,14 @@ impl StateStore {
     /// Locks the folder and reads the state (snapshot, journal, anchor)
     /// without the master key: structure, chain links and generations are
     /// checked now, MACs at [`StateStore::authenticate`].
-    pub(crate) fn open(paths: &Paths) -> Result<Self, StateError> {
+    ///
+    /// `same_keyd` runs on the state before the anchors are compared with
+    /// it (so another keyd's backup is named as such, not as a rollback);
+    /// nothing is written when it refuses.
+    pub(crate) fn open_with(
+        paths: &Paths,
+        same_keyd: impl FnOnce(&State) -> Result<(), StateError>,
+    ) -> Result<Self, StateError> {
         let lock = DirLock::take(&paths.lock)?;
         let corrupt = |path: &Path, e: FormatError| StateError::Corrupt {
             path: path.to_owned(),
@@ -412,6 +426,7 @@ impl StateStore {
                 entries.push(e);
             }
         }
+        same_keyd(&state)?;
         let anchor = match read_optional(&paths.anchor)? {
             Some(b) => Some(Anchor::parse(&b).map_err(|e| corrupt(&paths.anchor, e))?),
             None => None,
@@ -440,7 +455,7 @@ impl StateStore {
                 return Err(StateError::Unauthentic(format!(
                     "the anchor {} is missing (deleted?): without it a restored older state \
                      cannot be told apart; refusing to start. Restore it (it is kept by \
-                     anchor_dir) or see README \"Recovering keyd\"",
+                     anchor_dir) or see README \"Backup and recovery\"",
                     paths.anchor.display()
                 )))
             }

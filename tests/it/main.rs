@@ -82,6 +82,7 @@ mod pkcs11_ingest;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod props;
+mod readme;
 #[cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]
 mod records;
 #[cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]

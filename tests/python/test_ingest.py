@@ -217,6 +217,24 @@ def test_fingerprint_and_pinning(sealer, receiver):
     assert isinstance(e.value, panseal.InvalidArgument)
 
 
+def test_readme_fragment(receiver):
+    """The README's Python ingest block (scripts/readme.py checks that it is
+    the region below), opened by the independent receiver."""
+    public_key_text = key_text(receiver)
+    pin = hashlib.sha256(point_of(receiver)).hexdigest()
+    # readme:begin python-ingest
+    sealer = panseal.IngestSealer(public_key_text, fingerprint=pin)  # pin optional
+    stored = sealer.seal("4111 1111 1111 1111", "cards", "pan", "card-1001")  # "I1…"
+    # panseal.MalformedPublicKey, InvalidPublicKey (not on P-256),
+    # PublicKeyNotPinned (a substituted key); seal_binary gives the 101 bytes;
+    # sealer.fingerprint the pin to compare.
+    # readme:end python-ingest
+    assert stored.startswith("I1") and len(stored) == 134
+    opened = hpke_open(from_text(stored), receiver, ENV, SCOPE, VERSION, "cards", "pan", b"card-1001")
+    assert opened == "4111111111111111"
+    assert sealer.fingerprint == pin
+
+
 def test_bad_public_keys(receiver):
     point = bytearray(point_of(receiver))
     point[64] ^= 1

@@ -1,5 +1,7 @@
-/* The README's C example, compiled and run by tests/ffi_c.rs. */
-/* readme:begin example */
+/* The README's C example (scripts/readme.py checks that the README block is
+ * the region between the markers), compiled and run by ffi/tests/ffi_c.rs and
+ * by scripts/test.sh against the installed library. */
+/* readme:begin c-example */
 #include <stdio.h>
 #include <string.h>
 #include "panseal.h"
@@ -40,4 +42,4 @@ int main(void) {
     panseal_client_free(client);
     return r == PANSEAL_OK ? 0 : 1;
 }
-/* readme:end example */
+/* readme:end c-example */

@@ -394,6 +394,31 @@ static void test_buffers_and_nulls(const panseal_ingest_sealer *s, const char *k
 /* What else a front end's process could try with its own means: the DEK
  * client's open path does not take ingest ciphertexts (and a front end
  * has no client). Counts how many of its own ciphertexts it can open. */
+/* The README's C ingest block (scripts/readme.py checks that it is the
+ * region below), with the key and pin the test was given; the text it seals
+ * is printed as "readme 0 ..." for the Rust side to open. */
+static int readme_fragment(const char *public_key, const char *pin, const char *pan) {
+    size_t pan_len = strlen(pan);
+    panseal_context row = ctx_for("card-1001");
+    /* readme:begin c-ingest */
+    /* public_key: the PIK1/... text a custodian published (IngestPublicKey::to_text),
+     * pin: its fingerprint, built into the front end's deployment. */
+    panseal_ingest_sealer *sealer = NULL;
+    if (panseal_ingest_sealer_new_pinned((const uint8_t *)public_key, strlen(public_key),
+                                         (const uint8_t *)pin, 64, &sealer) != PANSEAL_OK)
+        return 1; /* PANSEAL_MALFORMED_PUBLIC_KEY, _INVALID_PUBLIC_KEY (not on P-256),
+                     _PUBLIC_KEY_NOT_PINNED (a substituted key) */
+    char stored[PANSEAL_INGEST_TEXT_BUFFER]; /* 134 characters + NUL: VARCHAR(140) */
+    size_t n = 0;
+    panseal_result r = panseal_ingest_seal(sealer, (const uint8_t *)pan, pan_len, &row,
+                                           stored, sizeof stored, &n);
+    panseal_ingest_sealer_free(sealer);
+    /* readme:end c-ingest */
+    if (r != PANSEAL_OK || n != 134) return 1;
+    printf("readme 0 %s\n", stored);
+    return 0;
+}
+
 static int opened_without_private_key(const panseal_ingest_sealer *s) {
     const char *config =
         "{\"environment\": \"test\", \"scope\": \"merchant-1\","
@@ -447,6 +472,7 @@ int main(void) {
     test_pinning(key, fingerprint, other);
     test_bad_pans_and_contexts(s);
     test_buffers_and_nulls(s, key);
+    CHECK(readme_fragment(key, fingerprint, PANS[0]) == 0);
     int opened = opened_without_private_key(s);
     printf("opened without the private key: %d of %d\n", opened, 2 * N_PANS);
     CHECK(opened == 0);

@@ -43,6 +43,9 @@ const COMMANDS: &[(&[&str], &[&str])] = &[
         &["--config", "--log", "--key", "--anchor"],
     ),
     (&["fingerprint"], &["CERT.pem"]),
+    (&["check-config"], &["--config"]),
+    (&["dev"], &["--dir", "--listen", "--environment"]),
+    (&["wait"], &["--address", "--file", "--seconds"]),
 ];
 
 /// Every custodian action with the flags (besides [`CONN`]) its `--help`
@@ -296,4 +299,72 @@ fn a_repeated_flag_takes_the_last_value() {
     let printed = stdout(&fp);
     let written = std::fs::read_to_string(out.join("alice.sha256")).unwrap();
     assert_eq!(printed.trim(), written.trim());
+}
+
+/// `check-config` loads a configuration as `serve` does: a good one exits 0
+/// listing every principal; a principal scope that is a pattern (only
+/// `auto_create_scopes` and `[[record_cap]]` take patterns), a missing
+/// certificate file or an unknown field exit 2 naming what is wrong, and
+/// nothing is written beside the configuration.
+#[test]
+fn check_config_lists_principals_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let o = keyd(&[
+        "gen-dev-certs",
+        "--out",
+        certs.to_str().unwrap(),
+        "--client",
+        "checkout",
+        "--client",
+        "alice",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let base = "listen = \"127.0.0.1:8443\"\ndata_dir = \"data\"\nenvironments = [\"prod\"]\n\
+                tls_cert = \"certs/server.pem\"\ntls_key = \"certs/server.key.pem\"\n\
+                client_ca = \"certs/ca.pem\"\n\
+                [[principal]]\nname = \"alice\"\ncert = \"certs/alice.pem\"\n\
+                environment = \"prod\"\nscopes = [\"*\"]\npermissions = [\"custodian\"]\n";
+    let check = |extra: &str| {
+        let path = dir.path().join("keyd.toml");
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        keyd(&["check-config", "--config", path.to_str().unwrap()])
+    };
+    let good = "[[principal]]\nname = \"checkout\"\ncert = \"certs/checkout.pem\"\n\
+                environment = \"prod\"\nscopes = [\"merchant-42\"]\npermissions = [\"wrap\", \"index\"]\n";
+    let o = check(good);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("valid; listen 127.0.0.1:8443, environments prod, 2 principals"),
+        "{out}"
+    );
+    assert!(
+        out.contains("alice: environment prod, scopes *, permissions custodian"),
+        "{out}"
+    );
+    assert!(
+        out.contains("checkout: environment prod, scopes merchant-42, permissions wrap, index"),
+        "{out}"
+    );
+    for (extra, needle) in [
+        (
+            good.replace("merchant-42", "merchant-*"),
+            "principal \"checkout\": invalid name",
+        ),
+        (good.replace("checkout.pem", "missing.pem"), "missing.pem"),
+        (format!("{good}colour = \"blue\"\n"), "colour"),
+    ] {
+        let o = check(&extra);
+        assert_eq!(o.status.code(), Some(2), "{extra}");
+        assert!(
+            stderr(&o).contains(needle),
+            "{needle:?} not in {}",
+            stderr(&o)
+        );
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "check-config wrote a data directory"
+    );
 }

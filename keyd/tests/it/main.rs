@@ -13,7 +13,9 @@ mod keyd_harness;
 mod keyservice_conformance;
 
 // One module per former test crate (`tests/keyd*.rs` of the root crate).
+mod backup;
 mod cli;
+mod dev;
 mod keyd;
 mod keyd_index;
 mod keyd_ingest;

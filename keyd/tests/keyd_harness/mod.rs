@@ -365,6 +365,29 @@ impl Keyd {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// A server folder made elsewhere (a restored backup on a new
+    /// machine): `keyd.toml` and `certs/` in `dir`; not started.
+    pub fn adopt(dir: tempfile::TempDir) -> Keyd {
+        let config = dir.path().join("keyd.toml").to_str().unwrap().to_owned();
+        Keyd {
+            dir,
+            addr: String::new(),
+            config,
+            child: None,
+        }
+    }
+
+    /// SIGTERM, as an operator stops keyd: waits for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id().to_string();
+            let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+            assert!(st.success());
+            let status = c.wait().unwrap();
+            assert!(status.success(), "keyd stopped by SIGTERM: {status:?}");
+        }
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
