@@ -77,7 +77,7 @@ fn parse_register(s: &str) -> Result<RegisteredColumn, Box<dyn std::error::Error
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (config, store) = tool::load(&args.config)?;
     if args.upgrade_records {
-        let panseal = config.builder()?.build().await?;
+        let panseal = config.connect().await?.build().await?;
         let n = panseal.upgrade_records().await?;
         eprintln!("signed {n} version-1 key record(s); records are now version 2");
     }

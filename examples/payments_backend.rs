@@ -1211,9 +1211,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              CREATE UNIQUE INDEX IF NOT EXISTS orders_card_sealed ON orders (card_sealed);",
         )
         .await?;
-    let panseal = config.builder()?.build().await?;
+    let panseal = config.connect().await?.build().await?;
     let revealer = match &args.reveal_config {
-        Some(path) => ClientConfig::from_file(path)?.builder()?.build().await?,
+        Some(path) => ClientConfig::from_file(path)?.connect().await?.build().await?,
         None => panseal.clone(),
     };
     let checkout = match (&args.checkout_config, &args.checkout_script) {

@@ -94,7 +94,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Err("the configuration must name a PostgreSQL key store".into());
     };
     let store = PostgresKeyStore::new(url, 4)?;
-    let panseal = config.builder()?.build().await?;
+    let panseal = config.connect().await?.build().await?;
     let job = ReencryptJob {
         name: args
             .job
