@@ -15,8 +15,9 @@ use crate::error::{Failure, Kind, Outcome};
 
 /// A primary account number held in Rust memory.
 ///
-/// `Pan(value)` parses and checks a PAN (12-19 digits, Luhn; spaces and
-/// dashes removed; track data refused) from a `str`, `bytes`,
+/// `Pan(value)` parses and checks a PAN (12-19 digits, Luhn; one space or
+/// dash allowed between two digits and removed, none leading, trailing or
+/// doubled; track data refused) from a `str`, `bytes`,
 /// `bytearray` or `int`, raising `InvalidPan` (whose message never holds
 /// the input). `str()` and `repr()` show only the masked form
 /// (`************1111`). The digits are wiped by `wipe()`, at the end of a

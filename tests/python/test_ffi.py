@@ -93,8 +93,18 @@ def test_wrong_context_is_opaque(client):
         assert not e.value.retryable
 
 
+def test_separators_only_between_digit_groups(client):
+    for good in ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111"]:
+        assert Pan(good) == "4111111111111111"
+    with pytest.raises(InvalidPan) as e:
+        Pan("4111 1111 1111 1111 ")
+    assert "separator at position 19" in str(e.value)
+
+
 def test_bad_input(client):
-    for bad in ["4111111111111112", ";4111111111111111=2512?", "41111x1111111111", ""]:
+    for bad in ["4111111111111112", ";4111111111111111=2512?", "41111x1111111111", "",
+                " 4111111111111111", "4111111111111111 ", "4111  1111 1111 1111",
+                "4111--1111-1111-1111", "4111111111111111\n"]:
         with pytest.raises(PansealError) as e:
             client.seal(bad, "cards", "pan", "1")
         assert e.value.code == Result.INVALID_PAN
