@@ -4,6 +4,11 @@
 # (cargo-c) does, without a tool that takes minutes to build from source.
 #
 #   bash scripts/cinstall.sh [--prefix /usr/local] [--destdir DIR] [--debug]
+#                            [--no-default-features] [--features LIST]
+#
+# The stock build has every key service (local, keyd, PKCS#11, AWS KMS);
+# `--no-default-features` leaves out PKCS#11 and AWS KMS (a smaller library
+# that builds in a fraction of the time), `--features pkcs11` puts one back.
 #
 # Installs
 #   $prefix/lib/libpanseal.so.0.1.0  (soname libpanseal.so.0), libpanseal.so.0
@@ -15,19 +20,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=/usr/local destdir="" profile=release
+features=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --prefix) prefix="$2"; shift 2 ;;
     --destdir) destdir="$2"; shift 2 ;;
     --debug) profile=debug; shift ;;
-    *) echo "usage: $0 [--prefix DIR] [--destdir DIR] [--debug]" >&2; exit 2 ;;
+    --no-default-features) features+=(--no-default-features); shift ;;
+    --features) features+=(--features "$2"); shift 2 ;;
+    *) echo "usage: $0 [--prefix DIR] [--destdir DIR] [--debug] [--no-default-features] [--features LIST]" >&2; exit 2 ;;
     esac
 done
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' ffi/Cargo.toml | head -n 1)"
 major="${version%%.*}"
 flag=""
 [ "$profile" = release ] && flag="--release"
-PANSEAL_FFI_SONAME="libpanseal.so.$major" cargo build --quiet -p panseal-ffi --lib $flag
+PANSEAL_FFI_SONAME="libpanseal.so.$major" cargo build --quiet -p panseal-ffi --lib $flag ${features[@]+"${features[@]}"}
 out="target/$profile"
 # The system libraries the static library needs (rustc's native-static-libs
 # for this target, Linux/glibc).
