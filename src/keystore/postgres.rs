@@ -1040,3 +1040,101 @@ impl KeyStore for PostgresKeyStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(url: &str) -> Result<(String, TlsOptions), String> {
+        TlsOptions::split(url).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_options_are_taken_out_of_a_url() {
+        let (rest, o) = split(
+            "postgresql://app:pw@db.internal:5433/payments?application_name=x&sslmode=verify-full\
+             &sslrootcert=%2Fetc%2Fssl%2Fpg-ca.pem&connect_timeout=5",
+        )
+        .unwrap();
+        assert_eq!(
+            rest,
+            "postgresql://app:pw@db.internal:5433/payments?application_name=x&connect_timeout=5"
+        );
+        assert_eq!(o.mode, TlsMode::VerifyFull);
+        assert_eq!(o.root.as_deref(), Some("/etc/ssl/pg-ca.pem"));
+        let (rest, o) = split("postgresql://app@h/db?sslmode=verify-ca&sslrootcert=ca.pem").unwrap();
+        assert_eq!(rest, "postgresql://app@h/db");
+        assert_eq!(o.mode, TlsMode::VerifyCa);
+        let (rest, o) = split("postgresql://app@h/db").unwrap();
+        assert_eq!((rest.as_str(), o.mode), ("postgresql://app@h/db", TlsMode::Disable));
+        assert_eq!(o.ssl_mode(), SslMode::Disable);
+    }
+
+    #[test]
+    fn tls_options_are_taken_out_of_key_value_settings() {
+        let (rest, o) = split(
+            "host=db user=app sslmode = verify-full password='a b\\'c' \
+             sslrootcert='/etc/my ca.pem' sslcert=c.pem sslkey=k\\ ey.pem dbname=pay",
+        )
+        .unwrap();
+        // The TLS settings are cut out; the rest is left byte for byte.
+        assert_eq!(rest, "host=db user=app  password='a b\\'c'    dbname=pay");
+        assert_eq!(o.mode, TlsMode::VerifyFull);
+        assert_eq!(o.root.as_deref(), Some("/etc/my ca.pem"));
+        assert_eq!(o.cert.as_deref(), Some("c.pem"));
+        assert_eq!(o.key.as_deref(), Some("k ey.pem"));
+        let parsed: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(parsed.get_password(), Some(&b"a b'c"[..]));
+    }
+
+    #[test]
+    fn weak_or_incomplete_tls_options_are_refused() {
+        for (url, says) in [
+            ("postgresql://h/db?sslmode=prefer", "falls back to plain TCP"),
+            ("host=h sslmode=allow", "falls back to plain TCP"),
+            ("postgresql://h/db?sslmode=require", "needs sslrootcert"),
+            ("postgresql://h/db?sslmode=verify-full", "needs sslrootcert"),
+            ("postgresql://h/db?sslmode=verify-ca", "needs sslrootcert"),
+            ("postgresql://h/db?sslmode=Verify-Full", "unknown sslmode"),
+            ("postgresql://h/db?sslrootcert=ca.pem", "plain TCP"),
+            ("host=h sslmode=disable sslcert=c.pem", "plain TCP"),
+            (
+                "postgresql://h/db?sslmode=verify-ca&sslrootcert=system",
+                "needs sslmode=verify-full",
+            ),
+            (
+                "postgresql://h/db?sslmode=verify-full&sslrootcert=ca.pem&sslcert=c.pem",
+                "go together",
+            ),
+        ] {
+            let e = split(url).expect_err(url);
+            assert!(e.contains(says), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_root_file_is_a_tls_error_without_the_password() {
+        let e = PostgresKeyStore::new(
+            "postgresql://app:Hunter2pw@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            1,
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, KeyStoreError::Tls(_)), "{e:?}");
+        assert!(text.contains("sslrootcert /nonexistent/ca.pem"), "{text}");
+        assert!(!text.contains("Hunter2pw"), "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = PostgresKeyStore::new(
+            &format!(
+                "host=h password=Hunter2pw sslmode=verify-full sslrootcert={}",
+                empty.display()
+            ),
+            1,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
+        assert!(!e.to_string().contains("Hunter2pw"));
+    }
+}
