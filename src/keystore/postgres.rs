@@ -133,7 +133,19 @@ fn db(e: tokio_postgres::Error) -> KeyStoreError {
 fn pool_err(e: deadpool_postgres::PoolError, tls: &str) -> KeyStoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => {
-            tls_error(&e, tls).unwrap_or_else(|| db(e))
+            if let Some(e) = tls_error(&e, tls) {
+                return e;
+            }
+            match e.as_db_error() {
+                // The server's refusal (pg_hba.conf, authentication): its
+                // message, without detail.
+                Some(d) => KeyStoreError::Backend(format!(
+                    "PostgreSQL refused the connection ({tls}): {}: {}",
+                    d.severity(),
+                    d.message()
+                )),
+                None => db(e),
+            }
         }
         e => KeyStoreError::Io(std::io::Error::other(e.to_string())),
     }
@@ -148,7 +160,12 @@ fn tls_error(e: &tokio_postgres::Error, tls: &str) -> Option<KeyStoreError> {
     }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        if let Some(r) = s.downcast_ref::<rustls::Error>() {
+        // An `io::Error`'s `source` skips the error it wraps.
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map_or(s, |i| i as &(dyn std::error::Error + 'static));
+        if let Some(r) = inner.downcast_ref::<rustls::Error>() {
             return Some(KeyStoreError::Tls(match r {
                 rustls::Error::InvalidCertificate(c) => {
                     format!("TLS certificate does not verify ({tls}): {c}")
@@ -1034,6 +1051,9 @@ impl KeyStore for PostgresKeyStore {
         if n == 1 {
             return Ok(());
         }
+        // Back to the pool first: with a pool of one, `fetch` would wait
+        // for this connection forever.
+        drop(c);
         match self.fetch(next.id).await? {
             None => Err(KeyStoreError::NotFound(next.id)),
             Some(_) => Err(KeyStoreError::Conflict),

@@ -167,7 +167,7 @@ fn verify_full_stores_keys_seals_and_opens_over_tls() {
         .replace("/etc/ssl/pg-ca.pem", &ca.file());
     let config = ClientConfig::from_json(&format!(
         r#"{{"environment":"test","scope":"m","key_service":{{"type":"local"}},
-            "key_store":{key_store}}}"#
+            "key_store":{key_store},"audit":{{"type":"memory"}}}}"#
     ))
     .unwrap();
     let app = blocking::Panseal::build(config.builder().unwrap()).unwrap();
@@ -334,6 +334,8 @@ fn a_client_certificate_authenticates_the_application() {
         key_file.display()
     );
     rt().block_on(async {
+        // A pool of one connection (a conflicting update re-reads the row
+        // through the same pool).
         let store = PostgresKeyStore::connect(&with_cert, 1).await.unwrap();
         conformance(&store, 400).await;
     });
