@@ -229,7 +229,9 @@ struct TlsOptions {
 const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
 fn tls_config(message: String) -> KeyStoreError {
-    KeyStoreError::Tls(format!("TLS options of the PostgreSQL connection string: {message}"))
+    KeyStoreError::Tls(format!(
+        "TLS options of the PostgreSQL connection string: {message}"
+    ))
 }
 
 impl TlsOptions {
@@ -583,8 +585,8 @@ fn split_key_value(s: &str) -> Result<Split, KeyStoreError> {
         if TLS_KEYS.contains(&key) {
             rest.push_str(&s[kept_from..start]);
             kept_from = j;
-            let value = String::from_utf8(value)
-                .map_err(|_| tls_config(format!("{key} is not UTF-8")))?;
+            let value =
+                String::from_utf8(value).map_err(|_| tls_config(format!("{key} is not UTF-8")))?;
             taken.push((key.to_owned(), value));
         }
         i = j;
@@ -619,9 +621,9 @@ impl PostgresKeyStore {
     /// file that cannot be read ([`KeyStoreError::Tls`]).
     pub fn new(url: &str, pool_size: usize) -> Result<Self, KeyStoreError> {
         let (rest, options) = TlsOptions::split(url)?;
-        let mut config: tokio_postgres::Config = rest.parse().map_err(|e| {
-            KeyStoreError::Backend(format!("PostgreSQL connection string: {e}"))
-        })?;
+        let mut config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e| KeyStoreError::Backend(format!("PostgreSQL connection string: {e}")))?;
         config.ssl_mode(options.ssl_mode());
         let tls = options.describe();
         let connector = MakeRustlsConnect::new(options.client_config()?);
@@ -682,11 +684,7 @@ impl PostgresKeyStore {
     }
 
     async fn migrate(&self) -> Result<(), KeyStoreError> {
-        let mut c = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_err(e, &self.tls))?;
+        let mut c = self.pool.get().await.map_err(|e| pool_err(e, &self.tls))?;
         let tx = c.transaction().await.map_err(db)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
@@ -1082,11 +1080,15 @@ mod tests {
         );
         assert_eq!(o.mode, TlsMode::VerifyFull);
         assert_eq!(o.root.as_deref(), Some("/etc/ssl/pg-ca.pem"));
-        let (rest, o) = split("postgresql://app@h/db?sslmode=verify-ca&sslrootcert=ca.pem").unwrap();
+        let (rest, o) =
+            split("postgresql://app@h/db?sslmode=verify-ca&sslrootcert=ca.pem").unwrap();
         assert_eq!(rest, "postgresql://app@h/db");
         assert_eq!(o.mode, TlsMode::VerifyCa);
         let (rest, o) = split("postgresql://app@h/db").unwrap();
-        assert_eq!((rest.as_str(), o.mode), ("postgresql://app@h/db", TlsMode::Disable));
+        assert_eq!(
+            (rest.as_str(), o.mode),
+            ("postgresql://app@h/db", TlsMode::Disable)
+        );
         assert_eq!(o.ssl_mode(), SslMode::Disable);
     }
 
@@ -1110,7 +1112,10 @@ mod tests {
     #[test]
     fn weak_or_incomplete_tls_options_are_refused() {
         for (url, says) in [
-            ("postgresql://h/db?sslmode=prefer", "falls back to plain TCP"),
+            (
+                "postgresql://h/db?sslmode=prefer",
+                "falls back to plain TCP",
+            ),
             ("host=h sslmode=allow", "falls back to plain TCP"),
             ("postgresql://h/db?sslmode=require", "needs sslrootcert"),
             ("postgresql://h/db?sslmode=verify-full", "needs sslrootcert"),

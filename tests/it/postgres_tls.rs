@@ -72,9 +72,8 @@ impl Ca {
     /// A certificate and key (PEM) for `names` (DNS names or IP addresses),
     /// or with common name `cn` for a client.
     fn issue(&self, names: &[&str], cn: &str) -> (String, String) {
-        let mut p =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.issuer).unwrap();
@@ -179,7 +178,8 @@ fn verify_full_stores_keys_seals_and_opens_over_tls() {
         .unwrap();
     assert!(opened.pan == pan);
     assert_eq!(
-        pg.psql("payments", "SELECT count(*) FROM panseal_keys").trim(),
+        pg.psql("payments", "SELECT count(*) FROM panseal_keys")
+            .trim(),
         "1"
     );
     assert_eq!(
@@ -300,8 +300,8 @@ fn plain_tcp_is_refused_both_ways() {
     // prefer and allow, which would fall back, are refused before any
     // connection.
     for mode in ["prefer", "allow"] {
-        let e = PostgresKeyStore::new(&url(&plain, "pay", &format!("sslmode={mode}")), 1)
-            .unwrap_err();
+        let e =
+            PostgresKeyStore::new(&url(&plain, "pay", &format!("sslmode={mode}")), 1).unwrap_err();
         assert!(matches!(e, KeyStoreError::Tls(_)), "{e:?}");
         assert!(e.to_string().contains("falls back to plain TCP"), "{e}");
     }
@@ -342,7 +342,8 @@ fn a_client_certificate_authenticates_the_application() {
     // Without the certificate the server refuses the application.
     let e = refused(&settings);
     assert!(
-        e.to_string().contains("connection requires a valid client certificate")
+        e.to_string()
+            .contains("connection requires a valid client certificate")
             || e.to_string().contains("certificate authentication failed"),
         "{e}"
     );
@@ -359,7 +360,10 @@ fn an_unreadable_sslrootcert_is_a_clear_error() {
     .unwrap_err();
     let text = e.to_string();
     assert!(matches!(e, KeyStoreError::Tls(_)), "{e:?}");
-    assert!(text.contains("sslrootcert /nonexistent/pg-ca.pem"), "{text}");
+    assert!(
+        text.contains("sslrootcert /nonexistent/pg-ca.pem"),
+        "{text}"
+    );
     assert!(!text.contains(PASSWORD), "{text}");
     // Through the JSON configuration too.
     let config = ClientConfig::from_json(&format!(
