@@ -20,27 +20,7 @@
 //! (PCI DSS 3.6.1.1 inventory; 3.7.5 retirement: a key whose count reaches
 //! zero can be destroyed).
 //!
-//! ## TLS
-//!
-//! The connection string takes libpq's TLS options, in a URL's query
-//! (`postgresql://app@db.internal/payments?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem`)
-//! or as `key=value` settings; certificates are verified by rustls (ring
-//! provider):
-//!
-//! | `sslmode` | TLS | server certificate |
-//! | --- | --- | --- |
-//! | `verify-full` (recommended) | required | chains to `sslrootcert` **and** names the host |
-//! | `verify-ca` | required | chains to `sslrootcert` (any name) |
-//! | `require` | required | as `verify-ca`; refused without `sslrootcert` (libpq's `require` accepts any certificate) |
-//! | `disable`, or no `sslmode` | plain TCP | none (a local socket or loopback only) |
-//! | `prefer`, `allow` | refused | they fall back to plain TCP when the server, or a man in the middle, declines TLS |
-//!
-//! `sslrootcert` is a PEM file of CA certificates, or `system` for the
-//! operating system's roots (with `verify-full` only, as in libpq).
-//! `sslcert` and `sslkey` (PEM) give a client certificate for PostgreSQL's
-//! `cert` authentication. No fallback exists: a server that does not offer
-//! TLS, or whose certificate does not verify, is refused with
-//! [`KeyStoreError::Tls`] before any statement is sent.
+//! TLS to the database: see [`PostgresKeyStore`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -100,6 +80,28 @@ const MIGRATIONS: &[&str] = &[
 const MIGRATION_LOCK: i64 = 0x0070_616e_7365_616c;
 
 /// A key store in PostgreSQL. Cheap to clone (a connection pool).
+///
+/// # TLS
+///
+/// The connection string takes libpq's TLS options, in a URL's query
+/// (`postgresql://app@db.internal/payments?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem`)
+/// or as `key=value` settings; certificates are verified by rustls (ring
+/// provider):
+///
+/// | `sslmode` | TLS | server certificate |
+/// | --- | --- | --- |
+/// | `verify-full` (recommended) | required | chains to `sslrootcert` **and** names the host |
+/// | `verify-ca` | required | chains to `sslrootcert` (any name) |
+/// | `require` | required | as `verify-ca`; refused without `sslrootcert` (libpq's `require` accepts any certificate) |
+/// | `disable`, or no `sslmode` | plain TCP | none (a local socket or loopback only) |
+/// | `prefer`, `allow` | refused | they fall back to plain TCP when the server, or a man in the middle, declines TLS |
+///
+/// `sslrootcert` is a PEM file of CA certificates, or `system` for the
+/// operating system's roots (with `verify-full` only, as in libpq).
+/// `sslcert` and `sslkey` (PEM) give a client certificate for PostgreSQL's
+/// `cert` authentication. No fallback exists: a server that does not offer
+/// TLS, or whose certificate does not verify, is refused with
+/// [`KeyStoreError::Tls`] before any statement is sent.
 #[derive(Clone)]
 pub struct PostgresKeyStore {
     pool: Pool,
@@ -598,7 +600,7 @@ fn split_key_value(s: &str) -> Result<Split, KeyStoreError> {
 impl PostgresKeyStore {
     /// Connects with a libpq-style URL or key=value string (e.g.
     /// `postgresql://app@db.internal:5432/payments?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem`;
-    /// the TLS options are in the [module documentation](self)), keeping up
+    /// the TLS options are under "TLS" in [`PostgresKeyStore`]), keeping up
     /// to `pool_size` connections, and applies pending schema migrations.
     ///
     /// # Errors
