@@ -396,6 +396,14 @@ pub enum KeyStoreError {
     /// Backend-specific failure.
     #[error("{0}")]
     Backend(String),
+    /// The TLS connection to the database was refused or cannot be set up:
+    /// its certificate does not verify (another CA, a name that does not
+    /// match), the server does not offer TLS where the connection string
+    /// requires it, or the TLS options are refused or name a file that
+    /// cannot be read. Retrying does not help: the configuration or the
+    /// server must change. The message says which, and holds no password.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Failures of an audit sink.

@@ -19,13 +19,22 @@
 //! that still use it, over the sealed-PAN columns the application registers
 //! (PCI DSS 3.6.1.1 inventory; 3.7.5 retirement: a key whose count reaches
 //! zero can be destroyed).
+//!
+//! TLS to the database: see [`PostgresKeyStore`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::Serialize;
-use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::KeyStore;
 use crate::error::KeyStoreError;
@@ -71,10 +80,34 @@ const MIGRATIONS: &[&str] = &[
 const MIGRATION_LOCK: i64 = 0x0070_616e_7365_616c;
 
 /// A key store in PostgreSQL. Cheap to clone (a connection pool).
+///
+/// # TLS
+///
+/// The connection string takes libpq's TLS options, in a URL's query
+/// (`postgresql://app@db.internal/payments?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem`)
+/// or as `key=value` settings; certificates are verified by rustls (ring
+/// provider):
+///
+/// | `sslmode` | TLS | server certificate |
+/// | --- | --- | --- |
+/// | `verify-full` (recommended) | required | chains to `sslrootcert` **and** names the host |
+/// | `verify-ca` | required | chains to `sslrootcert` (any name) |
+/// | `require` | required | as `verify-ca`; refused without `sslrootcert` (libpq's `require` accepts any certificate) |
+/// | `disable`, or no `sslmode` | plain TCP | none (a local socket or loopback only) |
+/// | `prefer`, `allow` | refused | they fall back to plain TCP when the server, or a man in the middle, declines TLS |
+///
+/// `sslrootcert` is a PEM file of CA certificates, or `system` for the
+/// operating system's roots (with `verify-full` only, as in libpq).
+/// `sslcert` and `sslkey` (PEM) give a client certificate for PostgreSQL's
+/// `cert` authentication. No fallback exists: a server that does not offer
+/// TLS, or whose certificate does not verify, is refused with
+/// [`KeyStoreError::Tls`] before any statement is sent.
 #[derive(Clone)]
 pub struct PostgresKeyStore {
     pool: Pool,
     migrated: std::sync::Arc<tokio::sync::OnceCell<()>>,
+    /// The TLS settings in force, for error messages (no secret).
+    tls: Arc<str>,
 }
 
 impl std::fmt::Debug for PostgresKeyStore {
@@ -96,19 +129,484 @@ fn db(e: tokio_postgres::Error) -> KeyStoreError {
     }
 }
 
-fn pool_err(e: deadpool_postgres::PoolError) -> KeyStoreError {
-    KeyStoreError::Io(std::io::Error::other(e.to_string()))
+/// Maps a failure to get a connection: a refused TLS handshake is
+/// [`KeyStoreError::Tls`] (retrying does not help), the rest retryable I/O
+/// or the server's own refusal.
+fn pool_err(e: deadpool_postgres::PoolError, tls: &str) -> KeyStoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => {
+            if let Some(e) = tls_error(&e, tls) {
+                return e;
+            }
+            match e.as_db_error() {
+                // The server's refusal (pg_hba.conf, authentication): its
+                // message, without detail.
+                Some(d) => KeyStoreError::Backend(format!(
+                    "PostgreSQL refused the connection ({tls}): {}: {}",
+                    d.severity(),
+                    d.message()
+                )),
+                None => db(e),
+            }
+        }
+        e => KeyStoreError::Io(std::io::Error::other(e.to_string())),
+    }
+}
+
+/// The TLS failure inside a connection error, if it is one.
+fn tls_error(e: &tokio_postgres::Error, tls: &str) -> Option<KeyStoreError> {
+    // tokio-postgres does not expose its error kind; its TLS kind is the
+    // one whose message starts so.
+    if !e.to_string().starts_with("error performing TLS handshake") {
+        return None;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        // An `io::Error`'s `source` skips the error it wraps.
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map_or(s, |i| i as &(dyn std::error::Error + 'static));
+        if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+            return Some(KeyStoreError::Tls(match r {
+                rustls::Error::InvalidCertificate(c) => {
+                    format!("TLS certificate does not verify ({tls}): {c}")
+                }
+                r => format!("TLS handshake with the database failed ({tls}): {r}"),
+            }));
+        }
+        if s.to_string() == "server does not support TLS" {
+            return Some(KeyStoreError::Tls(format!(
+                "the database server does not offer TLS and {tls} requires it \
+                 (no fallback to plain TCP)"
+            )));
+        }
+        source = s.source();
+    }
+    Some(KeyStoreError::Tls(format!(
+        "TLS handshake with the database failed ({tls}): {}",
+        error_chain(e)
+    )))
+}
+
+/// An error with its causes, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// What `sslmode` asks of the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TlsMode {
+    /// Plain TCP (`disable`, or no `sslmode`).
+    Disable,
+    /// TLS, the chain verified against `sslrootcert` (`require`, `verify-ca`).
+    VerifyCa,
+    /// TLS, the chain and the host name verified (`verify-full`).
+    VerifyFull,
+}
+
+/// The TLS options of a connection string, taken out of it (tokio-postgres
+/// knows only `disable`, `prefer` and `require`, and no certificate files).
+#[derive(Debug)]
+struct TlsOptions {
+    mode: TlsMode,
+    /// `sslmode` as written, for messages.
+    mode_name: String,
+    root: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+/// The options panseal handles itself.
+const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+fn tls_config(message: String) -> KeyStoreError {
+    KeyStoreError::Tls(format!(
+        "TLS options of the PostgreSQL connection string: {message}"
+    ))
+}
+
+impl TlsOptions {
+    /// Splits the TLS options out of `url`; returns the rest of the
+    /// connection string (unchanged otherwise) and the checked options.
+    fn split(url: &str) -> Result<(String, TlsOptions), KeyStoreError> {
+        let (rest, pairs) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            split_url(url)?
+        } else {
+            split_key_value(url)?
+        };
+        let mut mode = None;
+        let (mut root, mut cert, mut key) = (None, None, None);
+        // A setting given twice: the last one counts, as in libpq.
+        for (k, v) in pairs {
+            match k.as_str() {
+                "sslmode" => mode = Some(v),
+                "sslrootcert" => root = Some(v),
+                "sslcert" => cert = Some(v),
+                _ => key = Some(v),
+            }
+        }
+        let mode_name = mode.clone().unwrap_or_else(|| "disable".into());
+        let parsed = match mode.as_deref() {
+            None | Some("disable") => TlsMode::Disable,
+            Some("require") | Some("verify-ca") => TlsMode::VerifyCa,
+            Some("verify-full") => TlsMode::VerifyFull,
+            Some(m @ ("prefer" | "allow")) => {
+                return Err(tls_config(format!(
+                    "sslmode={m} is refused: it falls back to plain TCP when the server (or a \
+                     man in the middle) declines TLS; use sslmode=verify-full with sslrootcert"
+                )))
+            }
+            Some(m) => {
+                return Err(tls_config(format!(
+                    "unknown sslmode {m:?} (disable, require, verify-ca or verify-full)"
+                )))
+            }
+        };
+        if parsed == TlsMode::Disable {
+            if let Some(k) = [("sslrootcert", &root), ("sslcert", &cert), ("sslkey", &key)]
+                .iter()
+                .find_map(|(k, v)| v.as_ref().map(|_| *k))
+            {
+                return Err(tls_config(format!(
+                    "{k} is given but sslmode is {mode_name} (plain TCP); write \
+                     sslmode=verify-full to use TLS"
+                )));
+            }
+        } else if root.is_none() {
+            return Err(tls_config(if mode_name == "require" {
+                "sslmode=require needs sslrootcert: without it the server's certificate \
+                 would not be verified (libpq's require accepts any certificate); name the \
+                 CA with sslrootcert and use sslmode=verify-full"
+                    .to_owned()
+            } else {
+                format!(
+                    "sslmode={mode_name} needs sslrootcert (a PEM file of CA certificates, or \
+                     `system`)"
+                )
+            }));
+        }
+        if root.as_deref() == Some("system") && parsed != TlsMode::VerifyFull {
+            return Err(tls_config(format!(
+                "sslrootcert=system needs sslmode=verify-full (any holder of a public \
+                 certificate could pose as the server otherwise), not {mode_name}"
+            )));
+        }
+        if cert.is_some() != key.is_some() {
+            return Err(tls_config(
+                "sslcert and sslkey go together (a client certificate and its key)".into(),
+            ));
+        }
+        Ok((
+            rest,
+            TlsOptions {
+                mode: parsed,
+                mode_name,
+                root,
+                cert,
+                key,
+            },
+        ))
+    }
+
+    fn ssl_mode(&self) -> SslMode {
+        match self.mode {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+        }
+    }
+
+    /// The settings in force, for messages: no secret (paths and modes).
+    fn describe(&self) -> String {
+        match &self.root {
+            None => format!("sslmode={}", self.mode_name),
+            Some(root) => format!("sslmode={}, sslrootcert={root}", self.mode_name),
+        }
+    }
+
+    /// The rustls configuration: the roots, the verifier the mode asks for,
+    /// the client certificate. Files are read now.
+    fn client_config(&self) -> Result<rustls::ClientConfig, KeyStoreError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| KeyStoreError::Tls(format!("TLS configuration: {e}")))?;
+        let roots = match self.root.as_deref() {
+            None => RootCertStore::empty(),
+            Some("system") => system_roots()?,
+            Some(path) => pem_roots(path)?,
+        };
+        let builder = match self.mode {
+            // No TLS is attempted in this mode; the configuration is unused.
+            TlsMode::Disable | TlsMode::VerifyFull => builder.with_root_certificates(roots),
+            TlsMode::VerifyCa => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnlyVerifier {
+                    roots: Arc::new(roots),
+                    provider,
+                })),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| tls_config(format!("sslcert {cert}: {e}")))?;
+                if chain.is_empty() {
+                    return Err(tls_config(format!("sslcert {cert} holds no certificate")));
+                }
+                let key_der = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| tls_config(format!("sslkey {key}: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| tls_config(format!("sslcert/sslkey: {e}")))
+            }
+            _ => Ok(builder.with_no_client_auth()),
+        }
+    }
+}
+
+fn pem_roots(path: &str) -> Result<RootCertStore, KeyStoreError> {
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_config(format!("sslrootcert {path}: {e}")))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| tls_config(format!("sslrootcert {path}: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| tls_config(format!("sslrootcert {path}: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(tls_config(format!(
+            "sslrootcert {path} holds no certificate"
+        )));
+    }
+    Ok(roots)
+}
+
+fn system_roots() -> Result<RootCertStore, KeyStoreError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(tls_config(format!(
+            "sslrootcert=system: no usable certificate among the system's roots ({} errors)",
+            found.errors.len()
+        )));
+    }
+    Ok(roots)
+}
+
+/// `verify-ca`: the server's chain must lead to one of the roots, with
+/// valid signatures and dates and the server-authentication usage; its
+/// name is not checked (libpq's verify-ca).
+#[derive(Debug)]
+struct ChainOnlyVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ChainOnlyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A URL's query without the TLS options, and those options (decoded).
+type Split = (String, Vec<(String, String)>);
+
+fn split_url(url: &str) -> Result<Split, KeyStoreError> {
+    let Some(q) = url.find('?') else {
+        return Ok((url.to_owned(), Vec::new()));
+    };
+    let (head, query) = url.split_at(q);
+    let query = &query[1..];
+    let (query, fragment) = match query.find('#') {
+        Some(h) => query.split_at(h),
+        None => (query, ""),
+    };
+    let mut kept = Vec::new();
+    let mut taken = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = percent_decode(k)?;
+        if TLS_KEYS.contains(&k.as_str()) {
+            taken.push((k, percent_decode(v)?));
+        } else {
+            kept.push(pair);
+        }
+    }
+    let mut rest = head.to_owned();
+    if !kept.is_empty() {
+        rest.push('?');
+        rest.push_str(&kept.join("&"));
+    }
+    rest.push_str(fragment);
+    Ok((rest, taken))
+}
+
+fn percent_decode(s: &str) -> Result<String, KeyStoreError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| tls_config("a bad %-escape in the URL's query".into()))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| tls_config("a %-escape that is not UTF-8".into()))
+}
+
+/// A libpq `key=value` string without the TLS settings, and those settings.
+/// Values are bare words or single-quoted (`\'` and `\\` escapes), with
+/// optional spaces around `=`, as libpq parses them.
+fn split_key_value(s: &str) -> Result<Split, KeyStoreError> {
+    let b = s.as_bytes();
+    let mut rest = String::with_capacity(s.len());
+    let mut taken = Vec::new();
+    let mut kept_from = 0;
+    let mut i = 0;
+    let skip_ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    loop {
+        let start = skip_ws(i);
+        if start == b.len() {
+            break;
+        }
+        let mut j = start;
+        while j < b.len() && b[j] != b'=' && !b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        let key = &s[start..j];
+        j = skip_ws(j);
+        if b.get(j) != Some(&b'=') {
+            // tokio-postgres reports the malformed string itself.
+            return Ok((s.to_owned(), taken));
+        }
+        j = skip_ws(j + 1);
+        let mut value = Vec::new();
+        if b.get(j) == Some(&b'\'') {
+            j += 1;
+            loop {
+                match b.get(j) {
+                    None => return Ok((s.to_owned(), taken)),
+                    Some(b'\'') => {
+                        j += 1;
+                        break;
+                    }
+                    Some(b'\\') if j + 1 < b.len() => {
+                        value.push(b[j + 1]);
+                        j += 2;
+                    }
+                    Some(&c) => {
+                        value.push(c);
+                        j += 1;
+                    }
+                }
+            }
+        } else {
+            while j < b.len() && !b[j].is_ascii_whitespace() {
+                if b[j] == b'\\' && j + 1 < b.len() {
+                    j += 1;
+                }
+                value.push(b[j]);
+                j += 1;
+            }
+        }
+        if TLS_KEYS.contains(&key) {
+            rest.push_str(&s[kept_from..start]);
+            kept_from = j;
+            let value =
+                String::from_utf8(value).map_err(|_| tls_config(format!("{key} is not UTF-8")))?;
+            taken.push((key.to_owned(), value));
+        }
+        i = j;
+    }
+    rest.push_str(&s[kept_from..]);
+    Ok((rest, taken))
 }
 
 impl PostgresKeyStore {
     /// Connects with a libpq-style URL or key=value string (e.g.
-    /// `postgresql://app@127.0.0.1:5432/payments`), keeping up to
-    /// `pool_size` connections, and applies pending schema migrations.
+    /// `postgresql://app@db.internal:5432/payments?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem`;
+    /// the TLS options are under "TLS" in [`PostgresKeyStore`]), keeping up
+    /// to `pool_size` connections, and applies pending schema migrations.
     ///
     /// # Errors
     ///
-    /// An unusable URL, an unreachable server (retryable), or a failed
-    /// migration.
+    /// An unusable URL, an unreachable server (retryable), a refused TLS
+    /// connection ([`KeyStoreError::Tls`]), or a failed migration.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, KeyStoreError> {
         let store = Self::new(url, pool_size)?;
         store.ready().await?;
@@ -121,12 +619,19 @@ impl PostgresKeyStore {
     ///
     /// # Errors
     ///
-    /// An unusable URL.
+    /// An unusable URL; TLS options that are refused or name a certificate
+    /// file that cannot be read ([`KeyStoreError::Tls`]).
     pub fn new(url: &str, pool_size: usize) -> Result<Self, KeyStoreError> {
-        let config: tokio_postgres::Config = url.parse().map_err(backend)?;
+        let (rest, options) = TlsOptions::split(url)?;
+        let mut config: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e| KeyStoreError::Backend(format!("PostgreSQL connection string: {e}")))?;
+        config.ssl_mode(options.ssl_mode());
+        let tls = options.describe();
+        let connector = MakeRustlsConnect::new(options.client_config()?);
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connector,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -138,6 +643,7 @@ impl PostgresKeyStore {
         Ok(PostgresKeyStore {
             pool,
             migrated: std::sync::Arc::new(tokio::sync::OnceCell::new()),
+            tls: tls.into(),
         })
     }
 
@@ -156,7 +662,7 @@ impl PostgresKeyStore {
 
     async fn conn(&self) -> Result<deadpool_postgres::Object, KeyStoreError> {
         self.ready().await?;
-        self.pool.get().await.map_err(pool_err)
+        self.pool.get().await.map_err(|e| pool_err(e, &self.tls))
     }
 
     /// The connection pool, for tools that work on application tables in
@@ -180,7 +686,7 @@ impl PostgresKeyStore {
     }
 
     async fn migrate(&self) -> Result<(), KeyStoreError> {
-        let mut c = self.pool.get().await.map_err(pool_err)?;
+        let mut c = self.pool.get().await.map_err(|e| pool_err(e, &self.tls))?;
         let tx = c.transaction().await.map_err(db)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
@@ -545,9 +1051,117 @@ impl KeyStore for PostgresKeyStore {
         if n == 1 {
             return Ok(());
         }
+        // Back to the pool first: with a pool of one, `fetch` would wait
+        // for this connection forever.
+        drop(c);
         match self.fetch(next.id).await? {
             None => Err(KeyStoreError::NotFound(next.id)),
             Some(_) => Err(KeyStoreError::Conflict),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(url: &str) -> Result<(String, TlsOptions), String> {
+        TlsOptions::split(url).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tls_options_are_taken_out_of_a_url() {
+        let (rest, o) = split(
+            "postgresql://app:pw@db.internal:5433/payments?application_name=x&sslmode=verify-full\
+             &sslrootcert=%2Fetc%2Fssl%2Fpg-ca.pem&connect_timeout=5",
+        )
+        .unwrap();
+        assert_eq!(
+            rest,
+            "postgresql://app:pw@db.internal:5433/payments?application_name=x&connect_timeout=5"
+        );
+        assert_eq!(o.mode, TlsMode::VerifyFull);
+        assert_eq!(o.root.as_deref(), Some("/etc/ssl/pg-ca.pem"));
+        let (rest, o) =
+            split("postgresql://app@h/db?sslmode=verify-ca&sslrootcert=ca.pem").unwrap();
+        assert_eq!(rest, "postgresql://app@h/db");
+        assert_eq!(o.mode, TlsMode::VerifyCa);
+        let (rest, o) = split("postgresql://app@h/db").unwrap();
+        assert_eq!(
+            (rest.as_str(), o.mode),
+            ("postgresql://app@h/db", TlsMode::Disable)
+        );
+        assert_eq!(o.ssl_mode(), SslMode::Disable);
+    }
+
+    #[test]
+    fn tls_options_are_taken_out_of_key_value_settings() {
+        let (rest, o) = split(
+            "host=db user=app sslmode = verify-full password='a b\\'c' \
+             sslrootcert='/etc/my ca.pem' sslcert=c.pem sslkey=k\\ ey.pem dbname=pay",
+        )
+        .unwrap();
+        // The TLS settings are cut out; the rest is left byte for byte.
+        assert_eq!(rest, "host=db user=app  password='a b\\'c'    dbname=pay");
+        assert_eq!(o.mode, TlsMode::VerifyFull);
+        assert_eq!(o.root.as_deref(), Some("/etc/my ca.pem"));
+        assert_eq!(o.cert.as_deref(), Some("c.pem"));
+        assert_eq!(o.key.as_deref(), Some("k ey.pem"));
+        let parsed: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(parsed.get_password(), Some(&b"a b'c"[..]));
+    }
+
+    #[test]
+    fn weak_or_incomplete_tls_options_are_refused() {
+        for (url, says) in [
+            (
+                "postgresql://h/db?sslmode=prefer",
+                "falls back to plain TCP",
+            ),
+            ("host=h sslmode=allow", "falls back to plain TCP"),
+            ("postgresql://h/db?sslmode=require", "needs sslrootcert"),
+            ("postgresql://h/db?sslmode=verify-full", "needs sslrootcert"),
+            ("postgresql://h/db?sslmode=verify-ca", "needs sslrootcert"),
+            ("postgresql://h/db?sslmode=Verify-Full", "unknown sslmode"),
+            ("postgresql://h/db?sslrootcert=ca.pem", "plain TCP"),
+            ("host=h sslmode=disable sslcert=c.pem", "plain TCP"),
+            (
+                "postgresql://h/db?sslmode=verify-ca&sslrootcert=system",
+                "needs sslmode=verify-full",
+            ),
+            (
+                "postgresql://h/db?sslmode=verify-full&sslrootcert=ca.pem&sslcert=c.pem",
+                "go together",
+            ),
+        ] {
+            let e = split(url).expect_err(url);
+            assert!(e.contains(says), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_root_file_is_a_tls_error_without_the_password() {
+        let e = PostgresKeyStore::new(
+            "postgresql://app:Hunter2pw@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            1,
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, KeyStoreError::Tls(_)), "{e:?}");
+        assert!(text.contains("sslrootcert /nonexistent/ca.pem"), "{text}");
+        assert!(!text.contains("Hunter2pw"), "{text}");
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = PostgresKeyStore::new(
+            &format!(
+                "host=h password=Hunter2pw sslmode=verify-full sslrootcert={}",
+                empty.display()
+            ),
+            1,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("holds no certificate"), "{e}");
+        assert!(!e.to_string().contains("Hunter2pw"));
     }
 }

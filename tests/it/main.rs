@@ -81,6 +81,8 @@ mod pkcs11_conformance;
 mod pkcs11_ingest;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "postgres")]
+mod postgres_tls;
 mod props;
 mod readme;
 #[cfg(all(feature = "postgres", feature = "hazmat-test-keys"))]

@@ -1,7 +1,9 @@
 //! A real PostgreSQL server for tests: initdb in a temporary directory,
 //! started on 127.0.0.1 at a free port (as the unprivileged `postgres` user
 //! when the tests run as root, since PostgreSQL refuses to run as root), and
-//! stopped when the handle drops.
+//! stopped when the handle drops. [`PgServer::start_tls`] starts one that
+//! accepts TLS connections only (`hostssl`; plain TCP is rejected by
+//! `pg_hba.conf`).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,6 +13,9 @@ pub struct PgServer {
     bin: PathBuf,
     pub port: u16,
     as_user: Option<&'static str>,
+    /// The harness's own tools connect through the Unix socket (TLS
+    /// servers may demand a client certificate on TCP).
+    socket: bool,
 }
 
 pub fn pg_bin() -> PathBuf {
@@ -43,8 +48,29 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// The TLS side of a test server.
+pub struct ServerTls {
+    /// The server's certificate chain (PEM).
+    pub cert_pem: String,
+    /// Its private key (PEM); written owned by the server's user, mode 0600.
+    pub key_pem: String,
+    /// With a CA (PEM), clients authenticate with a certificate of it whose
+    /// common name is the user (`cert` authentication) instead of `trust`.
+    pub client_ca_pem: Option<String>,
+}
+
 impl PgServer {
     pub fn start() -> PgServer {
+        Self::start_with(None)
+    }
+
+    /// A server that accepts TLS connections only: `ssl=on` with `tls`'s
+    /// certificate, and `pg_hba.conf` rejecting plain TCP.
+    pub fn start_tls(tls: &ServerTls) -> PgServer {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&ServerTls>) -> PgServer {
         let bin = pg_bin();
         let dir = tempfile::Builder::new()
             .prefix("panseal-pg")
@@ -67,6 +93,7 @@ impl PgServer {
             bin,
             port: 0,
             as_user,
+            socket: tls.is_some(),
         };
         let data = server.dir.path().join("data");
         server.run(
@@ -83,11 +110,15 @@ impl PgServer {
                 "UTF8",
             ],
         );
+        let tls_opts = match tls {
+            None => String::new(),
+            Some(tls) => server.configure_tls(&data, tls),
+        };
         // A few attempts in case another process takes the port meanwhile.
         for _ in 0..5 {
             server.port = free_port();
             let opts = format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200{tls_opts}",
                 server.port,
                 server.dir.path().display()
             );
@@ -109,6 +140,52 @@ impl PgServer {
             }
         }
         panic!("PostgreSQL did not start");
+    }
+
+    /// Writes the certificate, key and `pg_hba.conf`; returns the server
+    /// options that turn TLS on.
+    fn configure_tls(&self, data: &std::path::Path, tls: &ServerTls) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let cert = self.dir.path().join("server.crt");
+        let key = self.dir.path().join("server.key");
+        std::fs::write(&cert, &tls.cert_pem).unwrap();
+        std::fs::write(&key, &tls.key_pem).unwrap();
+        // PostgreSQL refuses a key file that others can read.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if let Some(user) = self.as_user {
+            let status = Command::new("chown")
+                .arg(user)
+                .args([&cert, &key])
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown of the server key failed");
+        }
+        let mut opts = format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            cert.display(),
+            key.display()
+        );
+        let method = match &tls.client_ca_pem {
+            None => "trust",
+            Some(ca) => {
+                let path = self.dir.path().join("client-ca.crt");
+                std::fs::write(&path, ca).unwrap();
+                opts += &format!(" -c ssl_ca_file={}", path.display());
+                "cert"
+            }
+        };
+        // The Unix socket stays open to the harness's own tools (psql,
+        // pg_dump); TCP on 127.0.0.1 is TLS only.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 {method}\n\
+                 hostnossl all all 127.0.0.1/32 reject\n"
+            ),
+        )
+        .unwrap();
+        opts
     }
 
     fn command(&self, tool: &str) -> Command {
@@ -148,6 +225,16 @@ impl PgServer {
         );
     }
 
+    /// Where the harness's tools connect: 127.0.0.1, or the socket
+    /// directory of a TLS server.
+    fn tool_host(&self) -> String {
+        if self.socket {
+            self.dir.path().display().to_string()
+        } else {
+            "127.0.0.1".into()
+        }
+    }
+
     /// A URL for database `db` (created by [`PgServer::create_db`]).
     pub fn url(&self, db: &str) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/{db}", self.port)
@@ -158,7 +245,7 @@ impl PgServer {
             "psql",
             &[
                 "-h",
-                "127.0.0.1",
+                &self.tool_host(),
                 "-p",
                 &self.port.to_string(),
                 "-U",
@@ -178,7 +265,7 @@ impl PgServer {
             .command("psql")
             .args([
                 "-h",
-                "127.0.0.1",
+                &self.tool_host(),
                 "-p",
                 &self.port.to_string(),
                 "-U",
@@ -220,7 +307,7 @@ impl PgServer {
             .command("pg_dump")
             .args([
                 "-h",
-                "127.0.0.1",
+                &self.tool_host(),
                 "-p",
                 &self.port.to_string(),
                 "-U",
