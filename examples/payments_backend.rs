@@ -1213,7 +1213,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let panseal = config.connect().await?.build().await?;
     let revealer = match &args.reveal_config {
-        Some(path) => ClientConfig::from_file(path)?.connect().await?.build().await?,
+        Some(path) => {
+            ClientConfig::from_file(path)?
+                .connect()
+                .await?
+                .build()
+                .await?
+        }
         None => panseal.clone(),
     };
     let checkout = match (&args.checkout_config, &args.checkout_script) {

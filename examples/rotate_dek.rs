@@ -107,7 +107,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.yes,
         &format!("retire {} DEK(s) as {principal}", active.len()),
     )?;
-    let panseal = config.connect().await?.scope(scope.as_str()).build().await?;
+    let panseal = config
+        .connect()
+        .await?
+        .scope(scope.as_str())
+        .build()
+        .await?;
     let access = panseal::Access::new(&principal, "rotate_dek")?;
     for r in &active {
         panseal

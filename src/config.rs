@@ -378,7 +378,9 @@ pub enum KeyStoreConfig {
     /// PostgreSQL (feature `postgres`).
     #[cfg(feature = "postgres")]
     Postgres {
-        /// libpq-style URL, e.g. `postgresql://app@127.0.0.1/payments`.
+        /// libpq-style URL, e.g. `postgresql://app@127.0.0.1/payments`. TLS
+        /// options (`?sslmode=verify-full&sslrootcert=/etc/ssl/pg-ca.pem`,
+        /// `sslcert`/`sslkey`): see `PostgresKeyStore`.
         url: String,
         /// Connections to keep (default 4).
         #[serde(default)]

@@ -248,9 +248,14 @@ mod softhsm;
 #[path = "../../tests/it/moto.rs"]
 mod moto;
 
+#[cfg(feature = "postgres")]
+#[allow(dead_code)]
+#[path = "../../tests/it/common/pg.rs"]
+mod pg;
+
 /// The text between `readme:begin name` and `readme:end name` in
 /// `tests/c/configs/key_services.jsonc`: the configuration the README shows.
-#[cfg(any(feature = "pkcs11", feature = "aws-kms"))]
+#[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "postgres"))]
 fn readme_config(name: &str) -> String {
     let text = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/c/configs/key_services.jsonc"),
@@ -265,7 +270,7 @@ fn readme_config(name: &str) -> String {
 }
 
 /// `text` with each `(from, to)` replaced; every `from` must occur.
-#[cfg(any(feature = "pkcs11", feature = "aws-kms"))]
+#[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "postgres"))]
 fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
     let mut out = text.to_owned();
     for (from, to) in pairs {
@@ -277,7 +282,7 @@ fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
 
 /// Runs the C backend test in `mode` with `envs` and returns stdout and
 /// stderr together, for the assertions and the leak check.
-#[cfg(any(feature = "pkcs11", feature = "aws-kms"))]
+#[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "postgres"))]
 fn run_backend(bin: &Path, mode: &str, envs: &[(&str, &str)]) -> String {
     let lib = lib_dir();
     let out = Command::new(bin)
@@ -310,7 +315,7 @@ fn run_backend(bin: &Path, mode: &str, envs: &[(&str, &str)]) -> String {
 /// from the same configuration (the KEK lives in the backend, so the data
 /// survives the process), refuse a moved ciphertext; the figures are
 /// asserted, and the secret (`secret`) appears in no output.
-#[cfg(any(feature = "pkcs11", feature = "aws-kms"))]
+#[cfg(any(feature = "pkcs11", feature = "aws-kms", feature = "postgres"))]
 fn seal_in_one_process_open_in_another(
     config: &str,
     envs: &[(&str, &str)],
@@ -433,4 +438,132 @@ fn c_on_aws_kms_moto() {
     let out =
         seal_in_one_process_open_in_another(&config, &envs, moto::SECRET_ACCESS_KEY, dir.path());
     assert!(out.contains("blind index: version 1"), "{out}");
+}
+
+/// Issue 13, items 3 and 4 from C: the README's PKCS#11 configuration with
+/// its key store replaced by the README's PostgreSQL-over-TLS one
+/// (`sslmode=verify-full`, the test server's CA): 50 sealed from one C
+/// process, 50 of 50 opened by a second, 0 of 50 moved; the wrapped keys
+/// are rows of the TLS-only server. A man in the middle (a certificate of
+/// another CA) is refused: 0 of 50 open through it.
+#[cfg(all(feature = "pkcs11", feature = "postgres"))]
+#[test]
+fn c_on_pkcs11_with_postgres_over_tls() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), Issuer::new(p, key))
+    }
+    fn server_tls(issuer: &Issuer<'static, KeyPair>) -> pg::ServerTls {
+        let mut p =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        p.distinguished_name
+            .push(DnType::CommonName, "postgres test server");
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, issuer).unwrap();
+        pg::ServerTls {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            client_ca_pem: None,
+        }
+    }
+
+    let _serial = softhsm::SERIAL.blocking_lock();
+    let hsm = softhsm::softhsm(&["payments"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, issuer) = ca("panseal test database CA");
+    let ca_file = dir.path().join("pg-ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let server = pg::PgServer::start_tls(&server_tls(&issuer));
+    server.create_db("payments");
+
+    let pin_file = dir.path().join("hsm-pin");
+    std::fs::write(&pin_file, format!("{}\n", softhsm::PIN)).unwrap();
+    std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let module = hsm.module.display().to_string();
+    let pin_path = pin_file.display().to_string();
+    let audit = dir.path().join("audit.jsonl").display().to_string();
+    let readme_store = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/it/postgres_tls.rs"),
+    )
+    .unwrap();
+    let begin = readme_store.find("// readme:begin pg-tls-json\n").unwrap();
+    let end = readme_store.find("// readme:end pg-tls-json").unwrap();
+    let store_json = readme_store[begin + "// readme:begin pg-tls-json\n".len()..end].trim();
+    let store_for = |ca: &str| {
+        substitute(
+            store_json,
+            &[
+                (
+                    "app@db.internal:5432",
+                    &format!("postgres@127.0.0.1:{}", server.port),
+                ),
+                ("/etc/ssl/pg-ca.pem", ca),
+            ],
+        )
+    };
+    let config_for = |store: &str| {
+        substitute(
+            &readme_config("pkcs11-config"),
+            &[
+                ("/usr/lib/softhsm/libsofthsm2.so", &module),
+                ("/run/secrets/hsm-pin", &pin_path),
+                (
+                    "{ \"type\": \"file\", \"path\": \"/var/lib/app/panseal-keys.pks\" }",
+                    store,
+                ),
+                ("/var/log/app/panseal-audit.jsonl", &audit),
+            ],
+        )
+    };
+    let config = config_for(&store_for(&ca_file.display().to_string()));
+    assert!(config.contains("sslmode=verify-full"), "{config}");
+    let conf = hsm.conf.display().to_string();
+    let envs = [("SOFTHSM2_CONF", conf.as_str())];
+    seal_in_one_process_open_in_another(&config, &envs, softhsm::PIN, dir.path());
+    let rows = server.psql("payments", "SELECT count(*) FROM panseal_keys");
+    assert!(
+        rows.trim().parse::<u64>().unwrap() >= 1,
+        "no key record in the database: {rows}"
+    );
+
+    // The man in the middle: the same server, but the client is told to
+    // trust another CA (as if the server's certificate came from an
+    // attacker's CA): refused, nothing written.
+    let (other_pem, _other) = ca("attacker CA");
+    let other_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_file, other_pem).unwrap();
+    let mitm_dir = dir.path().join("mitm");
+    std::fs::create_dir(&mitm_dir).unwrap();
+    let mitm = config_for(&store_for(&other_file.display().to_string()));
+    std::fs::write(mitm_dir.join("panseal.json"), &mitm).unwrap();
+    let bin = dir.path().join("test_backends");
+    let lib = lib_dir();
+    let out = Command::new(&bin)
+        .arg("open")
+        .env("LD_LIBRARY_PATH", &lib)
+        .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
+        .env("SOFTHSM2_CONF", &conf)
+        .env("PANSEAL_BACKEND_CONFIG", mitm_dir.join("panseal.json"))
+        .env("PANSEAL_BACKEND_SEALED", dir.path().join("sealed.txt"))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "opened through a man in the middle:\n{text}"
+    );
+    // Every open needs the DEK's record from the database: none is read
+    // through the unverified connection (the server logs "unknown ca").
+    assert!(text.contains("opened by a new process: 0 of 50"), "{text}");
 }
