@@ -15,8 +15,9 @@ KIND is one of
   (``set -euo pipefail``) run from the repository root with ``HOME`` set to
   a fresh empty directory, in its own process group: whatever it started
   and left running (a server started with ``&``) is stopped when it ends.
-  ``cleanup`` directories (relative to the repository root) are removed
-  before and after the session.
+  ``cleanup`` directories (relative to the repository root) must not exist
+  before the session (the runner never deletes what it did not create) and
+  are removed after it.
 * ``file session=NAME path=P``: the block is written to P (relative to the
   session's current directory at that point of its script).
 * ``python [session=NAME]``: run by python3 (the installed ``panseal``
@@ -25,7 +26,8 @@ KIND is one of
   ``readme:begin NAME`` and ``readme:end NAME`` comment lines of FILE, line
   by line, with runs of whitespace counted as one space and leading and
   trailing whitespace ignored (so rustfmt may align comments); FILE is
-  compiled or run by the test suite (a Rust test or example, a C test).
+  under tests/, examples/, ffi/tests/ or keyd/tests/, where the test suite
+  compiles or runs it (a Rust test or example, a C test).
 * ``json-config``: a client configuration: opened with ``panseal.Client`` in
   a fresh directory, then closed.
 * ``usage program=PATH``: a command synopsis with placeholders: every
@@ -57,6 +59,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^(\s*)(`{3,})([^`\s]*)\s*$")
 MARKER = re.compile(r"^\s*<!--\s*readme:\s*(.*?)\s*-->\s*$")
+# A mirrored region must sit in code the test command compiles or runs.
+MIRROR_ROOTS = ("tests/", "examples/", "ffi/tests/", "keyd/tests/")
 KINDS = {"sh", "file", "python", "mirror", "json-config", "usage", "ci", "not-a-command"}
 
 
@@ -133,6 +137,11 @@ def check_mirror(block: Block) -> str:
     if len(block.positional) != 1 or "#" not in block.positional[0]:
         raise Failure("mirror needs FILE#NAME")
     file, name = block.positional[0].split("#", 1)
+    if not file.startswith(MIRROR_ROOTS):
+        raise Failure(
+            f"mirror: {file} is not under {', '.join(MIRROR_ROOTS)} (where the suite compiles "
+            "and runs what it mirrors)"
+        )
     path = ROOT / file
     if not path.is_file():
         raise Failure(f"mirror: {file} does not exist")
@@ -278,7 +287,15 @@ def run_session(name: str, blocks: list[Block], log: Path, env: dict) -> str:
         for c in cleanup:
             subprocess.run(["rm", "-rf", str(ROOT / c)], check=True)
 
-    clean()
+    # A directory the session would create may be a developer's own (a dev
+    # keyd's folder holds its shares): never delete one the runner did not
+    # make.
+    existing = [c for c in cleanup if (ROOT / c).exists()]
+    if existing:
+        raise Failure(
+            f"session {name} works in {', '.join(existing)}, which already exists: "
+            "move it away (the runner deletes only what its sessions created)"
+        )
     home = tempfile.mkdtemp(prefix=f"readme-home-{name}-")
     senv = dict(env, HOME=home)
     out = open(log / f"session-{name}.txt", "w")
@@ -315,6 +332,9 @@ def main() -> int:
     if a.list:
         for b in blocks:
             print(f"{b.where()}: ```{b.lang} {b.kind} {b.positional} {b.args}")
+        for e in errors:
+            print(f"FAIL {e}")
+        return 1 if errors else 0
     log = Path(a.log or tempfile.mkdtemp(prefix="readme-"))
     log.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

@@ -19,7 +19,8 @@ FENCE = "```"
 
 @pytest.fixture
 def scratch():
-    d = ROOT / "target" / f"readme-runner-test-{os.getpid()}"
+    # Under tests/: the runner accepts mirrors only where the suite compiles.
+    d = ROOT / "tests" / "python" / f".readme-runner-test-{os.getpid()}"
     d.mkdir(parents=True, exist_ok=True)
     yield d
     subprocess.run(["rm", "-rf", str(d)], check=True)
@@ -136,3 +137,45 @@ def test_what_a_session_leaves_running_is_stopped(scratch):
         time.sleep(0.1)
     else:
         pytest.fail(f"the session's background process {pid} still runs")
+
+
+def test_list_only_lists(scratch):
+    marker = scratch / "ran"
+    rc, out = run(scratch, f"""
+        <!-- readme: sh session=s -->
+        FENCEsh
+        touch {rel(marker)}
+        FENCE
+    """.replace("README_LIST", ""))
+    assert rc == 0 and marker.exists()
+    marker.unlink()
+    readme = scratch / "README.md"
+    r = subprocess.run([sys.executable, str(RUNNER), str(readme), "--list"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sh ['" not in r.stdout and "sh [] {'session': 's'}" in r.stdout
+    assert not marker.exists(), "--list ran the session"
+
+
+def test_an_existing_cleanup_directory_is_refused_and_kept(scratch):
+    mine = scratch / "devdir"
+    mine.mkdir()
+    (mine / "shares").write_text("a developer's own")
+    rc, out = run(scratch, f"""
+        <!-- readme: sh session=s cleanup={rel(mine)} -->
+        FENCEsh
+        echo hi
+        FENCE
+    """)
+    assert rc == 1 and "already exists" in out
+    assert (mine / "shares").read_text() == "a developer's own"
+
+
+def test_a_mirror_outside_the_compiled_trees_fails(scratch):
+    rc, out = run(scratch, """
+        <!-- readme: mirror README.md#x -->
+        FENCEtext
+        a
+        FENCE
+    """)
+    assert rc == 1 and "is not under tests/" in out
