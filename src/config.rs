@@ -732,7 +732,15 @@ impl ClientConfig {
             KeyServiceConfig::Pkcs11(c) => {
                 require_file("PKCS#11 module (module)", &c.module)?;
                 if let Some(path) = &c.pin_file {
-                    require_file("PKCS#11 PIN file (pin_file)", path)?;
+                    if path.to_string_lossy().contains('/') {
+                        require_file("PKCS#11 PIN file (pin_file)", path)?;
+                    } else if !path.exists() {
+                        return Err(ConfigError::Invalid(format!(
+                            "the {} does not exist",
+                            shown_pin_file(path)
+                        ))
+                        .into());
+                    }
                 }
             }
             _ => {}
@@ -909,6 +917,38 @@ fn require_parent(what: &str, path: &Path) -> Result<(), Error> {
     }
 }
 
+/// How an error names the `pin_file`: its path only when it has a `/` — a
+/// value without one may be the PIN itself written in the wrong field.
+#[cfg(feature = "pkcs11")]
+fn shown_pin_file(path: &Path) -> String {
+    if path.to_string_lossy().contains('/') {
+        format!("PIN file {}", path.display())
+    } else {
+        "PIN file named by pin_file (withheld: a name without '/' may be a PIN in the wrong \
+         field; give a path)"
+            .to_owned()
+    }
+}
+
+/// How an error names the `pin_env` variable: only a name like `HSM_PIN`
+/// (capitals, digits, at least one `_`) is repeated — anything else may be
+/// the PIN itself written in the wrong field.
+#[cfg(feature = "pkcs11")]
+fn shown_pin_env(var: &str) -> String {
+    let b = var.as_bytes();
+    let name_like = b.first().is_some_and(u8::is_ascii_uppercase)
+        && b.contains(&b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_');
+    if name_like {
+        format!("environment variable {var} (pin_env)")
+    } else {
+        "environment variable named by pin_env (withheld: not a name like HSM_PIN, so it may \
+         be a PIN in the wrong field)"
+            .to_owned()
+    }
+}
+
 /// Longest PIN file accepted: a PIN is a line, not a document.
 #[cfg(feature = "pkcs11")]
 const MAX_PIN_FILE: u64 = 4096;
@@ -928,7 +968,7 @@ fn read_pin(c: &Pkcs11ServiceConfig) -> Result<crate::Pkcs11Pin, Error> {
     let invalid = |m: String| -> Error { ConfigError::Invalid(m).into() };
     let (mut pin, source) = match (&c.pin_file, &c.pin_env) {
         (Some(path), _) => {
-            let source = format!("PIN file {}", path.display());
+            let source = shown_pin_file(path);
             let mut file = std::fs::File::open(path)
                 .map_err(|e| invalid(format!("cannot open the {source}: {e}")))?;
             let meta = file
@@ -968,7 +1008,7 @@ fn read_pin(c: &Pkcs11ServiceConfig) -> Result<crate::Pkcs11Pin, Error> {
             }
         }
         (None, Some(var)) => {
-            let source = format!("environment variable {var} (pin_env)");
+            let source = shown_pin_env(var);
             match std::env::var(var) {
                 Ok(text) => (text, source),
                 Err(std::env::VarError::NotPresent) => {
@@ -1349,6 +1389,16 @@ mod tests {
             e.contains(&format!("environment variable {var} (pin_env) is not set")),
             "{e}"
         );
+
+        // The PIN itself written where its file or variable belongs: not
+        // repeated in the error.
+        for field in ["pin_env", "pin_file"] {
+            let e = connect(format!(
+                r#"{{"type":"pkcs11","module":{module:?},"token":"t","kek":"k","{field}":"86421357"}}"#
+            ));
+            assert!(!e.contains("86421357"), "{field}: {e}");
+            assert!(e.contains("withheld"), "{field}: {e}");
+        }
     }
 
     #[cfg(feature = "keyd-client")]

@@ -41,7 +41,8 @@ enum Command {
         /// printed on the `ready` line and in the client configurations).
         #[arg(long, value_name = "IP:PORT", default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
-        /// The environment tag (default `dev`; `prod` is refused).
+        /// The environment tag (default `dev`; only dev, test, local, demo,
+        /// sandbox or dev-/test-/local- names: `prod` and the rest are refused).
         #[arg(long, value_name = "ENV")]
         environment: Option<String>,
     },

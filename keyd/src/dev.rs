@@ -47,17 +47,27 @@ In production each custodian collects their own share on their own machine
 from keyd's backups, and submits it at every start (README, \"Running it\").
 ";
 
-/// Is this environment tag one `dev` refuses (`prod`, `production`, …)?
+/// The environment tags `dev` serves: an allow-list, so that `prod`,
+/// `production`, `live`, `prd`, `pci` or any other name a production
+/// deployment might use is refused.
+const DEV_ENVIRONMENTS: &[&str] = &["dev", "test", "local", "demo", "sandbox"];
+const DEV_PREFIXES: &[&str] = &["dev-", "test-", "local-"];
+
+/// Is this environment tag one `dev` refuses (anything not on the
+/// development allow-list)?
 fn is_production(environment: &str) -> bool {
-    environment.to_ascii_lowercase().starts_with("prod")
+    let e = environment.to_ascii_lowercase();
+    !(DEV_ENVIRONMENTS.contains(&e.as_str()) || DEV_PREFIXES.iter().any(|p| e.starts_with(p)))
 }
 
 fn refuse_production(environment: &str, source: &str) -> Result<(), String> {
     if is_production(environment) {
         return Err(format!(
             "`panseal-keyd dev` is for development only: refusing environment {environment:?} \
-             ({source}); run `panseal-keyd init` and `serve` with custodians for production \
-             (README, \"Running it\")"
+             ({source}): it serves only {} or names starting with {}; run `panseal-keyd init` \
+             and `serve` with custodians for anything else (README, \"Running it\")",
+            DEV_ENVIRONMENTS.join(", "),
+            DEV_PREFIXES.join(", ")
         ));
     }
     Ok(())
@@ -130,11 +140,27 @@ impl Layout {
         let existed = dir.exists();
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         #[cfg(unix)]
-        if !existed {
-            // Shares and keys inside: owner only.
+        {
+            // Shares and keys inside: owner only. A folder it makes is
+            // 0700; an existing one open to group or others (`--dir .`, a
+            // shared folder) is refused rather than silently changed.
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(dir))?;
+            if !existed {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(io(dir))?;
+            }
+            let mode = std::fs::metadata(dir)
+                .map_err(io(dir))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(format!(
+                    "{} is open to group or others (mode {:03o}): the development shares \
+                     would be readable; use a new folder, or `chmod 700` it",
+                    dir.display(),
+                    mode & 0o777
+                ));
+            }
         }
         let dir = std::fs::canonicalize(dir).map_err(io(dir))?;
         Ok(Layout {
@@ -423,19 +449,48 @@ mod tests {
 
     #[test]
     fn production_names_are_refused() {
-        for e in ["prod", "PROD", "production", "prod-eu"] {
+        for e in [
+            "prod",
+            "PROD",
+            "production",
+            "prod-eu",
+            "live",
+            "prd",
+            "pci",
+            "staging",
+            "eu-1",
+        ] {
             let m = refuse_production(e, "--environment").unwrap_err();
             assert!(m.contains("development only"), "{m}");
         }
-        for e in ["dev", "test", "staging"] {
+        for e in [
+            "dev",
+            "test",
+            "local",
+            "demo",
+            "sandbox",
+            "dev-alice",
+            "TEST-2",
+        ] {
             refuse_production(e, "--environment").unwrap();
         }
     }
 
     #[test]
+    fn an_existing_folder_open_to_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = Layout::new(d.path()).err().unwrap();
+        assert!(e.contains("open to group or others (mode 755)"), "{e}");
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(Layout::new(d.path()).is_ok());
+    }
+
+    #[test]
     fn the_dev_configuration_parses() {
         let d = tempfile::tempdir().unwrap();
-        let l = Layout::new(d.path()).unwrap();
+        let l = Layout::new(&d.path().join("keyd-dev")).unwrap();
         let mut clients: Vec<String> = vec![FRONT_END.into(), BACK_OFFICE.into()];
         clients.extend(CUSTODIANS.iter().map(|c| (*c).to_owned()));
         crate::certs::generate(&l.certs, &[], &clients).unwrap();

@@ -108,7 +108,16 @@ pub struct Pkcs11Pin(AuthPin);
 impl Pkcs11Pin {
     /// Takes the PIN (the `String` moves in and is wiped when the service is
     /// dropped; wiping any other copy is the caller's business).
-    pub fn new(pin: String) -> Self {
+    pub fn new(mut pin: String) -> Self {
+        // `AuthPin` keeps a `Box<str>`: a `String` with spare capacity would
+        // be shrunk into a new allocation, leaving the PIN's bytes in the
+        // freed one. Copy it into an exact allocation and wipe the original.
+        if pin.capacity() != pin.len() {
+            let mut exact = String::with_capacity(pin.len());
+            exact.push_str(&pin);
+            zeroize::Zeroize::zeroize(&mut pin);
+            pin = exact;
+        }
         Pkcs11Pin(AuthPin::from(pin))
     }
 }

@@ -93,7 +93,7 @@ const MIGRATION_LOCK: i64 = 0x0070_616e_7365_616c;
 /// | `verify-full` (recommended) | required | chains to `sslrootcert` **and** names the host |
 /// | `verify-ca` | required | chains to `sslrootcert` (any name) |
 /// | `require` | required | as `verify-ca`; refused without `sslrootcert` (libpq's `require` accepts any certificate) |
-/// | `disable`, or no `sslmode` | plain TCP | none (a local socket or loopback only) |
+/// | `disable`, or no `sslmode` | plain TCP | none: a Unix socket or a loopback address only (another host is refused) |
 /// | `prefer`, `allow` | refused | they fall back to plain TCP when the server, or a man in the middle, declines TLS |
 ///
 /// `sslrootcert` is a PEM file of CA certificates, or `system` for the
@@ -155,11 +155,10 @@ fn pool_err(e: deadpool_postgres::PoolError, tls: &str) -> KeyStoreError {
 
 /// The TLS failure inside a connection error, if it is one.
 fn tls_error(e: &tokio_postgres::Error, tls: &str) -> Option<KeyStoreError> {
-    // tokio-postgres does not expose its error kind; its TLS kind is the
-    // one whose message starts so.
-    if !e.to_string().starts_with("error performing TLS handshake") {
-        return None;
-    }
+    // tokio-postgres does not expose its error kind: a rustls error
+    // anywhere in the chain is a TLS failure whatever the outer message
+    // says (so a reworded message cannot turn a certificate that does not
+    // verify into a retryable I/O error); then its own TLS messages.
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         // An `io::Error`'s `source` skips the error it wraps.
@@ -183,10 +182,47 @@ fn tls_error(e: &tokio_postgres::Error, tls: &str) -> Option<KeyStoreError> {
         }
         source = s.source();
     }
+    if !e.to_string().starts_with("error performing TLS handshake") {
+        return None;
+    }
     Some(KeyStoreError::Tls(format!(
         "TLS handshake with the database failed ({tls}): {}",
         error_chain(e)
     )))
+}
+
+/// Plain TCP only to this machine: with `sslmode=disable` (or none) every
+/// host (and `hostaddr`) must be a Unix socket or a loopback address, so a
+/// configuration that forgot `sslmode` never sends the password and the
+/// wrapped keys across a network in the clear.
+fn check_plain_hosts(config: &tokio_postgres::Config, tls: &str) -> Result<(), KeyStoreError> {
+    use std::net::IpAddr;
+    let loopback_name = |h: &str| {
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    };
+    // With `hostaddr` the connection goes to those addresses (the host
+    // names only name the server); else to the hosts.
+    let remote = if config.get_hostaddrs().is_empty() {
+        config.get_hosts().iter().find_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) if !loopback_name(name) => Some(name.clone()),
+            _ => None,
+        })
+    } else {
+        config
+            .get_hostaddrs()
+            .iter()
+            .find(|a| !a.is_loopback())
+            .map(|a| a.to_string())
+    };
+    match remote {
+        Some(host) => Err(KeyStoreError::Tls(format!(
+            "plain TCP ({tls}) to the database host {host} is refused: it is not this \
+             machine, so the password and the wrapped keys would cross the network in the \
+             clear; use sslmode=verify-full with sslrootcert"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// An error with its causes, `a: b: c`.
@@ -628,6 +664,9 @@ impl PostgresKeyStore {
             .map_err(|e| KeyStoreError::Backend(format!("PostgreSQL connection string: {e}")))?;
         config.ssl_mode(options.ssl_mode());
         let tls = options.describe();
+        if options.mode == TlsMode::Disable {
+            check_plain_hosts(&config, &tls)?;
+        }
         let connector = MakeRustlsConnect::new(options.client_config()?);
         let manager = Manager::from_config(
             config,
@@ -1067,6 +1106,45 @@ mod tests {
 
     fn split(url: &str) -> Result<(String, TlsOptions), String> {
         TlsOptions::split(url).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn plain_tcp_only_to_this_machine() {
+        let plain = |url: &str| {
+            let config: tokio_postgres::Config = url.parse().unwrap();
+            check_plain_hosts(&config, "sslmode=disable")
+        };
+        for ok in [
+            "postgresql://app:pw@127.0.0.1:5432/payments",
+            "postgresql://app@localhost/payments",
+            "postgresql://app@[::1]:5432/payments",
+            "host=/var/run/postgresql user=app dbname=payments",
+            "user=app dbname=payments",
+            "host=db.internal hostaddr=127.0.0.1 user=app",
+        ] {
+            assert!(plain(ok).is_ok(), "{ok}");
+        }
+        for remote in [
+            "postgresql://app:pw-example-1@db.internal:5432/payments",
+            "postgresql://app@10.0.0.7/payments",
+            "host=localhost hostaddr=10.0.0.7 user=app",
+            "host=127.0.0.1,db.internal user=app",
+        ] {
+            let e = plain(remote).unwrap_err().to_string();
+            assert!(e.contains("plain TCP") && e.contains("verify-full"), "{e}");
+            assert!(!e.contains("pw-example-1"), "{e}");
+        }
+        // Through the store's constructor: refused before any connection,
+        // with or without an explicit `sslmode=disable`.
+        for url in [
+            "postgresql://app@db.internal/payments",
+            "postgresql://app@db.internal/payments?sslmode=disable",
+        ] {
+            assert!(matches!(
+                PostgresKeyStore::new(url, 1).err(),
+                Some(KeyStoreError::Tls(_))
+            ));
+        }
     }
 
     #[test]
