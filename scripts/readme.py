@@ -281,7 +281,11 @@ def run_session(name: str, blocks: list[Block], log: Path, env: dict) -> str:
         if ".." in Path(c).parts or Path(c).is_absolute():
             raise Failure(f"cleanup={c}: must be a directory inside the repository")
     script = session_script(blocks)
-    (log / f"session-{name}.sh").write_text(script)
+    # The script holds the README's text (its test PAN among it): kept out
+    # of the log directory, which the test command scans for PANs.
+    script_dir = tempfile.mkdtemp(prefix=f"readme-script-{name}-")
+    script_path = Path(script_dir) / f"session-{name}.sh"
+    script_path.write_text(script)
 
     def clean() -> None:
         for c in cleanup:
@@ -301,7 +305,7 @@ def run_session(name: str, blocks: list[Block], log: Path, env: dict) -> str:
     out = open(log / f"session-{name}.txt", "w")
     started = time.monotonic()
     proc = subprocess.Popen(
-        ["bash", str(log / f"session-{name}.sh")], cwd=ROOT, env=senv, stdout=out,
+        ["bash", str(script_path)], cwd=ROOT, env=senv, stdout=out,
         stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -312,7 +316,7 @@ def run_session(name: str, blocks: list[Block], log: Path, env: dict) -> str:
         stop_group(proc)
         out.close()
         clean()
-        subprocess.run(["rm", "-rf", home], check=False)
+        subprocess.run(["rm", "-rf", home, script_dir], check=False)
     took = time.monotonic() - started
     if rc != 0:
         text = (log / f"session-{name}.txt").read_text().strip().split("\n")

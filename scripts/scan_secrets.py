@@ -45,6 +45,7 @@ PLAIN_LITERAL = re.compile(r"(?<![0-9])[0-9]{12,19}(?![0-9])")
 SECRET_CONST = re.compile(
     r"""(?ix)\b[A-Z_]*(?:PIN|PASSWORD|PASSWD|SECRET)[A-Z_]*\b
         \s*(?::\s*&(?:'static\s+)?str)?\s*=\s*["']([^"'\s]{6,})["']""")
+ENV_NAME = re.compile(r"^[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+$")
 URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s:/@\"']+:([^\s@\"'/]{4,})@")
 RUST_LUHN_CALL = re.compile(r"luhn_pan\(\s*\"([0-9]+)\"\s*,\s*([0-9]+)?")
 PY_LUHN_CALL = re.compile(r"\bluhn\(\s*[\"']([0-9]+)[\"']")
@@ -136,7 +137,9 @@ def collect(root):
                 s.add_pan(re.sub(r"[ -]", "", m.group(0)))
         if path.suffix in (".rs", ".py", ".c", ".sh", ".toml"):
             for m in SECRET_CONST.finditer(text):
-                s.texts.add(m.group(1))
+                # `pin_env = "HSM_PIN"` names where a PIN is, not a PIN.
+                if not ENV_NAME.match(m.group(1)):
+                    s.texts.add(m.group(1))
             for m in URL_PASSWORD.finditer(text):
                 if "{" not in m.group(1):
                     s.texts.add(m.group(1))

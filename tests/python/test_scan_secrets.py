@@ -29,6 +29,10 @@ def test_collects_the_suites_secrets():
     assert scan_secrets.rust_luhn_pan("401288", 16, 900) == "4012882100839090"
     assert "4012882100839090" in s.pans
     assert PIN in s.texts and "panseal-so-pin-4711" in s.texts
+    # The name of the variable that holds a PIN (`pin_env="PANSEAL_PKCS11_PIN"`)
+    # is not a PIN: a tool's --help may print it.
+    assert "PANSEAL_PKCS11_PIN" not in s.texts
+    assert scan_secrets.ENV_NAME.match("HSM_PIN") and not scan_secrets.ENV_NAME.match(PIN)
     assert len(s.hex) >= 1  # key values of the committed vectors
     assert all(scan_secrets.luhn_ok(p) for p in s.pans)
 
