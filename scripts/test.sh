@@ -59,8 +59,9 @@ python3 -m pip install --quiet --disable-pip-version-check --force-reinstall --n
     target/wheels/panseal-*.whl
 # The same library built with AddressSanitizer: tests/python/test_close_race.py
 # repeats its close-while-calling race under it (runtime preloaded into python).
-# Without the PKCS#11 and AWS KMS services (the race uses the local one), so
-# the AWS SDK is not built a second time with the sanitizer.
+# Without the PKCS#11, AWS KMS and PostgreSQL backends (the race uses the
+# local service and the memory store), so the AWS SDK is not built a second
+# time with the sanitizer.
 HOST="$(rustc -vV | sed -n 's/^host: //p')"
 RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zsanitizer=address" \
     cargo build --quiet -p panseal-ffi --lib --no-default-features --target "$HOST" --target-dir target/asan
